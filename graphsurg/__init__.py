@@ -1,0 +1,25 @@
+"""graphsurg -- surgical fine-tuning for broken neural networks.
+
+diagnose -> plan -> operate -> verify, on torch.fx graphs and ONNX models.
+"""
+
+from ._certificates import Certificates as Certificates
+from ._config import DiagnoseConfig as DiagnoseConfig
+from ._diagnosis import PROBLEM_KINDS as PROBLEM_KINDS
+from ._diagnosis import Diagnosis as Diagnosis
+from ._diagnosis import LayerReport as LayerReport
+from ._diagnosis import Problem as Problem
+from ._diagnosis import Site as Site
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROBLEM_KINDS",
+    "Certificates",
+    "DiagnoseConfig",
+    "Diagnosis",
+    "LayerReport",
+    "Problem",
+    "Site",
+    "__version__",
+]

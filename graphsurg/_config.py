@@ -1,0 +1,62 @@
+"""Thresholds and knobs, in one place, with documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """Configuration of :func:`graphsurg.diagnose` and of the ONNX analysis.
+
+    Attributes:
+        max_batches: at most this many batches of ``data`` are measured (None: all).
+        dormant_tau: ReDo threshold (Sokar et al. 2023): a unit whose score
+            ``mean|h_i| / mean_j mean|h_j|`` is ``<= dormant_tau`` is dormant.
+        dead_var: a unit is *dead* (constant on the data) when its variance is ``<=
+            dead_var * (1 + mean^2)`` -- relative to its magnitude, so float32 round-off of a
+            constant never counts as variation -- and, for the ReLU family, it never fired.
+        min_dead_units: a DeadNeurons problem is raised for a layer with at least this many
+            dormant units.
+        saturation_fraction: a tanh/sigmoid/hardtanh unit is saturated when it sits in the
+            flat region for at least this fraction of inputs.
+        saturation_margin: the flat region: ``|tanh| >= 1 - margin``, ``sigmoid <= margin``
+            or ``>= 1 - margin``.
+        vanishing_ratio / exploding_ratio: a layer's gradient norm below ``vanishing_ratio``
+            x or above ``exploding_ratio`` x the median layer's.
+        vanishing_abs: an absolute gradient norm below this is vanishing regardless of the
+            median.
+        rank_fraction: flag a weight whose numerical rank is below ``rank_fraction x
+            min(d_in, d_out)``.
+        rank_rtol: numerical-rank tolerance: singular values ``<= rank_rtol x sigma_max``
+            are zero (the default is ``max(d_in, d_out) x eps(float32)`` when None).
+        effective_rank_energy: the activations' effective rank keeps this fraction of the
+            spectral energy.
+        rank_sample: rows of activations kept per site for the effective rank.
+        min_rank_dim: layers narrower than this (min(d_in, d_out)) are not checked for rank.
+        progress: show a progress bar (None: when stderr is a TTY).
+    """
+
+    max_batches: int | None = 32
+    dormant_tau: float = 0.1
+    dead_var: float = 1e-10
+    min_dead_units: int = 1
+    saturation_fraction: float = 0.99
+    saturation_margin: float = 0.01
+    vanishing_ratio: float = 1e-3
+    exploding_ratio: float = 1e3
+    vanishing_abs: float = 1e-8
+    rank_fraction: float = 0.5
+    rank_rtol: float | None = None
+    effective_rank_energy: float = 0.99
+    rank_sample: int = 512
+    min_rank_dim: int = 8
+    progress: bool | None = None
+
+    def replace(self, **changes: Any) -> DiagnoseConfig:
+        names = {f.name for f in fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise ValueError(f"unknown DiagnoseConfig field(s) {bad}; known: {sorted(names)}")
+        return replace(self, **changes)
