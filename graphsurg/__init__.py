@@ -10,6 +10,9 @@ from ._diagnosis import Diagnosis as Diagnosis
 from ._diagnosis import LayerReport as LayerReport
 from ._diagnosis import Problem as Problem
 from ._diagnosis import Site as Site
+from ._diagnose import diagnose as diagnose
+from ._errors import BadInputError as BadInputError
+from ._errors import GraphsurgError as GraphsurgError
 
 __version__ = "0.1.0"
 
@@ -21,5 +24,8 @@ __all__ = [
     "LayerReport",
     "Problem",
     "Site",
+    "BadInputError",
+    "GraphsurgError",
+    "diagnose",
     "__version__",
 ]

@@ -18,13 +18,18 @@ class DiagnoseConfig:
             dead_var * (1 + mean^2)`` -- relative to its magnitude, so float32 round-off of a
             constant never counts as variation -- and, for the ReLU family, it never fired.
         min_dead_units: a DeadNeurons problem is raised for a layer with at least this many
-            dormant units.
+            dead units (never fired, constant on the data), or ...
+        min_dormant_fraction: ... with at least this fraction of its units dormant. Freshly
+            initialised healthy ReLU MLPs were measured with up to ~16% of a layer's units at
+            ReDo score <= 0.1 (units that fire 1-10% of the time); a layer where a quarter
+            of the units sleep, or any unit never fires, is broken.
         saturation_fraction: a tanh/sigmoid/hardtanh unit is saturated when it sits in the
             flat region for at least this fraction of inputs.
         saturation_margin: the flat region: ``|tanh| >= 1 - margin``, ``sigmoid <= margin``
             or ``>= 1 - margin``.
         vanishing_ratio / exploding_ratio: a layer's gradient norm below ``vanishing_ratio``
-            x or above ``exploding_ratio`` x the median layer's.
+            x or above ``exploding_ratio`` x the median layer's. When both occur, the side
+            that holds the output layer (where gradients enter) is not reported.
         vanishing_abs: an absolute gradient norm below this is vanishing regardless of the
             median.
         rank_fraction: flag a weight whose numerical rank is below ``rank_fraction x
@@ -42,6 +47,7 @@ class DiagnoseConfig:
     dormant_tau: float = 0.1
     dead_var: float = 1e-10
     min_dead_units: int = 1
+    min_dormant_fraction: float = 0.25
     saturation_fraction: float = 0.99
     saturation_margin: float = 0.01
     vanishing_ratio: float = 1e-3

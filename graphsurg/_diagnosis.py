@@ -100,6 +100,8 @@ class Problem:
                 f"{len(self.span)} layer(s), grad norm {_fmt(ev.get('min_ratio'))}..."
                 f"{_fmt(ev.get('max_ratio'))} x median"
             )
+        if self.kind == "Bottleneck" and ev.get("reason") == "narrow":
+            return f"width {ev.get('width')} between layers {ev.get('neighbour_width')} wide"
         if self.kind == "Bottleneck":
             return (
                 f"rank {ev.get('rank')} of {ev.get('max_rank')} "

@@ -179,8 +179,8 @@ def bottleneck_mlp(seed: int = 0, *, narrow: int = 4, width: int = 64, n_batches
     """An MLP with a width-``narrow`` layer on a task that needs more (Net2Net's case)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(32, width), nn.ReLU(), nn.Linear(width, narrow), nn.ReLU(),
-        nn.Linear(narrow, width), nn.ReLU(), nn.Linear(width, 16),
+        nn.Linear(32, width), nn.ReLU(), nn.Linear(width, narrow), nn.Tanh(),
+        nn.Linear(narrow, width), nn.Tanh(), nn.Linear(width, 16),
     )
     return ZooCase(
         "bottleneck_mlp", model, _teacher_batches((32,), 16, n_batches, batch_size, seed), _mse,
@@ -200,7 +200,7 @@ def lowrank_mlp(seed: int = 0, *, rank: int = 3, width: int = 64, n_batches: int
     with torch.no_grad():
         u = torch.randn(width, rank, generator=g)
         v = torch.randn(rank, width, generator=g)
-        model[2].weight.copy_(u @ v / (width * rank) ** 0.5)
+        model[2].weight.copy_(u @ v / width**0.5)
     return ZooCase(
         "lowrank_mlp", model, _teacher_batches((32,), 16, n_batches, batch_size, seed), _mse,
         [Truth("Bottleneck", "2")],
@@ -210,24 +210,25 @@ def lowrank_mlp(seed: int = 0, *, rank: int = 3, width: int = 64, n_batches: int
 
 def saturated_mlp(seed: int = 0, *, width: int = 32, n_batches: int = 4, batch_size: int = 128
                   ) -> ZooCase:
-    """A tanh MLP whose first layer's weights are 30x too large: its units saturate."""
+    """A tanh MLP with 8 units driven into saturation (bias +-20) in its first layer."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(16, width), nn.Tanh(), nn.Linear(width, 4))
+    units = tuple(range(0, width, 4))
     with torch.no_grad():
-        model[0].weight.mul_(30.0)
-        model[0].bias.mul_(30.0)
+        for k, u in enumerate(units):
+            model[0].bias[u] = 20.0 if k % 2 == 0 else -20.0
     return ZooCase(
         "saturated_mlp", model, _teacher_batches((16,), 4, n_batches, batch_size, seed), _mse,
-        [Truth("Saturation", "0")],
-        "tanh MLP with 30x first-layer weights",
+        [Truth("Saturation", "0", units)],
+        "tanh MLP 16-32-4 with 8 saturated units (bias +-20)",
     )
 
 
-def nan_mlp(seed: int = 0, *, n_batches: int = 2, batch_size: int = 32) -> ZooCase:
+def nan_mlp(seed: int = 0, *, n_batches: int = 4, batch_size: int = 128) -> ZooCase:
     """An MLP whose third Linear has a NaN weight: non-finite values start at module '4'."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
         nn.Linear(32, 4),
     )
     with torch.no_grad():
@@ -235,7 +236,7 @@ def nan_mlp(seed: int = 0, *, n_batches: int = 2, batch_size: int = 32) -> ZooCa
     return ZooCase(
         "nan_mlp", model, _teacher_batches((16,), 4, n_batches, batch_size, seed), _mse,
         [Truth("NonFinite", "4")],
-        "MLP with one NaN weight in its third Linear",
+        "tanh MLP with one NaN weight in its third Linear",
     )
 
 

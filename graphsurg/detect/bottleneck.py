@@ -1,0 +1,139 @@
+"""Bottleneck: collapsed weights and narrow layers.
+
+* ``reason="rank"``: the weight's numerical rank (singular values above ``rtol x sigma_max``,
+  ``rtol = max(d_in, d_out) x eps(float32)`` by default) is below ``rank_fraction x
+  min(d_in, d_out)``. The stable rank ``||W||_F^2 / sigma_max^2`` and the effective rank of the
+  layer's activations (the number of singular values holding ``effective_rank_energy`` of a
+  sample's spectral energy) are reported as evidence.
+* ``reason="narrow"``: the layer's width is below ``rank_fraction x`` the narrower of its own
+  input width and its next layers' output widths (Net2Net's case: a thin layer between wide
+  ones).
+
+Layers narrower than ``min_rank_dim`` are not rank-checked (a 4x4 weight is what it is).
+The stable rank bounds the numerical rank from below, so the SVD is skipped for weights whose
+stable rank already clears the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from graphsurg._config import DiagnoseConfig
+from graphsurg._diagnosis import Problem, Site
+
+from . import LayerMeasure, Measurements
+
+
+def effective_rank(sample: torch.Tensor, energy: float) -> int:
+    """Number of singular values of the centred sample holding ``energy`` of the energy."""
+    x = sample.double()
+    x = x - x.mean(0, keepdim=True)
+    s2 = torch.linalg.svdvals(x).pow(2)
+    total = float(s2.sum())
+    if total <= 0:
+        return 0
+    c = torch.cumsum(s2, 0) / total
+    return int((c < energy).sum()) + 1
+
+
+def weight_ranks(w: torch.Tensor, rtol: float | None) -> tuple[int, float, int]:
+    """(numerical rank, stable rank, max rank) of a weight viewed as (d_out, -1)."""
+    w2 = w.detach().reshape(w.shape[0], -1).float()
+    max_rank = min(w2.shape)
+    s = torch.linalg.svdvals(w2)
+    smax = float(s[0]) if s.numel() else 0.0
+    if smax == 0.0:
+        return 0, 0.0, max_rank
+    tol = (rtol if rtol is not None else max(w2.shape) * torch.finfo(torch.float32).eps) * smax
+    rank = int((s > tol).sum())
+    stable = float(s.pow(2).sum()) / smax**2
+    return rank, stable, max_rank
+
+
+def stable_rank_fast(w: torch.Tensor, iters: int = 20) -> float:
+    """||W||_F^2 / sigma_max^2 with sigma_max from power iteration (a lower bound on rank)."""
+    w2 = w.detach().reshape(w.shape[0], -1).float()
+    g = torch.Generator(device=w2.device).manual_seed(0)
+    v = torch.randn(w2.shape[1], generator=g, device=w2.device)
+    smax = 0.0
+    for _ in range(iters):
+        u = w2 @ v
+        v = w2.T @ u
+        n = float(v.norm())
+        if n == 0:
+            return 0.0
+        v = v / n
+        smax = math.sqrt(n)
+    fro = float(w2.pow(2).sum())
+    # power iteration underestimates sigma_max: inflate it slightly to keep a true lower bound
+    return fro / (1.02 * smax) ** 2 if smax > 0 else 0.0
+
+
+def detect_bottlenecks(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
+    out: list[Problem] = []
+    widths = {lm.module: lm.d_out for lm in m.layers}
+    sample_of = {s.module: s.sample for s in m.sites if s.sample is not None}
+    for lm in sorted(m.layers, key=lambda lm: lm.order):
+        problem = _rank_problem(lm, config, sample_of) or _narrow_problem(lm, widths, config,
+                                                                           sample_of)
+        if problem is not None:
+            out.append(problem)
+    return out
+
+
+def _activation_rank(lm: LayerMeasure, config: DiagnoseConfig,
+                     sample_of: dict[str, torch.Tensor | None]) -> int | None:
+    s = sample_of.get(lm.module)
+    if s is None or s.shape[0] < 2:
+        return None
+    return effective_rank(s, config.effective_rank_energy)
+
+
+def _rank_problem(lm: LayerMeasure, config: DiagnoseConfig,
+                  sample_of: dict[str, torch.Tensor | None]) -> Problem | None:
+    if lm.weight is None or lm.kind == "conv_transpose":
+        return None
+    if not bool(torch.isfinite(lm.weight).all()):
+        return None  # NonFinite reports it
+    max_rank = min(lm.d_out, lm.weight[0].numel())
+    if max_rank < config.min_rank_dim:
+        return None
+    threshold = config.rank_fraction * max_rank
+    if stable_rank_fast(lm.weight) >= threshold:
+        return None  # stable rank <= numerical rank: healthy without an SVD
+    rank, stable, max_rank = weight_ranks(lm.weight, config.rank_rtol)
+    if rank >= threshold:
+        return None
+    return Problem(
+        "Bottleneck",
+        Site(lm.module, "", lm.kind),
+        severity=1.0 - rank / max_rank,
+        evidence={
+            "reason": "rank", "rank": rank, "max_rank": max_rank, "stable_rank": stable,
+            "effective_rank": _activation_rank(lm, config, sample_of),
+            "d_in": lm.d_in, "d_out": lm.d_out, "threshold": threshold,
+        },
+    )
+
+
+def _narrow_problem(lm: LayerMeasure, widths: dict[str, int], config: DiagnoseConfig,
+                    sample_of: dict[str, torch.Tensor | None]) -> Problem | None:
+    nxt = [widths[n] for n in lm.next_modules if n in widths]
+    if not nxt:
+        return None
+    around = min(lm.d_in, min(nxt))
+    if lm.d_out >= config.rank_fraction * around:
+        return None
+    return Problem(
+        "Bottleneck",
+        Site(lm.module, "", lm.kind),
+        severity=1.0 - lm.d_out / around,
+        evidence={
+            "reason": "narrow", "rank": lm.d_out, "max_rank": around, "width": lm.d_out,
+            "stable_rank": None, "effective_rank": _activation_rank(lm, config, sample_of),
+            "d_in": lm.d_in, "d_out": lm.d_out, "neighbour_width": around,
+            "threshold": config.rank_fraction * around,
+        },
+    )

@@ -1,0 +1,75 @@
+"""DeadNeurons: ReDo dormancy (Sokar et al., ICML 2023) and dead units.
+
+Checked at the outputs of ReLU-family activations (ReLU, LeakyReLU, GELU, SiLU, ELU,
+Softplus, ...). A unit's score is its mean |h| over the mean of its layer's units' mean |h|;
+it is *dormant* at score <= tau. It is *dead* when its output never varies on the data
+(variance ~ 0 relative to its magnitude) and it never fired. A layer is reported when it has
+a dead unit or when at least ``min_dormant_fraction`` of its units are dormant: a few
+rarely-firing units are normal in a healthy network. Constant tanh/sigmoid units are
+Saturation's to report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphsurg._config import DiagnoseConfig
+from graphsurg._diagnosis import Problem, Site
+
+from . import Measurements, SiteMeasure
+
+
+def unit_flags(s: SiteMeasure, config: DiagnoseConfig) -> tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+    """(dormant, dead, constant, score) boolean/float masks per unit of a site."""
+    st = s.stats
+    seen = st.count > 0
+    score = st.dormancy_score
+    var = st.var
+    mean = st.mean
+    constant = seen & (var <= config.dead_var * (1.0 + mean * mean))
+    if s.family == "relu":
+        dead = constant & (st.n_nonpos == st.count)
+        dormant = seen & ((score <= config.dormant_tau) | dead)
+    else:
+        dead = constant
+        dormant = dead.clone()
+    return dormant, dead, constant, score
+
+
+def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
+    out: list[Problem] = []
+    for s in m.sites:
+        if s.family != "relu":
+            continue  # saturating units are Saturation's; layer outputs are not activations
+        if int((s.stats.count > 0).sum()) == 0:
+            continue  # all values non-finite: NonFinite reports it
+        dormant, dead, constant, score = unit_flags(s, config)
+        units = torch.nonzero(dormant).flatten().tolist()
+        n_dead = int(dead.sum())
+        if not units or (n_dead < max(1, config.min_dead_units)
+                         and len(units) < config.min_dormant_fraction * s.stats.channels):
+            continue
+        width = s.stats.channels
+        out.append(
+            Problem(
+                kind="DeadNeurons",
+                site=Site(s.module, s.node, s.op),
+                severity=len(units) / width,
+                units=tuple(int(u) for u in units),
+                evidence={
+                    "width": width,
+                    "fraction": len(units) / width,
+                    "n_dead": int(dead.sum()),
+                    "dead": torch.nonzero(dead).flatten().tolist(),
+                    "constant": torch.nonzero(constant).flatten().tolist(),
+                    "dormant": units,
+                    "scores": [float(score[u]) for u in units],
+                    "firing_rate": [float(s.stats.firing_rate[u]) for u in units],
+                    "activation": s.op,
+                    "tau": config.dormant_tau,
+                    "samples": int(s.stats.count.max()),
+                },
+            )
+        )
+    return out

@@ -1,0 +1,31 @@
+"""NonFinite: NaN/Inf in the inputs, activations or gradients, at the first site it appears."""
+
+from __future__ import annotations
+
+from graphsurg._config import DiagnoseConfig
+from graphsurg._diagnosis import Problem, Site
+
+from . import Measurements
+
+
+def detect_nonfinite(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
+    out: list[Problem] = []
+    if m.input_nonfinite:
+        out.append(Problem("NonFinite", Site("<input>", "", "input"), 1.0,
+                           evidence={"where": "input", "count": m.input_nonfinite}))
+    for s in sorted(m.sites, key=lambda s: s.order):
+        n = int(s.stats.n_nonfinite.sum())
+        if n:
+            units = tuple(int(u) for u in s.stats.n_nonfinite.nonzero().flatten().tolist())
+            out.append(Problem("NonFinite", Site(s.module, s.node, s.op), 1.0, units=units,
+                               evidence={"where": "activation", "count": n,
+                                         "first_site": s.node}))
+            break
+    if len(out) > (1 if m.input_nonfinite else 0):
+        return out  # non-finite gradients follow from non-finite activations
+    for lm in sorted(m.layers, key=lambda lm: -lm.order):  # backward starts at the output
+        if lm.grad_nonfinite:
+            out.append(Problem("NonFinite", Site(lm.module, "", lm.kind), 1.0,
+                               evidence={"where": "gradient", "count": 1}))
+            break
+    return out

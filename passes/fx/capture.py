@@ -1,0 +1,331 @@
+"""Capture a model as a torch.fx graph and find its measurement sites.
+
+``capture`` tries ``torch.export`` first (aten-level graph, module origin in
+``node.meta["nn_module_stack"]``, parameters as ``get_attr`` nodes of the unlifted module),
+then ``torch.fx.symbolic_trace`` (``call_module`` nodes), and reports which one worked.
+When neither can capture the model, the caller falls back to module hooks.
+
+``find_sites`` walks the graph once and returns, in forward order, the parametrised layers
+(Linear/Conv) and the activation sites (outputs of ReLU/GELU/.../Tanh/Sigmoid, and of
+Linear/Conv layers that no activation follows), each linked to its producer layer.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn import functional as F
+
+from graphsurg._errors import first_line
+
+aten = torch.ops.aten
+
+# activation name -> family. "relu" family units can die (never fire); "saturating" units
+# saturate; "smooth" are the rest.
+ACT_FAMILY: dict[str, str] = {
+    "relu": "relu", "relu6": "relu", "leaky_relu": "relu", "gelu": "relu", "silu": "relu",
+    "elu": "relu", "selu": "relu", "celu": "relu", "softplus": "relu", "mish": "relu",
+    "hardswish": "relu", "prelu": "relu",
+    "tanh": "saturating", "sigmoid": "saturating", "hardtanh": "saturating",
+    "hardsigmoid": "saturating",
+}
+
+_ATEN_ACT = {
+    aten.relu.default: "relu", aten.relu_.default: "relu", aten.relu6.default: "relu6",
+    aten.leaky_relu.default: "leaky_relu", aten.leaky_relu_.default: "leaky_relu",
+    aten.gelu.default: "gelu", aten.gelu_.default: "gelu", aten.silu.default: "silu",
+    aten.silu_.default: "silu", aten.elu.default: "elu", aten.elu_.default: "elu",
+    aten.selu.default: "selu", aten.celu.default: "celu", aten.softplus.default: "softplus",
+    aten.mish.default: "mish", aten.hardswish.default: "hardswish",
+    aten.prelu.default: "prelu", aten._prelu_kernel.default: "prelu",
+    aten.tanh.default: "tanh", aten.tanh_.default: "tanh", aten.sigmoid.default: "sigmoid",
+    aten.sigmoid_.default: "sigmoid", aten.hardtanh.default: "hardtanh",
+    aten.hardtanh_.default: "hardtanh", aten.hardsigmoid.default: "hardsigmoid",
+}
+_FN_ACT: dict[Callable[..., Any], str] = {
+    F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu",
+    F.gelu: "gelu", F.silu: "silu", F.elu: "elu", F.selu: "selu", F.celu: "celu",
+    F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.prelu: "prelu",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    F.hardtanh: "hardtanh", F.hardsigmoid: "hardsigmoid",
+}
+_MOD_ACT: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu",
+    nn.SiLU: "silu", nn.ELU: "elu", nn.SELU: "selu", nn.CELU: "celu", nn.Softplus: "softplus",
+    nn.Mish: "mish", nn.Hardswish: "hardswish", nn.PReLU: "prelu", nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid", nn.Hardtanh: "hardtanh", nn.Hardsigmoid: "hardsigmoid",
+}
+_ATEN_LAYER = {
+    aten.linear.default: "linear", aten.conv1d.default: "conv", aten.conv2d.default: "conv",
+    aten.conv3d.default: "conv", aten.convolution.default: "conv",
+    aten.conv_transpose2d.input: "conv_transpose", aten.conv_transpose1d.default: "conv_transpose",
+}
+_FN_LAYER = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
+_MOD_LAYER: dict[type[nn.Module], str] = {
+    nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+}
+# ops a unit's identity passes through between its producer layer and its activation
+_TRANSPARENT_ATEN = {
+    aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+    aten._native_batch_norm_legit_functional.default, aten.native_batch_norm.default,
+    aten.layer_norm.default, aten.group_norm.default, aten.dropout.default,
+    aten.contiguous.default, aten.clone.default, operator.getitem,
+}
+_TRANSPARENT_MOD = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+                    nn.Dropout, nn.Identity)
+_TRANSPARENT_FN = {F.batch_norm, F.layer_norm, F.group_norm, F.dropout}
+
+
+def activation_name_of_module(m: nn.Module) -> str | None:
+    """The activation name of an nn module (also Hugging Face activation modules)."""
+    for t, name in _MOD_ACT.items():
+        if isinstance(m, t):
+            return name
+    cls = type(m).__name__.lower()
+    for key in ("gelu", "silu", "swish", "relu", "tanh", "sigmoid"):
+        if key in cls and "norm" not in cls:
+            return "silu" if key == "swish" else key
+    return None
+
+
+def layer_kind_of_module(m: nn.Module) -> str | None:
+    for t, name in _MOD_LAYER.items():
+        if isinstance(m, t):
+            return name
+    return None
+
+
+@dataclass
+class Captured:
+    """A captured model: the graph module to run, and how it was captured."""
+
+    gm: fx.GraphModule | None
+    method: str  # "export" | "symbolic_trace" | "hooks"
+    notes: list[str] = field(default_factory=list)
+
+
+def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:
+    """Capture ``model`` (already a private copy: the graph shares its parameters).
+
+    Returns a :class:`Captured`; never raises for a model that cannot be captured --
+    ``method == "hooks"`` and ``gm is None`` then, with the reasons in ``notes``.
+    """
+    notes: list[str] = []
+    try:
+        gm = _export(model, args, kwargs)
+        return Captured(gm, "export", notes)
+    except Exception as e:  # any failure of export means: try the next method
+        notes.append(f"torch.export failed ({type(e).__name__}: {first_line(e, 160)})")
+    try:
+        gm = fx.symbolic_trace(model)
+        return Captured(gm, "symbolic_trace", notes)
+    except Exception as e:
+        notes.append(f"symbolic_trace failed ({type(e).__name__}: {first_line(e, 160)})")
+    notes.append("measured with module hooks instead of a graph")
+    return Captured(None, "hooks", notes)
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
+    from torch.export import Dim, export
+
+    def dyn(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return {0: Dim.AUTO}
+        return None
+
+    dynamic = (
+        torch.utils._pytree.tree_map(dyn, args),
+        torch.utils._pytree.tree_map(dyn, kwargs),
+    )
+    ds: Any = (*dynamic[0], *(dynamic[1].values())) if kwargs else dynamic[0]
+    if kwargs:
+        ds = {**dict(zip(_arg_names(model, len(args)), dynamic[0], strict=False)), **dynamic[1]}
+    try:
+        ep = export(model, args, kwargs, dynamic_shapes=ds, strict=False)
+    except Exception:
+        ep = export(model, args, kwargs, strict=False)
+    return ep.module()
+
+
+def _arg_names(model: nn.Module, n: int) -> list[str]:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    return params[:n]
+
+
+# -- site discovery -----------------------------------------------------------------------
+
+
+@dataclass
+class LayerSite:
+    """A parametrised layer (Linear/Conv) in forward order."""
+
+    module: str
+    kind: str  # "linear" | "conv" | "conv_transpose"
+    node: str
+    order: int
+    next_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ActSite:
+    """An observed value: an activation's output, or a layer's output no activation follows."""
+
+    node: str
+    op: str  # activation name, or "linear"/"conv"
+    family: str  # "relu" | "saturating" | "smooth" | "linear"
+    producer: str  # module path of the producer layer ("" if none)
+    channel_dim: int
+    order: int
+    module: str  # module path owning the node (for messages)
+
+
+def _weight_module(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Module path of a layer node's weight (export: get_attr; symbolic: call_module)."""
+    if node.op == "call_module":
+        return str(node.target)
+    if len(node.args) > 1 and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+        target = str(node.args[1].target)
+        return target.rsplit(".", 1)[0] if "." in target else target
+    return None
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
+    """('act', name) | ('layer', kind) | ('transparent', '') | None."""
+    if node.op == "call_function":
+        t = node.target
+        if t in _ATEN_ACT:
+            return "act", _ATEN_ACT[t]  # type: ignore[index]
+        if t in _ATEN_LAYER:
+            return "layer", _ATEN_LAYER[t]  # type: ignore[index]
+        if t in _FN_ACT:
+            return "act", _FN_ACT[t]  # type: ignore[index]
+        if t in _FN_LAYER:
+            return "layer", _FN_LAYER[t]  # type: ignore[index]
+        if t in _TRANSPARENT_ATEN or t in _TRANSPARENT_FN:
+            return "transparent", ""
+    elif node.op == "call_method":
+        if node.target in ("relu", "sigmoid", "tanh"):
+            return "act", str(node.target)
+        if node.target in ("contiguous",):
+            return "transparent", ""
+    elif node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        k = layer_kind_of_module(m)
+        if k:
+            return "layer", k
+        a = activation_name_of_module(m)
+        if a:
+            return "act", a
+        if isinstance(m, _TRANSPARENT_MOD):
+            return "transparent", ""
+    return None
+
+
+def _owner(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return str(path).replace("L['self'].", "").replace("L__self___", "")
+    if node.op == "call_module":
+        return str(node.target)
+    return ""
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[LayerSite], list[ActSite]]:
+    """Layers and observed sites of a captured graph, in forward order."""
+    layers: list[LayerSite] = []
+    acts: list[ActSite] = []
+    layer_of_node: dict[fx.Node, str] = {}
+    kinds: dict[fx.Node, tuple[str, str] | None] = {}
+    for node in gm.graph.nodes:
+        kinds[node] = _classify(gm, node)
+    for i, node in enumerate(gm.graph.nodes):
+        c = kinds[node]
+        if c is None:
+            continue
+        what, name = c
+        if what == "layer":
+            mod = _weight_module(gm, node)
+            if mod is None:
+                continue
+            layer_of_node[node] = mod
+            if not any(ls.module == mod for ls in layers):
+                layers.append(LayerSite(mod, name, node.name, len(layers)))
+            # a layer output that no activation follows is observed itself
+            follower = _follows_activation(node, kinds)
+            if not follower:
+                acts.append(ActSite(node.name, name, "linear", mod, 1 if name != "linear" else -1,
+                                    i, mod))
+        elif what == "act":
+            producer_node = _producer(node, kinds)
+            producer = layer_of_node.get(producer_node, "") if producer_node is not None else ""
+            pkind = kinds[producer_node][1] if producer_node is not None and kinds[producer_node] else ""
+            cd = 1 if pkind.startswith("conv") else -1
+            acts.append(ActSite(node.name, name, ACT_FAMILY.get(name, "smooth"), producer, cd, i,
+                                _owner(node) or producer))
+    # next layers of each layer (through non-layer nodes), for the "narrow layer" check
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for ls in layers:
+        ls.next_modules = _next_layers(by_name[ls.node], kinds, layer_of_node)
+    return layers, acts
+
+
+def _producer(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None]) -> fx.Node | None:
+    cur: Any = node.args[0] if node.args else None
+    for _ in range(8):
+        if not isinstance(cur, fx.Node):
+            return None
+        c = kinds.get(cur)
+        if c and c[0] == "layer":
+            return cur
+        if c and c[0] == "transparent":
+            cur = cur.args[0] if cur.args else None
+            continue
+        return None
+    return None
+
+
+def _follows_activation(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None]) -> bool:
+    """True when the layer's output flows (through transparent ops) into an activation."""
+    frontier = list(node.users)
+    for _ in range(8):
+        nxt = []
+        for u in frontier:
+            c = kinds.get(u)
+            if c and c[0] == "act":
+                return True
+            if c and c[0] == "transparent":
+                nxt.extend(u.users)
+        if not nxt:
+            return False
+        frontier = nxt
+    return False
+
+
+def _next_layers(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None],
+                 layer_of_node: dict[fx.Node, str]) -> list[str]:
+    out: list[str] = []
+    seen: set[fx.Node] = set()
+    frontier = list(node.users)
+    steps = 0
+    while frontier and steps < 64:
+        steps += 1
+        u = frontier.pop(0)
+        if u in seen:
+            continue
+        seen.add(u)
+        c = kinds.get(u)
+        if c and c[0] == "layer" and u in layer_of_node:
+            if layer_of_node[u] not in out:
+                out.append(layer_of_node[u])
+            continue
+        frontier.extend(u.users)
+    return out
