@@ -5,9 +5,9 @@ one pass; ``grad_sq_norms`` / ``row_sq_norms`` measure gradients. On CUDA tensor
 kernels run; on CPU a tuned torch path runs. Triton is imported lazily.
 """
 
-from ._stats import NeuronStats as NeuronStats
-from ._stats import neuron_stats as neuron_stats
 from ._norms import grad_sq_norms as grad_sq_norms
 from ._norms import row_sq_norms as row_sq_norms
+from ._stats import NeuronStats as NeuronStats
+from ._stats import neuron_stats as neuron_stats
 
 __all__ = ["NeuronStats", "neuron_stats", "grad_sq_norms", "row_sq_norms"]

@@ -1,15 +1,20 @@
 """Per-neuron activation statistics: the data type, merging, and the dispatching entry point.
 
-(Initial, reference-correct torch implementation; see the kernels issue for the tuned CPU
-path and the Triton kernel.)
+Three paths compute the same statistics: the pure-torch reference (``_neuron_stats_torch``,
+also the fallback), the compiled C kernel for CPU tensors (``_neuron_stats_cpu``), and the
+Triton kernel for CUDA tensors (``_neuron_stats_triton``, imported lazily).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+Backend = Literal["auto", "torch", "native", "triton"]
+_BACKENDS = ("auto", "torch", "native", "triton")
 _FIELDS = ("count", "mean", "m2", "abs_sum", "n_nonpos", "absmax", "n_nonfinite", "n_sat")
 
 
@@ -135,10 +140,14 @@ class NeuronStats:
             sat_threshold=self.sat_threshold,
         )
 
-    def update(self, x: torch.Tensor, channel_dim: int = -1) -> NeuronStats:
+    def update(
+        self, x: torch.Tensor, channel_dim: int = -1, *, backend: Backend = "auto"
+    ) -> NeuronStats:
         """Fold a batch into these statistics in place and return self."""
         merged = self.merge(
-            neuron_stats(x, channel_dim=channel_dim, sat_threshold=self.sat_threshold)
+            neuron_stats(
+                x, channel_dim=channel_dim, sat_threshold=self.sat_threshold, backend=backend
+            )
         )
         for f in _FIELDS:
             setattr(self, f, getattr(merged, f))
@@ -165,13 +174,11 @@ class NeuronStats:
         dist.all_gather(gathered, packed, group=group)  # type: ignore[arg-type]
         out: NeuronStats | None = None
         for g in gathered:
-            s = NeuronStats(
-                *(
-                    g[i].to(torch.int64) if f.startswith("n") or f == "count" else g[i].to(dt)
-                    for i, f in enumerate(_FIELDS)
-                ),
-                sat_threshold=self.sat_threshold,
-            )
+            fields = {
+                f: g[i].to(torch.int64) if f.startswith("n") or f == "count" else g[i].to(dt)
+                for i, f in enumerate(_FIELDS)
+            }
+            s = NeuronStats(**fields, sat_threshold=self.sat_threshold)
             out = s if out is None else out.merge(s)
         assert out is not None
         for f in _FIELDS:
@@ -179,9 +186,9 @@ class NeuronStats:
         return self
 
     def to(self, device: torch.device | str) -> NeuronStats:
-        return NeuronStats(
-            *(getattr(self, f).to(device) for f in _FIELDS), sat_threshold=self.sat_threshold
-        )
+        """A copy of these statistics on ``device``."""
+        fields = {f: getattr(self, f).to(device) for f in _FIELDS}
+        return NeuronStats(**fields, sat_threshold=self.sat_threshold)
 
 
 def _check_input(x: torch.Tensor, channel_dim: int) -> int:
@@ -210,19 +217,31 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def neuron_stats(
-    x: torch.Tensor, channel_dim: int = -1, *, sat_threshold: float | None = None
+    x: torch.Tensor,
+    channel_dim: int = -1,
+    *,
+    sat_threshold: float | None = None,
+    backend: Backend = "auto",
 ) -> NeuronStats:
     """Reduce ``x`` over every dimension except ``channel_dim``, in one pass.
 
     Args:
         x: a floating-point activation, e.g. ``(N, C)``, ``(N, T, C)``, or ``(N, C, H, W)``
-            with ``channel_dim=1`` (channels-last memory works too).
+            with ``channel_dim=1`` (channels-last memory works too, without a copy).
         channel_dim: the dimension that indexes neurons/channels.
         sat_threshold: if given, also count ``|x| >= sat_threshold`` per channel.
+        backend: ``"auto"`` (Triton for CUDA tensors; on CPU the compiled C kernel when it
+            could be built, else the torch reference), or one of ``"torch"`` (the pure-torch
+            reference), ``"native"`` (the CPU C kernel), ``"triton"`` (the Triton kernel; on
+            a CPU tensor this needs ``TRITON_INTERPRET=1`` set before triton is imported).
 
     Returns:
         A :class:`NeuronStats` with ``C = x.shape[channel_dim]`` channels. ``x`` is not
         modified.
+
+    Raises:
+        ValueError: ``x`` is 0-dim, empty, not floating point, ``channel_dim`` is out of
+            range, ``sat_threshold`` is NaN, or ``backend`` is unknown / cannot run here.
 
     Example:
         >>> s = neuron_stats(torch.randn(64, 8))
@@ -230,11 +249,61 @@ def neuron_stats(
         torch.Size([8])
     """
     cd = _check_input(x, channel_dim)
-    if x.is_cuda:
+    if sat_threshold is not None and not (float(sat_threshold) == float(sat_threshold)):
+        raise ValueError("sat_threshold is NaN: pass a number, or None to skip saturation")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
+    if backend == "auto":
+        if x.is_cuda:
+            backend = "triton"
+        else:
+            from . import _neuron_stats_cpu as cpu
+
+            backend = "native" if cpu.supports(x) and cpu.available() else "torch"
+    if backend == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before triton "
+                "is imported; use backend='auto' or move x to a CUDA device"
+            )
         from ._neuron_stats_triton import neuron_stats_triton
 
         return neuron_stats_triton(x, cd, sat_threshold)
+    if backend == "native":
+        return _neuron_stats_native(x, cd, sat_threshold)
     return _neuron_stats_torch(x, cd, sat_threshold)
+
+
+def _neuron_stats_native(x: torch.Tensor, cd: int, sat_threshold: float | None) -> NeuronStats:
+    from . import _neuron_stats_cpu as cpu
+
+    if not cpu.supports(x):
+        raise ValueError(
+            f"backend='native' runs on CPU tensors of float16/bfloat16/float32/float64, got a "
+            f"{x.dtype} tensor on {x.device}"
+        )
+    if not cpu.available():
+        raise ValueError(
+            "backend='native' is unavailable: the C kernel could not be compiled here (no gcc, "
+            "or GRAPHSURG_NO_NATIVE is set); use backend='auto' or 'torch'"
+        )
+    pivot, sums, per_channel = cpu.raw_sums(x, cd, sat_threshold)
+    dt = acc_dtype(x.dtype)
+    n_nonfinite = sums[6].to(torch.int64)
+    count = per_channel - n_nonfinite
+    c = count.clamp_min(1).to(torch.float64)
+    s1 = sums[0]
+    return NeuronStats(
+        count=count,
+        mean=(pivot.to(torch.float64) + s1 / c).to(dt),
+        m2=(sums[1] - s1 * s1 / c).clamp_min(0).to(dt),
+        abs_sum=sums[2].to(dt),
+        n_nonpos=sums[4].to(torch.int64),
+        absmax=sums[3].to(dt),
+        n_nonfinite=n_nonfinite,
+        n_sat=sums[5].to(torch.int64),
+        sat_threshold=sat_threshold,
+    )
 
 
 def _neuron_stats_torch(x: torch.Tensor, cd: int, sat_threshold: float | None) -> NeuronStats:

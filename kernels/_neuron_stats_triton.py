@@ -1,0 +1,249 @@
+"""Triton kernel for ``neuron_stats``: every per-channel statistic in one pass over ``x``.
+
+Layers (Liger-Kernel style): ``_neuron_stats_kernel`` (the jit function),
+``_launch`` (views ``x`` as strided ``(O, C, I)``, picks block sizes and the grid) and
+``neuron_stats_triton`` (builds the :class:`NeuronStats`).
+
+The kernel reads ``x`` as tiles ``[BLOCK_M, BLOCK_C]``: ``BLOCK_C`` channels by ``BLOCK_M``
+reduced positions along the innermost reduced axis. Rows layouts -- ``(N, C)``, ``(N, T, C)``,
+channels-last -- are read as ``(1, C, R)`` with the row stride as the reduced stride, so the
+channel axis is the contiguous one; contiguous ``NCHW`` is read as ``(N, C, H*W)`` with the
+spatial axis contiguous. Nothing is copied for these layouts.
+
+Grid: ``(channel blocks, splits)``. Program ``(pc, ps)`` walks a contiguous range of tiles of
+its channel block; for each tile it computes the tile's count, mean and M2 over the finite
+values (two passes over registers) and merges them into its running statistics with Chan's
+formula. Values are shifted by a per-channel pivot (the finite mean of the channel's first 64
+values, computed by torch before the launch) before any sum, so large offsets (``x + 1e4``) keep their precision. Each program writes one partial per
+channel; the partials (``splits`` of them) are
+merged in float64 on the host side of the launch, exactly, with the same formula.
+Offsets are int64. fp16/bf16/fp32 inputs accumulate in float32, float64 in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import as_3d, pivot_of
+from ._stats import NeuronStats, acc_dtype
+
+_FP32_MAX = 3.4028234663852886e38
+_FP64_MAX = 1.7976931348623157e308
+
+
+@triton.jit
+def _neuron_stats_kernel(
+    x_ptr,
+    pivot_ptr,  # (C,) accumulation dtype
+    mom_ptr,  # (4, SPLITS, C) accumulation dtype: mean - pivot, m2, abs_sum, absmax
+    cnt_ptr,  # (4, SPLITS, C) int64: count, n_nonpos, n_sat, n_nonfinite
+    C,
+    n_i,
+    x_o_stride,
+    x_c_stride,
+    x_i_stride,
+    n_i_blocks,
+    n_iters,
+    iters_per_prog,
+    sat_threshold,
+    part_stride,  # SPLITS * C
+    HAS_SAT: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    MAX_FINITE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_c = offs_c < C
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+
+    # every program of a channel block shifts by the same per-channel pivot (a mean of the
+    # channel's first values), so sums stay small even at x + 1e4
+    pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0).to(acc_ty)
+
+    n = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    mean = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    m2 = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    abs_sum = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    absmax = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    n_nonpos = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    n_sat = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    n_nonfinite = tl.zeros((BLOCK_C,), dtype=tl.int64)
+
+    it0 = pid_s * iters_per_prog
+    it1 = tl.minimum(it0 + iters_per_prog, n_iters)
+    for it in range(it0, it1):
+        o = it // n_i_blocks
+        i = (it - o * n_i_blocks) * BLOCK_M + offs_m
+        mask = (i < n_i)[:, None] & mask_c[None, :]
+        ptrs = (
+            x_ptr
+            + o * x_o_stride
+            + i[:, None] * x_i_stride
+            + offs_c[None, :] * x_c_stride
+        )
+        v = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
+        a = tl.abs(v)
+        fin = mask & (a <= MAX_FINITE)
+        az = tl.where(fin, a, 0.0)
+        vs = v - pivot[None, :]
+        vz = tl.where(fin, vs, 0.0)
+
+        n_t = tl.sum(fin.to(tl.int64), axis=0)
+        n_tf = tl.maximum(n_t, 1).to(acc_ty)
+        mean_t = tl.sum(vz, axis=0) / n_tf
+        d = tl.where(fin, vs - mean_t[None, :], 0.0)
+        m2_t = tl.sum(d * d, axis=0)
+
+        # Chan's merge of (n, mean, m2) with the tile's (n_t, mean_t, m2_t)
+        n_new = n + n_t
+        nf = n.to(acc_ty)
+        ntf = n_t.to(acc_ty)
+        inv = 1.0 / tl.maximum(n_new, 1).to(acc_ty)
+        delta = mean_t - mean
+        mean = mean + delta * (ntf * inv)
+        m2 = m2 + m2_t + delta * delta * (nf * ntf * inv)
+        n = n_new
+
+        abs_sum += tl.sum(az, axis=0)
+        absmax = tl.maximum(absmax, tl.max(az, axis=0))
+        n_nonpos += tl.sum((fin & (v <= 0.0)).to(tl.int64), axis=0)
+        if HAS_SAT:
+            n_sat += tl.sum((fin & (a >= sat_threshold)).to(tl.int64), axis=0)
+        n_nonfinite += tl.sum((mask & ~fin).to(tl.int64), axis=0)
+
+    out = pid_s * C + offs_c
+    tl.store(mom_ptr + out, mean, mask=mask_c)
+    tl.store(mom_ptr + part_stride + out, m2, mask=mask_c)
+    tl.store(mom_ptr + 2 * part_stride + out, abs_sum, mask=mask_c)
+    tl.store(mom_ptr + 3 * part_stride + out, absmax, mask=mask_c)
+    tl.store(cnt_ptr + out, n, mask=mask_c)
+    tl.store(cnt_ptr + part_stride + out, n_nonpos, mask=mask_c)
+    tl.store(cnt_ptr + 2 * part_stride + out, n_sat, mask=mask_c)
+    tl.store(cnt_ptr + 3 * part_stride + out, n_nonfinite, mask=mask_c)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _target_programs(x: torch.Tensor) -> int:
+    if x.is_cuda:
+        return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return 4  # the interpreter on CPU: few, small programs
+
+
+def _launch(
+    x: torch.Tensor,
+    cd: int,
+    sat_threshold: float | None,
+    *,
+    block_m: int | None = None,
+    block_c: int | None = None,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the kernel; returns ``pivot (C,)`` and partials ``mom (4, S, C)``, ``cnt (4, S, C)``."""
+    v = as_3d(x, cd)
+    n_o, C, n_i = v.outer, v.channels, v.inner
+    so, sc, si = v.outer_stride, v.channel_stride, v.inner_stride
+    if n_i == 1:
+        # rows layout: the rows are the reduced axis
+        n_o, n_i, so, si = 1, n_o, 0, so
+    if block_m is None or block_c is None:
+        if sc == 1 or si != 1:
+            bm, bc = 32, min(128, _next_pow2(C))  # channels contiguous
+        else:
+            bm, bc = min(512, _next_pow2(n_i)), min(8, _next_pow2(C))  # positions contiguous
+        block_m = block_m or bm
+        block_c = block_c or bc
+    n_i_blocks = triton.cdiv(n_i, block_m)
+    n_iters = n_o * n_i_blocks
+    c_blocks = triton.cdiv(C, block_c)
+    if splits is None:
+        splits = max(1, min(n_iters, triton.cdiv(_target_programs(x), c_blocks)))
+    splits = max(1, min(splits, n_iters))
+    iters_per_prog = triton.cdiv(n_iters, splits)
+    splits = triton.cdiv(n_iters, iters_per_prog)
+    acc = acc_dtype(x.dtype)
+    pivot = pivot_of(torch.as_strided(v.base, (n_o, C, n_i), (so, sc, si)), acc)
+    mom = torch.empty(4, splits, C, dtype=acc, device=x.device)
+    cnt = torch.empty(4, splits, C, dtype=torch.int64, device=x.device)
+    _neuron_stats_kernel[(c_blocks, splits)](
+        v.base,
+        pivot,
+        mom,
+        cnt,
+        C,
+        n_i,
+        so,
+        sc,
+        si,
+        n_i_blocks,
+        n_iters,
+        iters_per_prog,
+        float(sat_threshold) if sat_threshold is not None else 0.0,
+        splits * C,
+        HAS_SAT=sat_threshold is not None,
+        ACC_FP64=acc == torch.float64,
+        MAX_FINITE=_FP64_MAX if acc == torch.float64 else _FP32_MAX,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        num_warps=4 if block_m * block_c <= 4096 else 8,
+    )
+    return pivot, mom, cnt
+
+
+def merge_partials(
+    pivot: torch.Tensor,
+    mom: torch.Tensor,
+    cnt: torch.Tensor,
+    acc: torch.dtype,
+    sat_threshold: float | None,
+) -> NeuronStats:
+    """Merge ``S`` per-split partials exactly (Chan's formula for S parts, in float64)."""
+    n = cnt[0]
+    total = n.sum(0)
+    nd = n.to(torch.float64)
+    mean_s = mom[0].to(torch.float64)
+    tot = total.clamp_min(1).to(torch.float64)
+    mean = (nd * mean_s).sum(0) / tot
+    m2 = mom[1].to(torch.float64).sum(0) + (nd * (mean_s - mean) ** 2).sum(0)
+    return NeuronStats(
+        count=total,
+        mean=torch.where(total > 0, mean + pivot.to(torch.float64), 0.0).to(acc),
+        m2=m2.to(acc),
+        abs_sum=mom[2].to(torch.float64).sum(0).to(acc),
+        n_nonpos=cnt[1].sum(0),
+        absmax=mom[3].amax(0),
+        n_nonfinite=cnt[3].sum(0),
+        n_sat=cnt[2].sum(0),
+        sat_threshold=sat_threshold,
+    )
+
+
+def neuron_stats_triton(
+    x: torch.Tensor,
+    cd: int,
+    sat_threshold: float | None,
+    *,
+    block_m: int | None = None,
+    block_c: int | None = None,
+    splits: int | None = None,
+) -> NeuronStats:
+    """Per-channel statistics of ``x`` (channel dimension ``cd``, already validated and
+    normalised) with the Triton kernel. ``x`` is not modified.
+
+    Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``. The block sizes
+    and the number of splits of the reduced axis are chosen from the layout unless given
+    (tests pass small ones to exercise multi-tile and multi-split merging).
+    """
+    pivot, mom, cnt = _launch(
+        x, cd, sat_threshold, block_m=block_m, block_c=block_c, splits=splits
+    )
+    return merge_partials(pivot, mom, cnt, acc_dtype(x.dtype), sat_threshold)
