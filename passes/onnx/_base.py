@@ -1,0 +1,99 @@
+"""The base of graphsurg's ONNX passes: an ``onnx_ir`` in-place pass that counts its rewrites
+and records, per site, why it refused one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphsurg._diagnosis import Diagnosis
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A rewrite the pass did not make, and why."""
+
+    site: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.site}: {self.reason}"
+
+
+@dataclass
+class PassState:
+    """What passes of one ``apply`` share: units already excised per site address."""
+
+    excised: dict[str, set[int]] = field(default_factory=dict)
+
+
+class GraphsurgPass(ir.passes.InPlacePass):
+    """An in-place ``onnx_ir`` pass with a snake_case ``name``, an ``exact`` flag (function
+    preserving on the calibration data up to float round-off), and, after ``call``, the
+    number of ``rewrites``, the ``refusals`` and ``notes`` for the report."""
+
+    name: str = ""
+    exact: bool = True
+    needs_diagnosis: bool = True
+
+    def __init__(self, diagnosis: Diagnosis | None = None, state: PassState | None = None):
+        super().__init__()
+        self.diagnosis = diagnosis
+        self.state = state or PassState()
+        self.rewrites = 0
+        self.refusals: list[Refusal] = []
+        self.notes: list[str] = []
+
+    def refuse(self, site: str, reason: str) -> None:
+        self.refusals.append(Refusal(site, reason))
+
+
+def const_array(v: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of a constant (initializer or Constant-fed) value, or None."""
+    if v is None or v.const_value is None:
+        return None
+    return np.asarray(v.const_value.numpy())
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer with a name derived from ``base``."""
+    name = base
+    i = 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    t = ir.tensor(np.ascontiguousarray(array), name=name)
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
+    graph.register_initializer(v)
+    return v
+
+
+def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+    """Give ``node`` input ``index`` the constant ``array``: in place when the initializer has
+    no other use, else through a new initializer (the shared one is left as it is)."""
+    v = node.inputs[index]
+    assert v is not None
+    if v.is_initializer() and len(v.uses()) == 1 and not v.is_graph_input():
+        t = ir.tensor(np.ascontiguousarray(array), name=v.name)
+        v.const_value = t
+        v.shape = ir.Shape(array.shape)
+        return
+    nv = new_initializer(graph, f"{v.name or 'const'}_gs", array)
+    node.replace_input_with(index, nv)
+
+
+def int_attr(node: ir.Node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return default if a is None else int(a.as_int())
+
+
+def float_attr(node: ir.Node, name: str, default: float) -> float:
+    a = node.attributes.get(name)
+    return default if a is None else float(a.as_float())
+
+
+def ints_attr(node: ir.Node, name: str) -> list[int] | None:
+    a = node.attributes.get(name)
+    return None if a is None else [int(x) for x in a.as_ints()]

@@ -1,0 +1,41 @@
+"""``cleanup``: what every rewrite leaves to tidy.
+
+Removes unused nodes and initializers, sorts the graph topologically and re-infers shapes
+(onnx shape inference, keeping the shapes it cannot infer). Runs last in every ``apply``.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass, TopologicalSortPass
+
+from ._base import GraphsurgPass
+
+
+class Cleanup(GraphsurgPass):
+    """Unused nodes/initializers removed, topological order, shape inference."""
+
+    name = "cleanup"
+    exact = True
+    needs_diagnosis = False
+
+    def __init__(self, *args: object, infer_shapes: bool = True, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.infer_shapes = infer_shapes
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before_nodes = model.graph.num_nodes()
+        before_inits = len(model.graph.initializers)
+        modified = RemoveUnusedNodesPass()(model).modified
+        modified |= TopologicalSortPass()(model).modified
+        if self.infer_shapes:
+            try:
+                ShapeInferencePass(strict_mode=False)(model)
+            except Exception as e:  # shape inference is best effort: keep the model as it is
+                self.notes.append(f"shape inference skipped: {type(e).__name__}")
+        removed = before_nodes - model.graph.num_nodes()
+        removed_inits = before_inits - len(model.graph.initializers)
+        self.rewrites = removed + removed_inits
+        if self.rewrites:
+            self.notes.append(f"removed {removed} node(s) and {removed_inits} initializer(s)")
+        return ir.passes.PassResult(model, modified)
