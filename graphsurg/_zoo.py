@@ -73,11 +73,18 @@ def _teacher_batches(
     return out
 
 
-def _plant_dead(layer: nn.Linear | nn.Conv2d, units: tuple[int, ...], bias: float = -50.0) -> None:
+def _param(layer: nn.Module, name: str) -> torch.Tensor:
+    t = getattr(layer, name)
+    assert isinstance(t, torch.Tensor)
+    return t
+
+
+def _plant_dead(layer: nn.Module, units: tuple[int, ...], bias: float = -50.0) -> None:
+    b = layer.bias
+    assert isinstance(b, torch.Tensor)
     with torch.no_grad():
-        assert layer.bias is not None
         for u in units:
-            layer.bias[u] = bias
+            b[u] = bias
 
 
 def dead_mlp(seed: int = 0, *, width: int = 64, n_batches: int = 8, batch_size: int = 128) -> ZooCase:
@@ -200,7 +207,7 @@ def lowrank_mlp(seed: int = 0, *, rank: int = 3, width: int = 64, n_batches: int
     with torch.no_grad():
         u = torch.randn(width, rank, generator=g)
         v = torch.randn(rank, width, generator=g)
-        model[2].weight.copy_(u @ v / width**0.5)
+        _param(model[2], "weight").copy_(u @ v / width**0.5)
     return ZooCase(
         "lowrank_mlp", model, _teacher_batches((32,), 16, n_batches, batch_size, seed), _mse,
         [Truth("Bottleneck", "2")],
@@ -216,7 +223,7 @@ def saturated_mlp(seed: int = 0, *, width: int = 32, n_batches: int = 4, batch_s
     units = tuple(range(0, width, 4))
     with torch.no_grad():
         for k, u in enumerate(units):
-            model[0].bias[u] = 20.0 if k % 2 == 0 else -20.0
+            _param(model[0], "bias")[u] = 20.0 if k % 2 == 0 else -20.0
     return ZooCase(
         "saturated_mlp", model, _teacher_batches((16,), 4, n_batches, batch_size, seed), _mse,
         [Truth("Saturation", "0", units)],
@@ -232,7 +239,7 @@ def nan_mlp(seed: int = 0, *, n_batches: int = 4, batch_size: int = 128) -> ZooC
         nn.Linear(32, 4),
     )
     with torch.no_grad():
-        model[4].weight[3, 5] = float("nan")
+        _param(model[4], "weight")[3, 5] = float("nan")
     return ZooCase(
         "nan_mlp", model, _teacher_batches((16,), 4, n_batches, batch_size, seed), _mse,
         [Truth("NonFinite", "4")],

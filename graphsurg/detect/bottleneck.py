@@ -74,7 +74,9 @@ def stable_rank_fast(w: torch.Tensor, iters: int = 20) -> float:
 def detect_bottlenecks(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
     out: list[Problem] = []
     widths = {lm.module: lm.d_out for lm in m.layers}
-    sample_of = {s.module: s.sample for s in m.sites if s.sample is not None}
+    sample_of: dict[str, torch.Tensor | None] = {
+        s.module: s.sample for s in m.sites if s.sample is not None
+    }
     for lm in sorted(m.layers, key=lambda lm: lm.order):
         problem = _rank_problem(lm, config, sample_of) or _narrow_problem(lm, widths, config,
                                                                            sample_of)

@@ -267,7 +267,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[LayerSite], list[ActSite]]:
         elif what == "act":
             producer_node = _producer(node, kinds)
             producer = layer_of_node.get(producer_node, "") if producer_node is not None else ""
-            pkind = kinds[producer_node][1] if producer_node is not None and kinds[producer_node] else ""
+            pc = kinds.get(producer_node) if producer_node is not None else None
+            pkind = pc[1] if pc else ""
             cd = 1 if pkind.startswith("conv") else -1
             acts.append(ActSite(node.name, name, ACT_FAMILY.get(name, "smooth"), producer, cd, i,
                                 _owner(node) or producer))
@@ -297,7 +298,7 @@ def _follows_activation(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | No
     """True when the layer's output flows (through transparent ops) into an activation."""
     frontier = list(node.users)
     for _ in range(8):
-        nxt = []
+        nxt: list[fx.Node] = []
         for u in frontier:
             c = kinds.get(u)
             if c and c[0] == "act":

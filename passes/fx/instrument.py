@@ -12,9 +12,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
-from torch import nn
-
 from graphsurg.kernels import NeuronStats, neuron_stats
+from torch import nn
 
 from .capture import ActSite
 

@@ -9,8 +9,9 @@ the ground truth -- seeded and small enough for CPU CI. Tests and benchmarks imp
 from __future__ import annotations
 
 from graphsurg._zoo import (
-    ZooCase,
+    ZOO,
     Truth,
+    ZooCase,
     bottleneck_mlp,
     build,
     dead_cnn,
@@ -22,7 +23,6 @@ from graphsurg._zoo import (
     nan_mlp,
     saturated_mlp,
     transformer_block,
-    ZOO,
 )
 
 __all__ = [

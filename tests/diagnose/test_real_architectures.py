@@ -1,0 +1,91 @@
+"""diagnose on Hugging Face architectures built from small configs (random weights, offline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphsurg as gs
+
+tf = pytest.importorskip("transformers")
+
+
+def _bert() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    model = tf.BertForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 100, (8, 16), generator=g),
+             "labels": torch.randint(0, 2, (8,), generator=g)} for _ in range(3)]
+    return model, data
+
+
+def _vit() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, image_size=16, patch_size=4, num_labels=3)
+    model = tf.ViTForImageClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g),
+             "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
+    return model, data
+
+
+def _resnet() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                          layer_type="basic", num_labels=3)
+    model = tf.ResNetForImageClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(4, 3, 32, 32, generator=g),
+             "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
+    return model, data
+
+
+def _loss(out: object, batch: object) -> torch.Tensor:
+    return out.loss  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.mark.parametrize("build", [_bert, _vit, _resnet], ids=["bert", "vit", "resnet"])
+def test_healthy_hf_models_have_no_problems(build) -> None:  # type: ignore[no-untyped-def]
+    model, data = build()
+    d = gs.diagnose(model, data, loss_fn=_loss)
+    assert d.problems == [], d.summary()
+    assert d.capture == "export" and d.gradients_checked
+    assert any(r.grad_norm for r in d.layers.values())
+
+
+def _plant(model: torch.nn.Module, path: str, units: list[int]) -> None:
+    with torch.no_grad():
+        model.get_submodule(path).bias[units] = -50.0
+
+
+@pytest.mark.parametrize(
+    "build,path",
+    [(_bert, "bert.encoder.layer.1.intermediate.dense"), (_vit, "vit.layers.0.mlp.fc1")],
+    ids=["bert", "vit"],
+)
+def test_planted_dead_gelu_units_in_hf_models(build, path: str) -> None:  # type: ignore[no-untyped-def]
+    model, data = build()
+    if not any(n == path for n, _ in model.named_modules()):
+        pytest.skip(f"{path} not in this transformers version's model")
+    units = [1, 7, 30]
+    _plant(model, path, units)
+    d = gs.diagnose(model, data, loss_fn=_loss)
+    (p,) = d.problems
+    assert p.kind == "DeadNeurons" and p.site.module == path and p.site.op == "gelu"
+    assert p.evidence["dead"] == units
+
+
+def test_planted_dead_channels_in_hf_resnet() -> None:
+    model, data = _resnet()
+    conv = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+                and "stages.1" in n and "shortcut" not in n)
+    bn_path = conv.rsplit(".", 1)[0] + ".normalization"
+    with torch.no_grad():  # dead after BN: a strongly negative BN shift
+        model.get_submodule(bn_path).bias[[0, 5]] = -50.0
+    d = gs.diagnose(model, data, loss_fn=_loss)
+    dead = d.of_kind("DeadNeurons")
+    assert [p.site.module for p in dead] == [conv]
+    assert dead[0].evidence["dead"] == [0, 5]
