@@ -268,7 +268,7 @@ def raw_sums(
     if n_i == 1 and sC != 1 and sO == 1 and n_o > 1:
         # rows are contiguous and channels strided (a transposed matrix): read it as (1, C, n_o)
         n_o, n_i, sO, sI = 1, n_o, 0, 1
-    if not ((n_i == 1 and sC == 1) or sI == 1):
+    if not ((n_i == 1 and sC == 1) or (n_i > 1 and sI == 1)):
         # no layout the kernel reads directly (e.g. a strided channel slice): copy once
         base = x.movedim(cd, -1).contiguous()
         n_o, n_i, sO, sC, sI = base.numel() // C, 1, C, 1, 1
