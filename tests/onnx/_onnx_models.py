@@ -7,7 +7,6 @@ import io
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +22,8 @@ def plant_dead(linear: nn.Linear | nn.Conv2d, units: list[int]) -> None:
 
 
 class MLP(nn.Module):
-    """16 -> 32 -> 32 -> 4 with ReLUs; ``dead`` units of fc1 and fc2 planted dead."""
+    """16 -> 32 -> 32 -> 4 with ReLUs; with ``dead``, 16 units of fc1 and 3 of fc2 are dead,
+    without it the network is healthy (no dormant unit, full-rank weights)."""
 
     def __init__(self, dead: bool = True, seed: int = 0) -> None:
         super().__init__()
@@ -37,6 +37,11 @@ class MLP(nn.Module):
         if dead:
             plant_dead(self.fc1, list(range(0, 32, 2)))  # 50% dead
             plant_dead(self.fc2, [1, 5, 7])
+        else:  # healthy: every unit fires on about 90% of inputs
+            with torch.no_grad():
+                self.fc1.bias.fill_(0.6)
+                self.fc2.weight.mul_(0.3)
+                self.fc2.bias.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
@@ -131,6 +136,52 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, *, dynamo: bool,
     return path
 
 
-def batches(shape: tuple[int, ...], n: int = 4, seed: int = 0, scale: float = 1.0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": (rng.standard_normal(shape) * scale).astype(np.float32)} for _ in range(n)]
+class PaddedTanhCNN(nn.Module):
+    """conv -> tanh -> padded conv: two tanh channels are constant at tanh(0.5) != 0, which a
+    zero-padded convolution cannot absorb exactly (excision must refuse)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            self.c1.weight[[1, 4]] = 0.0
+            assert self.c1.bias is not None
+            self.c1.bias[[1, 4]] = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.tanh(self.c1(x)))
+
+
+class DyingMLP(nn.Module):
+    """16 -> 32 -> 4 where 8 hidden units rarely fire (dormant but not dead): the case for
+    relu_to_leaky_relu; the output changes only slightly when those ReLUs leak."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            self.fc1.weight[:8] *= 0.1
+            self.fc1.bias[:8] = -0.3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+#: example input shape per model name (the first dimension is the batch)
+SHAPES: dict[str, tuple[int, ...]] = {
+    "mlp": (16, 16),
+    "healthy_mlp": (16, 16),
+    "residual": (16, 8),
+    "concat_bn": (16, 8),
+    "cnn": (4, 3, 6, 6),
+    "padded_tanh": (4, 3, 6, 6),
+    "dying": (16, 16),
+}

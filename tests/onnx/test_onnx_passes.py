@@ -1,0 +1,197 @@
+"""Each pass on models exported from torch: number of rewrites, op types after, onnxruntime
+equality within the stated tolerance, full_check, and a smaller model where expected.
+Negative tests assert the reason a rewrite was refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from _onnx_helpers import assert_same_outputs, feeds, full_check, n_params, op_types
+from _onnx_models import export
+from conftest import EXPORTERS
+from graphsurg.passes.onnx.excise_dead_units import ExciseDeadUnits
+from graphsurg.passes.onnx.factor_low_rank import FactorLowRank
+from graphsurg.passes.onnx.relu_to_leaky_relu import ReluToLeakyReluPass, leaky_rule
+
+from graphsurg import Certificates
+from graphsurg import onnx as gso
+
+# Excision removes terms that are exactly c * w from float32 sums and folds them into the
+# bias: the result differs from the original by summation-order round-off only, a few ulps
+# of the largest output.
+EXACT_RTOL = 1e-5
+
+
+def _excise(path, name):  # type: ignore[no-untyped-def]
+    proto = onnx.load(str(path))
+    out, report = gso.apply(proto, feeds(name), ["excise_dead_units"])
+    rec = report.passes[0]
+    assert rec.name == "excise_dead_units"
+    return proto, out, report, rec
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_excise_mlp(exported, dynamo: bool) -> None:
+    proto, out, report, rec = _excise(exported("mlp", dynamo), "mlp")
+    assert rec.rewrites == 2 and rec.kept and report.ok
+    assert op_types(out) == op_types(proto) == ["Gemm", "Relu", "Gemm", "Relu", "Gemm"]
+    shapes = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    assert shapes["fc1.weight"] == (16, 16)  # 16 of 32 units were dead
+    assert shapes["fc2.weight"] == (29, 16)  # 3 of 32 dead, 16 input rows removed
+    assert shapes["fc3.weight"] == (4, 29)
+    assert n_params(out) < n_params(proto) * 0.55
+    assert rec.output_change is not None and rec.output_change <= EXACT_RTOL
+    full_check(out)
+    assert_same_outputs(proto, out, feeds("mlp", n=1, seed=7)[0], EXACT_RTOL)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_excise_cnn_through_flatten(exported, dynamo: bool) -> None:
+    proto, out, report, rec = _excise(exported("cnn", dynamo), "cnn")
+    assert rec.rewrites == 2 and report.ok
+    assert op_types(out) == op_types(proto)
+    w = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    conv_w = sorted(d for d in w.values() if len(d) == 4)
+    assert conv_w == [(5, 6, 3, 3), (6, 3, 3, 3)]  # 2 and 3 channels removed
+    assert (5, 5 * 16) in w.values()  # the Gemm lost 3 channels x 16 positions
+    full_check(out)
+    assert_same_outputs(proto, out, feeds("cnn", n=1, seed=7)[0], EXACT_RTOL)
+
+
+def test_excise_follows_concat_and_batchnorm(exported) -> None:
+    proto, out, report, rec = _excise(exported("concat_bn"), "concat_bn")
+    assert rec.rewrites == 1 and report.ok
+    # the BatchNormalization lost 3 channels; the constant it makes of them went into the head
+    dims = sorted(tuple(t.dims) for t in out.graph.initializer)
+    assert (15,) in dims and (3, 15) in dims and (9, 8) in dims
+    assert any("produced by" in r and "Concat" in r for r in rec.refusals)
+    full_check(out)
+    assert_same_outputs(proto, out, feeds("concat_bn", n=1, seed=7)[0], EXACT_RTOL)
+
+
+def test_excise_refuses_residual_coupling(exported) -> None:
+    proto = onnx.load(str(exported("residual")))
+    diag = gso.analyze(proto, feeds("residual"))
+    model = ir.serde.deserialize_model(proto)
+    p = ExciseDeadUnits(diag)
+    p(model)
+    assert p.rewrites == 1  # fc1's units (inside the block) are excised
+    (refusal,) = p.refusals
+    assert "residual Add" in refusal.reason and "couples the units with another branch" in refusal.reason
+
+
+def test_excise_refuses_padded_conv_with_nonzero_constant(exported) -> None:
+    proto, out, report, rec = _excise(exported("padded_tanh"), "padded_tanh")
+    assert rec.rewrites == 0 and not rec.modified
+    assert any("pads its input" in r for r in rec.refusals)
+    assert op_types(out) == op_types(proto) and n_params(out) == n_params(proto)
+
+
+def test_relu_to_leaky_relu_on_dying_units(exported) -> None:
+    proto = onnx.load(str(exported("dying")))
+    cert = Certificates(max_output_change=0.05)
+    out, report = gso.apply(proto, feeds("dying"), ["relu_to_leaky_relu"], certificates=cert)
+    rec = report.passes[0]
+    assert rec.rewrites == 1 and rec.kept and report.ok
+    assert op_types(out) == ["Gemm", "LeakyRelu", "Gemm"]
+    leaky = next(n for n in out.graph.node if n.op_type == "LeakyRelu")
+    assert abs(onnx.helper.get_attribute_value(leaky.attribute[0]) - 0.01) < 1e-7
+    assert rec.output_change is not None and 0 < rec.output_change <= 0.05
+    full_check(out)
+
+
+def test_relu_rule_set_and_refusals(exported) -> None:
+    import onnxscript.rewriter as rw
+
+    proto = onnx.load(str(exported("dying")))
+    diag = gso.analyze(proto, feeds("dying"))
+    rewritten = rw.rewrite(proto, pattern_rewrite_rules=gso.rules(diag))
+    assert op_types(rewritten) == ["Gemm", "LeakyRelu", "Gemm"]
+    # a Relu that is not diagnosed is refused with the reason
+    rule = leaky_rule({"some_other_value"})
+    model = ir.serde.deserialize_model(proto)
+    tracer = rw.MatchingTracer()
+    assert rw.RewriteRuleSet([rule]).apply_to_model(model, tracer=tracer) == 0
+    reasons = [m.match_result.reason for ms in tracer.best_matches_map.values() for m in ms]
+    assert any("is not diagnosed as dying" in r for r in reasons)
+    # a healthy diagnosis gives a rule set that changes nothing
+    healthy = gso.analyze(exported("healthy_mlp"), feeds("healthy_mlp"))
+    assert rw.RewriteRuleSet(gso.rules(healthy).rules).apply_to_model(
+        ir.serde.deserialize_model(onnx.load(str(exported("healthy_mlp"))))
+    ) == 0
+
+
+def test_relu_to_leaky_relu_refuses_below_opset_6(exported) -> None:
+    proto = onnx.load(str(exported("dying")))
+    diag = gso.analyze(proto, feeds("dying"))
+    model = ir.serde.deserialize_model(proto)
+    model.opset_imports[""] = 5
+    model.graph.opset_imports[""] = 5
+    p = ReluToLeakyReluPass(diag)
+    p(model)
+    assert p.rewrites == 0
+    assert any("needs opset >= 6" in r.reason for r in p.refusals)
+
+
+class _LowRank(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc = torch.nn.Linear(48, 40)
+        self.out = torch.nn.Linear(40, 3)
+        with torch.no_grad():
+            a, b = torch.randn(40, 3, generator=g), torch.randn(3, 48, generator=g)
+            self.fc.weight.copy_(a @ b / 8)  # rank 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_factor_low_rank_gemm(tmp_path, dynamo: bool) -> None:
+    path = export(_LowRank(), torch.randn(4, 48), tmp_path / "lr.onnx", dynamo=dynamo)
+    proto = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((32, 48)).astype(np.float32)} for _ in range(4)]
+    diag = gso.analyze(proto, data)
+    (b,) = diag.of_kind("Bottleneck")
+    assert b.evidence["rank"] == 3 and b.evidence["max_rank"] == 40
+    out, report = gso.apply(proto, data, ["factor_low_rank"])
+    rec = report.passes[0]
+    assert rec.rewrites == 1 and rec.kept
+    assert op_types(out) == ["MatMul", "Gemm", "Relu", "Gemm"]
+    assert n_params(out) == n_params(proto) - 40 * 48 + 3 * (40 + 48)
+    assert "rank 3" in rec.notes[0] and "dropped singular values" in rec.notes[0]
+    full_check(out)
+    # exact up to the SVD tolerance (float32 factors of a rank-3 matrix)
+    assert_same_outputs(proto, out, data[0], 1e-5)
+
+
+def test_factor_low_rank_matmul_and_refusal() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    low = (rng.standard_normal((64, 2)) @ rng.standard_normal((2, 32))).astype(np.float32)
+    full = rng.standard_normal((32, 8)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm_low"),
+         helper.make_node("MatMul", ["h", "V"], ["y"], name="mm_full")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(low, "W"), numpy_helper.from_array(full, "V")],
+    )  # fmt: skip
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(proto)
+    p = FactorLowRank()
+    p(model)
+    assert p.rewrites == 1
+    (r,) = p.refusals
+    assert r.site == "mm_full" and "would not be smaller" in r.reason
+    out = ir.serde.serialize_model(model)
+    assert op_types(out) == ["MatMul", "MatMul", "MatMul"]
+    full_check(out)
+    assert_same_outputs(proto, out, {"x": rng.standard_normal((5, 64)).astype(np.float32)}, 1e-5)
