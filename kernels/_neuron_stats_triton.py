@@ -214,9 +214,12 @@ def merge_partials(
     tot = total.clamp_min(1).to(torch.float64)
     mean = (nd * mean_s).sum(0) / tot
     m2 = mom[1].to(torch.float64).sum(0) + (nd * (mean_s - mean) ** 2).sum(0)
+    mean = torch.where(total > 0, mean + pivot.to(torch.float64), 0.0)
+    mean_acc = mean.to(acc)
     return NeuronStats(
         count=total,
-        mean=torch.where(total > 0, mean + pivot.to(torch.float64), 0.0).to(acc),
+        mean=mean_acc,
+        mean_residual=(mean - mean_acc.to(torch.float64)).to(acc),
         m2=m2.to(acc),
         abs_sum=mom[2].to(torch.float64).sum(0).to(acc),
         n_nonpos=cnt[1].sum(0),

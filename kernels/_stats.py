@@ -35,6 +35,9 @@ class NeuronStats:
         n_nonfinite: count of NaN/Inf.
         n_sat: count of |x| >= ``sat_threshold`` (zeros when no threshold was given).
         sat_threshold: the threshold ``n_sat`` was counted at, or None.
+        mean_residual: optional ``(C,)``, the rounding residual of ``mean``: the mean to
+            float64 precision is ``mean + mean_residual``. Merges use it, so float32
+            statistics of data far from zero (``x + 1e4``) keep merging exactly; None means 0.
     """
 
     count: torch.Tensor
@@ -46,6 +49,7 @@ class NeuronStats:
     n_nonfinite: torch.Tensor
     n_sat: torch.Tensor
     sat_threshold: float | None = None
+    mean_residual: torch.Tensor | None = None
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -119,26 +123,38 @@ class NeuronStats:
                 f"{self.sat_threshold} vs {other.sat_threshold}"
             )
         dt = self.mean.dtype
-        o = [getattr(other, f).to(device=self.mean.device) for f in _FIELDS]
-        o_count, o_mean, o_m2 = o[0], o[1].to(dt), o[2].to(dt)
-        n = self.count + o_count
-        na = self.count.to(dt)
-        nb = o_count.to(dt)
-        nn = n.clamp_min(1).to(dt)
-        delta = o_mean - self.mean
-        mean = self.mean + delta * (nb / nn)
-        m2 = self.m2 + o_m2 + delta * delta * (na * nb / nn)
+        f64 = torch.float64
+        dev = self.mean.device
+        o = [getattr(other, f).to(device=dev) for f in _FIELDS]
+        n = self.count + o[0]
+        na = self.count.to(f64)
+        nb = o[0].to(f64)
+        nn = n.clamp_min(1).to(f64)
+        mean_a = self.exact_mean()
+        mean_b = other.exact_mean().to(dev)
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (nb / nn)
+        m2 = self.m2.to(f64) + o[2].to(f64) + delta * delta * (na * nb / nn)
+        mean_dt = mean.to(dt)
         return NeuronStats(
             count=n,
-            mean=mean,
-            m2=m2,
-            abs_sum=self.abs_sum + o[3].to(dt),
+            mean=mean_dt,
+            m2=m2.to(dt),
+            abs_sum=(self.abs_sum.to(f64) + o[3].to(f64)).to(dt),
             n_nonpos=self.n_nonpos + o[4],
             absmax=torch.maximum(self.absmax, o[5].to(dt)),
             n_nonfinite=self.n_nonfinite + o[6],
             n_sat=self.n_sat + o[7],
             sat_threshold=self.sat_threshold,
+            mean_residual=(mean - mean_dt.to(f64)).to(dt),
         )
+
+    def exact_mean(self) -> torch.Tensor:
+        """``mean + mean_residual`` in float64, shape ``(C,)``."""
+        m = self.mean.to(torch.float64)
+        if self.mean_residual is not None:
+            m = m + self.mean_residual.to(device=m.device, dtype=torch.float64)
+        return m
 
     def update(
         self, x: torch.Tensor, channel_dim: int = -1, *, backend: Backend = "auto"
@@ -151,6 +167,7 @@ class NeuronStats:
         )
         for f in _FIELDS:
             setattr(self, f, getattr(merged, f))
+        self.mean_residual = merged.mean_residual
         return self
 
     def all_reduce(self, group: object | None = None) -> NeuronStats:
@@ -169,7 +186,10 @@ class NeuronStats:
             )
         world = dist.get_world_size(group)  # type: ignore[arg-type]
         dt = self.mean.dtype
-        packed = torch.stack([getattr(self, f).to(torch.float64) for f in _FIELDS])
+        packed = torch.stack(
+            [getattr(self, f).to(torch.float64) for f in _FIELDS]
+            + [self.exact_mean() - self.mean.to(torch.float64)]
+        )
         gathered = [torch.empty_like(packed) for _ in range(world)]
         dist.all_gather(gathered, packed, group=group)  # type: ignore[arg-type]
         out: NeuronStats | None = None
@@ -178,17 +198,21 @@ class NeuronStats:
                 f: g[i].to(torch.int64) if f.startswith("n") or f == "count" else g[i].to(dt)
                 for i, f in enumerate(_FIELDS)
             }
-            s = NeuronStats(**fields, sat_threshold=self.sat_threshold)
+            s = NeuronStats(
+                **fields, sat_threshold=self.sat_threshold, mean_residual=g[len(_FIELDS)].to(dt)
+            )
             out = s if out is None else out.merge(s)
         assert out is not None
         for f in _FIELDS:
             setattr(self, f, getattr(out, f))
+        self.mean_residual = out.mean_residual
         return self
 
     def to(self, device: torch.device | str) -> NeuronStats:
         """A copy of these statistics on ``device``."""
         fields = {f: getattr(self, f).to(device) for f in _FIELDS}
-        return NeuronStats(**fields, sat_threshold=self.sat_threshold)
+        res = None if self.mean_residual is None else self.mean_residual.to(device)
+        return NeuronStats(**fields, sat_threshold=self.sat_threshold, mean_residual=res)
 
 
 def _check_input(x: torch.Tensor, channel_dim: int) -> int:
@@ -293,9 +317,12 @@ def _neuron_stats_native(x: torch.Tensor, cd: int, sat_threshold: float | None) 
     count = per_channel - n_nonfinite
     c = count.clamp_min(1).to(torch.float64)
     s1 = sums[0]
+    mean = pivot.to(torch.float64) + s1 / c
+    mean_dt = mean.to(dt)
     return NeuronStats(
         count=count,
-        mean=(pivot.to(torch.float64) + s1 / c).to(dt),
+        mean=mean_dt,
+        mean_residual=(mean - mean_dt.to(torch.float64)).to(dt),
         m2=(sums[1] - s1 * s1 / c).clamp_min(0).to(dt),
         abs_sum=sums[2].to(dt),
         n_nonpos=sums[4].to(torch.int64),
@@ -317,8 +344,12 @@ def _neuron_stats_torch(x: torch.Tensor, cd: int, sat_threshold: float | None) -
         xz = x2
     count = finite.sum(0)
     cnt = count.clamp_min(1).to(dt)
-    mean = xz.sum(0) / cnt
-    dev = torch.where(finite, xz - mean, torch.zeros((), dtype=dt))
+    mean64 = xz.sum(0, dtype=torch.float64) / cnt.to(torch.float64)
+    mean = mean64.to(dt)
+    residual = (mean64 - mean.to(torch.float64)).to(dt)
+    # x - mean is exact for x near mean; subtracting the small residual after keeps the
+    # deviations accurate even when float32 cannot hold the mean to the data's spread
+    dev = torch.where(finite, (xz - mean) - residual, torch.zeros((), dtype=dt))
     m2 = (dev * dev).sum(0)
     a = xz.abs()
     n_nonpos = ((xz <= 0) & finite).sum(0)
@@ -330,6 +361,7 @@ def _neuron_stats_torch(x: torch.Tensor, cd: int, sat_threshold: float | None) -
     return NeuronStats(
         count=count,
         mean=mean,
+        mean_residual=residual,
         m2=m2,
         abs_sum=a.sum(0),
         n_nonpos=n_nonpos,
