@@ -51,10 +51,24 @@ class GraphsurgPass(ir.passes.InPlacePass):
 
 
 def const_array(v: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of a constant (initializer or Constant-fed) value, or None."""
-    if v is None or v.const_value is None:
+    """The numpy value of a constant -- an initializer, a Constant node's output, or either
+    through Identity nodes (as the legacy exporter writes shared weights) -- or None."""
+    for _ in range(8):
+        if v is None:
+            return None
+        if v.const_value is not None:
+            return np.asarray(v.const_value.numpy())
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Identity":
+            v = node.inputs[0]
+            continue
+        if node.op_type == "Constant" and "value" in node.attributes:
+            t = node.attributes["value"].as_tensor()
+            return np.asarray(t.numpy())
         return None
-    return np.asarray(v.const_value.numpy())
+    return None
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
@@ -75,7 +89,7 @@ def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> 
     no other use, else through a new initializer (the shared one is left as it is)."""
     v = node.inputs[index]
     assert v is not None
-    if v.is_initializer() and len(v.uses()) == 1 and not v.is_graph_input():
+    if v.is_initializer() and len(v.uses()) == 1 and not v.is_graph_input() and not v.is_graph_output():
         t = ir.tensor(np.ascontiguousarray(array), name=v.name)
         v.const_value = t
         v.shape = ir.Shape(array.shape)

@@ -18,9 +18,7 @@ op=<activation op type>, ir="onnx")``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +28,7 @@ from graphsurg.kernels import NeuronStats, neuron_stats
 from graphsurg._config import DiagnoseConfig
 from graphsurg._diagnosis import Diagnosis, LayerReport, Problem, Site
 
+from ._base import const_array
 from ._common import KNOWN_DOMAINS, Feed, ort_session
 
 #: Activation ops observed by the analysis.
@@ -62,7 +61,7 @@ def find_producer(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
             chain.append(p)
             if p.op_type == "Add":
                 a, b = p.inputs[0], p.inputs[1]
-                v = b if (a is not None and a.const_value is not None) else a
+                v = b if const_array(a) is not None else a
             else:
                 v = p.inputs[0]
             continue
@@ -281,11 +280,8 @@ def weight_of(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
     if node.op_type not in LINEAR_PRODUCERS or len(node.inputs) < 2:
         return None
     w = node.inputs[1]
-    if w is None or w.const_value is None:
-        return None
-    try:
-        arr = w.const_value.numpy()
-    except Exception:  # pragma: no cover - unreadable tensor
+    arr = const_array(w)
+    if w is None or arr is None:
         return None
     if arr.ndim < 2 or not np.issubdtype(arr.dtype, np.floating):
         return None
@@ -339,6 +335,3 @@ def detect_bottlenecks(model: ir.Model, cfg: DiagnoseConfig) -> list[Problem]:
             )
     return out
 
-
-def _finite_or_none(x: float) -> Any:
-    return x if math.isfinite(x) else None

@@ -299,8 +299,10 @@ class ExciseDeadUnits(GraphsurgPass):
             width = w.shape[0]
             self._check_rows(rows, width)
             plan.params.append((layer, 1, np.delete(w, rows, axis=0)))
-            b = const_array(layer.inputs[2]) if len(layer.inputs) > 2 and layer.inputs[2] else None
-            if b is not None:
+            if len(layer.inputs) > 2 and layer.inputs[2] is not None:
+                b = const_array(layer.inputs[2])
+                if b is None:
+                    raise _Refuse(f"Conv '{layer.name}' has a non-constant bias")
                 plan.params.append((layer, 2, np.delete(b, rows, axis=0)))
             axis, rank = 1, w.ndim
         plan.shapes.append((layer.outputs[0], axis, len(rows)))
@@ -400,7 +402,7 @@ class ExciseDeadUnits(GraphsurgPass):
         if op in ("Add", "Sub", "Mul", "Div") and node.inputs[1 - idx] is not None:
             other = node.inputs[1 - idx]
             assert other is not None
-            if other.const_value is None:
+            if const_array(other) is None:
                 kind = "residual Add" if op == "Add" else f"{op}"
                 raise _Refuse(
                     f"{kind} '{name}' couples the units with another branch ('{other.name}') "
