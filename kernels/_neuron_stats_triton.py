@@ -79,6 +79,7 @@ def _neuron_stats_kernel(
     it0 = pid_s * iters_per_prog
     it1 = tl.minimum(it0 + iters_per_prog, n_iters)
     for it in range(it0, it1):
+        # tile counts fit int32 (<= BLOCK_M); running counts are int64
         o = it // n_i_blocks
         i = (it - o * n_i_blocks) * BLOCK_M + offs_m
         mask = (i < n_i)[:, None] & mask_c[None, :]
@@ -95,7 +96,7 @@ def _neuron_stats_kernel(
         vs = v - pivot[None, :]
         vz = tl.where(fin, vs, 0.0)
 
-        n_t = tl.sum(fin.to(tl.int64), axis=0)
+        n_t = tl.sum(fin.to(tl.int32), axis=0).to(tl.int64)
         n_tf = tl.maximum(n_t, 1).to(acc_ty)
         mean_t = tl.sum(vz, axis=0) / n_tf
         d = tl.where(fin, vs - mean_t[None, :], 0.0)
@@ -113,10 +114,10 @@ def _neuron_stats_kernel(
 
         abs_sum += tl.sum(az, axis=0)
         absmax = tl.maximum(absmax, tl.max(az, axis=0))
-        n_nonpos += tl.sum((fin & (v <= 0.0)).to(tl.int64), axis=0)
+        n_nonpos += tl.sum((fin & (v <= 0.0)).to(tl.int32), axis=0).to(tl.int64)
         if HAS_SAT:
-            n_sat += tl.sum((fin & (a >= sat_threshold)).to(tl.int64), axis=0)
-        n_nonfinite += tl.sum((mask & ~fin).to(tl.int64), axis=0)
+            n_sat += tl.sum((fin & (a >= sat_threshold)).to(tl.int32), axis=0).to(tl.int64)
+        n_nonfinite += tl.sum((mask & ~fin).to(tl.int32), axis=0).to(tl.int64)
 
     out = pid_s * C + offs_c
     tl.store(mom_ptr + out, mean, mask=mask_c)

@@ -1,0 +1,67 @@
+"""The statistics engine on CPU, side by side on a (65536, 1024) float32 activation.
+
+1. ``x.sum(0)`` -- one read pass, the floor;
+2. the naive hook-tool set: ``x.var(0)``, ``x.mean(0)``, ``(x <= 0).float().mean(0)``,
+   ``x.abs().amax(0)``;
+3. ``torch.var_mean(x, 0)`` alone;
+4. graphsurg's CPU path (``neuron_stats``, the compiled C kernel) -- every statistic;
+5. the pure-torch reference path, for orientation.
+
+A benchmark measures, it does not assert speed: the ratios against the floor are printed at
+the end of the run (``make bench``) and recorded in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from graphsurg.kernels import _neuron_stats_cpu as cpu
+from graphsurg.kernels import neuron_stats
+
+SHAPE = (65536, 1024)
+_means: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*SHAPE, generator=g)
+
+
+def _naive(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return x.var(0), x.mean(0), (x <= 0).float().mean(0), x.abs().amax(0)
+
+
+CASES: dict[str, Callable[[torch.Tensor], object]] = {
+    "floor_sum": lambda x: x.sum(0),
+    "naive_hook_set": _naive,
+    "var_mean": lambda x: torch.var_mean(x, 0),
+    "graphsurg_cpu": lambda x: neuron_stats(x, sat_threshold=3.0),
+    "graphsurg_torch_reference": lambda x: neuron_stats(x, sat_threshold=3.0, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stats_cpu(benchmark, x: torch.Tensor, name: str) -> None:  # noqa: ANN001
+    if name == "graphsurg_cpu" and not cpu.available():
+        pytest.skip("the C kernel could not be built here; graphsurg runs the torch path")
+    fn = CASES[name]
+    fn(x)  # warm-up (and the one-time build of the C kernel)
+    rounds = {"naive_hook_set": 3, "var_mean": 3, "graphsurg_torch_reference": 1}.get(name, 20)
+    benchmark.group = f"neuron_stats {SHAPE[0]}x{SHAPE[1]} float32 CPU"
+    benchmark.pedantic(fn, args=(x,), rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.stats is not None:
+        _means[name] = benchmark.stats.stats.median
+
+
+def teardown_module() -> None:
+    floor = _means.get("floor_sum")
+    if not floor:
+        return
+    lines = [f"\nstatistics engine, {SHAPE} float32, {torch.get_num_threads()} threads "
+             "(median; ratio to x.sum(0)):"]
+    for name, t in _means.items():
+        lines.append(f"  {name:28s} {t * 1e3:9.2f} ms  {t / floor:6.2f}x")
+    print("\n".join(lines))
