@@ -14,6 +14,19 @@ from ._diagnose import diagnose as diagnose
 from ._errors import BadInputError as BadInputError
 from ._errors import GraphsurgError as GraphsurgError
 
+# surgery
+from ._operate import SurgeryResult as SurgeryResult
+from ._operate import operate as operate
+from ._operate import reset_optimizer_state as reset_optimizer_state
+from ._plan import Schema as Schema
+from ._plan import SurgeryFailed as SurgeryFailed
+from ._plan import SurgeryPlan as SurgeryPlan
+from ._plan import plan as plan
+from .library import Library as Library
+from .library import Replacement as Replacement
+from .library import default_library as default_library
+# end surgery
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,4 +41,15 @@ __all__ = [
     "GraphsurgError",
     "diagnose",
     "__version__",
+    # surgery
+    "Library",
+    "Replacement",
+    "Schema",
+    "SurgeryFailed",
+    "SurgeryPlan",
+    "SurgeryResult",
+    "default_library",
+    "operate",
+    "plan",
+    "reset_optimizer_state",
 ]

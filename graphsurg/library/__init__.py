@@ -1,0 +1,61 @@
+"""The surgery library: replacements for the problems graphsurg diagnoses.
+
+One replacement per module:
+
+==================  =========================================  =======  =======================
+replacement         treats                                     scale    guarantee
+==================  =========================================  =======  =======================
+reinit_dead         DeadNeurons, Saturation, NonFinite         neuron   exact on dead units
+activation_swap     DeadNeurons (dying ReLU)                   layer    bounded (ramp: exact)
+residual_bypass     VanishingGradient                          block    bounded (gated: exact)
+widen               Bottleneck                                 layer    exact
+norm_insert         ExplodingGradient, Saturation              layer    exact (eval mode)
+excise_dead         DeadNeurons (constant units)               neuron   exact on the data
+==================  =========================================  =======  =======================
+
+Register your own with :meth:`Library.register` (subclass :class:`Replacement`).
+"""
+
+from ._base import SCALES as SCALES
+from ._base import Applied as Applied
+from ._base import Library as Library
+from ._base import Refused as Refused
+from ._base import Replacement as Replacement
+from ._base import Target as Target
+from .activation_swap import ActivationSwap as ActivationSwap
+from .activation_swap import RampLeakyReLU as RampLeakyReLU
+from .activation_swap import ramp_schedule as ramp_schedule
+from .excise_dead import ExciseDead as ExciseDead
+from .norm_insert import ChannelBatchNorm as ChannelBatchNorm
+from .norm_insert import NormInsert as NormInsert
+from .reinit_dead import ReinitDead as ReinitDead
+from .residual_bypass import Bypass as Bypass
+from .residual_bypass import ResidualBypass as ResidualBypass
+from .widen import Widen as Widen
+
+
+def default_library() -> Library:
+    """A fresh library holding the default replacements (safe to register into)."""
+    return Library([ReinitDead(), ActivationSwap(), ResidualBypass(), Widen(), NormInsert(),
+                    ExciseDead()])
+
+
+__all__ = [
+    "SCALES",
+    "ActivationSwap",
+    "Applied",
+    "Bypass",
+    "ChannelBatchNorm",
+    "ExciseDead",
+    "Library",
+    "NormInsert",
+    "RampLeakyReLU",
+    "Refused",
+    "ReinitDead",
+    "Replacement",
+    "ResidualBypass",
+    "Target",
+    "Widen",
+    "default_library",
+    "ramp_schedule",
+]

@@ -1,0 +1,109 @@
+"""ExciseDead (neuron scale): remove units that are constant on the data.
+
+A unit whose activation is the same constant ``c`` on every input contributes ``W[:, u] * c``
+to each consumer: a bias. ExciseDead removes the unit's row from the producer (and its
+channel from any BatchNorm in between), removes its columns from every consumer found by the
+channel-coupling analysis, and folds ``W[:, u] * c`` into the consumer's bias. The model gets
+smaller and faster; the function is unchanged on the data (exact). Units that only look
+dormant (small but varying) are left alone: removing them would change the function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._diagnosis import Problem
+from ._base import Applied, Refused, Replacement, Target
+from ._edit import (
+    _padding,
+    column_stats,
+    consumer_index,
+    coupled,
+    fold_constant,
+    get_layer,
+    is_constant,
+    resized,
+    resized_bn,
+)
+
+
+class ExciseDead(Replacement):
+    """Remove units that are constant on the data, folding them into the next bias (exact)."""
+
+    name = "excise_dead"
+    treats = ("DeadNeurons",)
+    scales = ("neuron",)
+    guarantee = "exact"
+    priority = 30
+
+    def _dead_units(self, problem: Problem, target: Target) -> list[int]:
+        layer = get_layer(target, problem.site.module)
+        group = coupled(target, problem.site.module)
+        width = layer.weight.shape[0]
+        units = sorted({int(u) for u in problem.units if 0 <= int(u) < width})
+        if not units:
+            return []
+        keep = torch.ones(len(units), dtype=torch.bool)
+        for c in group.consumers:
+            mean, var = column_stats(target, c, units)
+            keep &= is_constant(mean, var)
+            cm = get_layer(target, c.module)
+            if cm.bias is None or (c.kind == "conv" and any(_padding(cm))):
+                keep &= (mean == 0).all(1)  # only zero constants fold without a bias/padding
+        dead = [u for u, k in zip(units, keep.tolist(), strict=True) if k]
+        if len(dead) >= width:
+            dead = dead[1:]  # never excise a whole layer
+        return dead
+
+    def check(self, problem: Problem, target: Target) -> str | None:
+        why = super().check(problem, target)
+        if why:
+            return why
+        try:
+            dead = self._dead_units(problem, target)
+        except Refused as e:
+            return str(e)
+        if not dead:
+            return (f"none of the flagged units of {problem.site.module!r} is constant on the "
+                    "data (or foldable); excising them would change the function")
+        return None
+
+    def propose(self, problem: Problem, target: Target, *, exact: bool = False
+                ) -> dict[str, Any]:
+        return {"units": self._dead_units(problem, target), "exact": True}
+
+    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+        path = problem.site.module
+        layer = get_layer(target, path)
+        group = coupled(target, path)
+        units = sorted(int(u) for u in params.get("units") or self._dead_units(problem, target))
+        if not units:
+            raise Refused(f"no constant units to excise at {path!r}")
+        width = int(layer.weight.shape[0])
+        keep = [u for u in range(width) if u not in set(units)]
+        kidx = torch.tensor(keep, dtype=torch.long)
+        applied = Applied(exact=True, modules=[path], units=units)
+        new_mods: dict[str, torch.nn.Module] = {}
+        for c in group.consumers:
+            cm = get_layer(target, c.module)
+            means, _ = column_stats(target, c, units)
+            if not fold_constant(cm, c, units, means):
+                raise Refused(f"cannot fold the constant units into {c.module!r}")
+            cidx = consumer_index(c, int(cm.weight.shape[1]), width, keep)
+            w = cm.weight.detach().index_select(1, cidx)
+            new_mods[c.module] = resized(cm, w, None if cm.bias is None else cm.bias.detach())
+        for bn_path in group.batchnorms():
+            new_mods[bn_path] = resized_bn(target.model.get_submodule(bn_path), kidx)
+        new_mods[path] = resized(layer, layer.weight.detach().index_select(0, kidx),
+                                 None if layer.bias is None else layer.bias.detach()[kidx])
+        for p, m in new_mods.items():
+            target.replace_module(p, m)
+            if p not in applied.modules:
+                applied.modules.append(p)
+            applied.new_parameters += [f"{p}.{n}" for n, _ in m.named_parameters()]
+        applied.details.update({"width_before": width, "width_after": len(keep),
+                                "consumers": [c.module for c in group.consumers],
+                                "coupling": group.source})
+        return applied

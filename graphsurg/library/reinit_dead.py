@@ -1,0 +1,151 @@
+"""ReinitDead (neuron scale): ReDo's reset of dormant units, exact at surgery.
+
+For each treated unit ``u`` of a producer layer:
+
+* its incoming weights are re-drawn with the layer's init scheme and rescaled to the median
+  norm of the live units' rows (so a reset unit is not dormant again next to grown units),
+  and its bias is zeroed;
+* a BatchNorm between the layer and the activation gets channel ``u`` reset: weight 1,
+  bias 0, running statistics set to the new unit's statistics on the calibration data (so the
+  unit fires about half the time in eval mode as well as in training);
+* every consumer's input columns for ``u`` (from the channel-coupling analysis) are zeroed,
+  after folding the unit's mean contribution into the consumer's bias.
+
+When the treated units are constant on the data (dead, not only dormant) the fold is exact
+and so is the edit. Dormant-but-varying units and saturated units are treated the same way
+and the (small) output change is measured. Units whose rows hold NaN/Inf (a ``NonFinite``
+problem) are reset the same way. Pair it with :func:`graphsurg.reset_optimizer_state`: ReDo's
+authors found that stale Adam moments kill reset units again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._diagnosis import Problem
+from ._base import Applied, Refused, Replacement, Target
+from ._edit import column_stats, coupled, draw_rows, fold_constant, get_layer, is_constant
+
+
+class ReinitDead(Replacement):
+    """Re-initialise dormant units' incoming weights, zero their outgoing weights (ReDo)."""
+
+    name = "reinit_dead"
+    treats = ("DeadNeurons", "Saturation", "NonFinite")
+    scales = ("neuron",)
+    guarantee = "exact"
+    priority = 10
+
+    def check(self, problem: Problem, target: Target) -> str | None:
+        why = super().check(problem, target)
+        if why:
+            return why
+        try:
+            get_layer(target, problem.site.module)
+            coupled(target, problem.site.module)
+            units = self._units(problem, target)
+        except Refused as e:
+            return str(e)
+        if not units:
+            return f"no units to reset at {problem.site.module!r}"
+        return None
+
+    def _units(self, problem: Problem, target: Target) -> list[int]:
+        layer = get_layer(target, problem.site.module)
+        if problem.kind == "NonFinite":
+            bad = ~torch.isfinite(layer.weight.detach()).flatten(1).all(1)
+            if layer.bias is not None:
+                bad |= ~torch.isfinite(layer.bias.detach())
+            units = [int(i) for i in bad.nonzero().flatten()]
+            if not units:
+                raise Refused(f"{problem.site.module!r} has no non-finite weights: the "
+                              "non-finite values come from its input")
+            return units
+        width = layer.weight.shape[0]
+        units = sorted({int(u) for u in problem.units})
+        if any(u < 0 or u >= width for u in units):
+            raise Refused(f"units {units} do not fit {problem.site.module!r} (width {width})")
+        if len(units) >= width:
+            raise Refused(f"every unit of {problem.site.module!r} is flagged; resetting the "
+                          "whole layer is not a neuron-scale edit")
+        return units
+
+    def propose(self, problem: Problem, target: Target, *, exact: bool = False
+                ) -> dict[str, Any]:
+        units = self._units(problem, target)
+        group = coupled(target, problem.site.module)
+        constant = problem.kind != "NonFinite"
+        if constant:
+            for c in group.consumers:
+                mean, var = column_stats(target, c, units)
+                constant = constant and bool(is_constant(mean, var).all())
+        return {"units": units, "exact": bool(constant), "rescale": "median_live"}
+
+    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+        path = problem.site.module
+        layer = get_layer(target, path)
+        group = coupled(target, path)
+        units = [int(u) for u in params.get("units") or self._units(problem, target)]
+        idx = torch.tensor(units, dtype=torch.long)
+        applied = Applied(exact=self.is_exact(params), modules=[path], units=units)
+        # 1) fold the units' mean contribution into each consumer's bias, zero their columns
+        folded = True
+        for c in group.consumers:
+            cm = get_layer(target, c.module)
+            if problem.kind == "NonFinite":
+                means = torch.zeros(len(units), c.stride, dtype=torch.float64)
+            else:
+                means, _ = column_stats(target, c, units)
+            folded = fold_constant(cm, c, units, means) and folded
+            cols = [col for u in units for col in c.columns(u)]
+            with torch.no_grad():
+                cm.weight[:, cols] = 0.0
+            applied.touch(f"{c.module}.weight", 1, cols)
+            if cm.bias is not None:
+                applied.touch(f"{c.module}.bias", 0, range(cm.bias.shape[0]))
+            applied.modules.append(c.module)
+        if not folded:
+            applied.exact = False
+            applied.details["fold"] = "partial: a consumer has padding or no bias"
+        # 2) redraw incoming rows, scaled to the live rows' median norm; zero the bias
+        w = layer.weight.detach()
+        live = torch.ones(w.shape[0], dtype=torch.bool)
+        live[idx] = False
+        live &= torch.isfinite(w.flatten(1)).all(1)
+        rows = draw_rows(layer, len(units), target.generator(f"reinit:{path}"))
+        if params.get("rescale", "median_live") == "median_live" and bool(live.any()):
+            ref = w[live].flatten(1).norm(dim=1).median()
+            rows = rows * (ref / rows.flatten(1).norm(dim=1).clamp_min(1e-12)).reshape(
+                -1, *([1] * (rows.dim() - 1)))
+        with torch.no_grad():
+            layer.weight[idx] = rows
+            if layer.bias is not None:
+                layer.bias[idx] = 0.0
+        applied.touch(f"{path}.weight", 0, units)
+        if layer.bias is not None:
+            applied.touch(f"{path}.bias", 0, units)
+        # 3) reset per-channel BatchNorm between the layer and the activation
+        bns = group.batchnorms()
+        if bns:
+            out = target.capture(path, output=True).to(torch.float64)
+            ch = out.movedim(1, 0).reshape(out.shape[1], -1)[idx]
+            for bn_path in bns:
+                bn: Any = target.model.get_submodule(bn_path)
+                with torch.no_grad():
+                    if getattr(bn, "affine", False):
+                        bn.weight[idx] = 1.0
+                        bn.bias[idx] = 0.0
+                        applied.touch(f"{bn_path}.weight", 0, units)
+                        applied.touch(f"{bn_path}.bias", 0, units)
+                    if getattr(bn, "running_mean", None) is not None:
+                        bn.running_mean[idx] = ch.mean(1).to(bn.running_mean.dtype)
+                        bn.running_var[idx] = ch.var(1).clamp_min(bn.eps).to(
+                            bn.running_var.dtype)
+                applied.modules.append(bn_path)
+        applied.details.update({"units": len(units), "consumers": [c.module for c in
+                                                                   group.consumers],
+                                "batchnorms": bns, "coupling": group.source})
+        target.invalidate()
+        return applied

@@ -1,0 +1,102 @@
+"""Widen (layer scale): Net2WiderNet for a bottleneck layer, exact at surgery.
+
+New units are copies of existing ones (round-robin over the sources): the producer's rows
+(and bias) are copied, a BatchNorm between producer and consumers gets the source channel's
+affine parameters *and running statistics* copied (a popular public Net2Net port re-creates
+the BatchNorm instead and changes the outputs by tens of percent), and every consumer's
+columns for a source and its copies are divided by the number of copies. Symmetry is broken
+by noise added in function-preserving pairs on the outgoing columns: copy ``+eps``, source
+``-eps`` -- the copies compute the same activation as their source, so the sum is unchanged.
+
+Widening adds units; it does not make a rank-collapsed weight full rank at surgery (the new
+rows are copies) -- training after surgery uses the new capacity. It does not cure dormancy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._diagnosis import Problem
+from ._base import Applied, Refused, Replacement, Target
+from ._edit import consumer_index, coupled, get_layer, resized, resized_bn
+
+
+class Widen(Replacement):
+    """Net2WiderNet: add units split from existing ones, function-preserving (exact)."""
+
+    name = "widen"
+    treats = ("Bottleneck",)
+    scales = ("layer",)
+    guarantee = "exact"
+    judged_after_healing = True  # the new units are copies until trained
+    priority = 10
+
+    def check(self, problem: Problem, target: Target) -> str | None:
+        why = super().check(problem, target)
+        if why:
+            return why
+        try:
+            get_layer(target, problem.site.module)
+            coupled(target, problem.site.module)
+        except Refused as e:
+            return str(e)
+        return None
+
+    def propose(self, problem: Problem, target: Target, *, exact: bool = False
+                ) -> dict[str, Any]:
+        layer = get_layer(target, problem.site.module)
+        group = coupled(target, problem.site.module)
+        width = int(layer.weight.shape[0])
+        neighbours = [int(layer.weight.shape[1])] + [
+            int(get_layer(target, c.module).weight.shape[0]) for c in group.consumers]
+        new_width = max(2 * width, min(neighbours) // 2)
+        return {"new_width": int(new_width), "noise": 1e-2, "exact": True}
+
+    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+        path = problem.site.module
+        layer = get_layer(target, path)
+        group = coupled(target, path)
+        width = int(layer.weight.shape[0])
+        new_width = int(params["new_width"])
+        if new_width <= width:
+            raise Refused(f"new_width={new_width} does not widen {path!r} (width {width})")
+        src = list(range(width)) + [(k - width) % width for k in range(new_width - width)]
+        sidx = torch.tensor(src, dtype=torch.long)
+        counts = torch.bincount(sidx, minlength=width).to(layer.weight.dtype)
+        gen = target.generator(f"widen:{path}")
+        applied = Applied(exact=True, modules=[path])
+        new_mods: dict[str, torch.nn.Module] = {}
+        for c in group.consumers:
+            cm = get_layer(target, c.module)
+            cidx = consumer_index(c, int(cm.weight.shape[1]), width, src)
+            w = cm.weight.detach().index_select(1, cidx).clone()
+            s = c.stride
+            block = slice(c.start, c.start + new_width * s)
+            scale = counts[sidx].repeat_interleave(s)
+            shape = [1, -1] + [1] * (w.dim() - 2)
+            w[:, block] = w[:, block] / scale.reshape(shape)
+            # symmetry breaking: +eps on each copy, -eps on its source (sum unchanged)
+            std = float(w[:, block].std()) if w[:, block].numel() > 1 else 1.0
+            eps_scale = float(params.get("noise", 1e-2)) * std
+            for k in range(width, new_width):
+                j = src[k]
+                eps = torch.randn(w[:, c.start + k * s: c.start + (k + 1) * s].shape,
+                                  generator=gen, dtype=torch.float32).to(w.dtype) * eps_scale
+                w[:, c.start + k * s: c.start + (k + 1) * s] += eps
+                w[:, c.start + j * s: c.start + (j + 1) * s] -= eps
+            new_mods[c.module] = resized(cm, w, None if cm.bias is None else cm.bias.detach())
+        for bn_path in group.batchnorms():
+            new_mods[bn_path] = resized_bn(target.model.get_submodule(bn_path), sidx)
+        new_mods[path] = resized(layer, layer.weight.detach().index_select(0, sidx),
+                                 None if layer.bias is None else layer.bias.detach()[sidx])
+        for p, m in new_mods.items():
+            target.replace_module(p, m)
+            if p not in applied.modules:
+                applied.modules.append(p)
+            applied.new_parameters += [f"{p}.{n}" for n, _ in m.named_parameters()]
+        applied.details.update({"width_before": width, "width_after": new_width,
+                                "consumers": [c.module for c in group.consumers],
+                                "batchnorms": group.batchnorms(), "coupling": group.source})
+        return applied

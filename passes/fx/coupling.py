@@ -1,0 +1,655 @@
+"""Channel coupling: which dimensions are bound to a layer's output units.
+
+Changing a layer's output units (re-initialising, removing or adding them) changes every
+dimension bound to them: the next layers' input features, per-channel norm layers in
+between, residual-add operands, concat slices, reshapes into attention heads. This module
+finds those bindings once, for every edit, instead of trusting hand-picked neighbours.
+
+Two analyses return the same :class:`CouplingGroup`:
+
+* :func:`analyze_fx` walks a ``torch.fx`` graph (``symbolic_trace``) forward from the
+  producer's node with shapes from ``ShapeProp``, through channel-local operations
+  (activations, dropout, BatchNorm, pooling, reductions over other dims, ``flatten`` of a
+  channel-major layout, concat along the channel dim) to the layers that consume the units.
+* :func:`probe_coupling` handles models ``symbolic_trace`` cannot capture (most Hugging Face
+  models): it perturbs single output units of the producer with forward hooks, records which
+  input columns of every leaf module changed, and then proves the result by checking that
+  with the consumers' columns zeroed the perturbation no longer reaches the model output.
+
+Anything not understood (a LayerNorm that mixes the units, a residual add, a reshape into
+heads, a slice of the channel dim, an unknown op) is recorded in ``refusals`` with the
+reason: callers refuse the edit rather than apply it halfway.
+
+Index maps: unit ``c`` of the producer feeds columns ``start + c*S ... start + (c+1)*S - 1``
+of a consumer's input (``S = 1`` for a plain Linear/Conv consumer; ``S = H*W`` after
+flattening an ``(N, C, H, W)`` map).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = [
+    "ChannelOp",
+    "Consumer",
+    "CouplingGroup",
+    "analyze",
+    "analyze_fx",
+    "probe_coupling",
+    "producer_channel_dim",
+    "trace",
+]
+
+_CHANNEL_LOCAL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_F = torch.nn.functional
+_ELEMENTWISE_FUNCS: set[Any] = {
+    _F.relu, _F.relu6, _F.leaky_relu, _F.gelu, _F.silu, _F.elu, _F.selu, _F.celu, _F.softplus,
+    _F.hardtanh, _F.hardswish, _F.hardsigmoid, _F.mish, _F.dropout, _F.dropout1d, _F.dropout2d,
+    _F.dropout3d, _F.sigmoid, _F.tanh, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
+    torch.abs, torch.neg, operator.neg, torch.square, torch.sqrt, torch.clamp, torch.clip,
+    torch.nn.functional.alpha_dropout, torch.erf,
+}
+_ELEMENTWISE_METHODS = {
+    "relu", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clip", "square", "sqrt",
+    "contiguous", "float", "to", "type_as", "clone", "detach", "erf",
+}
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+           torch.mul, torch.div, operator.iadd, operator.imul}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
+_POOL_FUNCS: set[Any] = {
+    _F.adaptive_avg_pool1d, _F.adaptive_avg_pool2d, _F.adaptive_avg_pool3d, _F.avg_pool1d,
+    _F.avg_pool2d, _F.avg_pool3d, _F.max_pool1d, _F.max_pool2d, _F.max_pool3d,
+    _F.adaptive_max_pool1d, _F.adaptive_max_pool2d,
+}
+_REDUCE_FUNCS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer whose input features are bound to the producer's units.
+
+    Unit ``c`` feeds input columns ``start + c*stride ... start + (c+1)*stride - 1`` (the
+    weight's dim 1 for Linear and Conv).
+    """
+
+    module: str
+    kind: str  # "linear" | "conv"
+    start: int = 0
+    stride: int = 1
+
+    def columns(self, unit: int) -> list[int]:
+        return list(range(self.start + unit * self.stride, self.start + (unit + 1) * self.stride))
+
+
+@dataclass(frozen=True)
+class ChannelOp:
+    """A channel-local operation between the producer and its consumers."""
+
+    kind: str  # "activation" | "batchnorm" | "dropout" | "pool" | "reshape" | "reduce" | "other"
+    op: str  # e.g. "relu", "BatchNorm2d", "flatten"
+    module: str = ""  # module path for call_module ops, "" for functions
+    node: str = ""
+
+
+@dataclass
+class CouplingGroup:
+    """Everything bound to the output units of one producer layer.
+
+    Attributes:
+        producer: module path of the Linear/Conv whose output units are the subject.
+        width: its number of output units.
+        channel_dim: the dim of the producer's output that holds the units.
+        consumers: layers whose input columns read the units.
+        chain: channel-local operations between producer and consumers, in forward order.
+        refusals: reasons the coupling is not fully understood (empty when it is).
+        source: ``"fx"`` or ``"probe"``.
+    """
+
+    producer: str
+    width: int
+    channel_dim: int
+    consumers: list[Consumer] = field(default_factory=list)
+    chain: list[ChannelOp] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    source: str = "fx"
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals and bool(self.consumers)
+
+    def reason(self) -> str:
+        """Why the group cannot be edited ('' when it can)."""
+        if self.refusals:
+            return "; ".join(dict.fromkeys(self.refusals))
+        if not self.consumers:
+            return f"no layer consumes the output units of {self.producer!r}"
+        return ""
+
+    def batchnorms(self) -> list[str]:
+        return [op.module for op in self.chain if op.kind == "batchnorm"]
+
+    def activation(self) -> ChannelOp | None:
+        acts = [op for op in self.chain if op.kind == "activation"]
+        return acts[0] if acts else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "producer": self.producer,
+            "width": self.width,
+            "channel_dim": self.channel_dim,
+            "consumers": [c.__dict__ for c in self.consumers],
+            "chain": [c.__dict__ for c in self.chain],
+            "refusals": list(self.refusals),
+            "source": self.source,
+        }
+
+
+def producer_channel_dim(module: nn.Module) -> int:
+    """The dim of a producer's output that holds its units: -1 for Linear, 1 for Conv."""
+    return 1 if isinstance(module, _CONV) else -1
+
+
+def _width(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if isinstance(module, _CONV):
+        return int(module.out_channels)
+    raise TypeError(f"{type(module).__name__} is not a Linear or Conv layer")
+
+
+def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
+    """``symbolic_trace`` the model, or return ``(None, reason)`` when it cannot be traced."""
+    if isinstance(model, fx.GraphModule):
+        return model, ""
+    try:
+        return fx.symbolic_trace(model), ""
+    except Exception as e:  # noqa: BLE001 - tracing failures are reported, not raised
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return None, f"torch.fx.symbolic_trace failed ({type(e).__name__}: {msg[:160]})"
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape"):
+        return None
+    return tuple(int(s) for s in tm.shape)
+
+
+def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any], kwargs: dict[str, Any] | None = None
+                     ) -> None:
+    """Fill ``node.meta['tensor_meta']`` by running ``gm`` once on example inputs (no grad).
+
+    Keyword inputs are matched to placeholders by name.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(args)
+    kwargs = kwargs or {}
+    for p in placeholders[len(values):]:
+        if p.target in kwargs:
+            values.append(kwargs[p.target])
+        elif p.args:
+            values.append(p.args[0])
+        else:
+            values.append(None)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*values)
+
+
+@dataclass
+class _Walk:
+    """A tensor in flight: the node that holds it and where the units sit in it."""
+
+    node: fx.Node
+    dim: int  # positive index of the unit dim
+    start: int
+    stride: int
+
+
+def analyze_fx(gm: fx.GraphModule, producer: str) -> CouplingGroup:
+    """The coupling group of ``producer`` in a shape-propagated GraphModule.
+
+    ``gm`` must have ``tensor_meta`` on its nodes (see :func:`propagate_shapes`).
+    """
+    mod = gm.get_submodule(producer)
+    group = CouplingGroup(producer, _width(mod), producer_channel_dim(mod), source="fx")
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == producer]
+    if not nodes:
+        group.refusals.append(f"module {producer!r} is not called in the traced graph")
+        return group
+    if len(nodes) > 1:
+        group.refusals.append(f"module {producer!r} is called {len(nodes)} times (shared weights)")
+        return group
+    shape = _shape(nodes[0])
+    if shape is None:
+        group.refusals.append(f"no shape for node {nodes[0].name!r}")
+        return group
+    ndim = len(shape)
+    todo = [_Walk(nodes[0], group.channel_dim % ndim, 0, 1)]
+    seen: set[str] = set()
+    while todo:
+        w = todo.pop()
+        for user in list(w.node.users):
+            key = f"{user.name}@{w.node.name}"
+            if key in seen:
+                continue
+            seen.add(key)
+            nxt = _step(gm, group, w, user)
+            if nxt is not None:
+                todo.append(nxt)
+    return group
+
+
+def _refuse(group: CouplingGroup, msg: str) -> None:
+    group.refusals.append(msg)
+
+
+def _step(gm: fx.GraphModule, group: CouplingGroup, w: _Walk, user: fx.Node) -> _Walk | None:
+    """Follow the units from ``w.node`` into ``user``; return the new position or None."""
+    out_shape = _shape(user)
+    in_shape = _shape(w.node)
+    assert in_shape is not None
+    last = len(in_shape) - 1
+    if user.op == "output":
+        _refuse(group, f"the units of {group.producer!r} reach the model output directly "
+                       f"(via {w.node.name!r})")
+        return None
+    if user.op == "call_module":
+        m = gm.get_submodule(str(user.target))
+        name = str(user.target)
+        if isinstance(m, nn.Linear):
+            if w.dim != last:
+                _refuse(group, f"Linear {name!r} reads dim {last}, the units are on dim {w.dim}")
+                return None
+            group.consumers.append(Consumer(name, "linear", w.start, w.stride))
+            return None
+        if isinstance(m, _CONV):
+            if w.dim != 1 or w.stride != 1 or m.groups != 1:
+                _refuse(group, f"conv {name!r} (groups={m.groups}) does not read the units as "
+                               "plain input channels")
+                return None
+            group.consumers.append(Consumer(name, "conv", w.start, 1))
+            return None
+        if isinstance(m, _BN):
+            if w.dim != 1 or w.stride != 1 or w.start != 0:
+                _refuse(group, f"BatchNorm {name!r} normalises dim 1, the units sit elsewhere")
+                return None
+            group.chain.append(ChannelOp("batchnorm", type(m).__name__, name, user.name))
+            return _Walk(user, w.dim, w.start, w.stride)
+        if isinstance(m, _CHANNEL_LOCAL_MODULES) or (
+            isinstance(m, nn.PReLU) and m.num_parameters == 1
+        ):
+            kind = "dropout" if "Dropout" in type(m).__name__ else (
+                "other" if isinstance(m, nn.Identity) else "activation")
+            group.chain.append(ChannelOp(kind, type(m).__name__.lower(), name, user.name))
+            return _Walk(user, w.dim, w.start, w.stride)
+        if isinstance(m, _POOL_MODULES):
+            if w.dim != 1:
+                _refuse(group, f"pooling {name!r} over the unit dim")
+                return None
+            group.chain.append(ChannelOp("pool", type(m).__name__, name, user.name))
+            return _Walk(user, w.dim, w.start, w.stride)
+        if isinstance(m, _MIXING_NORMS):
+            _refuse(group, f"{type(m).__name__} {name!r} normalises across the units of "
+                           f"{group.producer!r} (changing one unit changes them all)")
+            return None
+        _refuse(group, f"module {name!r} ({type(m).__name__}) consumes the units; the coupling "
+                       "analysis does not know it")
+        return None
+    if user.op not in ("call_function", "call_method"):
+        _refuse(group, f"node {user.name!r} ({user.op}) is not understood")
+        return None
+    fn = user.target
+    fname = fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn))
+    tensor_args = [a for a in user.all_input_nodes if _shape(a) is not None]
+    if fn in _ELEMENTWISE_FUNCS or (user.op == "call_method" and fn in _ELEMENTWISE_METHODS):
+        if len(tensor_args) > 1:
+            _refuse(group, f"{fname} at {user.name!r} mixes the units with another tensor")
+            return None
+        kind = "dropout" if "dropout" in str(fname) else "activation"
+        group.chain.append(ChannelOp(kind, str(fname), "", user.name))
+        return _Walk(user, w.dim, w.start, w.stride)
+    if fn in _BINARY or (user.op == "call_method" and fn in _BINARY_METHODS):
+        others = [a for a in tensor_args if a is not w.node]
+        if not others or all(_shape(a) in ((), (1,)) for a in others):
+            group.chain.append(ChannelOp("other", str(fname), "", user.name))
+            return _Walk(user, w.dim, w.start, w.stride)
+        _refuse(group, f"residual {fname} at {user.name!r} binds the units of {group.producer!r} "
+                       f"to {', '.join(repr(a.name) for a in others)} (a residual stream)")
+        return None
+    if fn in _POOL_FUNCS:
+        if w.dim != 1:
+            _refuse(group, f"pooling at {user.name!r} over the unit dim")
+            return None
+        group.chain.append(ChannelOp("pool", str(fname), "", user.name))
+        return _Walk(user, w.dim, w.start, w.stride)
+    if fn in _REDUCE_FUNCS or (user.op == "call_method" and fn in _REDUCE_METHODS):
+        dims: Any = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        keep = bool(user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False))
+        if dims is None:
+            _refuse(group, f"{fname} at {user.name!r} reduces over the units")
+            return None
+        ds = [d % len(in_shape) for d in (dims if isinstance(dims, list | tuple) else [dims])]
+        if w.dim in ds:
+            _refuse(group, f"{fname} at {user.name!r} reduces over the units")
+            return None
+        new_dim = w.dim if keep else w.dim - sum(1 for d in ds if d < w.dim)
+        group.chain.append(ChannelOp("reduce", str(fname), "", user.name))
+        return _Walk(user, new_dim, w.start, w.stride)
+    if fname in ("flatten", "view", "reshape") and out_shape is not None:
+        return _reshape(group, w, user, in_shape, out_shape, str(fname))
+    if fname in ("transpose", "permute") and out_shape is not None:
+        if fname == "transpose":
+            targs: Any = user.args[1:3]
+            a, b = (int(x) % len(in_shape) for x in targs)
+            perm = list(range(len(in_shape)))
+            perm[a], perm[b] = perm[b], perm[a]
+        else:
+            raw: Any = user.args[1:] if not isinstance(user.args[1], list | tuple) \
+                else user.args[1]
+            perm = [int(x) % len(in_shape) for x in raw]
+        group.chain.append(ChannelOp("reshape", str(fname), "", user.name))
+        return _Walk(user, perm.index(w.dim), w.start, w.stride)
+    if fn is torch.cat or fname == "cat":
+        seq = user.args[0]
+        dim_arg: Any = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
+        dim = int(dim_arg)
+        dim %= len(in_shape)
+        if dim != w.dim:
+            _refuse(group, f"cat at {user.name!r} along dim {dim} stacks the units with other "
+                           "tensors (they would have to change together)")
+            return None
+        offset = 0
+        assert isinstance(seq, list | tuple)
+        for a in seq:  # type: ignore[assignment]
+            if a is w.node:
+                break
+            s = _shape(a) if isinstance(a, fx.Node) else None
+            if s is None:
+                _refuse(group, f"cat at {user.name!r} has an input without a shape")
+                return None
+            offset += s[dim]
+        group.chain.append(ChannelOp("reshape", "cat", "", user.name))
+        return _Walk(user, w.dim, w.start + offset * w.stride, w.stride)
+    if fn is operator.getitem:
+        _refuse(group, f"indexing at {user.name!r} is not followed by the coupling analysis")
+        return None
+    _refuse(group, f"node {user.name!r} ({fname}) is not understood by the coupling analysis")
+    return None
+
+
+def _reshape(group: CouplingGroup, w: _Walk, user: fx.Node, in_shape: tuple[int, ...],
+             out_shape: tuple[int, ...], fname: str) -> _Walk | None:
+    """Follow the unit dim through flatten/view/reshape (merging it with trailing dims)."""
+    # the dims before the unit dim must be kept as they are
+    if tuple(out_shape[: w.dim]) != tuple(in_shape[: w.dim]):
+        _refuse(group, f"{fname} at {user.name!r} reshapes the dims before the units")
+        return None
+    rest_in = in_shape[w.dim:]
+    rest_out = out_shape[w.dim:]
+    if rest_in == rest_out:
+        return _Walk(user, w.dim, w.start, w.stride)
+    if len(rest_out) >= 1 and rest_out[0] == _prod(rest_in[: len(rest_in) - len(rest_out) + 1]) \
+            and tuple(rest_out[1:]) == tuple(rest_in[len(rest_in) - len(rest_out) + 1:]):
+        merged = rest_in[1: len(rest_in) - len(rest_out) + 1]
+        s = _prod(merged)
+        group.chain.append(ChannelOp("reshape", fname, "", user.name))
+        return _Walk(user, w.dim, w.start * s, w.stride * s)
+    if len(rest_out) > len(rest_in) and rest_out[0] * rest_out[1] == rest_in[0]:
+        _refuse(group, f"{fname} at {user.name!r} splits the units into heads "
+                       f"({rest_out[0]} x {rest_out[1]}); edit whole heads instead")
+        return None
+    _refuse(group, f"{fname} at {user.name!r} ({list(in_shape)} -> {list(out_shape)}) is not "
+                   "understood by the coupling analysis")
+    return None
+
+
+def _prod(xs: Sequence[int]) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# probe (no graph): perturb units, watch which input columns change
+
+
+def _float_leaves(out: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        leaves, _ = torch.utils._pytree.tree_flatten(out.to_tuple())
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _in_dim(m: nn.Module, x: torch.Tensor) -> int:
+    if isinstance(m, _CONV) or isinstance(m, _BN):
+        return 1
+    return x.dim() - 1
+
+
+def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
+                   *, tol: float = 1e-6) -> CouplingGroup:
+    """The coupling group of ``producer`` measured by perturbing its units (no graph needed).
+
+    Args:
+        model: the model (its mode is switched to eval during the probe and restored).
+        producer: module path of a Linear/Conv layer.
+        run: ``run(model)`` runs the model on one calibration batch and returns its output.
+        tol: a column changed when some element moved by more than ``tol`` (relative).
+
+    The group is proven, not assumed: with every consumer's columns of a probed unit zeroed,
+    perturbing that unit must leave the model output unchanged; otherwise a refusal says the
+    unit reaches the output some other way.
+    """
+    mod = model.get_submodule(producer)
+    group = CouplingGroup(producer, _width(mod), producer_channel_dim(mod), source="probe")
+    leaves = {name: m for name, m in model.named_modules()
+              if name != producer and not list(m.children())}
+    records: dict[str, list[torch.Tensor]] = {}
+    pert: dict[str, Any] = {"unit": None, "delta": 0.0}
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                records.setdefault(name, []).append(args[0].detach().clone())
+        return hook
+
+    def fwd_hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        calls = pert.setdefault("calls", 0)
+        pert["calls"] = calls + 1
+        if pert["unit"] is None:
+            pert["out"] = out.detach()
+            return out
+        out = out.clone()
+        idx = [slice(None)] * out.dim()
+        idx[group.channel_dim % out.dim()] = pert["unit"]
+        out[tuple(idx)] += pert["delta"]
+        return out
+
+    handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in leaves.items()]
+    handles.append(mod.register_forward_hook(fwd_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            run(model)
+            base = {k: v for k, v in records.items()}
+            if pert.get("calls", 0) != 1:
+                group.refusals.append(f"module {producer!r} is called {pert.get('calls', 0)} "
+                                      "times per forward (shared weights or unused)")
+                return group
+            probes = sorted({0, group.width - 1})
+            mod_out = pert["out"]
+            found: dict[str, list[tuple[int, int]]] = {}
+            chain: dict[str, str] = {}
+            for u in probes:
+                records.clear()
+                pert["unit"], pert["delta"] = u, _probe_delta(mod_out, group.channel_dim, u)
+                run(model)
+                pert["unit"] = None
+                for name, xs in records.items():
+                    m = leaves[name]
+                    for x, x0 in zip(xs, base.get(name, []), strict=False):
+                        if x.shape != x0.shape:
+                            continue
+                        diff = (x - x0).abs() > tol * (1.0 + x0.abs())
+                        if not diff.any():
+                            continue
+                        d = _in_dim(m, x)
+                        cols = diff.movedim(d, 0).reshape(x.shape[d], -1).any(1).nonzero()
+                        cols_l = [int(c) for c in cols.flatten()]
+                        lo, hi = cols_l[0], cols_l[-1]
+                        contiguous = hi - lo + 1 == len(cols_l)
+                        if isinstance(m, (nn.Linear, *_CONV)) and contiguous and \
+                                len(cols_l) < x.shape[d]:
+                            found.setdefault(name, []).append((lo, hi - lo + 1))
+                        elif len(cols_l) == 1 and lo == u:
+                            chain[name] = type(m).__name__
+            for name, spans in found.items():
+                m = leaves[name]
+                if len(spans) != len(probes):
+                    continue
+                stride = spans[0][1]
+                start = spans[0][0]
+                if any(s[1] != stride for s in spans) or (
+                    len(probes) > 1 and spans[-1][0] != start + (group.width - 1) * stride
+                ):
+                    group.refusals.append(f"layer {name!r} reads the units through an index map "
+                                          "the probe does not understand")
+                    continue
+                if isinstance(m, _CONV) and (stride != 1 or m.groups != 1):
+                    group.refusals.append(f"conv {name!r} (groups={m.groups}) does not read the "
+                                          "units as plain input channels")
+                    continue
+                group.consumers.append(
+                    Consumer(name, "conv" if isinstance(m, _CONV) else "linear", start, stride))
+            order = list(leaves)
+            for name in sorted(chain, key=order.index):
+                m = leaves[name]
+                if name in found:
+                    continue
+                if isinstance(m, _BN):
+                    group.chain.append(ChannelOp("batchnorm", type(m).__name__, name))
+                elif isinstance(m, _MIXING_NORMS):
+                    group.refusals.append(
+                        f"{type(m).__name__} {name!r} normalises across the units of "
+                        f"{producer!r} (changing one unit changes them all)")
+                elif "Dropout" in type(m).__name__:
+                    group.chain.append(ChannelOp("dropout", type(m).__name__.lower(), name))
+                elif not any(True for _ in m.parameters()) or isinstance(m, nn.PReLU):
+                    group.chain.append(ChannelOp("activation", _act_name(m), name))
+                else:
+                    group.refusals.append(f"module {name!r} ({type(m).__name__}) reads the units;"
+                                          " the probe does not know it")
+            # proof: with the consumers' columns zeroed the perturbation must not reach the output
+            if group.consumers and not group.refusals:
+                saved = {c.module: _weight(model, c.module).detach().clone()
+                         for c in group.consumers}
+                try:
+                    for u in probes:
+                        for c in group.consumers:
+                            wt = _weight(model, c.module)
+                            wt[:, c.columns(u)] = 0.0
+                        ref = _float_leaves(run(model))
+                        pert["unit"] = u
+                        got = _float_leaves(run(model))
+                        pert["unit"] = None
+                        for a, b in zip(ref, got, strict=False):
+                            if a.shape == b.shape and not torch.allclose(a, b, rtol=1e-5,
+                                                                         atol=1e-6):
+                                group.refusals.append(
+                                    f"unit {u} of {producer!r} reaches the output through a path "
+                                    "the probe does not understand (e.g. a residual add)")
+                                break
+                        for c in group.consumers:
+                            _weight(model, c.module).copy_(saved[c.module])
+                finally:
+                    for c in group.consumers:
+                        _weight(model, c.module).copy_(saved[c.module])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return group
+
+
+def _weight(model: nn.Module, path: str) -> torch.Tensor:
+    w = model.get_submodule(path).weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
+def _probe_delta(out: torch.Tensor, channel_dim: int, unit: int) -> float:
+    """A perturbation large enough to wake a dead unit (a ReLU at bias -50 must fire)."""
+    ch = out.select(channel_dim % out.dim(), unit)
+    return 2.0 * float(ch.abs().max()) + 1.0 + float(out.abs().mean())
+
+
+def _act_name(m: nn.Module) -> str:
+    name = type(m).__name__.lower()
+    for known in ("leakyrelu", "relu6", "relu", "gelu", "sigmoid", "tanh", "silu", "elu", "prelu"):
+        if known in name:
+            return known
+    return name.replace("activation", "") or name
+
+
+def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
+            example: tuple[tuple[Any, ...], dict[str, Any]]) -> CouplingGroup:
+    """The coupling group of ``producer``: the FX analysis when the model traces, else the probe.
+
+    Args:
+        model: the model (not modified; its mode is restored).
+        producer: module path of a Linear or Conv layer.
+        run: ``run(model)`` runs one calibration batch (for the probe).
+        example: ``(args, kwargs)`` of one calibration batch (for shape propagation).
+    """
+    try:
+        mod = model.get_submodule(producer)
+    except AttributeError:
+        g = CouplingGroup(producer, 0, -1)
+        g.refusals.append(f"the model has no module {producer!r}")
+        return g
+    if not isinstance(mod, (nn.Linear, *_CONV)):
+        g = CouplingGroup(producer, 0, -1)
+        g.refusals.append(f"{producer!r} is a {type(mod).__name__}, not a Linear or Conv layer")
+        return g
+    gm, why = trace(model)
+    if gm is not None:
+        was_training = model.training
+        gm.eval()
+        try:
+            propagate_shapes(gm, *example)
+        except Exception as e:  # noqa: BLE001 - fall back to the probe, which explains itself
+            why = f"shape propagation failed ({type(e).__name__})"
+            gm = None
+        finally:
+            model.train(was_training)
+            if gm is not None:
+                gm.train(was_training)
+    if gm is not None:
+        return analyze_fx(gm, producer)
+    group = probe_coupling(model, producer, run)
+    if why:
+        group.chain = list(group.chain)
+    return group
