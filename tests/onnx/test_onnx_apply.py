@@ -200,8 +200,9 @@ def test_hf_vision_models(tmp_path, arch: str) -> None:
 
 def test_olive_workflow_with_graphsurg_surgeon(exported, tmp_path) -> None:
     pytest.importorskip("olive")
-    import graphsurg.onnx.olive  # noqa: F401  (registers the surgeons)
     from olive.workflows import run as olive_run
+
+    import graphsurg.onnx.olive  # noqa: F401  (registers the surgeons)
 
     rng = np.random.default_rng(0)
     calib = tmp_path / "calib.npz"
