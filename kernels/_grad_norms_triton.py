@@ -7,13 +7,15 @@ grid) and ``grad_sq_norms_triton``.
 The tensors are cut into chunks of at most ``CHUNK`` elements; a table holds, per chunk, the
 chunk's start address and its length (int64). Program ``p`` reads row ``p`` of the table,
 turns the address into a typed pointer, and writes the chunk's sum of squares to
-``partials[p]``. Chunks of one tensor are consecutive rows, so each tensor's total is a
+``partials[p]``. The table is cached per list of (address, length), so repeated calls on the
+same gradients launch without rebuilding it. Chunks of one tensor are consecutive rows, so each tensor's total is a
 fixed-order sum over its own partials (deterministic, no atomics; a tiny tensor's total does
 not lose precision next to a huge one, as a running cumsum would).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -50,40 +52,61 @@ def _grad_sq_norms_kernel(
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
-def _launch(ts: list[torch.Tensor], chunk: int, block: int) -> list[torch.Tensor]:
-    """Sum of squares of each tensor of ``ts`` (all one dtype, one device, contiguous)."""
+_PLANS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_PLAN_CACHE_SIZE = 16
+
+
+def _plan(ts: list[torch.Tensor], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk table ``(n_chunks, 2)`` and, per tensor, the indices of its partials padded
+    with ``n_chunks`` (a zero slot) to ``(T, width)``; both on the tensors' device.
+
+    Cached by (address, length) of every tensor: a gradient list keeps its storage from step
+    to step, so the table is built and copied to the device once. The table depends on
+    nothing else, so a cache hit is correct even if the memory changed owner.
+    """
     device = ts[0].device
     esz = ts[0].element_size()
+    key = (device, esz, chunk, tuple((t.data_ptr(), t.numel()) for t in ts))
+    hit = _PLANS.get(key)
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit
     rows: list[tuple[int, int]] = []
-    owner: list[int] = []
-    for k, t in enumerate(ts):
+    owned: list[list[int]] = []
+    for t in ts:
         n = t.numel()
+        mine = []
         for s in range(0, n, chunk):
+            mine.append(len(rows))
             rows.append((t.data_ptr() + s * esz, min(chunk, n - s)))
-            owner.append(k)
+        owned.append(mine)
+    width = max(1, max(len(m) for m in owned))
+    idx = [m + [len(rows)] * (width - len(m)) for m in owned]
+    table = torch.tensor(rows if rows else [(0, 0)], dtype=torch.int64).to(device)
+    gather = torch.tensor(idx, dtype=torch.int64).to(device)
+    _PLANS[key] = (table, gather)
+    if len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return table, gather
+
+
+def _launch(ts: list[torch.Tensor], chunk: int, block: int) -> torch.Tensor:
+    """Sum of squares of each tensor of ``ts`` (all one dtype, one device, contiguous)."""
+    table, gather = _plan(ts, chunk)
+    n_rows = sum(triton.cdiv(t.numel(), chunk) for t in ts)
     acc = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
-    out = [torch.zeros((), dtype=acc, device=device) for _ in ts]
-    if not rows:
-        return out
-    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-    partials = torch.empty(len(rows), dtype=acc, device=device)
-    _grad_sq_norms_kernel[(len(rows),)](
-        table,
-        partials,
-        DTYPE=_TL_DTYPES[ts[0].dtype],
-        ACC_FP64=acc == torch.float64,
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
-    # per tensor: a fixed-order sum of its own consecutive partials, padded to one matrix
-    counts = torch.bincount(torch.tensor(owner), minlength=len(ts))
-    width = int(counts.max())
-    padded = torch.zeros(len(ts), width, dtype=acc, device=device)
-    first = torch.cumsum(counts, 0) - counts
-    col = torch.arange(len(rows)) - first[torch.tensor(owner)]
-    padded[torch.tensor(owner, device=device), col.to(device)] = partials
-    sums = padded.sum(1)
-    return list(sums.unbind(0))
+    partials = torch.zeros(n_rows + 1, dtype=acc, device=ts[0].device)  # last: the zero slot
+    if n_rows:
+        _grad_sq_norms_kernel[(n_rows,)](
+            table,
+            partials,
+            DTYPE=_TL_DTYPES[ts[0].dtype],
+            ACC_FP64=acc == torch.float64,
+            BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )
+    # per tensor: a fixed-order sum of its own partials (deterministic, no atomics)
+    return partials[gather].sum(1)
 
 
 def grad_sq_norms_triton(
@@ -107,7 +130,7 @@ def grad_sq_norms_triton(
         by_dtype.setdefault(t.dtype, []).append(i)
     for idx in by_dtype.values():
         group = [ts[i] if ts[i].is_contiguous() else ts[i].contiguous() for i in idx]
-        for i, s in zip(idx, _launch(group, chunk, block), strict=True):
+        for i, s in zip(idx, _launch(group, chunk, block).unbind(0), strict=True):
             result[i] = s
     out_dt = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
     return torch.stack([r.to(out_dt) for r in result if r is not None])

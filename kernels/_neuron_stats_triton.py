@@ -1,8 +1,8 @@
 """Triton kernel for ``neuron_stats``: every per-channel statistic in one pass over ``x``.
 
-Layers (Liger-Kernel style): ``_neuron_stats_kernel`` (the jit function),
-``_launch`` (views ``x`` as strided ``(O, C, I)``, picks block sizes and the grid) and
-``neuron_stats_triton`` (builds the :class:`NeuronStats`).
+Layers (Liger-Kernel style): ``_neuron_stats_kernel`` (the jit function; with its
+finalising ``_neuron_stats_merge_kernel``), ``_launch`` (views ``x`` as strided
+``(O, C, I)``, picks block sizes and the grid) and ``neuron_stats_triton``.
 
 The kernel reads ``x`` as tiles ``[BLOCK_M, BLOCK_C]``: ``BLOCK_C`` channels by ``BLOCK_M``
 reduced positions along the innermost reduced axis. Rows layouts -- ``(N, C)``, ``(N, T, C)``,
@@ -13,10 +13,11 @@ spatial axis contiguous. Nothing is copied for these layouts.
 Grid: ``(channel blocks, splits)``. Program ``(pc, ps)`` walks a contiguous range of tiles of
 its channel block; for each tile it computes the tile's count, mean and M2 over the finite
 values (two passes over registers) and merges them into its running statistics with Chan's
-formula. Values are shifted by a per-channel pivot (the finite mean of the channel's first 64
-values, computed by torch before the launch) before any sum, so large offsets (``x + 1e4``) keep their precision. Each program writes one partial per
-channel; the partials (``splits`` of them) are
-merged in float64 on the host side of the launch, exactly, with the same formula.
+formula. Values are shifted by a per-channel pivot (the finite mean of the channel's first
+tile, which every split loads alike) before any sum, so large offsets (``x + 1e4``) keep their
+precision. Each program writes one partial per channel; a second, tiny kernel
+(``_neuron_stats_merge_kernel``) merges the ``splits`` partials of each channel in float64
+and writes the final fields, so a call is two launches and no host-side torch arithmetic.
 Offsets are int64. fp16/bf16/fp32 inputs accumulate in float32, float64 in float64.
 """
 
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import as_3d, pivot_of
+from ._layout import as_3d
 from ._stats import NeuronStats, acc_dtype
 
 _FP32_MAX = 3.4028234663852886e38
@@ -36,7 +37,7 @@ _FP64_MAX = 1.7976931348623157e308
 @triton.jit
 def _neuron_stats_kernel(
     x_ptr,
-    pivot_ptr,  # (C,) accumulation dtype
+    pivot_ptr,  # (C,) accumulation dtype, written by the programs of split 0
     mom_ptr,  # (4, SPLITS, C) accumulation dtype: mean - pivot, m2, abs_sum, absmax
     cnt_ptr,  # (4, SPLITS, C) int64: count, n_nonpos, n_sat, n_nonfinite
     C,
@@ -63,9 +64,19 @@ def _neuron_stats_kernel(
     mask_c = offs_c < C
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
 
-    # every program of a channel block shifts by the same per-channel pivot (a mean of the
-    # channel's first values), so sums stay small even at x + 1e4
-    pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0).to(acc_ty)
+    # every program of a channel block shifts by the same per-channel pivot: the finite mean
+    # of the first tile of the channel (the same tile for every split), so sums stay small
+    # even at x + 1e4
+    mask0 = (offs_m < n_i)[:, None] & mask_c[None, :]
+    v0 = tl.load(
+        x_ptr + offs_m[:, None] * x_i_stride + offs_c[None, :] * x_c_stride,
+        mask=mask0,
+        other=0.0,
+    ).to(acc_ty)
+    fin0 = mask0 & (tl.abs(v0) <= MAX_FINITE)
+    n0 = tl.maximum(tl.sum(fin0.to(tl.int32), axis=0), 1).to(acc_ty)
+    pivot = tl.sum(tl.where(fin0, v0, 0.0), axis=0) / n0
+    tl.store(pivot_ptr + offs_c, pivot, mask=mask_c & (pid_s == 0))
 
     n = tl.zeros((BLOCK_C,), dtype=tl.int64)
     mean = tl.zeros((BLOCK_C,), dtype=acc_ty)
@@ -130,6 +141,62 @@ def _neuron_stats_kernel(
     tl.store(cnt_ptr + 3 * part_stride + out, n_nonfinite, mask=mask_c)
 
 
+@triton.jit
+def _neuron_stats_merge_kernel(
+    mom_ptr,
+    cnt_ptr,
+    pivot_ptr,
+    out_f_ptr,  # (5, C) accumulation dtype: mean, m2, abs_sum, absmax, mean_residual
+    out_i_ptr,  # (4, C) int64: count, n_nonpos, n_sat, n_nonfinite
+    C,
+    splits,
+    part_stride,
+    ACC_FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Merge the ``splits`` partials of each channel (Chan's formula, in float64)."""
+    pid = tl.program_id(0).to(tl.int64)
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_c = offs_c < C
+    n = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    abs_sum = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    absmax = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    n_nonpos = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    n_sat = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    n_nonfinite = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    for sp in range(0, splits):
+        at = sp * C + offs_c
+        n_s = tl.load(cnt_ptr + at, mask=mask_c, other=0)
+        mean_s = tl.load(mom_ptr + at, mask=mask_c, other=0.0).to(tl.float64)
+        m2_s = tl.load(mom_ptr + part_stride + at, mask=mask_c, other=0.0).to(tl.float64)
+        n_new = n + n_s
+        inv = 1.0 / tl.maximum(n_new, 1).to(tl.float64)
+        delta = mean_s - mean
+        mean = mean + delta * (n_s.to(tl.float64) * inv)
+        m2 = m2 + m2_s + delta * delta * (n.to(tl.float64) * n_s.to(tl.float64) * inv)
+        n = n_new
+        abs_sum += tl.load(mom_ptr + 2 * part_stride + at, mask=mask_c, other=0.0).to(tl.float64)
+        absmax = tl.maximum(absmax, tl.load(mom_ptr + 3 * part_stride + at, mask=mask_c, other=0.0))
+        n_nonpos += tl.load(cnt_ptr + part_stride + at, mask=mask_c, other=0)
+        n_sat += tl.load(cnt_ptr + 2 * part_stride + at, mask=mask_c, other=0)
+        n_nonfinite += tl.load(cnt_ptr + 3 * part_stride + at, mask=mask_c, other=0)
+    pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
+    mean = tl.where(n > 0, mean + pivot, 0.0)
+    mean_acc = mean.to(acc_ty)
+    tl.store(out_f_ptr + offs_c, mean_acc, mask=mask_c)
+    tl.store(out_f_ptr + C + offs_c, m2.to(acc_ty), mask=mask_c)
+    tl.store(out_f_ptr + 2 * C + offs_c, abs_sum.to(acc_ty), mask=mask_c)
+    tl.store(out_f_ptr + 3 * C + offs_c, absmax, mask=mask_c)
+    tl.store(out_f_ptr + 4 * C + offs_c, (mean - mean_acc.to(tl.float64)).to(acc_ty), mask=mask_c)
+    tl.store(out_i_ptr + offs_c, n, mask=mask_c)
+    tl.store(out_i_ptr + C + offs_c, n_nonpos, mask=mask_c)
+    tl.store(out_i_ptr + 2 * C + offs_c, n_sat, mask=mask_c)
+    tl.store(out_i_ptr + 3 * C + offs_c, n_nonfinite, mask=mask_c)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -172,7 +239,7 @@ def _launch(
     iters_per_prog = triton.cdiv(n_iters, splits)
     splits = triton.cdiv(n_iters, iters_per_prog)
     acc = acc_dtype(x.dtype)
-    pivot = pivot_of(torch.as_strided(v.base, (n_o, C, n_i), (so, sc, si)), acc)
+    pivot = torch.empty(C, dtype=acc, device=x.device)
     mom = torch.empty(4, splits, C, dtype=acc, device=x.device)
     cnt = torch.empty(4, splits, C, dtype=torch.int64, device=x.device)
     _neuron_stats_kernel[(c_blocks, splits)](
@@ -200,34 +267,29 @@ def _launch(
     return pivot, mom, cnt
 
 
-def merge_partials(
-    pivot: torch.Tensor,
-    mom: torch.Tensor,
-    cnt: torch.Tensor,
-    acc: torch.dtype,
-    sat_threshold: float | None,
+def _merge(
+    pivot: torch.Tensor, mom: torch.Tensor, cnt: torch.Tensor, sat_threshold: float | None
 ) -> NeuronStats:
-    """Merge ``S`` per-split partials exactly (Chan's formula for S parts, in float64)."""
-    n = cnt[0]
-    total = n.sum(0)
-    nd = n.to(torch.float64)
-    mean_s = mom[0].to(torch.float64)
-    tot = total.clamp_min(1).to(torch.float64)
-    mean = (nd * mean_s).sum(0) / tot
-    m2 = mom[1].to(torch.float64).sum(0) + (nd * (mean_s - mean) ** 2).sum(0)
-    mean = torch.where(total > 0, mean + pivot.to(torch.float64), 0.0)
-    mean_acc = mean.to(acc)
+    splits, C = mom.shape[1], mom.shape[2]
+    out_f = torch.empty(5, C, dtype=mom.dtype, device=mom.device)
+    out_i = torch.empty(4, C, dtype=torch.int64, device=mom.device)
+    block_c = min(1024, _next_pow2(C))
+    _neuron_stats_merge_kernel[(triton.cdiv(C, block_c),)](
+        mom, cnt, pivot, out_f, out_i, C, splits, splits * C,
+        ACC_FP64=mom.dtype == torch.float64,
+        BLOCK_C=block_c,
+    )
     return NeuronStats(
-        count=total,
-        mean=mean_acc,
-        mean_residual=(mean - mean_acc.to(torch.float64)).to(acc),
-        m2=m2.to(acc),
-        abs_sum=mom[2].to(torch.float64).sum(0).to(acc),
-        n_nonpos=cnt[1].sum(0),
-        absmax=mom[3].amax(0),
-        n_nonfinite=cnt[3].sum(0),
-        n_sat=cnt[2].sum(0),
+        count=out_i[0],
+        mean=out_f[0],
+        m2=out_f[1],
+        abs_sum=out_f[2],
+        n_nonpos=out_i[1],
+        absmax=out_f[3],
+        n_nonfinite=out_i[3],
+        n_sat=out_i[2],
         sat_threshold=sat_threshold,
+        mean_residual=out_f[4],
     )
 
 
@@ -250,4 +312,4 @@ def neuron_stats_triton(
     pivot, mom, cnt = _launch(
         x, cd, sat_threshold, block_m=block_m, block_c=block_c, splits=splits
     )
-    return merge_partials(pivot, mom, cnt, acc_dtype(x.dtype), sat_threshold)
+    return _merge(pivot, mom, cnt, sat_threshold)
