@@ -31,6 +31,7 @@ from ._common import (
     load_model,
     ort_session,
     save_model,
+    save_proto,
     split_holdout,
     to_proto,
     validate_batches,
@@ -314,6 +315,10 @@ def apply(
     for name in names:
         cls = PASSES[name]
         p = cls(diag, state)
+        if name == "cleanup" and kind != "ir":
+            # proto and path results get shapes from onnx's C++ inference on the serialised
+            # model below: one serialisation instead of an ir round trip
+            p.infer_shapes = False  # type: ignore[attr-defined]
         rec = PassRecord(name=name, exact=cls.exact)
         report.passes.append(rec)
         snapshot = m.clone() if ref is not None else None
@@ -349,24 +354,37 @@ def apply(
             assert snapshot is not None
             m = snapshot
             state.excised = saved_state
+    report.nodes_after, report.params_after = m.graph.num_nodes(), _params(m)
+    result_proto: onnx.ModelProto | None = None
+    if kind != "ir" and not has_external_tensors(m):
+        result_proto = to_proto(m)
+        try:
+            result_proto = onnx.shape_inference.infer_shapes(result_proto, strict_mode=False)
+        except Exception as e:  # best effort, as in the cleanup pass
+            report.notes.append(f"shape inference skipped: {type(e).__name__}")
     if full_check:
         try:
-            check_full(m)
+            if result_proto is not None:
+                onnx.checker.check_model(result_proto, full_check=True)
+            else:
+                check_full(m)
         except Exception as e:  # pragma: no cover - a bug, reported with the model kept out
             raise RuntimeError(f"graphsurg produced a model that fails onnx.checker: {e}") from e
-    report.nodes_after, report.params_after = m.graph.num_nodes(), _params(m)
 
     if kind == "path":
         assert out_path is not None
-        save_model(
-            m,
-            out_path,
-            save_external_data=save_external_data,
-            external_data_size_threshold=external_data_size_threshold,
-        )
+        if result_proto is not None and not save_external_data:
+            save_proto(result_proto, out_path)
+        else:
+            save_model(
+                m,
+                out_path,
+                save_external_data=save_external_data,
+                external_data_size_threshold=external_data_size_threshold,
+            )
         report.output = str(out_path)
         result: Any = out_path if isinstance(model, Path) else str(out_path)
         return result, report
     if kind == "proto":
-        return to_proto(m), report  # type: ignore[return-value]
+        return (result_proto if result_proto is not None else to_proto(m)), report  # type: ignore[return-value]
     return m, report  # type: ignore[return-value]

@@ -78,7 +78,7 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     while name in graph.initializers:
         i += 1
         name = f"{base}_{i}"
-    t = ir.tensor(np.ascontiguousarray(array), name=name)
+    t = ir.Tensor(np.ascontiguousarray(array), name=name)
     v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
     graph.register_initializer(v)
     return v
@@ -90,8 +90,7 @@ def set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> 
     v = node.inputs[index]
     assert v is not None
     if v.is_initializer() and len(v.uses()) == 1 and not v.is_graph_input() and not v.is_graph_output():
-        t = ir.tensor(np.ascontiguousarray(array), name=v.name)
-        v.const_value = t
+        v.const_value = ir.Tensor(np.ascontiguousarray(array), name=v.name)
         v.shape = ir.Shape(array.shape)
         return
     nv = new_initializer(graph, f"{v.name or 'const'}_gs", array)

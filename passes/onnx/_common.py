@@ -177,6 +177,22 @@ def save_model(
     return out
 
 
+def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Write a self-contained ``proto`` (< 2 GB) to ``path`` atomically (temporary file in the
+    same folder, then rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp_name, out)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return out
+
+
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 

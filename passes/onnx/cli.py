@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace, gso: Any) -> int:
     from graphsurg import Certificates, Diagnosis
 
-    changes: dict[str, float] = {}
+    changes: dict[str, Any] = {}
     if args.max_output_change is not None:
         changes["max_output_change"] = args.max_output_change
     if args.exact_tolerance is not None:
