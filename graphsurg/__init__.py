@@ -27,6 +27,10 @@ from .library import Replacement as Replacement
 from .library import default_library as default_library
 # end surgery
 
+# monitor
+from ._monitor import Monitor as Monitor
+# end monitor
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -52,4 +56,6 @@ __all__ = [
     "operate",
     "plan",
     "reset_optimizer_state",
+    # monitor
+    "Monitor",
 ]

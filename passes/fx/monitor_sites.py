@@ -1,0 +1,150 @@
+"""Site discovery on Dynamo graphs (the graphs a ``torch.compile`` backend receives).
+
+Dynamo inlines nn modules: ``nn.ReLU`` arrives as ``torch.nn.functional.relu``, a Linear as
+``torch._C._nn.linear`` whose weight is a *placeholder* (not a ``get_attr``), and the module
+origin lives in ``node.meta["nn_module_stack"]`` and in each placeholder's
+``node.meta["grapharg"].source`` (``L['self']._modules['fc1']._parameters['weight']``).
+
+``find_dynamo_sites`` is :func:`graphsurg.passes.fx.capture.find_sites` for such graphs: the
+same op tables and the same producer/follower rules (it reuses capture's helpers), with the
+layer's module resolved through the weight placeholder's source. Module paths are those of
+``model.named_modules()`` (``"0"``, ``"encoder.fc1"``), so they match ``gs.diagnose``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .capture import (
+    ACT_FAMILY,
+    ActSite,
+    LayerSite,
+    _classify,
+    _follows_activation,
+    _next_layers,
+    _producer,
+)
+
+_TOKEN = re.compile(r"\.([A-Za-z_][\w]*|\d+)|\[\s*['\"]([^'\"]+)['\"]\s*\]|\[\s*(\d+)\s*\]")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def source_path(source: str) -> str:
+    """``"L['fn']._modules['0']._parameters['weight']"`` -> ``"0.weight"``.
+
+    The root (``L['self']``, ``L['fn']``, ``G['model']``) is dropped; ``_modules`` /
+    ``_parameters`` / ``_buffers`` containers are skipped; attribute and item accesses
+    are joined with dots. Works for ``nn_module_stack`` paths too (``"L['self'].layers[0]"``).
+    """
+    m = re.match(r"^\s*[A-Za-z_]\w*\[\s*['\"][^'\"]*['\"]\s*\]", source)
+    rest = source[m.end():] if m else source
+    parts: list[str] = []
+    for tok in _TOKEN.finditer(rest):
+        part = tok.group(1) or tok.group(2) or tok.group(3)
+        if part and part not in _CONTAINERS:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def placeholder_source(node: fx.Node) -> str | None:
+    """The Dynamo source name of a placeholder (``None`` when it has none)."""
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    if src is None:
+        return None
+    name = src.name
+    return str(name() if callable(name) else name)
+
+
+def parameter_placeholders(gm: fx.GraphModule) -> dict[int, str]:
+    """Placeholder index -> parameter path (``"fc1.weight"``) for the graph's parameters."""
+    out: dict[int, str] = {}
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        src = placeholder_source(node)
+        if src is not None and "_parameters[" in src.replace('"', "'"):
+            out[i] = source_path(src)
+    return out
+
+
+def owner_path(node: fx.Node) -> str:
+    """Module path owning a node, from ``nn_module_stack`` (``""`` when unknown)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return source_path(str(list(stack.values())[-1][0]))
+
+
+def _weight_module(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op == "call_module":
+        return str(node.target)
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "get_attr":
+        target = str(w.target)
+    elif w.op == "placeholder":
+        src = placeholder_source(w)
+        if src is None:
+            return None
+        target = source_path(src)
+    else:
+        return None
+    return target.rsplit(".", 1)[0] if "." in target else target
+
+
+@dataclass
+class DynamoSites:
+    """What the monitor observes in one Dynamo graph."""
+
+    layers: list[LayerSite]
+    acts: list[ActSite]
+    params: dict[int, str] = field(default_factory=dict)  # placeholder index -> param path
+    weights: dict[str, int] = field(default_factory=dict)  # layer module -> weight placeholder
+
+
+def find_dynamo_sites(gm: fx.GraphModule) -> DynamoSites:
+    """Layers, observed sites and parameter placeholders of a Dynamo graph, in forward order."""
+    layers: list[LayerSite] = []
+    acts: list[ActSite] = []
+    layer_of_node: dict[fx.Node, str] = {}
+    kinds = {node: _classify(gm, node) for node in gm.graph.nodes}
+    for i, node in enumerate(gm.graph.nodes):
+        c = kinds[node]
+        if c is None:
+            continue
+        what, name = c
+        if what == "layer":
+            mod = _weight_module(gm, node)
+            if mod is None:
+                continue
+            layer_of_node[node] = mod
+            if not any(ls.module == mod for ls in layers):
+                layers.append(LayerSite(mod, name, node.name, len(layers)))
+            if not _follows_activation(node, kinds):
+                acts.append(ActSite(node.name, name, "linear", mod,
+                                    1 if name != "linear" else -1, i, mod))
+        elif what == "act":
+            producer_node = _producer(node, kinds)
+            producer = layer_of_node.get(producer_node, "") if producer_node is not None else ""
+            pc = kinds.get(producer_node) if producer_node is not None else None
+            pkind = pc[1] if pc else ""
+            cd = 1 if pkind.startswith("conv") else -1
+            acts.append(ActSite(node.name, name, ACT_FAMILY.get(name, "smooth"), producer, cd, i,
+                                owner_path(node) or producer))
+    by_name = {n.name: n for n in gm.graph.nodes}
+    index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    weights: dict[str, int] = {}
+    for ls in layers:
+        node = by_name[ls.node]
+        ls.next_modules = _next_layers(node, kinds, layer_of_node)
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(w, fx.Node) and w in index:
+            weights[ls.module] = index[w]
+    return DynamoSites(layers, acts, parameter_placeholders(gm), weights)
+
+
+__all__ = ["DynamoSites", "find_dynamo_sites", "owner_path", "parameter_placeholders",
+           "placeholder_source", "source_path"]

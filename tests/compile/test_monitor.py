@@ -1,0 +1,157 @@
+"""gs.Monitor through the graphsurg torch.compile backend (inner eager / aot_eager on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _compile_models import BreakMLP, batches, mlp, mse
+from torch._dynamo.utils import counters
+
+import graphsurg as gs
+from graphsurg._zoo import dead_mlp
+
+# Compiled and eager graphs run the same float32 kernels on CPU (eager / aot_eager lower
+# to the same aten calls), so outputs agree to a few float32 ulps.
+ATOL, RTOL = 1e-6, 1e-5
+
+
+def _train(cmodel: torch.nn.Module, data: list, model: torch.nn.Module) -> None:
+    """Forward + backward on every batch, no optimizer step (weights stay fixed)."""
+    for x, y in data:
+        out = cmodel(x)
+        mse(out, (x, y)).backward()
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_compiled_equals_eager_and_no_recompile(inner: str) -> None:
+    model = mlp()
+    mon = gs.Monitor(every=2)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": inner})
+    for x, _ in batches(5):
+        torch.testing.assert_close(c(x), model(x), atol=ATOL, rtol=RTOL)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph, compiled once
+    assert mon.calls == 5 and mon.sampled == 3  # calls 1, 3, 5 measured
+    assert len(mon.graphs) == 1
+
+
+def test_backward_gradients_unchanged() -> None:
+    model = mlp()
+    data = batches(2)
+    mon = gs.Monitor(every=1)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "aot_eager"})
+    x, y = data[0]
+    mse(c(x), (x, y)).backward()
+    compiled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    mse(model(x), (x, y)).backward()
+    for g, p in zip(compiled, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, atol=ATOL, rtol=RTOL)
+
+
+def test_monitor_stats_equal_diagnose() -> None:
+    model = mlp(width=24)
+    data = batches(4)
+    ref = gs.diagnose(model, data, loss_fn=mse)
+    mon = gs.Monitor(every=1)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "aot_eager"})
+    _train(c, data, model)
+    stats = mon.stats()
+    acts = {(r.site.module, r.activation): r for r in ref.layers.values() if r.kind == "activation"}
+    assert len(stats) == len(acts) == 3
+    for addr, s in stats.items():
+        module = addr.split(":")[0]
+        op = next(o.site.op for o in mon._observers.values() if o.stats is s)
+        r = acts[(module, op)]
+        # same observer, same kernel, same batches: equal up to float32 summation order
+        assert int(s.count.max()) == r.count == 4 * 32
+        torch.testing.assert_close(s.mean, torch.tensor(r.mean), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s.var, torch.tensor(r.var), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s.firing_rate, torch.tensor(r.firing_rate), atol=0, rtol=0)
+    grads = mon.grad_norms()
+    for module in ("0", "2", "4"):
+        assert grads[module] == pytest.approx(ref.layers[module].grad_norm, rel=1e-5)
+
+
+def test_monitor_diagnosis_equals_diagnose_on_dead_mlp() -> None:
+    case = dead_mlp(0, n_batches=4)
+    ref = gs.diagnose(case.model, case.batches, loss_fn=case.loss_fn)
+    mon = gs.Monitor(every=1)
+    c = torch.compile(case.model, backend="graphsurg",
+                      options={"monitor": mon, "inner": "eager"})
+    for b in case.batches:
+        case.loss_fn(c(b[0]), b).backward()
+    d = mon.diagnose()
+    assert [(p.kind, p.site.module) for p in d.problems] == [
+        (p.kind, p.site.module) for p in ref.problems]
+    dead = {p.site.module: p.evidence.get("dead_units") for p in d.of_kind("DeadNeurons")}
+    assert dead == {p.site.module: p.evidence.get("dead_units")
+                    for p in ref.of_kind("DeadNeurons")}
+    assert {t.module for t in case.truth} == set(dead)
+    assert d.capture == "torch.compile" and d.gradients_checked and d.batches == 4
+
+
+def test_sampling_every_n_measures_only_those_calls() -> None:
+    model = mlp()
+    data = batches(8)
+    mon = gs.Monitor(every=4)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "aot_eager"})
+    _train(c, data, model)
+    assert mon.sampled == 2
+    # the statistics are those of batches 0 and 4 exactly
+    ref = gs.diagnose(model, [data[0], data[4]], loss_fn=mse)
+    first = next(iter(mon.stats().values()))
+    r = next(r for r in ref.layers.values() if r.kind == "activation")
+    assert int(first.count.max()) == r.count == 64
+    torch.testing.assert_close(first.mean, torch.tensor(r.mean), atol=1e-6, rtol=1e-5)
+    assert mon.grad_norms()["0"] == pytest.approx(ref.layers["0"].grad_norm, rel=1e-5)
+
+
+def test_graph_break_both_graphs_observed_and_named() -> None:
+    model = BreakMLP()
+    data = batches(3)
+    mon = gs.Monitor(every=1)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "aot_eager"})
+    for x, y in data:
+        torch.testing.assert_close(c(x), model(x), atol=ATOL, rtol=RTOL)
+        mse(c(x), (x, y)).backward()
+    assert len(mon.graphs) == 2
+    ops = sorted(o.site.op for o in mon._observers.values() if o.stats is not None)
+    assert ops == ["linear", "relu", "tanh"]  # relu before the break, tanh + head after
+    assert set(mon.grad_norms()) == {"fc1", "fc2", "head"}
+    d = mon.diagnose()
+    breaks = [n for n in d.notes if n.startswith("graph break")]
+    assert len(breaks) == 1 and "graph_break" in breaks[0] and "_compile_models.py" in breaks[0]
+    ref = gs.diagnose(model, [(x, y) for x, y in data for _ in range(2)], loss_fn=mse)
+    relu = next(s for a, s in mon.stats().items() if a.startswith("fc1:"))
+    torch.testing.assert_close(relu.mean, torch.tensor(ref.layers["fc1:relu"].mean),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_reset_and_repr() -> None:
+    model = mlp()
+    mon = gs.Monitor(every=1)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "eager"})
+    c(batches(1)[0][0])
+    assert mon.stats()
+    mon.reset()
+    assert mon.stats() == {} and mon.sampled == 0
+    assert "every=1" in repr(mon)
+    d = mon.diagnose()
+    assert not d.gradients_checked and d.problems == []
+
+
+def test_disabled_monitor_runs_plain_graph() -> None:
+    model = mlp()
+    mon = gs.Monitor(every=2)
+    mon.enabled = False
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "eager"})
+    for x, _ in batches(3):
+        c(x)
+    assert mon.stats() == {} and mon.sampled == 0 and mon.calls == 3
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_bad_every(every: object) -> None:
+    with pytest.raises(gs.BadInputError, match="every must be an int"):
+        gs.Monitor(every=every)  # type: ignore[arg-type]
