@@ -51,7 +51,18 @@ static inline double ld_f64(const double *p) { return *p; }
 static inline float ld_bf16(const uint16_t *p) {
     uint32_t u = ((uint32_t)*p) << 16; float f; __builtin_memcpy(&f, &u, 4); return f;
 }
-static inline float ld_f16(const _Float16 *p) { return (float)*p; }
+/* half -> float with integer ops only (vectorizes everywhere; a plain _Float16 conversion
+   becomes a libgcc call per element on CPUs without AVX512-FP16): shift the exponent and
+   mantissa into place, rescale by 2^112 (bias 127 - 15; also normalises subnormals), and
+   rebuild inf/NaN. */
+static inline float ld_f16(const uint16_t *p) {
+    uint32_t h = *p, em = h & 0x7fffu;
+    uint32_t bits = em << 13; float f; __builtin_memcpy(&f, &bits, 4); f *= 0x1p112f;
+    uint32_t r; __builtin_memcpy(&r, &f, 4);
+    r = em >= 0x7c00u ? (bits | 0x7f800000u) : r;
+    r |= (h & 0x8000u) << 16;
+    __builtin_memcpy(&f, &r, 4); return f;
+}
 
 /* One row of cb channels into per-channel accumulators (a loop gcc vectorizes). */
 #define DEF_UPD(NAME, T, ACC, LD, MAXV)                                                    \
@@ -73,6 +84,60 @@ static inline void upd_##NAME(const T *restrict row, const ACC *restrict pv, int
     }                                                                                    \
 }
 
+/* float32/float64 rows: register-blocked with gcc vector types (portable; lowered to the
+   machine's SIMD). Two 64-byte vectors of channels, 7 accumulators each, stay in registers
+   across a tile of rows and are flushed to the float64 totals once per tile. About 10% less
+   CPU time than the array loop below, which handles the channel tail and fp16/bf16 (whose
+   vector conversions measured slower). */
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));
+typedef int64_t vl __attribute__((vector_size(64)));
+
+static inline vf ldv_f32(const float *p) { vf v; __builtin_memcpy(&v, p, 64); return v; }
+static inline vd ldv_f64(const double *p) { vd v; __builtin_memcpy(&v, p, 64); return v; }
+#define DEF_ROWSV(NAME, T, ACC, V, IV, LDV, MAXV, ABSMASK)                                  \
+static void rowsv_##NAME(const T *x, int64_t rt, int64_t cv, int64_t sR, const ACC *pivot, \
+                         ACC thr_s, int64_t C, double *out) {                             \
+    enum { VL = 64 / sizeof(ACC) };                                                       \
+    const V zero = {0}; const V one = zero + 1; const V thr = zero + thr_s;               \
+    const V maxv = zero + MAXV; const IV absm = (IV){0} + ABSMASK;                         \
+    for (int64_t c0 = 0; c0 < cv; c0 += 2 * VL) {                                         \
+        V p0, p1; __builtin_memcpy(&p0, pivot + c0, 64); __builtin_memcpy(&p1, pivot + c0 + VL, 64); \
+        V s1a = zero, s2a = zero, aba = zero, mxa = zero, npa = zero, sta = zero, nfa = zero; \
+        V s1b = zero, s2b = zero, abb = zero, mxb = zero, npb = zero, stb = zero, nfb = zero; \
+        for (int64_t r = 0; r < rt; ++r) {                                                \
+            const T *row = x + r * sR + c0;                                               \
+            V v0 = LDV(row), v1 = LDV(row + VL);                                          \
+            V a0 = (V)((IV)v0 & absm), a1 = (V)((IV)v1 & absm);                           \
+            IV f0 = a0 <= maxv, f1 = a1 <= maxv;                                          \
+            V d0 = (V)((IV)(v0 - p0) & f0), d1 = (V)((IV)(v1 - p1) & f1);                 \
+            a0 = (V)((IV)a0 & f0); a1 = (V)((IV)a1 & f1);                                 \
+            s1a += d0; s1b += d1; s2a += d0 * d0; s2b += d1 * d1; aba += a0; abb += a1;   \
+            IV g0 = a0 > mxa, g1 = a1 > mxb;                                              \
+            mxa = (V)(((IV)a0 & g0) | ((IV)mxa & ~g0));                                   \
+            mxb = (V)(((IV)a1 & g1) | ((IV)mxb & ~g1));                                   \
+            npa += (V)((IV)one & (f0 & (v0 <= zero)));                                    \
+            npb += (V)((IV)one & (f1 & (v1 <= zero)));                                    \
+            sta += (V)((IV)one & (f0 & (a0 >= thr)));                                     \
+            stb += (V)((IV)one & (f1 & (a1 >= thr)));                                     \
+            nfa += (V)((IV)one & ~f0); nfb += (V)((IV)one & ~f1);                         \
+        }                                                                                 \
+        double *o = out + c0;                                                             \
+        for (int k = 0; k < VL; ++k) {                                                    \
+            o[k] += s1a[k]; o[C + k] += s2a[k]; o[2 * C + k] += aba[k];                   \
+            o[3 * C + k] = o[3 * C + k] > mxa[k] ? o[3 * C + k] : mxa[k];                 \
+            o[4 * C + k] += npa[k]; o[5 * C + k] += sta[k]; o[6 * C + k] += nfa[k];       \
+            o[VL + k] += s1b[k]; o[C + VL + k] += s2b[k]; o[2 * C + VL + k] += abb[k];    \
+            o[3 * C + VL + k] = o[3 * C + VL + k] > mxb[k] ? o[3 * C + VL + k] : mxb[k];  \
+            o[4 * C + VL + k] += npb[k]; o[5 * C + VL + k] += stb[k];                     \
+            o[6 * C + VL + k] += nfb[k];                                                  \
+        }                                                                                 \
+    }                                                                                     \
+}
+DEF_ROWSV(f32, float, float, vf, vi, ldv_f32, FLT_MAX, 0x7fffffff)
+DEF_ROWSV(f64, double, double, vd, vl, ldv_f64, DBL_MAX, 0x7fffffffffffffffLL)
+
 /* x: (R, C) rows with row stride sR (elements), channel stride 1.
    out: 7*C doubles (s1, s2, abs, absmax, nonpos, sat, nonfinite), accumulated into. */
 #define DEF_ROWS(NAME, T, ACC)                                                             \
@@ -83,7 +148,10 @@ void stats_rows_##NAME(const T *x, int64_t R, int64_t C, int64_t sR, const ACC *
     const ACC thr = (ACC)thr_d;                                                          \
     for (int64_t r0 = 0; r0 < R; r0 += ROW_TILE) {                                       \
         int64_t rt = R - r0 < ROW_TILE ? R - r0 : ROW_TILE;                              \
-        for (int64_t c0 = 0; c0 < C; c0 += CH_BLOCK) {                                   \
+        int64_t cv = 0;                                                                  \
+        ROWSV_##NAME(cv = C / (128 / (int64_t)sizeof(ACC)) * (128 / (int64_t)sizeof(ACC));  \
+                     rowsv_##NAME(x + r0 * sR, rt, cv, sR, pivot, thr, C, out);)          \
+        for (int64_t c0 = cv; c0 < C; c0 += CH_BLOCK) {                                  \
             int64_t cb = C - c0 < CH_BLOCK ? C - c0 : CH_BLOCK;                          \
             for (int64_t j = 0; j < cb; ++j) {                                           \
                 s1[j] = 0; s2[j] = 0; ab[j] = 0; mx[j] = 0; np[j] = 0; st[j] = 0; nf[j] = 0; \
@@ -142,13 +210,18 @@ void stats_inner_##NAME(const T *x, int64_t O, int64_t C, int64_t I, int64_t sO,
     }                                                                                    \
 }
 
+#define ROWSV_f32(...) __VA_ARGS__
+#define ROWSV_f64(...) __VA_ARGS__
+#define ROWSV_bf16(...)
+#define ROWSV_f16(...)
+
 #define DEF_ALL(NAME, T, ACC, LD, MAXV) \
     DEF_UPD(NAME, T, ACC, LD, MAXV) DEF_ROWS(NAME, T, ACC) DEF_INNER(NAME, T, ACC)
 
 DEF_ALL(f32, float, float, ld_f32, FLT_MAX)
 DEF_ALL(f64, double, double, ld_f64, DBL_MAX)
 DEF_ALL(bf16, uint16_t, float, ld_bf16, FLT_MAX)
-DEF_ALL(f16, _Float16, float, ld_f16, FLT_MAX)
+DEF_ALL(f16, uint16_t, float, ld_f16, FLT_MAX)
 """
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
