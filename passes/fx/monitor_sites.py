@@ -40,7 +40,7 @@ def source_path(source: str) -> str:
     are joined with dots. Works for ``nn_module_stack`` paths too (``"L['self'].layers[0]"``).
     """
     m = re.match(r"^\s*[A-Za-z_]\w*\[\s*['\"][^'\"]*['\"]\s*\]", source)
-    rest = source[m.end():] if m else source
+    rest = source[m.end():] if m else "." + source  # a bare module path: "encoder.fc1"
     parts: list[str] = []
     for tok in _TOKEN.finditer(rest):
         part = tok.group(1) or tok.group(2) or tok.group(3)
