@@ -1,0 +1,42 @@
+"""Shared helpers for the surgery tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphsurg._verify import outputs, relative_change
+
+
+def rel_change(a: nn.Module, b: nn.Module, batches: list[Any]) -> float:
+    """||f_a - f_b|| / ||f_b|| in float64, eval mode."""
+    fb = outputs(b, batches, None)
+    got = relative_change(outputs(a, batches, None), fb, fb)
+    assert got is not None
+    return got
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-identical state dicts (NaN equal to NaN)."""
+    if a.keys() != b.keys():
+        return False
+    return all(torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
+                           y.view(torch.uint8) if y.is_floating_point() else y)
+               for x, y in ((a[k], b[k]) for k in a))
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(model: nn.Module, batches: list[Any], loss_fn: Any, steps: int, seed: int = 0
+          ) -> float:
+    """``steps`` Adam steps (lr 1e-3, seeded), returning the final mean training loss."""
+    from graphsurg._heal import heal, mean_loss
+
+    model = copy.deepcopy(model)
+    heal(model, batches, loss_fn, steps=steps, seed=seed)
+    return mean_loss(model, batches, loss_fn)
