@@ -13,8 +13,8 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "torch", "native", "triton"]
-_BACKENDS = ("auto", "torch", "native", "triton")
+Backend = Literal["auto", "torch", "native", "chunked", "triton"]
+_BACKENDS = ("auto", "torch", "native", "chunked", "triton")
 _FIELDS = ("count", "mean", "m2", "abs_sum", "n_nonpos", "absmax", "n_nonfinite", "n_sat")
 
 
@@ -255,9 +255,10 @@ def neuron_stats(
         channel_dim: the dimension that indexes neurons/channels.
         sat_threshold: if given, also count ``|x| >= sat_threshold`` per channel.
         backend: ``"auto"`` (Triton for CUDA tensors; on CPU the compiled C kernel when it
-            could be built, else the torch reference), or one of ``"torch"`` (the pure-torch
-            reference), ``"native"`` (the CPU C kernel), ``"triton"`` (the Triton kernel; on
-            a CPU tensor this needs ``TRITON_INTERPRET=1`` set before triton is imported).
+            could be built, else the chunked torch path), or one of ``"torch"`` (the pure-torch
+            reference), ``"native"`` (the CPU C kernel), ``"chunked"`` (row-chunked eager
+            torch, the fallback), ``"triton"`` (the Triton kernel; on a CPU tensor this needs
+            ``TRITON_INTERPRET=1`` set before triton is imported).
 
     Returns:
         A :class:`NeuronStats` with ``C = x.shape[channel_dim]`` channels. ``x`` is not
@@ -283,7 +284,7 @@ def neuron_stats(
         else:
             from . import _neuron_stats_cpu as cpu
 
-            backend = "native" if cpu.supports(x) and cpu.available() else "torch"
+            backend = "native" if cpu.supports(x) and cpu.available() else "chunked"
     if backend == "triton":
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -295,6 +296,12 @@ def neuron_stats(
         return neuron_stats_triton(x, cd, sat_threshold)
     if backend == "native":
         return _neuron_stats_native(x, cd, sat_threshold)
+    if backend == "chunked":
+        if x.is_cuda:
+            raise ValueError("backend='chunked' is a CPU path; x is on a CUDA device")
+        from ._neuron_stats_chunked import raw_sums_chunked
+
+        return _from_sums(x, *raw_sums_chunked(x, cd, sat_threshold), sat_threshold)
     return _neuron_stats_torch(x, cd, sat_threshold)
 
 
@@ -311,7 +318,18 @@ def _neuron_stats_native(x: torch.Tensor, cd: int, sat_threshold: float | None) 
             "backend='native' is unavailable: the C kernel could not be compiled here (no gcc, "
             "or GRAPHSURG_NO_NATIVE is set); use backend='auto' or 'torch'"
         )
-    pivot, sums, per_channel = cpu.raw_sums(x, cd, sat_threshold)
+    return _from_sums(x, *cpu.raw_sums(x, cd, sat_threshold), sat_threshold)
+
+
+def _from_sums(
+    x: torch.Tensor,
+    pivot: torch.Tensor,
+    sums: torch.Tensor,
+    per_channel: int,
+    sat_threshold: float | None,
+) -> NeuronStats:
+    """NeuronStats from shifted float64 sums (rows: sum d, sum d*d, sum|x|, max|x|, #x<=0,
+    #|x|>=thr, #non-finite, with d = x - pivot over finite values)."""
     dt = acc_dtype(x.dtype)
     n_nonfinite = sums[6].to(torch.int64)
     count = per_channel - n_nonfinite

@@ -9,7 +9,7 @@ import pytest
 import torch
 from graphsurg.kernels import NeuronStats, grad_sq_norms, neuron_stats, row_sq_norms
 
-BACKENDS = ["auto", "torch", "native", "triton"]
+BACKENDS = ["auto", "torch", "native", "chunked", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

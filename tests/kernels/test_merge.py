@@ -30,7 +30,7 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, list[int]]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches(), st.sampled_from(["torch", "native"]))
+@given(batches(), st.sampled_from(["torch", "native", "chunked"]))
 def test_split_anywhere_merged_equals_whole(data: tuple[torch.Tensor, list[int]], backend: str):
     x, cuts = data
     bounds = [0, *cuts, x.shape[0]]

@@ -12,7 +12,7 @@ from graphsurg.kernels import NeuronStats, neuron_stats
 from graphsurg.kernels import _neuron_stats_cpu as cpu
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-BACKENDS = ["torch", "native", "triton"]
+BACKENDS = ["torch", "native", "chunked", "triton"]
 
 
 def _gen(seed: int) -> torch.Generator:
