@@ -5,7 +5,8 @@
    ``x.abs().amax(0)``;
 3. ``torch.var_mean(x, 0)`` alone;
 4. graphsurg's CPU path (``neuron_stats``, the compiled C kernel) -- every statistic;
-5. the pure-torch reference path, for orientation.
+5. for orientation: the chunked torch fallback (what runs when the C kernel cannot be
+   built) and the pure-torch reference.
 
 A benchmark measures, it does not assert speed: the ratios against the floor are printed at
 the end of the run (``make bench``) and recorded in benchmarks/RESULTS.md.
@@ -39,6 +40,7 @@ CASES: dict[str, Callable[[torch.Tensor], object]] = {
     "naive_hook_set": _naive,
     "var_mean": lambda x: torch.var_mean(x, 0),
     "graphsurg_cpu": lambda x: neuron_stats(x, sat_threshold=3.0),
+    "graphsurg_chunked_fallback": lambda x: neuron_stats(x, sat_threshold=3.0, backend="chunked"),
     "graphsurg_torch_reference": lambda x: neuron_stats(x, sat_threshold=3.0, backend="torch"),
 }
 
@@ -49,7 +51,8 @@ def test_stats_cpu(benchmark, x: torch.Tensor, name: str) -> None:  # noqa: ANN0
         pytest.skip("the C kernel could not be built here; graphsurg runs the torch path")
     fn = CASES[name]
     fn(x)  # warm-up (and the one-time build of the C kernel)
-    rounds = {"naive_hook_set": 3, "var_mean": 3, "graphsurg_torch_reference": 1}.get(name, 20)
+    rounds = {"naive_hook_set": 3, "var_mean": 3, "graphsurg_torch_reference": 1,
+              "graphsurg_chunked_fallback": 3}.get(name, 20)
     benchmark.group = f"neuron_stats {SHAPE[0]}x{SHAPE[1]} float32 CPU"
     benchmark.pedantic(fn, args=(x,), rounds=rounds, iterations=1, warmup_rounds=0)
     if benchmark.stats is not None:

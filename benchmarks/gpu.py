@@ -137,7 +137,29 @@ def main() -> int:
     rows.append(("row_sq_norms 4096x4096", t_r, t_rn, float("nan"), t_copy,
                  w.numel() * 4 / t_r / 1e6, 2 * w.numel() * 4 / t_copy / 1e6))
 
-    print(f"  {'case':34s} {'triton':>8s} {'naive':>8s} {'var_mean*':>9s} {'copy':>8s} "
+    # block-size sweep for the two main layouts, so one GPU run also says how to tune
+    from graphsurg.kernels._neuron_stats_triton import neuron_stats_triton
+
+    print("\nneuron_stats block sweep (ms; default config marked *):")
+    sweeps = [
+        ("rows 65536x1024 fp32", cases[0][1], 1,
+         [(bm, bc, nw) for bm in (32, 64) for bc in (64, 128, 256) for nw in (4, 8)]),
+        ("NCHW 128x64x56x56 fp32", cases[2][1], 1,
+         [(bm, bc, nw) for bm in (256, 512, 1024) for bc in (2, 8) for nw in (4, 8)]),
+    ]
+    for name, t, cd, configs in sweeps:
+        results = []
+        for bm, bc, nw in configs:
+            ms = bench(lambda t=t, cd=cd, bm=bm, bc=bc, nw=nw: neuron_stats_triton(
+                t, cd, 1.0, block_m=bm, block_c=bc, num_warps=nw))
+            results.append((ms, bm, bc, nw))
+        results.sort()
+        best = results[0]
+        print(f"  {name}: best block_m={best[1]} block_c={best[2]} num_warps={best[3]} "
+              f"{best[0]:.3f} ms ({t.numel() * t.element_size() / best[0] / 1e6:.0f} GB/s); "
+              f"default {bench(lambda t=t, cd=cd: neuron_stats(t, cd, sat_threshold=1.0)):.3f} ms*")
+
+    print(f"\n  {'case':34s} {'triton':>8s} {'naive':>8s} {'var_mean*':>9s} {'copy':>8s} "
           f"{'GB/s':>7s} {'copy GB/s':>9s} {'of copy':>7s}")
     for name, tk, tn, tv, tc, bw, cbw in rows:
         print(f"  {name:34s} {tk:8.3f} {tn:8.3f} {tv:9.3f} {tc:8.3f} {bw:7.0f} {cbw:9.0f} "

@@ -23,6 +23,8 @@ Offsets are int64. fp16/bf16/fp32 inputs accumulate in float32, float64 in float
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -201,9 +203,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
 def _target_programs(x: torch.Tensor) -> int:
     if x.is_cuda:
-        return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        return 4 * _sm_count(x.device.index if x.device.index is not None else 0)
     return 4  # the interpreter on CPU: few, small programs
 
 
@@ -215,6 +222,7 @@ def _launch(
     block_m: int | None = None,
     block_c: int | None = None,
     splits: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the kernel; returns ``pivot (C,)`` and partials ``mom (4, S, C)``, ``cnt (4, S, C)``."""
     v = as_3d(x, cd)
@@ -262,7 +270,7 @@ def _launch(
         MAX_FINITE=_FP64_MAX if acc == torch.float64 else _FP32_MAX,
         BLOCK_M=block_m,
         BLOCK_C=block_c,
-        num_warps=4 if block_m * block_c <= 4096 else 8,
+        num_warps=num_warps or (4 if block_m * block_c <= 4096 else 8),
     )
     return pivot, mom, cnt
 
@@ -301,15 +309,18 @@ def neuron_stats_triton(
     block_m: int | None = None,
     block_c: int | None = None,
     splits: int | None = None,
+    num_warps: int | None = None,
 ) -> NeuronStats:
     """Per-channel statistics of ``x`` (channel dimension ``cd``, already validated and
     normalised) with the Triton kernel. ``x`` is not modified.
 
     Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``. The block sizes
     and the number of splits of the reduced axis are chosen from the layout unless given
-    (tests pass small ones to exercise multi-tile and multi-split merging).
+    (tests pass small ones to exercise multi-tile and multi-split merging; benchmarks/gpu.py
+    sweeps them).
     """
     pivot, mom, cnt = _launch(
-        x, cd, sat_threshold, block_m=block_m, block_c=block_c, splits=splits
+        x, cd, sat_threshold, block_m=block_m, block_c=block_c, splits=splits,
+        num_warps=num_warps,
     )
     return _merge(pivot, mom, cnt, sat_threshold)
