@@ -115,4 +115,4 @@ def test_a_registered_replacement_is_planned_and_applied() -> None:
                      surgery_plan=p, heal_steps=5, rediagnose=False,
                      certificates=gs.Certificates(max_loss_increase=10.0))
     assert res.kept == [0, 1]
-    assert float(res.model.get_submodule("0").bias[0].detach()) == 0.0
+    assert abs(float(res.model.get_submodule("0").bias[0].detach())) < 1.0  # was -50; healed 5 steps
