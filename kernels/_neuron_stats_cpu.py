@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -364,7 +365,7 @@ def raw_sums(
     if n_i == 1:
         return pivot, _rows(lib, sfx, ptr, esz, n_o, C, sO, pivot, thr, nthreads), n_o
     fn = getattr(lib, f"stats_inner_{sfx}")
-    parts = max(1, min(nthreads, (n_o * C * n_i) // 65536, C))
+    parts = max(1, min(_TASKS_PER_THREAD * nthreads, (n_o * C * n_i) // 65536, C))
     bounds = [C * k // parts for k in range(parts + 1)]
     out = torch.zeros(7, C, dtype=torch.float64)
     subs = [torch.zeros(7, bounds[k + 1] - bounds[k], dtype=torch.float64) for k in range(parts)]
@@ -374,7 +375,8 @@ def raw_sums(
             (fn, (ptr + bounds[k] * sC * esz, n_o, bounds[k + 1] - bounds[k], n_i, sO, sC,
                   pivot.data_ptr() + bounds[k] * pe, thr, subs[k].data_ptr()))
             for k in range(parts)
-        ]
+        ],
+        nthreads,
     )
     for k in range(parts):
         out[:, bounds[k] : bounds[k + 1]] = subs[k]
@@ -382,7 +384,8 @@ def raw_sums(
 
 
 _SHORT_SEGMENT = 256
-_ROWS_PER_THREAD = 256
+_ROWS_PER_THREAD = 256  # rows per task at least, so small inputs do not pay for threads
+_TASKS_PER_THREAD = 8
 
 
 def _rows(
@@ -390,7 +393,7 @@ def _rows(
     pivot: torch.Tensor, thr: float, nthreads: int,
 ) -> torch.Tensor:
     fn = getattr(lib, f"stats_rows_{sfx}")
-    parts = max(1, min(nthreads, R // _ROWS_PER_THREAD))
+    parts = max(1, min(_TASKS_PER_THREAD * nthreads, R // _ROWS_PER_THREAD))
     bounds = [R * k // parts for k in range(parts + 1)]
     outs = [torch.zeros(7, C, dtype=torch.float64) for _ in range(parts)]
     _run(
@@ -398,24 +401,36 @@ def _rows(
             (fn, (ptr + bounds[k] * sR * esz, bounds[k + 1] - bounds[k], C, sR,
                   pivot.data_ptr(), thr, outs[k].data_ptr()))
             for k in range(parts)
-        ]
+        ],
+        nthreads,
     )
-    out = outs[0]
-    for o in outs[1:]:
-        mx = torch.maximum(out[_MAX], o[_MAX])
-        out += o
-        out[_MAX] = mx
+    both = torch.stack(outs)  # fixed order: the result does not depend on thread timing
+    out = both.sum(0)
+    out[_MAX] = both[:, _MAX].amax(0)
     return out
 
 
-def _run(calls: list) -> None:
-    if len(calls) == 1:
-        fn, args = calls[0]
-        fn(*args)
+def _run(calls: list, nthreads: int) -> None:
+    """Run ``calls`` (fn, args) on ``nthreads`` threads (the caller and pool workers), each
+    pulling the next call from a shared counter: with more calls than threads, a thread that
+    shares its core with another process does less of the work instead of holding up the
+    result."""
+    workers = min(nthreads, len(calls))
+    if workers <= 1:
+        for fn, args in calls:
+            fn(*args)
         return
-    pool = _get_pool(len(calls) - 1)
-    futs = [pool.submit(fn, *args) for fn, args in calls[1:]]
-    fn, args = calls[0]
-    fn(*args)  # the calling thread takes the first share
+    counter = itertools.count()  # next() on a count is atomic under the GIL
+
+    def drain() -> None:
+        for i in iter(counter.__next__, None):
+            if i >= len(calls):
+                return
+            fn, args = calls[i]
+            fn(*args)
+
+    pool = _get_pool(workers - 1)
+    futs = [pool.submit(drain) for _ in range(workers - 1)]
+    drain()
     for f in futs:
         f.result()
