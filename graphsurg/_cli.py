@@ -58,8 +58,9 @@ def _model_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default=None, metavar="LOSS",
                    help="mse, cross_entropy or package.module:fn called as fn(output, batch); "
                         "without it gradients are not checked")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per batch for .npz/.pt "
-                   "arrays (default 64)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="rows per batch for .npz/.pt arrays (default 64); a .pt2 exported with a "
+                        "static batch size needs that size")
     p.add_argument("--max-batches", type=int, default=32, help="use at most N batches (default 32)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -303,7 +304,13 @@ def _save_pt2(model: Any, batch: Any, out: Path) -> None:
     args_, kwargs = default_input_fn(batch)
     model.eval()
     try:
-        ep = torch.export.export(model, tuple(args_), kwargs)
+        try:  # a dynamic batch dimension when the inputs allow it, else the batch's shapes
+            dyn = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim()
+                        else None for a in args_)
+            ep = torch.export.export(model, tuple(args_), kwargs,
+                                     dynamic_shapes=None if kwargs else dyn)
+        except Exception:
+            ep = torch.export.export(model, tuple(args_), kwargs)
     except Exception as e:
         raise GraphsurgError(f"the operated model could not be exported with torch.export "
                              f"({type(e).__name__}: {first_line(e)})") from e

@@ -120,7 +120,21 @@ def _plan_rows(result: Any) -> list[dict[str, Any]]:
 
 def run_demo(console: Console, *, models: Sequence[str] = DEMO_MODELS, steps: int = 150,
              seed: int = 0) -> DemoOutcome:
-    """Run the demo; returns the report and the tables printed."""
+    """Run the demo; returns the report and the tables printed.
+
+    The zoo's networks are tiny: torch runs single-threaded for the demo (restored after),
+    because intra-op thread hand-offs cost more than the work -- measured 10-50x slower with
+    two threads on a busy 2-core machine.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(console, models=models, steps=steps, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(console: Console, *, models: Sequence[str], steps: int, seed: int) -> DemoOutcome:
     import graphsurg
 
     t0 = time.perf_counter()

@@ -240,8 +240,7 @@ def fig_variance_strip(before: Diagnosis, after: Diagnosis | None) -> str | None
     n_rows = max(m.shape[0] for m, _ in mats)
     fig, axes = plt.subplots(1, len(mats), figsize=(4.6 * len(mats), 0.6 + 0.17 * n_rows + 0.5),
                              squeeze=False)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
     finite = np.concatenate([m[np.isfinite(m)] for m, _ in mats])
     vmin, vmax = -8.0, max(float(finite.max()) if finite.size else 0.0, -7.0)
     im = None
