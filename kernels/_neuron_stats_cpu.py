@@ -233,6 +233,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0
 
 
 def _cache_dir() -> Path:
@@ -314,13 +315,16 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     with _lock:
+        if _pool_pid != os.getpid():  # a forked child (e.g. a DataLoader worker) has no threads
+            _pool, _pool_size = None, 0
         if _pool is None or _pool_size < n:
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="graphsurg-stats")
             _pool_size = n
+            _pool_pid = os.getpid()
         return _pool
 
 

@@ -185,3 +185,21 @@ def test_derived_fields() -> None:
     torch.testing.assert_close(s.saturated_fraction, torch.tensor([0.25, 0.25]))
     ma = x.abs().mean(0)
     torch.testing.assert_close(s.dormancy_score, ma / ma.mean())
+
+
+def test_native_works_in_a_forked_child() -> None:
+    """The worker threads do not survive fork; a forked child must build its own."""
+    import multiprocessing as mp
+
+    if not cpu.available():
+        pytest.skip("the C kernel could not be built on this machine")
+    x = torch.randn(4096, 64)
+    neuron_stats(x, backend="native")  # start the parent's thread pool
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_stats, (x,)).get(timeout=60)
+    torch.testing.assert_close(got, neuron_stats(x, backend="native").mean, rtol=0, atol=0)
+
+
+def _child_stats(x: torch.Tensor) -> torch.Tensor:
+    return neuron_stats(x, backend="native").mean
