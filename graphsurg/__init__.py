@@ -28,6 +28,7 @@ from .library import default_library as default_library
 # end surgery
 
 # monitor
+from ._callback import SurgeryCallback as SurgeryCallback
 from ._monitor import Monitor as Monitor
 # end monitor
 
@@ -58,4 +59,5 @@ __all__ = [
     "reset_optimizer_state",
     # monitor
     "Monitor",
+    "SurgeryCallback",
 ]

@@ -1,0 +1,233 @@
+"""``gs.SurgeryCallback``: diagnose from a Monitor and operate on the live model in a loop.
+
+Every ``every`` steps the callback asks the monitor for a diagnosis (no extra pass over the
+data), plans with ``gs.plan`` on the current batch, and applies the *shape-preserving*
+schemas in place on the live model:
+
+* ``reinit_dead``: the new parameter values are copied into the live parameters (same
+  tensors, so the optimizer and the compiled graphs, which take parameters as inputs, see
+  them at once), and the optimizer's moments of the re-initialised slices are zeroed;
+* ``activation_swap`` (module activations): the module is replaced in the live model;
+  Dynamo's guards on the module tree recompile the graph on the next call (no stale graph).
+
+Schemas that change shapes or add parameters (widen, excise_dead, residual_bypass,
+norm_insert, a PReLU swap) are reported in :attr:`SurgeryCallback.history`, not applied:
+use ``gs.operate`` between training runs for those. An edit whose output change on the
+batch breaks ``certificates.max_output_change`` (or ``exact_tolerance`` for an exact edit)
+is rolled back at once. After an edit the monitor's statistics restart.
+
+Under torch.distributed every rank gets the same diagnosis from the monitor and the edits
+draw from seeded generators, so every replica makes the same edit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._certificates import Certificates
+from ._data import InputFn, run_model
+from ._errors import BadInputError
+from ._monitor import Monitor
+
+IN_PLACE = ("reinit_dead", "activation_swap")
+
+
+@dataclass
+class CallbackEvent:
+    """What the callback did at one surgery step."""
+
+    step: int
+    problems: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    reported: list[str] = field(default_factory=list)  # planned, not applied (and why)
+    rolled_back: list[str] = field(default_factory=list)
+    optimizer_states_reset: int = 0
+
+
+class SurgeryCallback:
+    """Operate on a live, possibly compiled, model from a :class:`Monitor`'s diagnosis.
+
+    Args:
+        model: the live ``nn.Module`` (the one ``torch.compile`` wrapped and the optimizer
+            trains). Edited in place, only by shape-preserving schemas.
+        optimizer: its optimizer; moments of re-initialised slices are zeroed.
+        monitor: the :class:`Monitor` passed to the graphsurg backend for ``model``.
+        every: operate every ``every`` calls of :meth:`step`.
+        certificates: bounds for planning and for keeping an edit (default ``Certificates()``).
+        library: replacements to plan with (default ``gs.default_library()``).
+        input_fn: ``batch -> (args, kwargs)`` when batches are not ``(inputs, targets)``.
+        seed: seeds the edits' random draws (same seed on every rank: the same edits).
+
+    Example:
+        >>> mon = gs.Monitor(every=4)
+        >>> cmodel = torch.compile(model, backend="graphsurg", options={"monitor": mon})
+        >>> cb = gs.SurgeryCallback(model, opt, mon, every=200)
+        >>> for batch in loader:
+        ...     loss_fn(cmodel(batch[0]), batch).backward(); opt.step(); opt.zero_grad()
+        ...     cb.step(batch)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, monitor: Monitor, *,
+                 every: int = 100, certificates: Certificates | None = None,
+                 library: Any = None, input_fn: InputFn | None = None, seed: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise BadInputError(f"model must be the live nn.Module, got {type(model).__name__}")
+        if not isinstance(monitor, Monitor):
+            raise BadInputError(f"monitor must be a graphsurg.Monitor, got "
+                                f"{type(monitor).__name__}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise BadInputError(f"SurgeryCallback(every={every!r}): every must be an int >= 1")
+        if hasattr(model, "_orig_mod"):
+            raise BadInputError("pass the original module, not the torch.compile wrapper "
+                                "(model._orig_mod)")
+        self.model = model
+        self.optimizer = optimizer
+        self.monitor = monitor
+        self.every = every
+        self.certificates = certificates or Certificates()
+        self.library = library
+        self.input_fn = input_fn
+        self.seed = seed
+        self.steps = 0
+        self.history: list[CallbackEvent] = []
+        self._on_step: list[Callable[[int, int], None]] = []
+
+    def step(self, batch: Any) -> CallbackEvent | None:
+        """Count a training step; every ``every`` steps, diagnose and operate.
+
+        ``batch`` is the step's batch: the planner calibrates on it (couplings, constant
+        units) and the output change of each edit is measured on it.
+        """
+        self.steps += 1
+        for f in self._on_step:
+            f(self.steps, self.steps)
+        if self.steps % self.every:
+            return None
+        return self.operate(batch)
+
+    def operate(self, batch: Any) -> CallbackEvent:
+        """Diagnose from the monitor and apply the in-place schemas now."""
+        from ._plan import SurgeryFailed, plan
+
+        event = CallbackEvent(self.steps)
+        self.history.append(event)
+        if self.monitor.sampled == 0:
+            event.reported.append("the monitor has measured nothing yet")
+            return event
+        diagnosis = self.monitor.diagnose()
+        event.problems = [f"{p.kind} at {p.site.address}" for p in diagnosis.problems]
+        if not diagnosis.problems:
+            return event
+        from .library import default_library
+
+        lib = self.library if self.library is not None else default_library()
+        try:
+            surgery = plan(self.model, diagnosis, library=lib,
+                           certificates=self.certificates, data=[batch],
+                           input_fn=self.input_fn, seed=self.seed, probe=False,
+                           prefer=[n for n in IN_PLACE if n in lib])
+        except SurgeryFailed as e:
+            event.reported.append(f"no plan: {e}")
+            return event
+        changed = False
+        for schema in surgery.schemas:
+            label = f"{schema.replacement} at {schema.site.module}"
+            if schema.replacement not in IN_PLACE or schema.params.get("variant") == "prelu":
+                event.reported.append(f"{label}: changes shapes or adds parameters; apply it "
+                                      "with gs.operate")
+                continue
+            outcome = self._apply(schema, batch, event)
+            if outcome == "applied":
+                event.applied.append(label)
+                changed = True
+            else:
+                event.rolled_back.append(f"{label}: {outcome}")
+        for p, why in surgery.untreated:
+            event.reported.append(f"{p.kind} at {p.site.address}: untreated ({why})")
+        if changed:
+            self.monitor.reset()  # statistics of the old model would mislead the next round
+        return event
+
+    # -- one schema ---------------------------------------------------------------------------
+    def _apply(self, schema: Any, batch: Any, event: CallbackEvent) -> str:
+        from .library import Target, default_library
+        from .library._base import Refused
+
+        lib = self.library if self.library is not None else default_library()
+        work = copy.deepcopy(self.model)
+        target = Target(work, [batch], input_fn=self.input_fn, seed=self.seed)
+        try:
+            applied = lib.get(schema.replacement).apply(target, schema.problem, schema.params)
+        except Refused as e:
+            return f"refused ({e})"
+        before = self._output(batch)
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        swapped: list[tuple[str, nn.Module]] = []
+        if schema.replacement == "activation_swap":
+            where = str(applied.details.get("module", ""))
+            try:
+                new = target.model.get_submodule(where)
+                old = self.model.get_submodule(where)
+            except AttributeError:
+                return "refused (a functional activation cannot be swapped in a live module)"
+            if list(new.parameters()):
+                return "refused (the new activation has parameters)"
+            _set_module(self.model, where, new)
+            swapped.append((where, old))
+            if applied.on_step is not None:
+                self._on_step.append(applied.on_step)
+        else:
+            live = dict(self.model.named_parameters())
+            live_b = dict(self.model.named_buffers())
+            with torch.no_grad():
+                for name, t in list(target.model.named_parameters()) + list(
+                        target.model.named_buffers()):
+                    dst = live.get(name, live_b.get(name))
+                    if dst is not None and dst.shape == t.shape and not torch.equal(dst, t):
+                        dst.copy_(t)
+        after = self._output(batch)
+        change = _relative_change(before, after)
+        bound = (self.certificates.exact_tolerance if applied.exact
+                 else self.certificates.max_output_change)
+        if change > bound:
+            with torch.no_grad():
+                for where, old in swapped:
+                    _set_module(self.model, where, old)
+                self.model.load_state_dict(saved)
+            return f"rolled back: output change {change:.3g} > {bound:.3g}"
+        from ._operate import reset_optimizer_state
+
+        result: Any = SimpleNamespace(model=self.model, applied={0: applied})
+        event.optimizer_states_reset += reset_optimizer_state(self.optimizer, result)
+        return "applied"
+
+    @torch.no_grad()
+    def _output(self, batch: Any) -> torch.Tensor:
+        out = run_model(self.model, batch, self.input_fn, 0)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            out = getattr(out, "logits", None) or next(iter(out.values()))
+        return out.detach().to(torch.float64)
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    new.train(getattr(parent, name).training)
+    setattr(parent, name, new)
+
+
+def _relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = float(a.norm())
+    return float((b - a).norm()) / den if den > 0 else float((b - a).norm())
+
+
+__all__ = ["CallbackEvent", "SurgeryCallback"]
