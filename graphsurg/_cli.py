@@ -248,7 +248,9 @@ def cmd_operate(args: argparse.Namespace) -> int:
                 console.result(d.summary())
                 console.result(p.summary())
             return EXIT_OK
-        result = operate(model, data, loss_fn=loss, certificates=certs)
+        result = operate(model, data, loss_fn=loss, certificates=certs,
+                         config=gs.DiagnoseConfig(max_batches=args.max_batches,
+                                                  progress=False if args.quiet else None))
     except Exception as e:
         if failed_exc is not None and isinstance(e, failed_exc):
             print(f"graphsurg: surgery failed: {first_line(e)}", file=sys.stderr)

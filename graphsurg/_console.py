@@ -40,7 +40,7 @@ class Console:
     def result(self, text: str) -> None:
         """Always shown."""
         if self._rich is not None:
-            self._rich.print(text, markup=False)
+            self._rich.print(text, markup=False, soft_wrap=True)
         else:
             print(text, file=self.stream, flush=True)
 

@@ -162,7 +162,7 @@ def _run_demo(console: Console, *, models: Sequence[str], steps: int, seed: int)
         if operate is not None:
             try:
                 result = operate(case.model, case.batches, loss_fn=case.loss_fn, diagnosis=before,
-                                 seed=seed)
+                                 config=cfg, seed=seed)
             except Exception as e:  # SurgeryFailed or an engine error: report, keep going
                 if failed_exc is not None and isinstance(e, failed_exc):
                     mr.notes.append(f"surgery failed: {first_line(e)}")

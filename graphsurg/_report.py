@@ -185,7 +185,7 @@ def fig_dead_fraction(before: Diagnosis, after: Diagnosis | None) -> str:
     ax.set_xlabel("layer")
     ax.set_title("Dead units per layer (lower is better)")
     ax.yaxis.grid(True, alpha=0.3)
-    ax.legend(frameon=False, loc="upper right")
+    ax.legend(loc="upper right", framealpha=0.95, edgecolor="none")
     return _png(fig)
 
 
