@@ -5,15 +5,21 @@ the torch headers (about a minute on two cores), which would make the first test
 This kernel needs nothing from torch: it is plain C, compiled with the system ``gcc`` in about
 a second on first use, cached on disk keyed by its source, compiler flags and the CPU's
 feature flags (it is built with ``-march=native``), and called through ``ctypes`` (which
-releases the GIL, so Python threads run it in parallel on disjoint row ranges). When ``gcc``
-is missing or compiling fails, :func:`available` is False and callers use the torch path --
-no error, no warning. Set ``GRAPHSURG_NO_NATIVE=1`` to disable it.
+releases the GIL, so Python threads run it in parallel: the rows, or channels, are cut into
+about 8 tasks per thread that the threads pull in turn). When ``gcc`` is missing or
+compiling fails, :func:`available` is False and ``neuron_stats`` uses the chunked torch path
+-- no error, no warning. Set ``GRAPHSURG_NO_NATIVE=1`` to disable it, ``GRAPHSURG_CACHE`` to
+move the cache.
+
+Layouts read without a copy: rows ``(R, C)`` with any row stride and unit channel stride
+(``(N, C)``, ``(N, T, C)``, channels-last), a transposed matrix, and ``(N, C, L)`` with
+contiguous ``L`` (NCHW; short ``C*L`` blocks are read as rows of ``C*L`` and folded).
 
 Numerics. Each channel is shifted by a pivot (the finite mean of the first few rows), so
 the sums of ``d = x - pivot`` and ``d*d`` are well conditioned even at ``x + 1e4``. The
 kernel accumulates those sums in the input's accumulation type (float32 for fp16/bf16/fp32)
-over tiles of at most 64 rows (or 4096 contiguous elements) and adds each tile's sums into
-float64 per-channel totals, so rounding error does not grow with the batch size. Threads
+per lane over at most 64 rows (``ROW_TILE``) and then adds them into float64 per-channel
+totals, so rounding error does not grow with the batch size. Threads
 share the pivot, so their float64 totals add exactly as sums. Non-finite values are counted
 and contribute nothing else.
 """
