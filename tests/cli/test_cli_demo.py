@@ -29,3 +29,22 @@ def test_demo_quiet_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_demo_bad_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--models", "nope", "--no-report"]) == 2
     assert "unknown zoo model" in capsys.readouterr().err
+
+
+def test_training_is_reproducible_and_leaves_no_threads_changed() -> None:
+    import copy
+
+    import torch
+
+    from graphsurg._demo import run_demo, train
+    from graphsurg._zoo import dead_mlp
+
+    case = dead_mlp(0, n_batches=2)
+    a = train(copy.deepcopy(case.model), case.batches, case.loss_fn, steps=4, seed=1, start=2)
+    b = train(copy.deepcopy(case.model), case.batches, case.loss_fn, steps=4, seed=1, start=2)
+    assert a == b  # same seed, same data, same start: bit-identical losses
+    threads = torch.get_num_threads()
+    from graphsurg._console import Console
+
+    run_demo(Console(quiet=True, force_plain=True), models=("bottleneck_mlp",), steps=2)
+    assert torch.get_num_threads() == threads

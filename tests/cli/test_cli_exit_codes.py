@@ -39,11 +39,18 @@ def test_help_says_specs_run_user_code(gs_run) -> None:  # type: ignore[no-untyp
     ("_cli_models:NOT_CALLABLE", "x.npz", "not a callable"),
     ("_cli_models:dead_mlp", "missing.npz", "no such file"),
 ])
-def test_bad_model_or_data_is_one_line_exit_2(gs_run, model: str, data: str, needle: str
-                                              ) -> None:  # type: ignore[no-untyped-def]
-    p = gs_run("diagnose", model, "--data", data)
-    assert p.returncode == 2
-    assert needle in _one_line_error(p)
+def test_bad_model_or_data_is_one_line_exit_2(model: str, data: str, needle: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # in process (same code path as the console script, minus interpreter start-up)
+    from graphsurg._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(["diagnose", model, "--data", data]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert needle in err
 
 
 def test_data_that_does_not_fit_the_model(gs_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
