@@ -90,7 +90,7 @@ def plain_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
         return "  ".join(cells).rstrip()
 
-    out = [title] if title else []
+    out = ["", title] if title else []
     out.append(line(allrows[0]))
     out.append("  ".join("-" * w for w in widths))
     out.extend(line(r) for r in allrows[1:])
