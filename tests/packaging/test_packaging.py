@@ -41,3 +41,12 @@ def test_import_graphsurg_does_not_import_triton() -> None:
 
 def test_py_typed_ships() -> None:
     assert (ROOT / "graphsurg" / "py.typed").exists()
+
+
+def test_test_module_basenames_are_unique() -> None:
+    """pytest's default (prepend) import mode imports test files by basename: two
+    tests/*/test_x.py files collide at collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("*.py") if p.name != "conftest.py"
+             and p.name != "__init__.py"]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    assert not dups, f"rename one of each: {dups}"
