@@ -143,9 +143,9 @@ def main() -> int:
     print("\nneuron_stats block sweep (ms; default config marked *):")
     sweeps = [
         ("rows 65536x1024 fp32", cases[0][1], 1,
-         [(bm, bc, nw) for bm in (32, 64) for bc in (64, 128, 256) for nw in (4, 8)]),
+         [(bm, bc, nw) for bm in (16, 32, 64) for bc in (64, 128) for nw in (4, 8)]),
         ("NCHW 128x64x56x56 fp32", cases[2][1], 1,
-         [(bm, bc, nw) for bm in (256, 512, 1024) for bc in (2, 8) for nw in (4, 8)]),
+         [(bm, bc, nw) for bm in (128, 256, 512) for bc in (2, 8) for nw in (4, 8)]),
     ]
     for name, t, cd, configs in sweeps:
         results = []

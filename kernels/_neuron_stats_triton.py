@@ -11,11 +11,14 @@ channel axis is the contiguous one; contiguous ``NCHW`` is read as ``(N, C, H*W)
 spatial axis contiguous. Nothing is copied for these layouts.
 
 Grid: ``(channel blocks, splits)``. Program ``(pc, ps)`` walks a contiguous range of tiles of
-its channel block; for each tile it computes the tile's count, mean and M2 over the finite
-values (two passes over registers) and merges them into its running statistics with Chan's
-formula. Values are shifted by a per-channel pivot (the finite mean of the channel's first
-tile, which every split loads alike) before any sum, so large offsets (``x + 1e4``) keep their
-precision. Each program writes one partial per channel; a second, tiny kernel
+its channel block. Values are shifted by a per-channel pivot (the finite mean of the
+channel's first tile, which every split loads alike), so sums of ``d = x - pivot`` and
+``d*d`` stay accurate at ``x + 1e4``. The tile loop is element-wise only: each tile position
+has its own accumulator slot (count, sum d, sum d*d, sum|x|, max|x|, #x<=0, #saturated), so
+no thread waits on another; every ``FLUSH_ITERS`` tiles the slots are reduced to a block's
+count, mean and M2 and merged into the program's running statistics with Chan's formula
+(per-block Welford partials), which bounds float32 rounding by the block, not the batch.
+Non-finite values are excluded by mask and counted as visited positions minus finite ones. Each program writes one partial per channel; a second, tiny kernel
 (``_neuron_stats_merge_kernel``) merges the ``splits`` partials of each channel in float64
 and writes the final fields, so a call is two launches and no host-side torch arithmetic.
 Offsets are int64. fp16/bf16/fp32 inputs accumulate in float32, float64 in float64.
@@ -57,6 +60,7 @@ def _neuron_stats_kernel(
     MAX_FINITE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    FLUSH_ITERS: tl.constexpr,
 ):
     pid_c = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -87,50 +91,66 @@ def _neuron_stats_kernel(
     absmax = tl.zeros((BLOCK_C,), dtype=acc_ty)
     n_nonpos = tl.zeros((BLOCK_C,), dtype=tl.int64)
     n_sat = tl.zeros((BLOCK_C,), dtype=tl.int64)
-    n_nonfinite = tl.zeros((BLOCK_C,), dtype=tl.int64)
 
     it0 = pid_s * iters_per_prog
     it1 = tl.minimum(it0 + iters_per_prog, n_iters)
-    for it in range(it0, it1):
-        # tile counts fit int32 (<= BLOCK_M); running counts are int64
-        o = it // n_i_blocks
-        i = (it - o * n_i_blocks) * BLOCK_M + offs_m
-        mask = (i < n_i)[:, None] & mask_c[None, :]
-        ptrs = (
-            x_ptr
-            + o * x_o_stride
-            + i[:, None] * x_i_stride
-            + offs_c[None, :] * x_c_stride
-        )
-        v = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
-        a = tl.abs(v)
-        fin = mask & (a <= MAX_FINITE)
-        az = tl.where(fin, a, 0.0)
-        vs = v - pivot[None, :]
-        vz = tl.where(fin, vs, 0.0)
+    for blk in range(it0, it1, FLUSH_ITERS):
+        # one accumulator slot per tile position: the inner loop is element-wise only (no
+        # cross-thread reductions); the slots are folded into the running statistics once
+        # per FLUSH_ITERS tiles, so float32 slot sums hold at most FLUSH_ITERS values
+        c_s = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+        s1_s = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_ty)
+        s2_s = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_ty)
+        ab_s = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_ty)
+        mx_s = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_ty)
+        np_s = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+        st_s = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+        for it in range(blk, tl.minimum(blk + FLUSH_ITERS, it1)):
+            o = it // n_i_blocks
+            i = (it - o * n_i_blocks) * BLOCK_M + offs_m
+            mask = (i < n_i)[:, None] & mask_c[None, :]
+            ptrs = (
+                x_ptr
+                + o * x_o_stride
+                + i[:, None] * x_i_stride
+                + offs_c[None, :] * x_c_stride
+            )
+            v = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
+            a = tl.abs(v)
+            fin = mask & (a <= MAX_FINITE)
+            d = tl.where(fin, v - pivot[None, :], 0.0)
+            az = tl.where(fin, a, 0.0)
+            c_s += fin.to(tl.int32)
+            s1_s += d
+            s2_s += d * d
+            ab_s += az
+            mx_s = tl.maximum(mx_s, az)
+            np_s += (fin & (v <= 0.0)).to(tl.int32)
+            if HAS_SAT:
+                st_s += (fin & (a >= sat_threshold)).to(tl.int32)
 
-        n_t = tl.sum(fin.to(tl.int32), axis=0).to(tl.int64)
-        n_tf = tl.maximum(n_t, 1).to(acc_ty)
-        mean_t = tl.sum(vz, axis=0) / n_tf
-        d = tl.where(fin, vs - mean_t[None, :], 0.0)
-        m2_t = tl.sum(d * d, axis=0)
-
-        # Chan's merge of (n, mean, m2) with the tile's (n_t, mean_t, m2_t)
-        n_new = n + n_t
-        nf = n.to(acc_ty)
-        ntf = n_t.to(acc_ty)
+        # the block's (count, mean, M2) from its pivot-shifted sums, merged with Chan's formula
+        n_b = tl.sum(c_s, axis=0).to(tl.int64)
+        s1_b = tl.sum(s1_s, axis=0)
+        mean_b = s1_b / tl.maximum(n_b, 1).to(acc_ty)
+        m2_b = tl.maximum(tl.sum(s2_s, axis=0) - s1_b * mean_b, 0.0)
+        n_new = n + n_b
         inv = 1.0 / tl.maximum(n_new, 1).to(acc_ty)
-        delta = mean_t - mean
-        mean = mean + delta * (ntf * inv)
-        m2 = m2 + m2_t + delta * delta * (nf * ntf * inv)
+        delta = mean_b - mean
+        mean = mean + delta * (n_b.to(acc_ty) * inv)
+        m2 = m2 + m2_b + delta * delta * (n.to(acc_ty) * n_b.to(acc_ty) * inv)
         n = n_new
-
-        abs_sum += tl.sum(az, axis=0)
-        absmax = tl.maximum(absmax, tl.max(az, axis=0))
-        n_nonpos += tl.sum((fin & (v <= 0.0)).to(tl.int32), axis=0).to(tl.int64)
+        abs_sum += tl.sum(ab_s, axis=0)
+        absmax = tl.maximum(absmax, tl.max(mx_s, axis=0))
+        n_nonpos += tl.sum(np_s, axis=0).to(tl.int64)
         if HAS_SAT:
-            n_sat += tl.sum((fin & (a >= sat_threshold)).to(tl.int32), axis=0).to(tl.int64)
-        n_nonfinite += tl.sum((mask & ~fin).to(tl.int32), axis=0).to(tl.int64)
+            n_sat += tl.sum(st_s, axis=0).to(tl.int64)
+
+    # positions this program visited (every block holds BLOCK_M except the last of each row,
+    # n_i_blocks * BLOCK_M - n_i short); the ones that were not finite are the rest
+    n_lastblocks = it1 // n_i_blocks - it0 // n_i_blocks
+    visited = (it1 - it0) * BLOCK_M - n_lastblocks * (n_i_blocks * BLOCK_M - n_i)
+    n_nonfinite = visited - n
 
     out = pid_s * C + offs_c
     tl.store(mom_ptr + out, mean, mask=mask_c)
@@ -223,6 +243,7 @@ def _launch(
     block_c: int | None = None,
     splits: int | None = None,
     num_warps: int | None = None,
+    flush_iters: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the kernel; returns ``pivot (C,)`` and partials ``mom (4, S, C)``, ``cnt (4, S, C)``."""
     v = as_3d(x, cd)
@@ -270,7 +291,8 @@ def _launch(
         MAX_FINITE=_FP64_MAX if acc == torch.float64 else _FP32_MAX,
         BLOCK_M=block_m,
         BLOCK_C=block_c,
-        num_warps=num_warps or (4 if block_m * block_c <= 4096 else 8),
+        FLUSH_ITERS=flush_iters,
+        num_warps=num_warps or (4 if block_m * block_c <= 2048 else 8),
     )
     return pivot, mom, cnt
 
@@ -310,6 +332,7 @@ def neuron_stats_triton(
     block_c: int | None = None,
     splits: int | None = None,
     num_warps: int | None = None,
+    flush_iters: int = 64,
 ) -> NeuronStats:
     """Per-channel statistics of ``x`` (channel dimension ``cd``, already validated and
     normalised) with the Triton kernel. ``x`` is not modified.
@@ -321,6 +344,6 @@ def neuron_stats_triton(
     """
     pivot, mom, cnt = _launch(
         x, cd, sat_threshold, block_m=block_m, block_c=block_c, splits=splits,
-        num_warps=num_warps,
+        num_warps=num_warps, flush_iters=flush_iters,
     )
     return _merge(pivot, mom, cnt, sat_threshold)

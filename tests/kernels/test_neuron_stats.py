@@ -144,6 +144,10 @@ def test_triton_small_blocks_many_splits() -> None:
     y = torch.randn(3, 5, 6, 7, generator=g)
     s = neuron_stats_triton(y, 1, None, block_m=8, block_c=2, splits=4)
     assert_matches(s, reference_stats(y, 1, None), torch.float32)
+    # several slot flushes per program, with NaN/Inf inside and a partial last block per row
+    z = _inject_nonfinite(torch.randn(4, 3, 7, 5, generator=g) * 2 - 1e4, g)
+    s = neuron_stats_triton(z, 1, 1e4, block_m=4, block_c=2, splits=2, flush_iters=3)
+    assert_matches(s, reference_stats(z, 1, 1e4), torch.float32)
 
 
 def test_auto_falls_back_to_torch_without_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
