@@ -281,10 +281,19 @@ def neuron_stats(
     if backend == "auto":
         if x.is_cuda:
             backend = "triton"
-        else:
+        elif x.device.type == "cpu":
             from . import _neuron_stats_cpu as cpu
 
             backend = "native" if cpu.supports(x) and cpu.available() else "chunked"
+        else:  # another device (mps, xpu, ...): the device-agnostic reference
+            backend = "torch"
+    with torch.no_grad():  # statistics are observations: never record an autograd graph
+        return _dispatch(x, cd, sat_threshold, backend)
+
+
+def _dispatch(
+    x: torch.Tensor, cd: int, sat_threshold: float | None, backend: str
+) -> NeuronStats:
     if backend == "triton":
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -297,8 +306,8 @@ def neuron_stats(
     if backend == "native":
         return _neuron_stats_native(x, cd, sat_threshold)
     if backend == "chunked":
-        if x.is_cuda:
-            raise ValueError("backend='chunked' is a CPU path; x is on a CUDA device")
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='chunked' is a CPU path; x is on {x.device}")
         from ._neuron_stats_chunked import raw_sums_chunked
 
         return _from_sums(x, *raw_sums_chunked(x, cd, sat_threshold), sat_threshold)

@@ -207,3 +207,10 @@ def test_native_works_in_a_forked_child() -> None:
 
 def _child_stats(x: torch.Tensor) -> torch.Tensor:
     return neuron_stats(x, backend="native").mean
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "chunked"])
+def test_no_autograd_graph(backend: str) -> None:
+    x = torch.randn(30, 4, requires_grad=True) * 2
+    s = neuron_stats(x, backend=backend)
+    assert not s.mean.requires_grad and not s.m2.requires_grad
