@@ -97,7 +97,8 @@ class SurgeryCallback:
         self.seed = seed
         self.steps = 0
         self.history: list[CallbackEvent] = []
-        self._on_step: list[Callable[[int, int], None]] = []
+        # (first step, schedule): e.g. a RampLeakyReLU's slope, raised over ``every`` steps
+        self._on_step: list[tuple[int, Callable[[int, int], None]]] = []
 
     def step(self, batch: Any) -> CallbackEvent | None:
         """Count a training step; every ``every`` steps, diagnose and operate.
@@ -106,8 +107,8 @@ class SurgeryCallback:
         units) and the output change of each edit is measured on it.
         """
         self.steps += 1
-        for f in self._on_step:
-            f(self.steps, self.steps)
+        for start, f in self._on_step:
+            f(self.steps - start, self.every)
         if self.steps % self.every:
             return None
         return self.operate(batch)
@@ -182,7 +183,7 @@ class SurgeryCallback:
             _set_module(self.model, where, new)
             swapped.append((where, old))
             if applied.on_step is not None:
-                self._on_step.append(applied.on_step)
+                self._on_step.append((self.steps, applied.on_step))
         else:
             live = dict(self.model.named_parameters())
             live_b = dict(self.model.named_buffers())

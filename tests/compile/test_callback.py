@@ -95,3 +95,24 @@ def test_callback_bad_arguments() -> None:
         gs.SurgeryCallback(model, opt, object(), every=1)  # type: ignore[arg-type]
     with pytest.raises(gs.BadInputError, match="not the torch.compile wrapper"):
         gs.SurgeryCallback(torch.compile(model), opt, gs.Monitor())  # type: ignore[arg-type]
+
+
+def test_exact_ramp_swap_raises_slope_over_the_next_steps() -> None:
+    case = dead_mlp(0, n_batches=4, batch_size=64)
+    model = copy.deepcopy(case.model)
+    mon = gs.Monitor(every=1)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "eager"})
+    for b in case.batches:
+        case.loss_fn(c(b[0]), b).backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cb = gs.SurgeryCallback(model, opt, mon, every=4, library=Library([ActivationSwap()]),
+                            certificates=gs.Certificates(require_exact=True))
+    ev = cb.operate(case.batches[0])
+    assert ev.applied == ["activation_swap at 0", "activation_swap at 2"]  # exact: slope 0
+    ramp = model[1]
+    assert float(ramp.negative_slope) == 0.0
+    for b in case.batches[:2]:
+        cb.step(b)
+    assert 0.0 < float(ramp.negative_slope) < 0.01  # half-way up the ramp (2 of 4 steps)
+    x = case.batches[0][0]
+    torch.testing.assert_close(c(x), model(x), atol=1e-6, rtol=1e-5)  # the buffer is an input
