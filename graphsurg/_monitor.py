@@ -121,7 +121,8 @@ class Monitor:
     @property
     def graph_breaks(self) -> list[str]:
         """Why Dynamo split the model, one line per graph break (empty: one graph)."""
-        return [f"graph {r.index}: {r.break_reason}" for r in self.graphs if r.break_reason]
+        lines = [r.break_reason for r in self.graphs if r.break_reason]
+        return list(dict.fromkeys(lines))  # a recompiled graph breaks at the same place
 
     def stats(self) -> dict[str, NeuronStats]:
         """Accumulated activation statistics per site address (``module:node``)."""
@@ -179,7 +180,8 @@ class Monitor:
         notes = [f"measured under torch.compile by the graphsurg backend: {self.sampled} of "
                  f"{self.calls} calls (every={self.every})"]
         if len(self.graphs) > 1:
-            notes.append(f"Dynamo compiled {len(self.graphs)} graphs; the monitor observed all")
+            notes.append(f"Dynamo compiled {len(self.graphs)} graphs (graph breaks and "
+                         "recompilations); the monitor observed all of them")
         for b in self.graph_breaks:
             notes.append(f"graph break: {b}")
         import torch.distributed as dist

@@ -155,3 +155,19 @@ def test_disabled_monitor_runs_plain_graph() -> None:
 def test_bad_every(every: object) -> None:
     with pytest.raises(gs.BadInputError, match="every must be an int"):
         gs.Monitor(every=every)  # type: ignore[arg-type]
+
+
+def test_eval_calls_under_no_grad_share_the_sites() -> None:
+    model = BreakMLP()
+    data = batches(2)
+    mon = gs.Monitor(every=1)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "eager"})
+    for x, y in data:
+        mse(c(x), (x, y)).backward()
+    with torch.no_grad():
+        c(data[0][0])  # grad mode changed: Dynamo recompiles; observers are shared
+    assert len(mon.graphs) == 4 and len(mon._observers) == 3
+    assert all(int(s.count.max()) == 3 * 32 for s in mon.stats().values())
+    d = mon.diagnose()
+    assert len(mon.graph_breaks) == 1
+    assert len([n for n in d.notes if n.startswith("graph break")]) == 1
