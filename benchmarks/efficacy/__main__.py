@@ -1,0 +1,110 @@
+"""Runner: ``python -m benchmarks.efficacy [--quick] [--seeds N] [--only a,b] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import EXPERIMENTS
+
+HERE = Path(__file__).resolve().parent
+
+INTRO = """# Efficacy experiments
+
+Does surgery heal? Each experiment reproduces a failure mode from the literature and compares
+graphsurg with the known remedy, side by side, on the same seeds, data and step budget.
+Regenerate with `{cmd}` (this file, `results.json` and the plots are rewritten).
+Tables show mean ± std over the seeds; plots show the mean with a min-max band.
+
+Run: {mode}, seeds {seeds}, torch {torch}, {threads} thread(s), {machine};
+wall time {total:.0f} s ({times}). Denormal floats are flushed to zero
+(`torch.set_flush_denormal(True)`): the 32-layer sigmoid network's gradients are denormal
+and make CPU arithmetic ~100x slower otherwise.
+"""
+
+
+def _json(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
+def write_results(results: list[dict[str, Any]], out: Path, args: argparse.Namespace,
+                  total: float, findings: str) -> None:
+    cmd = "python -m benchmarks.efficacy" + (" --quick" if args.quick else "") + (
+        f" --seeds {args.seeds}")
+    parts = [INTRO.format(
+        cmd=cmd, mode="quick" if args.quick else "full", seeds=list(range(args.seeds)),
+        torch=torch.__version__, threads=torch.get_num_threads(),
+        machine=f"{platform.machine()} CPU", total=total,
+        times=", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in results))]
+    if findings:
+        parts.append(findings)
+    for r in results:
+        parts.append(f"## {r['title']}\n\n{r['setup']}\n\n{r['table']}\n")
+        parts += [f"![{p}]({p})\n" for p in r["plots"]]
+        if r["notes"]:
+            parts.append("What the surgery did:\n\n" + "\n".join(f"* {n}" for n in r["notes"])
+                         + "\n")
+    (out / "RESULTS.md").write_text("\n".join(parts))
+    (out / "results.json").write_text(json.dumps(_json(results), indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.efficacy",
+                                 description="graphsurg efficacy experiments")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {EXPERIMENTS}")
+    ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: here)")
+    ap.add_argument("--findings", type=Path, default=HERE / "FINDINGS.md",
+                    help="hand-written findings inserted into RESULTS.md (when present)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite RESULTS.md from --out/results.json without running anything")
+    args = ap.parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out / "results.json").read_text())
+        findings = args.findings.read_text() if args.findings.is_file() else ""
+        write_results(results, args.out, args, sum(r["seconds"] for r in results), findings)
+        print(f"wrote {args.out / 'RESULTS.md'}")
+        return 0
+    names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
+    bad = [n for n in names if n not in EXPERIMENTS]
+    if bad or args.seeds < 1:
+        print(f"unknown experiment(s) {bad}; known: {', '.join(EXPERIMENTS)}"
+              if bad else "--seeds must be >= 1", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    warnings.filterwarnings("ignore", category=UserWarning)
+    seeds = list(range(args.seeds))
+    results = []
+    t0 = time.perf_counter()
+    for name in names:
+        mod = importlib.import_module(f"{__package__}.{name}")
+        r = mod.run(seeds, args.quick, args.out)
+        print(f"[{name}] {r['seconds']:.1f} s\n{r['table']}\n", flush=True)
+        results.append(r)
+    findings = args.findings.read_text() if args.findings and args.findings.is_file() and \
+        not args.quick else ""
+    write_results(results, args.out, args, time.perf_counter() - t0, findings)
+    print(f"wrote {args.out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Experiment 4 -- loss of plasticity (Dohare et al., Nature 2024): slowly-changing regression.
+
+The problem (their "Slowly-Changing Regression", SCR): inputs are ``m = 20`` bits plus a
+bias bit; the first ``f = 15`` bits are fixed within a task and one of them, chosen at
+random, flips when a task ends; the other 5 bits are drawn afresh for every example. The
+target is a fixed random network of 100 linear threshold units (input weights +-1, threshold
+``(m + 1) * beta - S_i`` with ``beta = 0.7`` and ``S_i`` the unit's number of negative
+weights) with output weights +-1. The learner is theirs too: one hidden layer of 5 ReLU
+units, trained online (one example per step) with SGD. The per-task error is the mean squared
+error over the task's examples.
+
+Arms, all from the same initial network and the same stream:
+
+* **backprop**: plain SGD;
+* **continual backprop** (generate-and-test, implemented from the paper): every step each
+  hidden unit's contribution utility ``u <- eta*u + (1-eta)*|h|*sum_k|w_out[k]|``
+  (``eta = 0.99``) is updated and its age incremented; units older than the maturity
+  threshold (100) are eligible and a fraction ``rho`` of them per step (accumulated) is
+  replaced -- the lowest-utility one gets fresh input weights from the initialiser, zero
+  output weights, utility and age 0;
+* **shrink-and-perturb** (Ash & Adams 2020) applied every step: ``w <- (1-lambda) w + sigma eps``;
+* **graphsurg**: ``gs.SurgeryCallback`` on the live model, trained through
+  ``torch.compile(backend="graphsurg")`` with a ``gs.Monitor``, operating once per task.
+
+Scaled for a 2-core CPU: tasks last ``T`` examples (the paper uses 10,000), and CBP's
+replacement rate is scaled by ``10000 / T`` so that as many units are replaced per task.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import graphsurg as gs
+
+from .common import fmt, plot_xy, table
+
+ARMS = ("backprop", "continual backprop", "shrink-and-perturb", "graphsurg")
+LR = 0.01
+
+
+class SCR:
+    """Slowly-changing regression (Dohare et al.)."""
+
+    def __init__(self, seed: int, m: int = 20, f: int = 15, hidden: int = 100,
+                 beta: float = 0.7) -> None:
+        g = torch.Generator().manual_seed(50_000 + seed)
+        self.g, self.m, self.f = g, m, f
+        self.w = torch.randint(0, 2, (m + 1, hidden), generator=g).float() * 2 - 1
+        self.theta = (m + 1) * beta - (self.w < 0).sum(0).float()
+        self.v = torch.randint(0, 2, (hidden,), generator=g).float() * 2 - 1
+        self.bits = torch.randint(0, 2, (f,), generator=g).float()
+
+    def sample(self, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.bits.expand(n, self.f),
+                       torch.randint(0, 2, (n, self.m - self.f), generator=self.g).float(),
+                       torch.ones(n, 1)], 1)
+        y = ((x @ self.w > self.theta).float() @ self.v).unsqueeze(1)
+        return x, y
+
+    def next_task(self) -> None:
+        i = int(torch.randint(0, self.f, (1,), generator=self.g))
+        self.bits[i] = 1 - self.bits[i]
+
+
+def build(seed: int, hidden: int = 5) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(21, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+class ContinualBackprop:
+    """Generate-and-test for one hidden layer (Dohare et al. 2024, Algorithm 1)."""
+
+    def __init__(self, model: nn.Sequential, rho: float, maturity: int = 100,
+                 eta: float = 0.99, seed: int = 0) -> None:
+        self.inc, self.out = model[0], model[2]
+        n = self.inc.out_features
+        self.u = torch.zeros(n)
+        self.age = torch.zeros(n)
+        self.rho, self.maturity, self.eta = rho, maturity, eta
+        self.acc = 0.0
+        self.replaced = 0
+        self.g = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def step(self, h: torch.Tensor) -> None:
+        contrib = h.abs().mean(0) * self.out.weight.abs().sum(0)
+        self.u.mul_(self.eta).add_((1 - self.eta) * contrib)
+        self.age += 1
+        eligible = (self.age > self.maturity).nonzero().flatten()
+        self.acc += self.rho * eligible.numel()
+        k = int(self.acc)
+        if k < 1:
+            return
+        self.acc -= k
+        worst = eligible[self.u[eligible].argsort()[:k]]
+        fan_in = self.inc.in_features
+        bound = 1 / math.sqrt(fan_in)  # nn.Linear's default init (kaiming_uniform, a=sqrt 5)
+        fresh = (torch.rand(len(worst), fan_in, generator=self.g) * 2 - 1) * bound
+        self.inc.weight[worst] = fresh
+        self.inc.bias[worst] = 0.0
+        self.out.weight[:, worst] = 0.0
+        self.u[worst] = 0.0
+        self.age[worst] = 0.0
+        self.replaced += len(worst)
+
+
+def _run_arm(arm: str, model: nn.Sequential, seed: int, tasks: int, per_task: int,
+             notes: list[str]) -> tuple[list[float], dict[str, float]]:
+    env = SCR(seed)
+    torch.manual_seed(seed + 7)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=LR)
+    cbp = ContinualBackprop(m, rho=1e-4 * 10_000 / per_task, seed=seed) \
+        if arm == "continual backprop" else None
+    g = torch.Generator().manual_seed(seed + 11)
+    fwd: Any = m
+    cb = None
+    extra: dict[str, float] = {}
+    if arm == "graphsurg":
+        torch._dynamo.reset()
+        mon = gs.Monitor(every=5)
+        fwd = torch.compile(m, backend="graphsurg", options={"monitor": mon,
+                                                              "inner": "aot_eager"})
+        cb = gs.SurgeryCallback(m, opt, mon, every=per_task, seed=seed)
+    errs = []
+    for _ in range(tasks):
+        tot = 0.0
+        for _ in range(per_task):
+            x, y = env.sample(1)
+            if cbp is not None:
+                h = m[1](m[0](x))
+                out = m[2](h)
+            else:
+                out = fwd(x)
+            loss = ((out - y) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach())
+            if cbp is not None:
+                cbp.step(h.detach())  # after the update: replacements edit the weights
+            if arm == "shrink-and-perturb":
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.mul_(1 - 1e-4).add_(torch.randn(p.shape, generator=g) * 1e-3)
+            if cb is not None:
+                cb.step((x, y))
+        errs.append(tot / per_task)
+        env.next_task()
+    with torch.no_grad():
+        x, _ = env.sample(512)
+        h = m[1](m[0](x))
+        extra["dead units"] = float(((h > 0).float().mean(0) == 0).sum())
+    if cbp is not None:
+        extra["units replaced"] = float(cbp.replaced)
+    if cb is not None:
+        applied = [a for e in cb.history for a in e.applied]
+        extra["edits applied"] = float(len(applied))
+        extra["activation"] = float(isinstance(m[1], nn.LeakyReLU))
+        if seed == 0 or not notes:
+            kinds = sorted(set(a.split(" at ")[0] for a in applied))
+            notes.append(f"graphsurg (seed {seed}): {len(applied)} in-place edit(s) over "
+                         f"{len(cb.history)} callback rounds ({', '.join(kinds) or 'none'}); "
+                         f"hidden activation at the end: {type(m[1]).__name__}")
+        torch._dynamo.reset()
+    return errs, extra
+
+
+def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tasks = 12 if quick else 100
+    per_task = 100 if quick else 500
+    curves: dict[str, list[list[float]]] = {a: [] for a in ARMS}
+    metrics: dict[str, dict[str, list[float]]] = {a: {} for a in ARMS}
+    notes: list[str] = []
+    if not hasattr(gs, "SurgeryCallback"):
+        raise RuntimeError("gs.SurgeryCallback is missing")
+    k = max(1, tasks // 10)
+    for seed in seeds:
+        model = build(seed)
+        for arm in ARMS:
+            errs, extra = _run_arm(arm, model, seed, tasks, per_task, notes)
+            curves[arm].append(errs)
+            metrics[arm].setdefault(f"error, first {k} tasks", []).append(
+                sum(errs[:k]) / k)
+            metrics[arm].setdefault(f"error, last {k} tasks", []).append(
+                sum(errs[-k:]) / k)
+            metrics[arm].setdefault("error, all tasks", []).append(sum(errs) / len(errs))
+            for key, v in extra.items():
+                metrics[arm].setdefault(key, []).append(v)
+    plot_xy(out / "plasticity.png", {a: (list(range(1, tasks + 1)), curves[a]) for a in ARMS},
+            title="Loss of plasticity: slowly-changing regression (5 ReLU units, SGD)",
+            xlabel="task", ylabel="mean squared error over the task")
+    cols = [f"error, first {k} tasks", f"error, last {k} tasks", "error, all tasks",
+            "dead units"]
+    rows = [[a] + [fmt(metrics[a][c]) for c in cols] for a in ARMS]
+    return {
+        "name": "plasticity",
+        "title": "4. Loss of plasticity: continual backprop, shrink-and-perturb, graphsurg",
+        "setup": (f"SCR (m=20 bits, 15 slowly flipping, 100-LTU target), {tasks} tasks of "
+                  f"{per_task} examples, one example per step, SGD lr {LR}, learner 21-5-1 "
+                  f"ReLU. CBP: rho={1e-4 * 10_000 / per_task:g}, maturity 100, eta 0.99. "
+                  "Shrink-and-perturb: lambda=1e-4, sigma=1e-3 every step (not tuned). "
+                  "graphsurg: gs.SurgeryCallback every task, Monitor(every=5)."),
+        "table": table(["arm"] + cols + [], rows),
+        "metrics": metrics,
+        "plots": ["plasticity.png"],
+        "notes": notes,
+        "seconds": time.perf_counter() - t0,
+    }
