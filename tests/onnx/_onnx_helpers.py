@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from _onnx_models import SHAPES
+
+# both torch exporters: legacy (TorchScript) and dynamo
+EXPORTERS = [pytest.param(False, id="legacy"), pytest.param(True, id="dynamo")]
 
 
 def input_shape(name: str, rows: int = 64) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _onnx_helpers import EXPORTERS  # noqa: E402,F401  (re-exported for fixtures)
 from _onnx_models import (  # noqa: E402
     CNN,
     MLP,
@@ -21,8 +22,6 @@ from _onnx_models import (  # noqa: E402
     ResidualMLP,
     export,
 )
-
-EXPORTERS = [pytest.param(False, id="legacy"), pytest.param(True, id="dynamo")]
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,16 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from _onnx_helpers import assert_same_outputs, digest, feeds, full_check, n_params, op_types
+from _onnx_helpers import (
+    EXPORTERS,
+    assert_same_outputs,
+    digest,
+    feeds,
+    full_check,
+    n_params,
+    op_types,
+)
 from _onnx_models import export
-from conftest import EXPORTERS
 
 from graphsurg import Certificates, Diagnosis
 from graphsurg import onnx as gso

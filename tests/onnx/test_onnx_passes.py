@@ -9,9 +9,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from _onnx_helpers import assert_same_outputs, feeds, full_check, n_params, op_types
+from _onnx_helpers import EXPORTERS, assert_same_outputs, feeds, full_check, n_params, op_types
 from _onnx_models import export
-from conftest import EXPORTERS
 from graphsurg.passes.onnx.excise_dead_units import ExciseDeadUnits
 from graphsurg.passes.onnx.factor_low_rank import FactorLowRank
 from graphsurg.passes.onnx.relu_to_leaky_relu import ReluToLeakyReluPass, leaky_rule
