@@ -3,18 +3,18 @@
 diagnose -> plan -> operate -> verify, on torch.fx graphs and ONNX models.
 """
 
+from ._callback import SurgeryCallback as SurgeryCallback
 from ._certificates import Certificates as Certificates
 from ._config import DiagnoseConfig as DiagnoseConfig
+from ._diagnose import diagnose as diagnose
 from ._diagnosis import PROBLEM_KINDS as PROBLEM_KINDS
 from ._diagnosis import Diagnosis as Diagnosis
 from ._diagnosis import LayerReport as LayerReport
 from ._diagnosis import Problem as Problem
 from ._diagnosis import Site as Site
-from ._diagnose import diagnose as diagnose
 from ._errors import BadInputError as BadInputError
 from ._errors import GraphsurgError as GraphsurgError
-
-# surgery
+from ._monitor import Monitor as Monitor
 from ._operate import SurgeryResult as SurgeryResult
 from ._operate import operate as operate
 from ._operate import reset_optimizer_state as reset_optimizer_state
@@ -25,12 +25,6 @@ from ._plan import plan as plan
 from .library import Library as Library
 from .library import Replacement as Replacement
 from .library import default_library as default_library
-# end surgery
-
-# monitor
-from ._callback import SurgeryCallback as SurgeryCallback
-from ._monitor import Monitor as Monitor
-# end monitor
 
 __version__ = "0.1.0"
 
@@ -46,8 +40,7 @@ __all__ = [
     "GraphsurgError",
     "diagnose",
     "__version__",
-    # surgery
-    "Library",
+        "Library",
     "Replacement",
     "Schema",
     "SurgeryFailed",
@@ -57,7 +50,6 @@ __all__ = [
     "operate",
     "plan",
     "reset_optimizer_state",
-    # monitor
-    "Monitor",
+        "Monitor",
     "SurgeryCallback",
 ]
