@@ -41,6 +41,14 @@ class DiagnoseConfig:
         rank_sample: rows of activations kept per site for the effective rank.
         min_rank_dim: layers narrower than this (min(d_in, d_out)) are not checked for rank.
         progress: show a progress bar (None: when stderr is a TTY).
+        overfit_gap: with ``val_data=``, the model over-fits when the held-out loss exceeds
+            ``(1 + overfit_gap) x`` the training loss ...
+        overfit_min_delta: ... and the two differ by more than this (absolute).
+        coadapt_corr: units co-adapt when ``|corr|`` over the sampled rows exceeds this; the
+            over-fitting problem is localised to the layers that have such pairs.
+        mixing_rank_fraction: a sequence value's positions have collapsed when their
+            effective rank is at most this fraction of ``min(T - 1, d)`` (see
+            ``graphsurg.detect.mixing``).
     """
 
     max_batches: int | None = 32
@@ -59,6 +67,10 @@ class DiagnoseConfig:
     rank_sample: int = 512
     min_rank_dim: int = 8
     progress: bool | None = None
+    overfit_gap: float = 0.5
+    overfit_min_delta: float = 1e-3
+    coadapt_corr: float = 0.99
+    mixing_rank_fraction: float = 0.1
 
     def replace(self, **changes: Any) -> DiagnoseConfig:
         names = {f.name for f in fields(self)}

@@ -26,6 +26,7 @@ def diagnose(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     config: DiagnoseConfig | None = None,
     input_fn: InputFn | None = None,
+    val_data: Iterable[Any] | None = None,
 ) -> Diagnosis:
     """Measure every neuron and layer of ``model`` on ``data`` and name each problem found.
 
@@ -41,6 +42,9 @@ def diagnose(
             skipped and the diagnosis says so.
         config: thresholds (:class:`DiagnoseConfig`).
         input_fn: ``input_fn(batch) -> (args, kwargs)`` to override how a batch is fed.
+        val_data: held-out batches (needs ``loss_fn``): the train and held-out losses are
+            measured in eval mode and an ``Overfitting`` problem is raised when they differ
+            by more than ``config.overfit_gap`` (see ``graphsurg.detect.overfitting``).
 
     Returns:
         A :class:`Diagnosis` whose problems are in forward order.
@@ -78,6 +82,7 @@ def diagnose(
     params: list[tuple[str, torch.nn.Parameter]] = []
 
     progress = _Progress(config)
+    seen: list[Any] = []
     try:
         for i, batch in enumerate(iter_batches(data, config.max_batches)):
             for t in batch_tensors(batch):
@@ -120,6 +125,8 @@ def diagnose(
                     owner = n.rsplit(".", 1)[0] if "." in n else ""
                     if owner in paths:
                         param_layer[n] = owner
+            if val_data is not None:
+                seen.append(batch)  # data may be a one-shot iterator
             _step(runner, batch, input_fn, i, loss_fn, params, param_layer, grad_sq,
                   grad_nonfinite, method, notes)
             n_batches += 1
@@ -134,6 +141,14 @@ def diagnose(
     for o in observers:
         if o.error:
             notes.append(f"site {o.site.node}: {o.error}")
+    if val_data is not None and loss_fn is not None:  # issue 9: over-fitting (additive)
+        from ._heal import mean_loss
+
+        val = list(iter_batches(val_data, config.max_batches))
+        if not val:
+            raise BadInputError("val_data is empty: pass at least one held-out batch")
+        measures.losses = {"train": mean_loss(work, seen, loss_fn, input_fn=input_fn),
+                           "val": mean_loss(work, val, loss_fn, input_fn=input_fn)}
     problems = detect_all(measures, config)
     if loss_fn is None:
         notes.append("gradients not checked: pass loss_fn= to measure gradient norms")

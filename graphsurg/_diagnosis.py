@@ -19,6 +19,9 @@ ProblemKind = Literal[
     "Bottleneck",
     "Saturation",
     "NonFinite",
+    "Overfitting",
+    "LostPlasticity",
+    "MixingCollapse",
 ]
 PROBLEM_KINDS: tuple[str, ...] = (
     "DeadNeurons",
@@ -27,6 +30,11 @@ PROBLEM_KINDS: tuple[str, ...] = (
     "Bottleneck",
     "Saturation",
     "NonFinite",
+    # module-scale surgery (issue 9): held-out gap with co-adapting units, a head that stopped
+    # learning, positions of a sequence collapsed onto few directions
+    "Overfitting",
+    "LostPlasticity",
+    "MixingCollapse",
 )
 
 
@@ -109,6 +117,14 @@ class Problem:
             )
         if self.kind == "NonFinite":
             return f"{ev.get('count', '?')} non-finite values in {ev.get('where', '?')}"
+        if self.kind == "Overfitting":
+            return (f"held-out loss {_fmt(ev.get('val_loss'))} vs train {_fmt(ev.get('train_loss'))}"
+                    f"; {ev.get('pairs', '?')} co-adapted unit pair(s)")
+        if self.kind == "MixingCollapse":
+            return (f"positions span rank {_fmt(ev.get('position_rank'))} of "
+                    f"{ev.get('positions', '?')}")
+        if self.kind == "LostPlasticity":
+            return f"{_fmt(ev.get('dormant_fraction'))} of the head's units dormant"
         return ""
 
     def to_dict(self) -> dict[str, Any]:

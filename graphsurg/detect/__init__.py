@@ -50,6 +50,7 @@ class Measurements:
     layers: list[LayerMeasure]
     gradients: bool
     input_nonfinite: int = 0
+    losses: dict[str, float] = field(default_factory=dict)  # "train"/"val" with val_data=
 
 
 def detect_all(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
@@ -57,6 +58,7 @@ def detect_all(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
     from .dead import detect_dead
     from .gradients import detect_gradients
     from .nonfinite import detect_nonfinite
+    from .overfitting import detect_overfitting
     from .saturation import detect_saturation
 
     problems: list[Problem] = []
@@ -65,8 +67,9 @@ def detect_all(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
     problems += detect_saturation(m, config)
     problems += detect_gradients(m, config)
     problems += detect_bottlenecks(m, config)
+    problems += detect_overfitting(m, config)
     order = {lm.module: lm.order for lm in m.layers}
     kinds = ["NonFinite", "DeadNeurons", "Saturation", "VanishingGradient", "ExplodingGradient",
-             "Bottleneck"]
+             "Bottleneck", "Overfitting", "LostPlasticity", "MixingCollapse"]
     problems.sort(key=lambda p: (order.get(p.site.module, -1), kinds.index(p.kind)))
     return problems
