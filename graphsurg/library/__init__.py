@@ -11,6 +11,10 @@ residual_bypass     VanishingGradient                          block    bounded 
 widen               Bottleneck                                 layer    exact
 norm_insert         ExplodingGradient, Saturation              layer    exact (eval mode)
 excise_dead         DeadNeurons (constant units)               neuron   exact on the data
+dropout             Overfitting                                layer    exact (eval mode)
+attention           MixingCollapse (or on request)             block    exact (zero gate)
+distill             escalation / on request                    module   bounded (reported error)
+plasticity_inj...   LostPlasticity                             module   exact
 ==================  =========================================  =======  =======================
 
 Register your own with :meth:`Library.register` (subclass :class:`Replacement`).
@@ -25,9 +29,15 @@ from ._base import Target as Target
 from .activation_swap import ActivationSwap as ActivationSwap
 from .activation_swap import RampLeakyReLU as RampLeakyReLU
 from .activation_swap import ramp_schedule as ramp_schedule
+from .attention import Attention as Attention
+from .attention import GatedAttention as GatedAttention
+from .distill import Distill as Distill
+from .dropout import Dropout as Dropout
 from .excise_dead import ExciseDead as ExciseDead
 from .norm_insert import ChannelBatchNorm as ChannelBatchNorm
 from .norm_insert import NormInsert as NormInsert
+from .plasticity_injection import InjectedHead as InjectedHead
+from .plasticity_injection import PlasticityInjection as PlasticityInjection
 from .reinit_dead import ReinitDead as ReinitDead
 from .residual_bypass import Bypass as Bypass
 from .residual_bypass import ResidualBypass as ResidualBypass
@@ -40,15 +50,30 @@ def default_library() -> Library:
                     ExciseDead()])
 
 
+def canonical_library() -> Library:
+    """The default replacements plus the module-scale ones (dropout, zero-gated attention,
+    distill, plasticity injection): what escalation needs to reach the module scale."""
+    lib = default_library()
+    for r in (Dropout(), Attention(), Distill(), PlasticityInjection()):
+        lib.register(r)
+    return lib
+
+
 __all__ = [
     "SCALES",
     "ActivationSwap",
     "Applied",
+    "Attention",
     "Bypass",
     "ChannelBatchNorm",
+    "Distill",
+    "Dropout",
     "ExciseDead",
+    "GatedAttention",
+    "InjectedHead",
     "Library",
     "NormInsert",
+    "PlasticityInjection",
     "RampLeakyReLU",
     "Refused",
     "ReinitDead",
@@ -56,6 +81,7 @@ __all__ = [
     "ResidualBypass",
     "Target",
     "Widen",
+    "canonical_library",
     "default_library",
     "ramp_schedule",
 ]
