@@ -32,7 +32,7 @@ from ._verify import (
     relative_change,
     still_flagged,
 )
-from .library._base import Applied, Library, Refused, Target
+from .library._base import SCALES, Applied, Library, Refused, Target
 
 RESULT_FORMAT = "graphsurg.surgery/1"
 
@@ -52,6 +52,9 @@ class SurgeryResult:
         applied: per kept schema index, what it changed (for
             :func:`reset_optimizer_state`).
         notes: anything the user should know.
+        escalations: one record per escalation (``operate(..., escalate=n)``): the round,
+            the problem and site, what was tried (replacement, scale, outcome) and what the
+            next plan did instead.
     """
 
     model: nn.Module
@@ -64,6 +67,7 @@ class SurgeryResult:
     output_change: float | None = None
     applied: dict[int, Applied] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    escalations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def kept(self) -> list[int]:
@@ -82,6 +86,7 @@ class SurgeryResult:
             "touched": {str(i): {k: [[d, idx] for d, idx in v] for k, v in a.touched.items()}
                         for i, a in self.applied.items()},
             "notes": list(self.notes),
+            "escalations": list(self.escalations),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -106,6 +111,10 @@ class SurgeryResult:
                      f"({len(before - after)} resolved)")
         if any(v.variant != "planned" for v in self.verification):
             lines.append("*: the exact fallback variant was applied")
+        for e in self.escalations:
+            lines.append(f"escalation (round {e['round']}): {e['problem']} at {e['site']}: "
+                         f"{e['from']} ({e['from_scale']}) {e['outcome']} -> {e['to']} "
+                         f"({e['to_scale']})")
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -119,7 +128,8 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
             surgery_plan: SurgeryPlan | None = None, heal_steps: int = 100,
             heal_mode: str = "auto", optimizer: OptimizerFactory | None = None,
             input_fn: InputFn | None = None, prefer: Sequence[str] = (), seed: int = 0,
-            held_out: Sequence[Any] | None = None, rediagnose: bool = True) -> SurgeryResult:
+            held_out: Sequence[Any] | None = None, rediagnose: bool = True,
+            escalate: int = 0) -> SurgeryResult:
     """Diagnose ``model``, plan, operate on a copy, heal, verify and roll back failures.
 
     Args:
@@ -144,6 +154,10 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
         seed: seeds every random draw (re-initialisations, noise, healing order).
         held_out: explicit verification batches.
         rediagnose: diagnose the result (needed for the dead-unit certificate).
+        escalate: up to this many escalation rounds: when a schema is rolled back or its
+            problem is still reported at its site, the model is planned again one scale up
+            (:func:`graphsurg.plan` with ``previous=``) and operated from scratch; the result
+            lists each step in ``escalations`` (and its summary shows them).
 
     Returns:
         a :class:`SurgeryResult`. Raises :class:`SurgeryFailed` when nothing can be treated,
@@ -157,6 +171,12 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
     """
     from . import diagnose as _diagnose
 
+    if escalate > 0:
+        return _escalating(model, data, rounds=escalate, loss_fn=loss_fn, library=library,
+                           certificates=certificates, config=config, diagnosis=diagnosis,
+                           surgery_plan=surgery_plan, heal_steps=heal_steps,
+                           heal_mode=heal_mode, optimizer=optimizer, input_fn=input_fn,
+                           prefer=prefer, seed=seed, held_out=held_out, rediagnose=rediagnose)
     if not isinstance(model, nn.Module):
         raise BadInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if heal_mode not in ("auto", "always", "never"):
@@ -294,6 +314,43 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
         healing=healing, output_change=total_change,
         applied={i: a for i, a in applied.items() if i not in dropped},
         notes=list(dict.fromkeys(surgery_plan.notes + notes)))
+
+
+def _escalating(model: nn.Module, data: Iterable[Any], *, rounds: int, **kw: Any
+                ) -> SurgeryResult:
+    """operate, then re-plan one scale up where a schema failed, up to ``rounds`` times."""
+    batches = list(iter_batches(data, (kw.get("config") or DiagnoseConfig()).max_batches))
+    res = operate(model, batches, **kw)
+    history: list[dict[str, Any]] = []
+    for r in range(1, rounds + 1):
+        if kw.get("held_out") is not None or len(batches) < 2:
+            calib = batches[:2]
+        else:
+            calib = batches[:-max(1, len(batches) // 4)][:2]
+        try:
+            nxt = plan(model, res.before, library=kw.get("library"),
+                       certificates=kw.get("certificates"), data=calib,
+                       input_fn=kw.get("input_fn"), prefer=kw.get("prefer", ()),
+                       seed=kw.get("seed", 0), previous=res)
+        except SurgeryFailed:
+            break
+        steps = [s for s in nxt.schemas if s.escalated_from]
+        if not steps:
+            break
+        grouped: dict[tuple[str, str], list[Schema]] = {}
+        for s in steps:
+            grouped.setdefault((s.problem.kind, s.site.address), []).append(s)
+        for (kind, site), group in grouped.items():
+            e = group[0].escalated_from or {}
+            top = max(group, key=lambda s: SCALES.index(s.scale) if s.scale in SCALES else -1)
+            history.append({"round": r, "problem": kind, "site": site,
+                            "from": e.get("replacement"), "from_scale": e.get("scale"),
+                            "outcome": e.get("outcome"),
+                            "to": "+".join(dict.fromkeys(s.replacement for s in group)),
+                            "to_scale": top.scale})
+        res = operate(model, batches, **{**kw, "diagnosis": res.before, "surgery_plan": nxt})
+    res.escalations = history
+    return res
 
 
 def _build(base: nn.Module, surgery_plan: SurgeryPlan, lib: Library, cert: Certificates,

@@ -74,6 +74,9 @@ class Schema:
             breaks ``Certificates.max_output_change`` (None: roll back instead).
         spectrum: the local Jacobian probe at the site (see :func:`jacobian_spectrum`).
         reason: why this replacement and scale were chosen.
+        escalated_from: when the planner escalated (a smaller-scale schema at the site was
+            rolled back or left the problem in place): ``{"replacement", "scale",
+            "outcome"}`` of the schema it replaces; None otherwise.
     """
 
     index: int
@@ -87,6 +90,7 @@ class Schema:
     fallback: dict[str, Any] | None = None
     spectrum: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    escalated_from: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +105,7 @@ class Schema:
             "fallback": self.fallback,
             "spectrum": self.spectrum,
             "reason": self.reason,
+            "escalated_from": self.escalated_from,
         }
 
     @classmethod
@@ -117,6 +122,7 @@ class Schema:
             fallback=d.get("fallback"),
             spectrum=dict(d.get("spectrum", {})),
             reason=str(d.get("reason", "")),
+            escalated_from=d.get("escalated_from"),
         )
 
     def describe(self) -> str:
@@ -179,6 +185,12 @@ class SurgeryPlan:
                          "exact" if s.exact else "bounded", _spectrum_str(s.spectrum),
                          s.reason))
         text = f"Plan: {len(self.schemas)} schema(s)\n" + _table(rows)
+        for s in self.schemas:
+            if s.escalated_from:
+                e = s.escalated_from
+                text += (f"\nescalated: #{s.index} {s.replacement} ({s.scale}) at "
+                         f"{s.site.address} after {e.get('replacement')} ({e.get('scale')}): "
+                         f"{e.get('outcome')}")
         for p, r in self.untreated:
             text += f"\nuntreated: {p.kind} at {p.site.address}: {r}"
         return text + "".join(f"\nnote: {n}" for n in self.notes)
@@ -320,7 +332,53 @@ def _options(problem: Problem, spectrum: dict[str, Any], exact: bool
                 (["norm_insert"], "standardise the pre-activations")]
     if kind == "NonFinite":
         return [(["reinit_dead"], "reset the units whose weights are non-finite")]
+    if kind == "Overfitting":
+        return [(["dropout"], "held-out gap with co-adapting units: dropout after the layer "
+                 "(changes training only)")]
+    if kind == "LostPlasticity":
+        return [(["plasticity_injection"], "head lost plasticity: inject a fresh copy minus "
+                 "its frozen twin")]
+    if kind == "MixingCollapse":
+        return [(["attention"], "token mixing collapsed: zero-gated self-attention")]
     return []
+
+
+def _escalation(problem: Problem, previous: Any) -> dict[str, Any] | None:
+    """What a previous surgery did about ``problem`` when it must be escalated: the largest
+    scale tried at the site and why it did not resolve it; None when nothing failed there.
+
+    A schema *failed* when it was rolled back or when the problem is still reported at its
+    site in the diagnosis of the result."""
+    if previous is None:
+        return None
+    prev_plan = getattr(previous, "plan", None)
+    if prev_plan is None:
+        return None
+    verif = {v.index: v for v in getattr(previous, "verification", [])}
+    after = getattr(previous, "after", None)
+    persists = after is not None and any(
+        p.kind == problem.kind and p.site.module == problem.site.module for p in after.problems)
+    tried = [s for s in prev_plan.schemas
+             if s.problem.kind == problem.kind and s.problem.site.module == problem.site.module]
+    if not tried:
+        return None
+    rolled = [s for s in tried if s.index in verif and not verif[s.index].kept]
+    if not rolled and not persists:
+        return None
+    top = max(tried, key=lambda s: SCALES.index(s.scale) if s.scale in SCALES else -1)
+    if rolled:
+        v = verif[rolled[-1].index]
+        outcome = "rolled back: " + ("; ".join(v.reasons) or "certificates not met")
+    else:
+        outcome = "the problem persists after surgery"
+    return {"replacement": "+".join(dict.fromkeys(s.replacement for s in tried)),
+            "scale": top.scale, "outcome": outcome[:300]}
+
+
+def _at_least(lib: Library, names: list[str], scale: str) -> bool:
+    """The treatment reaches beyond ``scale`` (its largest scale is above it)."""
+    top = max(SCALES.index(_scale_of(lib, n)) if n in lib else -1 for n in names)
+    return top > SCALES.index(scale)
 
 
 def _scale_of(lib: Library, name: str) -> str:
@@ -330,7 +388,7 @@ def _scale_of(lib: Library, name: str) -> str:
 def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = None,
          certificates: Certificates | None = None, data: Iterable[Any] | None = None,
          input_fn: InputFn | None = None, prefer: Sequence[str] = (), seed: int = 0,
-         probe: bool = True) -> SurgeryPlan:
+         probe: bool = True, previous: Any = None) -> SurgeryPlan:
     """Plan one schema per treatable problem of ``diagnosis`` on ``model``.
 
     Args:
@@ -345,6 +403,10 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
         prefer: replacement names to try first for every problem (e.g. ``["excise_dead"]``).
         seed: seeds every random draw of the schemas.
         probe: run the local Jacobian probe.
+        previous: a :class:`graphsurg.SurgeryResult` of an earlier attempt on this model and
+            diagnosis. Escalation: a problem whose schema was rolled back, or which is still
+            reported at its site after it, is planned one scale up (neuron -> layer -> block
+            -> module) and the schema records ``escalated_from``.
 
     Returns:
         a :class:`SurgeryPlan`. Raises :class:`SurgeryFailed` when no problem can be treated
@@ -380,9 +442,20 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
             if name in lib and problem.kind in lib.get(name).treats:
                 options = [([name], f"preferred by the caller ({name})")] + [
                     o for o in options if o[0] != [name]]
+        esc = _escalation(problem, previous)
         extra = [r.name for r in lib.treating(problem.kind)
-                 if all(r.name not in o[0] for o in options)]
+                 if all(r.name not in o[0] for o in options)
+                 and (esc is not None or not getattr(r, "escalation_only", False))]
         options += [([n], f"registered replacement {n!r} treats {problem.kind}") for n in extra]
+        if esc is not None:
+            options = [(names, f"escalated from {esc['replacement']} ({esc['scale']}, "
+                               f"{esc['outcome'][:80]}): {why}")
+                       for names, why in options if _at_least(lib, names, esc["scale"])]
+            if not options:
+                result.untreated.append((problem, f"{esc['replacement']} ({esc['scale']}) "
+                                         f"failed ({esc['outcome'][:120]}) and no replacement "
+                                         "at a larger scale treats " + problem.kind))
+                continue
         if not options:
             result.untreated.append((problem, f"no replacement in the library treats "
                                               f"{problem.kind}"))
@@ -420,7 +493,7 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
                     site=problem.site, params=params, exact=exact,
                     judged_after_healing=r.judged_after_healing,
                     fallback=None if exact else r.exact_fallback(params),
-                    spectrum=spectrum, reason=why))
+                    spectrum=spectrum, reason=why, escalated_from=esc))
             if failed:
                 reasons.append(failed)
                 continue
