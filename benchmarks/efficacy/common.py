@@ -88,22 +88,28 @@ def first_layer_grad_norm(model: nn.Module, batch: Batch,
 def train(model: nn.Module, batches: Sequence[Batch], steps: int, *, lr: float = 1e-3,
           opt: torch.optim.Optimizer | None = None, start: int = 0,
           loss_fn: Callable[[Any, Batch], torch.Tensor] = mse,
-          every: Callable[[int, torch.optim.Optimizer], None] | None = None) -> list[float]:
+          every: Callable[[int, torch.optim.Optimizer], None] | None = None,
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          after: Callable[[Batch], Any] | None = None) -> list[float]:
     """Adam (lr ``lr``) for ``steps`` steps cycling over ``batches``; returns the losses.
 
-    ``every(step, opt)`` runs after each optimiser step (ReDo's resets hook in here)."""
+    ``every(step, opt)`` runs after each optimiser step (ReDo's resets hook in here);
+    ``forward`` replaces ``model`` in the forward pass (a compiled model) and ``after(batch)``
+    runs after each step (``gs.SurgeryCallback.step``)."""
     opt = opt or torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     losses = []
     for s in range(start, start + steps):
         b = batches[s % len(batches)]
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(b[0]), b)
+        loss = loss_fn((forward or model)(b[0]), b)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
         if every is not None:
             every(s, opt)
+        if after is not None:
+            after(b)
     return losses
 
 

@@ -12,7 +12,11 @@ then continues at lr 1e-3 for the same number of steps in four arms:
 * **graphsurg operate**: ``gs.operate`` once, the planner's choice, its healing steps counted
   in the budget; the optimizer is rebuilt on the new model;
 * **graphsurg activation_swap**: the same with ``prefer=['activation_swap']`` (the swap alone
-  at every flagged layer).
+  at every flagged layer);
+* **graphsurg callback**: ReDo's schedule with graphsurg's diagnosis -- the model trains
+  through ``torch.compile(backend="graphsurg")`` with a ``gs.Monitor`` and
+  ``gs.SurgeryCallback`` operates in place every ``K`` steps (``reinit_dead`` with the
+  Adam moments of the re-initialised slices zeroed), keeping the optimizer.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from graphsurg._zoo import _teacher_batches
 from .common import dormant_fraction, eval_loss, fmt, mse, plot_xy, table, train
 
 LOSS_TOL = 0.05  # graphsurg's max_loss_increase, as a fraction of the broken model's loss
-ARMS = ("untreated", "ReDo", "graphsurg operate", "graphsurg activation_swap")
+ARMS = ("untreated", "ReDo", "graphsurg operate", "graphsurg activation_swap",
+        "graphsurg callback")
 
 
 def build(seed: int, width: int) -> nn.Sequential:
@@ -82,11 +87,11 @@ class ReDo:
 
 def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    width = 64 if quick else 128
+    width = 48 if quick else 128
     break_steps = 150 if quick else 200
-    steps = 100 if quick else 600
-    check = 50
-    heal = 50 if quick else 100
+    steps = 60 if quick else 600
+    check = 30 if quick else 50
+    heal = 30 if quick else 100
     metrics: dict[str, dict[str, list[float]]] = {a: {} for a in ARMS}
     curves: dict[str, list[list[float]]] = {a: [] for a in ARMS}
     dcurves: dict[str, list[list[float]]] = {a: [] for a in ARMS}
@@ -113,7 +118,7 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                 assert isinstance(m, nn.Sequential)
                 redo = ReDo(m, tau=0.1, every=check)
                 every = redo
-            elif arm.startswith("graphsurg"):
+            elif arm in ("graphsurg operate", "graphsurg activation_swap"):
                 prefer = ["activation_swap"] if arm.endswith("swap") else []
                 try:
                     # the default certificate (max_loss_increase=0) rolls every schema back
@@ -124,7 +129,7 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                 except gs.SurgeryFailed as e:
                     notes.append(f"{arm} (seed {seed}): no surgery ({e})")
                     res = None
-            if arm.startswith("graphsurg") and res is not None:
+            if res is not None:
                 m = res.model
                 done = int(res.healing.get("steps") or 0)
                 kept = [f"{v.replacement}@{v.site}" for v in res.verification if v.kept]
@@ -134,13 +139,22 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                                  f"{[r['replacement'] for r in res.rolled_back]}")
                 metrics[arm].setdefault("schemas kept", []).append(len(kept))
             opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            fwd: Any = None
+            cb: Any = None
+            if arm == "graphsurg callback":
+                torch._dynamo.reset()
+                mon = gs.Monitor(every=2)
+                fwd = torch.compile(m, backend="graphsurg",
+                                    options={"monitor": mon, "inner": "aot_eager"})
+                cb = gs.SurgeryCallback(m, opt, mon, every=check, seed=seed)
             # checkpoints every `check` steps; healing steps count towards the budget
             s = done
             while s < steps:
                 n = min(check - s % check, steps - s)
                 if isinstance(every, ReDo):
                     every.batch = tr[s % len(tr)][0]
-                train(m, tr, n, opt=opt, start=s, every=every)
+                train(m, tr, n, opt=opt, start=s, every=every, forward=fwd,
+                      after=None if cb is None else cb.step)
                 s += n
                 if s % check == 0 or s == steps:
                     while len(ls) < s // check:  # steps spent inside operate's healing
@@ -148,6 +162,13 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                         ds.append(math.nan)
                     ls.append(eval_loss(m, held))
                     ds.append(dormant_fraction(m, xh))
+            if cb is not None:
+                applied = [a for e in cb.history for a in e.applied]
+                metrics[arm].setdefault("schemas kept", []).append(len(applied))
+                if seed == seeds[0]:
+                    notes.append(f"{arm} (seed {seed}): {len(applied)} in-place edit(s) in "
+                                 f"{len(cb.history)} rounds: {sorted(set(applied))}")
+                torch._dynamo.reset()
             curves[arm].append(ls)
             dcurves[arm].append(ds)
             metrics[arm].setdefault("final loss", []).append(ls[-1])
