@@ -178,7 +178,7 @@ def test_distill_a_bert_mlp_block() -> None:
     # the dense layer and its GELU (BertIntermediate) are replaced together
     assert v.details["replaced"] == "encoder.layer.0.intermediate"
     assert v.details["mode"] == "module" and v.details["architecture"] == "mlp_block"
-    assert v.details["distill_error_heldout"] <= 0.3  # measured 0.06
+    assert v.details["distill_error_heldout"] <= 0.3  # measured 0.08 (36 held-out tokens)
     assert v.output_change is not None and v.output_change <= 0.1
     assert rel_change(res.model, model, data[2:]) <= 0.1
 
