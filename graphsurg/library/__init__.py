@@ -45,18 +45,17 @@ from .widen import Widen as Widen
 
 
 def default_library() -> Library:
-    """A fresh library holding the default replacements (safe to register into)."""
+    """A fresh library holding the canonical replacements (safe to register into): the
+    neuron/layer/block ones and the module-scale ones (dropout, zero-gated attention,
+    distill, plasticity injection) that escalation reaches. Distill is planned only by
+    escalation or ``prefer=``; the other three treat only their own problem kinds."""
     return Library([ReinitDead(), ActivationSwap(), ResidualBypass(), Widen(), NormInsert(),
-                    ExciseDead()])
+                    ExciseDead(), Dropout(), Attention(), Distill(), PlasticityInjection()])
 
 
 def canonical_library() -> Library:
-    """The default replacements plus the module-scale ones (dropout, zero-gated attention,
-    distill, plasticity injection): what escalation needs to reach the module scale."""
-    lib = default_library()
-    for r in (Dropout(), Attention(), Distill(), PlasticityInjection()):
-        lib.register(r)
-    return lib
+    """Alias of :func:`default_library` (kept for code written against it)."""
+    return default_library()
 
 
 __all__ = [

@@ -35,7 +35,8 @@ def _dead(case: zoo.ZooCase, i: int = 0) -> Problem:
 def test_default_library_declares_its_entries() -> None:
     lib = gs.default_library()
     assert lib.names() == ["reinit_dead", "activation_swap", "residual_bypass", "widen",
-                           "norm_insert", "excise_dead"]
+                           "norm_insert", "excise_dead", "dropout", "attention", "distill",
+                           "plasticity_injection"]
     for r in lib:
         assert r.treats and r.scales and r.guarantee in ("exact", "bounded")
     assert [r.name for r in lib.treating("DeadNeurons")][0] == "reinit_dead"
