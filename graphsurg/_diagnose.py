@@ -90,11 +90,8 @@ def diagnose(
                 input_nonfinite += bad
             if i == 0:
                 args, kwargs = _split(batch, input_fn)
-                try:
-                    with torch.no_grad():
-                        run_model(work, batch, input_fn, 0)
-                except BadInputError:
-                    raise
+                # a batch the model rejects fails capture, then the first run of the
+                # fallback raises BadInputError naming it
                 cap = capture(work, args, kwargs)
                 method = cap.method
                 notes.extend(cap.notes)

@@ -93,3 +93,20 @@ def test_without_loss_gradients_are_skipped_and_said() -> None:
     assert not d.gradients_checked
     assert not d.of_kind("VanishingGradient")
     assert any("gradients not checked" in n for n in d.notes)
+
+
+def test_rank_certificate_agrees_with_svd() -> None:
+    from graphsurg.detect.bottleneck import rank_certified, weight_ranks
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(96, 64, generator=g)
+    low = torch.randn(96, 5, generator=g) @ torch.randn(5, 64, generator=g)
+    assert rank_certified(full, 32, None)
+    assert not rank_certified(low, 32, None)
+    assert weight_ranks(low, None)[0] == 5
+    # a certificate is never issued where the exact rank is below k
+    for r in (1, 8, 31, 33, 64):
+        w = torch.randn(96, r, generator=g) @ torch.randn(r, 64, generator=g)
+        exact = weight_ranks(w, None)[0]
+        if rank_certified(w, 32, None):
+            assert exact >= 32
