@@ -22,7 +22,7 @@ INTRO = """# Efficacy experiments
 
 Does surgery heal? Each experiment reproduces a failure mode from the literature and compares
 graphsurg with the known remedy, side by side, on the same seeds, data and step budget.
-Regenerate with `{cmd}` (this file, `results.json` and the plots are rewritten).
+Regenerate with `make efficacy`, i.e. `{cmd}` (this file, `results.json` and the plots are rewritten).
 Tables show mean ± std over the seeds; plots show the mean with a min-max band.
 
 Run: {mode}, seeds {seeds}, torch {torch}, {threads} thread, {machine} (shared with other

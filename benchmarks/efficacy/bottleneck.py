@@ -120,7 +120,7 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                   f"{steps} steps (Adam lr 1e-3). The planner widened the width-4 layer to "
                   f"{sorted(set(widths))}; the wide network from scratch has that width and "
                   f"{pre + steps} steps."),
-        "table": table(["arm", "relative output change at surgery", "max |f' - f|",
+        "table": table(["arm", "relative output change at surgery", "max abs(f' - f)",
                         f"held-out MSE after {pre}+{steps} steps"], rows),
         "metrics": metrics,
         "max_change": max(w.get("change", [math.nan])),

@@ -149,6 +149,13 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                 cb = gs.SurgeryCallback(m, opt, mon, every=check, seed=seed)
             # checkpoints every `check` steps; healing steps count towards the budget
             s = done
+            if done:  # the model right after operate (and its healing)
+                while len(ls) < done // check:
+                    ls.append(math.nan)
+                    ds.append(math.nan)
+                if done % check == 0:
+                    ls.append(eval_loss(m, held))
+                    ds.append(dormant_fraction(m, xh))
             while s < steps:
                 n = min(check - s % check, steps - s)
                 if isinstance(every, ReDo):

@@ -20,7 +20,8 @@ Arms, all from the same initial network and the same stream:
   output weights, utility and age 0;
 * **shrink-and-perturb** (Ash & Adams 2020) applied every step: ``w <- (1-lambda) w + sigma eps``;
 * **graphsurg**: ``gs.SurgeryCallback`` on the live model, trained through
-  ``torch.compile(backend="graphsurg")`` with a ``gs.Monitor``, operating once per task.
+  ``torch.compile(backend="graphsurg")`` with a ``gs.Monitor``, operating once per task on
+  that task's statistics (the monitor is reset after every round).
 
 Scaled for a 2-core CPU: tasks last ``T`` examples (the paper uses 10,000), and CBP's
 replacement rate is scaled by ``10000 / T`` so that as many units are replaced per task.
@@ -39,7 +40,7 @@ from torch import nn
 
 import graphsurg as gs
 
-from .common import fmt, plot_xy, table
+from .common import fmt, plot_curves, table
 
 ARMS = ("backprop", "continual backprop", "shrink-and-perturb", "graphsurg")
 LR = 0.01
@@ -150,8 +151,11 @@ def _run_arm(arm: str, model: nn.Sequential, seed: int, tasks: int, per_task: in
                 with torch.no_grad():
                     for p in m.parameters():
                         p.mul_(1 - 1e-4).add_(torch.randn(p.shape, generator=g) * 1e-3)
-            if cb is not None:
-                cb.step((x, y))
+            if cb is not None and cb.step((x, y)) is not None:
+                # one task per diagnosis window: the monitor accumulates since its last reset
+                # (the callback resets it only after an edit), so a unit that dies late
+                # would look alive for the rest of the run
+                mon.reset()
         errs.append(tot / per_task)
         env.next_task()
     with torch.no_grad():
@@ -175,7 +179,7 @@ def _run_arm(arm: str, model: nn.Sequential, seed: int, tasks: int, per_task: in
 
 def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    tasks = 12 if quick else 100
+    tasks = 12 if quick else 150
     per_task = 100 if quick else 500
     curves: dict[str, list[list[float]]] = {a: [] for a in ARMS}
     metrics: dict[str, dict[str, list[float]]] = {a: {} for a in ARMS}
@@ -195,9 +199,10 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
             metrics[arm].setdefault("error, all tasks", []).append(sum(errs) / len(errs))
             for key, v in extra.items():
                 metrics[arm].setdefault(key, []).append(v)
-    plot_xy(out / "plasticity.png", {a: (list(range(1, tasks + 1)), curves[a]) for a in ARMS},
-            title="Loss of plasticity: slowly-changing regression (5 ReLU units, SGD)",
-            xlabel="task", ylabel="mean squared error over the task")
+    plot_curves(out / "plasticity.png", curves, smooth_k=max(1, tasks // 15), x0=1,
+                title="Loss of plasticity: slowly-changing regression (5 ReLU units, SGD)",
+                xlabel=f"task (error averaged over the last {max(1, tasks // 15)} tasks)",
+                ylabel="mean squared error over the task", logy=False)
     cols = [f"error, first {k} tasks", f"error, last {k} tasks", "error, all tasks",
             "dead units"]
     rows = [[a] + [fmt(metrics[a][c]) for c in cols] for a in ARMS]
@@ -208,10 +213,12 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                   f"{per_task} examples, one example per step, SGD lr {LR}, learner 21-5-1 "
                   f"ReLU. CBP: rho={1e-4 * 10_000 / per_task:g}, maturity 100, eta 0.99. "
                   "Shrink-and-perturb: lambda=1e-4, sigma=1e-3 every step (not tuned). "
-                  "graphsurg: gs.SurgeryCallback every task, Monitor(every=5)."),
+                  "graphsurg: gs.SurgeryCallback every task, Monitor(every=5) reset after every "
+                  "round (a one-task diagnosis window)."),
         "table": table(["arm"] + cols + [], rows),
         "metrics": metrics,
         "plots": ["plasticity.png"],
+        "curves": curves,
         "notes": notes,
         "seconds": time.perf_counter() - t0,
     }
