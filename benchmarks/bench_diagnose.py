@@ -5,7 +5,9 @@
   * naive hooks: the same with forward hooks computing var, mean, firing rate and absmax per
     layer (what hook-based tools do);
   * diagnose: gs.diagnose over the same 20 batches (capture, instrumentation, gradient norms
-    and every detector, SVDs included).
+    and every detector, SVDs included);
+  * diagnose_x2: gs.diagnose over 40 batches -- (diagnose_x2 - diagnose) / 20 is the marginal
+    per-batch cost of the instrumented step, compared with a plain step.
 Run with `make bench`; the ratios are printed and recorded in benchmarks/RESULTS.md.
 """
 
@@ -61,20 +63,27 @@ def _naive_hooks(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]
             h.remove()
 
 
+def _diagnose_x2(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    _diagnose(model, data + data)
+
+
 def _diagnose(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     d = gs.diagnose(model, data, loss_fn=_loss, config=gs.DiagnoseConfig(max_batches=None))
     assert d.batches == len(data)
 
 
-@pytest.mark.parametrize("variant", ["plain", "naive_hooks", "diagnose"])
+@pytest.mark.parametrize("variant", ["plain", "naive_hooks", "diagnose", "diagnose_x2"])
 def test_bench_diagnose(benchmark, variant: str) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
     model, data = _model(), _data()
-    fn = {"plain": _plain, "naive_hooks": _naive_hooks, "diagnose": _diagnose}[variant]
+    fn = {"plain": _plain, "naive_hooks": _naive_hooks, "diagnose": _diagnose,
+          "diagnose_x2": _diagnose_x2}[variant]
     fn(model, data[:2])  # warm-up (first export, allocator)
     benchmark.pedantic(fn, args=(model, data), rounds=2, iterations=1)
     _results[variant] = benchmark.stats.stats.min
-    if len(_results) == 3:
+    if len(_results) == 4:
         base = _results["plain"]
+        marginal = (_results["diagnose_x2"] - _results["diagnose"]) / base
         print(f"\n[bench_diagnose] plain {base:.3f}s; naive hooks "
-              f"{_results['naive_hooks'] / base:.3f}x; diagnose {_results['diagnose'] / base:.3f}x")
+              f"{_results['naive_hooks'] / base:.3f}x; diagnose {_results['diagnose'] / base:.3f}x; "
+              f"instrumented step (marginal) {marginal:.3f}x a plain step")
