@@ -22,6 +22,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-enable --benchmark-only -p no:randomly
 
+efficacy: $(STAMP)
+	$(BIN)/python -m benchmarks.efficacy
+
 lint: $(STAMP)
 	$(BIN)/ruff check graphsurg kernels passes tests benchmarks
 	$(BIN)/mypy
