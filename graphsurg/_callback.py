@@ -123,6 +123,10 @@ class SurgeryCallback:
             event.reported.append("the monitor has measured nothing yet")
             return event
         diagnosis = self.monitor.diagnose()
+        # every round diagnoses a fresh window: statistics since the last round only. After an
+        # edit, older statistics describe a model that no longer exists; without an edit, a
+        # cumulative window hides units that die late (their early firing keeps them "alive").
+        self.monitor.reset()
         event.problems = [f"{p.kind} at {p.site.address}" for p in diagnosis.problems]
         if not diagnosis.problems:
             return event
@@ -137,7 +141,6 @@ class SurgeryCallback:
         except SurgeryFailed as e:
             event.reported.append(f"no plan: {e}")
             return event
-        changed = False
         for schema in surgery.schemas:
             label = f"{schema.replacement} at {schema.site.module}"
             if schema.replacement not in IN_PLACE or schema.params.get("variant") == "prelu":
@@ -147,13 +150,10 @@ class SurgeryCallback:
             outcome = self._apply(schema, batch, event)
             if outcome == "applied":
                 event.applied.append(label)
-                changed = True
             else:
                 event.rolled_back.append(f"{label}: {outcome}")
         for p, why in surgery.untreated:
             event.reported.append(f"{p.kind} at {p.site.address}: untreated ({why})")
-        if changed:
-            self.monitor.reset()  # statistics of the old model would mislead the next round
         return event
 
     # -- one schema ---------------------------------------------------------------------------

@@ -105,8 +105,9 @@ class SurgeryResult:
         if h.get("steps"):
             lines.append(f"healing: {h['steps']} step(s); loss treated "
                          f"{_f(h.get('treated_loss'))} vs untreated {_f(h.get('untreated_loss'))}")
-        before = {(p.kind, p.site.address) for p in self.before.problems}
-        after = {(p.kind, p.site.address) for p in self.after.problems} if self.after else set()
+        # by module, not graph node: a rewrite renames later nodes (relu_2 -> relu_1)
+        before = {(p.kind, p.site.module) for p in self.before.problems}
+        after = {(p.kind, p.site.module) for p in self.after.problems} if self.after else set()
         lines.append(f"problems: {len(before)} before, {len(after)} after "
                      f"({len(before - after)} resolved)")
         if any(v.variant != "planned" for v in self.verification):
@@ -226,7 +227,10 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
                                verif, dropped)
         total_change = relative_change(outputs(work, calib, input_fn), ref, ref)
         kept = [s for s in surgery_plan.schemas if s.index not in dropped]
-        needs = any((not applied[s.index].exact) or s.judged_after_healing for s in kept)
+        # heal when an edit is inexact, only helps once trained, or carries a schedule that acts
+        # during training (the exact ramp swap's slope rises only while healing runs)
+        needs = any((not applied[s.index].exact) or s.judged_after_healing
+                    or applied[s.index].on_step is not None for s in kept)
         do_heal = loss_fn is not None and heal_steps > 0 and (
             heal_mode == "always" or (heal_mode == "auto" and needs))
         healed = HealLog()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .._diagnosis import Problem
 from ..passes.fx.rewrite import RewriteError, replace_node_with_module
@@ -38,7 +39,9 @@ class RampLeakyReLU(nn.Module):
         self.register_buffer("negative_slope", torch.tensor(float(negative_slope)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x >= 0, x, x * self.negative_slope.to(x.dtype))
+        # prelu with a one-element weight is exactly a leaky ReLU of that slope, and captures
+        # as an activation op (aten.prelu), so diagnosis still sees the site
+        return F.prelu(x, self.negative_slope.to(x.dtype).reshape(1))
 
     def extra_repr(self) -> str:
         return f"negative_slope={float(self.negative_slope):.4g}"
