@@ -239,8 +239,21 @@ def _owner(node: fx.Node) -> str:
     return ""
 
 
-def find_sites(gm: fx.GraphModule) -> tuple[list[LayerSite], list[ActSite]]:
-    """Layers and observed sites of a captured graph, in forward order."""
+def find_sites(
+    gm: fx.GraphModule,
+    *,
+    weight_module: Callable[[fx.GraphModule, fx.Node], str | None] | None = None,
+    owner: Callable[[fx.Node], str] | None = None,
+) -> tuple[list[LayerSite], list[ActSite]]:
+    """Layers and observed sites of a captured graph, in forward order.
+
+    ``weight_module(gm, node)`` names a layer node's module (default: from a ``get_attr``
+    weight or a ``call_module`` target) and ``owner(node)`` the module owning a node (default:
+    from ``nn_module_stack``); the torch.compile backend passes resolvers for Dynamo graphs,
+    whose weights are placeholders.
+    """
+    weight_module = weight_module or _weight_module
+    owner = owner or _owner
     layers: list[LayerSite] = []
     acts: list[ActSite] = []
     layer_of_node: dict[fx.Node, str] = {}
@@ -253,15 +266,14 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[LayerSite], list[ActSite]]:
             continue
         what, name = c
         if what == "layer":
-            mod = _weight_module(gm, node)
+            mod = weight_module(gm, node)
             if mod is None:
                 continue
             layer_of_node[node] = mod
             if not any(ls.module == mod for ls in layers):
                 layers.append(LayerSite(mod, name, node.name, len(layers)))
             # a layer output that no activation follows is observed itself
-            follower = _follows_activation(node, kinds)
-            if not follower:
+            if not _follows_activation(node, kinds):
                 acts.append(ActSite(node.name, name, "linear", mod, 1 if name != "linear" else -1,
                                     i, mod))
         elif what == "act":
@@ -271,7 +283,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[LayerSite], list[ActSite]]:
             pkind = pc[1] if pc else ""
             cd = 1 if pkind.startswith("conv") else -1
             acts.append(ActSite(node.name, name, ACT_FAMILY.get(name, "smooth"), producer, cd, i,
-                                _owner(node) or producer))
+                                owner(node) or producer))
     # next layers of each layer (through non-layer nodes), for the "narrow layer" check
     by_name = {n.name: n for n in gm.graph.nodes}
     for ls in layers:

@@ -18,15 +18,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .capture import (
-    ACT_FAMILY,
-    ActSite,
-    LayerSite,
-    _classify,
-    _follows_activation,
-    _next_layers,
-    _producer,
-)
+from .capture import ActSite, LayerSite, find_sites
 
 _TOKEN = re.compile(r"\.([A-Za-z_][\w]*|\d+)|\[\s*['\"]([^'\"]+)['\"]\s*\]|\[\s*(\d+)\s*\]")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
@@ -107,39 +99,12 @@ class DynamoSites:
 
 def find_dynamo_sites(gm: fx.GraphModule) -> DynamoSites:
     """Layers, observed sites and parameter placeholders of a Dynamo graph, in forward order."""
-    layers: list[LayerSite] = []
-    acts: list[ActSite] = []
-    layer_of_node: dict[fx.Node, str] = {}
-    kinds = {node: _classify(gm, node) for node in gm.graph.nodes}
-    for i, node in enumerate(gm.graph.nodes):
-        c = kinds[node]
-        if c is None:
-            continue
-        what, name = c
-        if what == "layer":
-            mod = _weight_module(gm, node)
-            if mod is None:
-                continue
-            layer_of_node[node] = mod
-            if not any(ls.module == mod for ls in layers):
-                layers.append(LayerSite(mod, name, node.name, len(layers)))
-            if not _follows_activation(node, kinds):
-                acts.append(ActSite(node.name, name, "linear", mod,
-                                    1 if name != "linear" else -1, i, mod))
-        elif what == "act":
-            producer_node = _producer(node, kinds)
-            producer = layer_of_node.get(producer_node, "") if producer_node is not None else ""
-            pc = kinds.get(producer_node) if producer_node is not None else None
-            pkind = pc[1] if pc else ""
-            cd = 1 if pkind.startswith("conv") else -1
-            acts.append(ActSite(node.name, name, ACT_FAMILY.get(name, "smooth"), producer, cd, i,
-                                owner_path(node) or producer))
+    layers, acts = find_sites(gm, weight_module=_weight_module, owner=owner_path)
     by_name = {n.name: n for n in gm.graph.nodes}
     index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     weights: dict[str, int] = {}
     for ls in layers:
         node = by_name[ls.node]
-        ls.next_modules = _next_layers(node, kinds, layer_of_node)
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         if isinstance(w, fx.Node) and w in index:
             weights[ls.module] = index[w]
