@@ -164,6 +164,36 @@ class Target:
         setattr(parent, name, new)
         self.invalidate()
 
+    def insert_after(self, path: str, new: nn.Module, mode: str, prefix: str) -> str:
+        """Insert ``new`` right after the site ``path`` and return where it now lives.
+
+        ``mode="fx"``: on the FX graph, after the block of ``path`` (the layer and its
+        activation); otherwise the module at ``path`` becomes ``Sequential(old, new)`` and
+        ``new`` lives at ``path.1``. Raises :class:`Refused` with the reason when neither
+        can be done.
+        """
+        from ..passes.fx.rewrite import RewriteError, block_bounds
+        from ..passes.fx.rewrite import insert_after as _insert_after
+
+        if mode == "fx":
+            gm, reason = self.graph_module()
+            if gm is None:
+                raise Refused(f"no torch.fx graph: {reason}")
+            try:
+                _, end = block_bounds(gm, path)
+            except RewriteError as e:
+                raise Refused(str(e)) from None
+            name = _insert_after(gm, end, new, f"{prefix}_{path}")
+            new.train(gm.training)
+            self.set_model(gm)
+            return name
+        try:
+            old = self.model.get_submodule(path)
+        except AttributeError:
+            raise Refused(f"the model has no module {path!r}") from None
+        self.replace_module(path, nn.Sequential(old, new))
+        return f"{path}.1"
+
     def generator(self, salt: str | int) -> torch.Generator:
         """A CPU generator seeded from the target's seed and ``salt`` (stable across runs)."""
         s = zlib.crc32(str(salt).encode()) if isinstance(salt, str) else int(salt)

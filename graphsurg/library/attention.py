@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._diagnosis import Problem
-from ..passes.fx.rewrite import RewriteError, block_bounds, insert_after
+from ..passes.fx.rewrite import RewriteError, block_bounds
 from ._base import Applied, Refused, Replacement, Target
 
 
@@ -119,21 +119,7 @@ class Attention(Replacement):
         ref: Any = next(iter(target.model.get_submodule(path).parameters()), None)
         if isinstance(ref, torch.Tensor):
             block = block.to(device=ref.device, dtype=ref.dtype)
-        if p["mode"] == "fx":
-            gm, reason = target.graph_module()
-            if gm is None:
-                raise Refused(f"no torch.fx graph: {reason}")
-            try:
-                _, end = block_bounds(gm, path)
-            except RewriteError as e:
-                raise Refused(str(e)) from None
-            name = insert_after(gm, end, block, f"gs_attention_{path}")
-            block.train(gm.training)
-            target.set_model(gm)
-        else:
-            old = target.model.get_submodule(path)
-            target.replace_module(path, nn.Sequential(old, block))
-            name = f"{path}.1"
+        name = target.insert_after(path, block, p["mode"], "gs_attention")
         applied = Applied(exact=True, modules=[name],
                           new_parameters=[f"{name}.{n}" for n, _ in block.named_parameters()])
         applied.details.update({"inserted": name, "spatial": bool(p["spatial"]),

@@ -19,8 +19,8 @@ from typing import Any
 from torch import nn
 
 from .._diagnosis import Problem
-from ..passes.fx.rewrite import RewriteError, block_bounds, insert_after
-from ._base import Applied, Refused, Replacement, Target
+from ..passes.fx.rewrite import RewriteError, block_bounds
+from ._base import Applied, Replacement, Target
 
 
 class Dropout(Replacement):
@@ -67,24 +67,7 @@ class Dropout(Replacement):
         p = float(params.get("p", self.p))
         mode = params.get("mode") or self.propose(problem, target)["mode"]
         drop = nn.Dropout(p)
-        if mode == "fx":
-            gm, reason = target.graph_module()
-            if gm is None:
-                raise Refused(f"no torch.fx graph: {reason}")
-            try:
-                _, end = block_bounds(gm, path)
-            except RewriteError as e:
-                raise Refused(str(e)) from None
-            name = insert_after(gm, end, drop, f"gs_dropout_{path}")
-            drop.train(gm.training)
-            target.set_model(gm)
-        else:
-            try:
-                old = target.model.get_submodule(path)
-            except AttributeError:
-                raise Refused(f"the model has no module {path!r}") from None
-            target.replace_module(path, nn.Sequential(old, drop))
-            name = f"{path}.1"
+        name = target.insert_after(path, drop, mode, "gs_dropout")
         applied = Applied(exact=True, modules=[path] if mode == "fx" else [f"{path}.0"])
         applied.details.update({"inserted": name, "p": p, "changes": "training only (dropout "
                                 "is the identity in eval mode)"})
