@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 ProblemKind = Literal[
     "DeadNeurons",
@@ -19,23 +19,13 @@ ProblemKind = Literal[
     "Bottleneck",
     "Saturation",
     "NonFinite",
+    # module-scale surgery: a held-out gap with co-adapting units, a head that stopped
+    # learning, the positions of a sequence collapsed onto few directions
     "Overfitting",
     "LostPlasticity",
     "MixingCollapse",
 ]
-PROBLEM_KINDS: tuple[str, ...] = (
-    "DeadNeurons",
-    "VanishingGradient",
-    "ExplodingGradient",
-    "Bottleneck",
-    "Saturation",
-    "NonFinite",
-    # module-scale surgery (issue 9): held-out gap with co-adapting units, a head that stopped
-    # learning, positions of a sequence collapsed onto few directions
-    "Overfitting",
-    "LostPlasticity",
-    "MixingCollapse",
-)
+PROBLEM_KINDS: tuple[str, ...] = get_args(ProblemKind)
 
 
 @dataclass(frozen=True)
