@@ -21,7 +21,7 @@ Arms, all from the same initial network and the same stream:
 * **shrink-and-perturb** (Ash & Adams 2020) applied every step: ``w <- (1-lambda) w + sigma eps``;
 * **graphsurg**: ``gs.SurgeryCallback`` on the live model, trained through
   ``torch.compile(backend="graphsurg")`` with a ``gs.Monitor``, operating once per task on
-  that task's statistics (the monitor is reset after every round).
+  that task's statistics (each round diagnoses the window since the last round).
 
 Scaled for a 2-core CPU: tasks last ``T`` examples (the paper uses 10,000), and CBP's
 replacement rate is scaled by ``10000 / T`` so that as many units are replaced per task.
@@ -151,11 +151,8 @@ def _run_arm(arm: str, model: nn.Sequential, seed: int, tasks: int, per_task: in
                 with torch.no_grad():
                     for p in m.parameters():
                         p.mul_(1 - 1e-4).add_(torch.randn(p.shape, generator=g) * 1e-3)
-            if cb is not None and cb.step((x, y)) is not None:
-                # one task per diagnosis window: the monitor accumulates since its last reset
-                # (the callback resets it only after an edit), so a unit that dies late
-                # would look alive for the rest of the run
-                mon.reset()
+            if cb is not None:
+                cb.step((x, y))  # each round diagnoses the window since the last round
         errs.append(tot / per_task)
         env.next_task()
     with torch.no_grad():
