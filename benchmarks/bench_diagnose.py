@@ -79,7 +79,7 @@ def test_bench_diagnose(benchmark, variant: str) -> None:  # type: ignore[no-unt
     fn = {"plain": _plain, "naive_hooks": _naive_hooks, "diagnose": _diagnose,
           "diagnose_x2": _diagnose_x2}[variant]
     fn(model, data[:2])  # warm-up (first export, allocator)
-    benchmark.pedantic(fn, args=(model, data), rounds=2, iterations=1)
+    benchmark.pedantic(fn, args=(model, data), rounds=3, iterations=1)
     _results[variant] = benchmark.stats.stats.min
     if len(_results) == 4:
         base = _results["plain"]
