@@ -112,8 +112,11 @@ def load_model(spec: str) -> nn.Module:
             f"model {spec!r} is not a readable torch.export archive ({type(e).__name__}: "
             f"{first_line(e)})"
         ) from e
-    module = ep.module()
-    assert isinstance(module, nn.Module)
+    # restore the Linear/Conv layers the archive flattened into aten calls, so surgery can
+    # edit them (the function is unchanged)
+    from .passes.fx.lift_modules import lift_modules
+
+    module, _ = lift_modules(ep.module())
     return module
 
 

@@ -133,3 +133,19 @@ def test_operate_writes_archive_and_plan(gs_run, dead_mlp_files, tmp_path: Path)
     # output must be a .pt2 path
     p = gs_run("operate", model, "--data", str(npz), "-o", "out.onnx")
     assert p.returncode == 2 and ".pt2" in _one_line_error(p)
+
+
+def test_operate_on_a_pt2_archive(gs_run, dead_mlp_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An exported archive has no nn.Linear left; the loader lifts them back so surgery can
+    treat the planted units."""
+    model, npz, _ = dead_mlp_files
+    p = gs_run("operate", str(model), "--data", str(npz), "--loss", "mse", "-o", "op.pt2",
+               "--json", "-q")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["verification"] and not out["rolled_back"], out
+    assert {v["replacement"] for v in out["verification"]} == {"reinit_dead"}
+    import torch
+
+    m = torch.export.load(str(tmp_path / "op.pt2")).module()
+    assert m(torch.randn(5, 16)).shape == (5, 4)
