@@ -12,8 +12,10 @@ Linear/Conv layers that no activation follows), each linked to its producer laye
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,13 +148,32 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     ds: Any = (*dynamic[0], *(dynamic[1].values())) if kwargs else dynamic[0]
     if kwargs:
         ds = {**dict(zip(_arg_names(model, len(args)), dynamic[0], strict=False)), **dynamic[1]}
-    try:
-        ep = export(model, args, kwargs, dynamic_shapes=ds, strict=False)
-    except Exception:
-        ep = export(model, args, kwargs, strict=False)
+    with _quiet_torch_logs():
+        try:
+            ep = export(model, args, kwargs, dynamic_shapes=ds, strict=False)
+        except Exception:
+            ep = export(model, args, kwargs, strict=False)
     # guards re-check input shapes on every call (~2% of a step): diagnosis runs the batches
     # it was given, and a rejected batch still surfaces as BadInputError
     return ep.module(check_guards=False)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's own error logs while export is attempted: a failure is expected for
+    some models (it falls back, and the diagnosis notes why), and a batch the model rejects
+    is reported as one line by the fallback, not as a traceback torch logged on the way."""
+    names = ("torch._subclasses.fake_tensor", "torch.export", "torch._export",
+             "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
 
 
 def _arg_names(model: nn.Module, n: int) -> list[str]:
