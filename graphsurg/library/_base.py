@@ -243,8 +243,9 @@ class Replacement:
 
     def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         """Edit ``target.model`` in place; raise :class:`Refused` with the reason if not
-        possible (the caller restores the model)."""
-        raise NotImplementedError
+        possible (the caller restores the model). Every replacement overrides it; one that
+        does not is refused per schema, like any replacement that cannot apply."""
+        raise Refused(f"replacement {self.name!r} ({type(self).__name__}) defines no apply()")
 
     def describe(self) -> str:
         return (self.__doc__ or self.name).strip().splitlines()[0]
