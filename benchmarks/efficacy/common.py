@@ -145,18 +145,7 @@ def plot_curves(path: Path, curves: dict[str, list[list[float]]], *, title: str,
         ax.plot(xs, mean, label=name, lw=1.4)
         ax.fill_between(xs, [min(v) for v in zip(*rs, strict=True)],
                         [max(v) for v in zip(*rs, strict=True)], alpha=0.18)
-    if vline is not None:
-        ax.axvline(vline, color="grey", ls=":", lw=1)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, title=title, xlabel=xlabel, ylabel=ylabel, logy=logy, vline=vline)
 
 
 def plot_xy(path: Path, curves: dict[str, tuple[Sequence[float], list[list[float]]]], *,
@@ -178,6 +167,14 @@ def plot_xy(path: Path, curves: dict[str, tuple[Sequence[float], list[list[float
                 marker="." if n < 40 else None)
         ax.fill_between(list(xs)[:n], [min(c) for c in cols], [max(c) for c in cols],
                         alpha=0.18)
+    _finish(fig, ax, path, title=title, xlabel=xlabel, ylabel=ylabel, logy=logy, vline=vline)
+
+
+def _finish(fig: Any, ax: Any, path: Path, *, title: str, xlabel: str, ylabel: str,
+            logy: bool, vline: float | None) -> None:
+    """Labels, scale, grid and legend of a curve plot; save it and close the figure."""
+    import matplotlib.pyplot as plt
+
     if vline is not None:
         ax.axvline(vline, color="grey", ls=":", lw=1)
     if logy:
