@@ -237,11 +237,7 @@ class Diagnosis:
 
     @classmethod
     def from_json(cls, text: str) -> Diagnosis:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"diagnosis JSON is malformed: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(loads(text, "diagnosis"))
 
     def summary(self) -> str:
         """A plain-text table of the problems (one row each)."""
@@ -253,6 +249,14 @@ class Diagnosis:
         for p in self.problems:
             rows.append((p.kind, p.site.address, f"{p.severity:.2f}", p.describe()))
         return head + "\n" + _table(rows) + "".join(f"\nnote: {n}" for n in self.notes)
+
+
+def loads(text: str, what: str) -> Any:
+    """``json.loads`` with a one-line error naming what was being read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} JSON is malformed: {e}") from None
 
 
 def _fmt(x: Any) -> str:

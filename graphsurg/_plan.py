@@ -37,7 +37,7 @@ from torch import nn
 
 from ._certificates import Certificates
 from ._data import InputFn
-from ._diagnosis import Diagnosis, Problem, Site, _finite, _table
+from ._diagnosis import Diagnosis, Problem, Site, _finite, _table, loads
 from ._errors import GraphsurgError
 from .library._base import SCALES, Library, Refused, Target
 
@@ -172,11 +172,7 @@ class SurgeryPlan:
 
     @classmethod
     def from_json(cls, text: str) -> SurgeryPlan:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"plan JSON is malformed: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(loads(text, "plan"))
 
     def summary(self) -> str:
         rows = [("#", "replacement", "scale", "site", "guarantee", "spectrum", "why")]
