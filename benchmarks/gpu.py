@@ -8,6 +8,9 @@ On a CUDA machine it
    the same tensor, and reports bytes read per second as a fraction of the copy's bandwidth
    (copy bandwidth counts bytes read + bytes written). Target: >= 80% for ``neuron_stats``
    and ``grad_sq_norms``.
+3. times a training step compiled with ``backend="graphsurg"`` and a ``gs.Monitor`` at
+   every=1 and every=16 against the same model compiled with the inner backend alone
+   (inductor), side by side (targets: <= 1.05x at every=1, <= 1.01x at every=16).
 It finishes in well under 5 minutes. Without a CUDA device it says so and exits 0.
 """
 
@@ -169,11 +172,69 @@ def main() -> int:
     print(f"\ntarget: neuron_stats and grad_sq_norms >= 80% of copy bandwidth; "
           f"finished in {time.time() - t_start:.0f} s")
 
+    print("\ntraining step with the graphsurg backend + Monitor (MLP 8x2048, batch 4096, "
+          "inner=inductor):")
+    for name, ms, ratio in monitor_overhead(dev, "inductor", width=2048, depth=8, batch=4096,
+                                            steps=50):
+        print(f"  {name:10s} {ms:8.3f} ms  x{ratio:.3f}")
+    print("  targets: every=1 <= 1.05x, every=16 <= 1.01x")
+
     if failures:
         print("\nFAILED checks:\n  " + "\n  ".join(failures))
         return 1
     print("all checks passed")
     return 0
+
+
+def monitor_overhead(device: object, inner: str, *, width: int, depth: int, batch: int,
+                     steps: int) -> list[tuple[str, float, float]]:
+    """Median training-step time (ms) and ratio to the inner backend alone, interleaved:
+    inner, graphsurg + Monitor(every=16), graphsurg + Monitor(every=1)."""
+    import torch
+    from torch import nn
+
+    import graphsurg as gs
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        return nn.Sequential(*layers).to(device)
+
+    x = torch.randn(batch, width, device=device)
+    y = torch.randn(batch, width, device=device)
+    arms = {
+        "inner": torch.compile(model(), backend=inner),
+        "every=16": torch.compile(model(), backend="graphsurg",
+                                  options={"monitor": gs.Monitor(every=16), "inner": inner}),
+        "every=1": torch.compile(model(), backend="graphsurg",
+                                 options={"monitor": gs.Monitor(every=1), "inner": inner}),
+    }
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in arms.items()}
+    cuda = str(device).startswith("cuda")
+
+    def step(k: str) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(arms[k](x), y)
+        loss.backward()
+        opts[k].step()
+        opts[k].zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    for k in arms:  # compile and warm up
+        for _ in range(3):
+            step(k)
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(steps):
+        for k in arms:
+            times[k].append(step(k))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return [(k, med[k], med[k] / med["inner"]) for k in arms]
 
 
 if __name__ == "__main__":
