@@ -7,44 +7,10 @@ import torch
 
 import graphsurg as gs
 
-tf = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+import _hf_models as _hf  # noqa: E402
 
-
-def _bert() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, vocab_size=100, max_position_embeddings=64)
-    model = tf.BertForSequenceClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, 100, (8, 16), generator=g),
-             "labels": torch.randint(0, 2, (8,), generator=g)} for _ in range(3)]
-    return model, data
-
-
-def _vit() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
-    torch.manual_seed(0)
-    cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, image_size=16, patch_size=4, num_labels=3)
-    model = tf.ViTForImageClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    data = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g),
-             "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
-    return model, data
-
-
-def _resnet() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
-    torch.manual_seed(0)
-    cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                          layer_type="basic", num_labels=3)
-    model = tf.ResNetForImageClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    data = [{"pixel_values": torch.randn(4, 3, 32, 32, generator=g),
-             "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
-    return model, data
-
-
-def _loss(out: object, batch: object) -> torch.Tensor:
-    return out.loss  # type: ignore[attr-defined,no-any-return]
+_bert, _vit, _resnet, _loss = _hf.bert, _hf.vit, _hf.resnet, _hf.loss
 
 
 @pytest.mark.parametrize("build", [_bert, _vit, _resnet], ids=["bert", "vit", "resnet"])

@@ -8,33 +8,16 @@ import torch
 
 import graphsurg as gs
 
-tf = pytest.importorskip("transformers")
-
-
-def _loss(out: object, batch: object) -> torch.Tensor:
-    return out.loss  # type: ignore[attr-defined,no-any-return]
+pytest.importorskip("transformers")
+import _hf_models as _hf  # noqa: E402
 
 
 def _bert() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], str]:
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, vocab_size=100, max_position_embeddings=64)
-    model = tf.BertForSequenceClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, 100, (8, 16), generator=g),
-             "labels": torch.randint(0, 2, (8,), generator=g)} for _ in range(6)]
-    return model, data, "bert.encoder.layer.1.intermediate.dense"
+    return (*_hf.bert(6), "bert.encoder.layer.1.intermediate.dense")
 
 
 def _vit() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], str]:
-    torch.manual_seed(0)
-    cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, image_size=16, patch_size=4, num_labels=3)
-    model = tf.ViTForImageClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    data = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g),
-             "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(6)]
-    return model, data, "vit.layers.0.mlp.fc1"
+    return (*_hf.vit(6), "vit.layers.0.mlp.fc1")
 
 
 @pytest.mark.parametrize("build", [_bert, _vit], ids=["bert", "vit"])
@@ -44,7 +27,7 @@ def test_operate_treats_planted_units_found_by_diagnose(build) -> None:  # type:
     with torch.no_grad():
         model.get_submodule(path).bias[units] = -50.0
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = gs.operate(model, data, loss_fn=_loss, heal_steps=5)
+    res = gs.operate(model, data, loss_fn=_hf.loss, heal_steps=5)
     planted = [p for p in res.before.problems if p.site.module == path]
     assert planted and planted[0].evidence["dead"] == units
     assert res.kept and not res.rolled_back, res.summary()
