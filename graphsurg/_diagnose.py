@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._config import DiagnoseConfig
-from ._data import InputFn, batch_tensors, compute_loss, iter_batches, run_model
+from ._data import InputFn, batch_tensors, compute_loss, default_input_fn, iter_batches, run_model
 from ._diagnosis import Diagnosis, LayerReport, Site
 from ._errors import BadInputError
 from .detect import LayerMeasure, Measurements, SiteMeasure, detect_all
@@ -89,7 +89,7 @@ def diagnose(
                 bad = int((~torch.isfinite(t)).sum())
                 input_nonfinite += bad
             if i == 0:
-                args, kwargs = _split(batch, input_fn)
+                args, kwargs = (input_fn or default_input_fn)(batch)
                 # a batch the model rejects fails capture, then the first run of the
                 # fallback raises BadInputError naming it
                 cap = capture(work, args, kwargs)
@@ -101,22 +101,25 @@ def diagnose(
                                            saturation_margin=config.saturation_margin,
                                            sample_rows=config.rank_sample)
                     runner = cap.gm
+                    by_name = {n.name: n for n in cap.gm.graph.nodes}
                     for ls in layers:
-                        w = _layer_weight(cap.gm, ls.node)
+                        w = _layer_weight(cap.gm, by_name[ls.node])
                         if w is not None:
                             layer_modules.append((ls.module, ls.kind, w, ls.next_modules))
                     params = [(n, p) for n, p in cap.gm.named_parameters() if p.requires_grad]
                 else:
-                    observers, handles, order = hook_observers(
+                    observers, handles, call_order = hook_observers(
                         work, saturation_margin=config.saturation_margin,
                         sample_rows=config.rank_sample)
                     runner = work
                     params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
-                    # layers in module order (first-call order is known only after a batch)
+                    # first-call (forward) order is known only after a batch: sorted below
                     for path, m in work.named_modules():
                         kind = layer_kind_of_module(m)
                         if kind and isinstance(getattr(m, "weight", None), torch.Tensor):
                             layer_modules.append((path, kind, m.weight, []))
+                for _, p in params:
+                    p.grad = None  # deepcopy copies the user's .grad
                 paths = {lm[0] for lm in layer_modules}
                 for n, _ in params:
                     owner = n.rsplit(".", 1)[0] if "." in n else ""
@@ -125,7 +128,7 @@ def diagnose(
             if val_data is not None:
                 seen.append(batch)  # data may be a one-shot iterator
             _step(runner, batch, input_fn, i, loss_fn, params, param_layer, grad_sq,
-                  grad_nonfinite, method, notes)
+                  grad_nonfinite)
             n_batches += 1
             progress.tick(n_batches)
     finally:
@@ -133,8 +136,11 @@ def diagnose(
         for h in handles:
             h.remove()
 
+    if handles:  # hooks: layers in forward (first-call) order, as the graph gives them
+        rank = {path: k for k, path in enumerate(call_order)}
+        layer_modules.sort(key=lambda lm: rank.get(lm[0], len(rank)))
     measures = _measurements(observers, layer_modules, grad_sq, grad_nonfinite, n_batches,
-                             loss_fn is not None, input_nonfinite, config)
+                             loss_fn is not None, input_nonfinite)
     for o in observers:
         if o.error:
             notes.append(f"site {o.site.node}: {o.error}")
@@ -154,14 +160,7 @@ def diagnose(
                      gradients_checked=loss_fn is not None, batches=n_batches, notes=notes)
 
 
-def _split(batch: Any, input_fn: InputFn | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    from ._data import default_input_fn
-
-    return (input_fn or default_input_fn)(batch)
-
-
-def _layer_weight(gm: torch.fx.GraphModule, node_name: str) -> torch.Tensor | None:
-    node = next(n for n in gm.graph.nodes if n.name == node_name)
+def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
     if node.op == "call_module":
         w = getattr(gm.get_submodule(str(node.target)), "weight", None)
         return w if isinstance(w, torch.Tensor) else None
@@ -181,15 +180,12 @@ def _layer_weight(gm: torch.fx.GraphModule, node_name: str) -> torch.Tensor | No
 def _step(runner: Callable[..., Any], batch: Any, input_fn: InputFn | None, i: int,
           loss_fn: Callable[[Any, Any], torch.Tensor] | None,
           params: list[tuple[str, torch.nn.Parameter]], param_layer: dict[str, str],
-          grad_sq: dict[str, float], grad_nonfinite: set[str], method: str,
-          notes: list[str]) -> None:
+          grad_sq: dict[str, float], grad_nonfinite: set[str]) -> None:
     if loss_fn is None:
         with torch.no_grad():
             run_model(runner, batch, input_fn, i)
         return
-    for _, p in params:
-        p.grad = None
-    with torch.enable_grad():
+    with torch.enable_grad():  # grads are None here: cleared after capture and after each step
         out = run_model(runner, batch, input_fn, i)
         loss = compute_loss(loss_fn, out, batch, i)
         if loss.requires_grad:
@@ -211,7 +207,7 @@ def _step(runner: Callable[..., Any], batch: Any, input_fn: InputFn | None, i: i
 
 def _measurements(observers: list[Any], layer_modules: list[tuple[str, str, torch.Tensor, list[str]]],
                   grad_sq: dict[str, float], grad_nonfinite: set[str], n_batches: int,
-                  gradients: bool, input_nonfinite: int, config: DiagnoseConfig) -> Measurements:
+                  gradients: bool, input_nonfinite: int) -> Measurements:
     sites = []
     for k, o in enumerate(observers):
         if o.stats is None:

@@ -141,13 +141,13 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             return {0: Dim.AUTO}
         return None
 
-    dynamic = (
-        torch.utils._pytree.tree_map(dyn, args),
-        torch.utils._pytree.tree_map(dyn, kwargs),
-    )
-    ds: Any = (*dynamic[0], *(dynamic[1].values())) if kwargs else dynamic[0]
+    # every tensor's first (batch) dimension may vary; keyed by argument name when there are
+    # keyword arguments (torch.export's form for mixing positional and keyword inputs)
+    pos = torch.utils._pytree.tree_map(dyn, args)
+    ds: Any = pos
     if kwargs:
-        ds = {**dict(zip(_arg_names(model, len(args)), dynamic[0], strict=False)), **dynamic[1]}
+        ds = {**dict(zip(_arg_names(model, len(args)), pos, strict=False)),
+              **torch.utils._pytree.tree_map(dyn, kwargs)}
     with _quiet_torch_logs():
         try:
             ep = export(model, args, kwargs, dynamic_shapes=ds, strict=False)

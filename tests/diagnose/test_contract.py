@@ -154,3 +154,33 @@ def test_nan_inputs_are_a_problem_not_a_crash() -> None:
     kinds = [(p.kind, p.evidence.get("where")) for p in d.problems]
     assert ("NonFinite", "input") in kinds
     assert d.problems[0].site.module == "<input>"
+
+
+class ReversedDeepSigmoid(nn.Module):
+    """Layers registered in reverse of the order they run, and a data-dependent branch, so
+    the hooks fallback must order layers by their calls, not by registration."""
+
+    def __init__(self, depth: int = 16, width: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(width if i < depth - 1 else 16, width)
+                                     for i in range(depth)])
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            x = torch.sigmoid(layer(x))
+        if float(x.sum()) > -1:
+            x = x * 1.0
+        return self.head(x)
+
+
+def test_hooks_fallback_orders_layers_by_forward_calls() -> None:
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(64, 16, generator=g), torch.randn(64, 4, generator=g))
+            for _ in range(2)]
+    d = gs.diagnose(ReversedDeepSigmoid(), data, loss_fn=lambda o, b: F.mse_loss(o, b[1]))
+    assert d.capture == "hooks"
+    (p,) = d.of_kind("VanishingGradient")
+    assert p.span[0] == "layers.15"  # the first layer to run
+    assert list(p.span) == [f"layers.{15 - i}" for i in range(len(p.span))]
