@@ -153,6 +153,24 @@ def resized_bn(bn: nn.Module, index: torch.Tensor) -> nn.Module:
     return new
 
 
+def install_width_change(target: Target, applied: Any, group: CouplingGroup, path: str,
+                         layer: Layer, index: torch.Tensor,
+                         consumers: dict[str, nn.Module]) -> None:
+    """Finish a width change of the producer at ``path``: its rows and every coupled
+    BatchNorm's channels are taken at ``index``, then those and the already resized
+    ``consumers`` are put into the model and recorded on ``applied``."""
+    new_mods = dict(consumers)
+    for bn_path in group.batchnorms():
+        new_mods[bn_path] = resized_bn(target.model.get_submodule(bn_path), index)
+    new_mods[path] = resized(layer, layer.weight.detach().index_select(0, index),
+                             None if layer.bias is None else layer.bias.detach()[index])
+    for p, m in new_mods.items():
+        target.replace_module(p, m)
+        if p not in applied.modules:
+            applied.modules.append(p)
+        applied.new_parameters += [f"{p}.{n}" for n, _ in m.named_parameters()]
+
+
 def _device(m: nn.Module) -> torch.device:
     for t in list(m.parameters()) + list(m.buffers()):
         return t.device

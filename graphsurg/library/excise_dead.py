@@ -23,9 +23,9 @@ from ._edit import (
     coupled,
     fold_constant,
     get_layer,
+    install_width_change,
     is_constant,
     resized,
-    resized_bn,
 )
 
 
@@ -94,15 +94,7 @@ class ExciseDead(Replacement):
             cidx = consumer_index(c, int(cm.weight.shape[1]), width, keep)
             w = cm.weight.detach().index_select(1, cidx)
             new_mods[c.module] = resized(cm, w, None if cm.bias is None else cm.bias.detach())
-        for bn_path in group.batchnorms():
-            new_mods[bn_path] = resized_bn(target.model.get_submodule(bn_path), kidx)
-        new_mods[path] = resized(layer, layer.weight.detach().index_select(0, kidx),
-                                 None if layer.bias is None else layer.bias.detach()[kidx])
-        for p, m in new_mods.items():
-            target.replace_module(p, m)
-            if p not in applied.modules:
-                applied.modules.append(p)
-            applied.new_parameters += [f"{p}.{n}" for n, _ in m.named_parameters()]
+        install_width_change(target, applied, group, path, layer, kidx, new_mods)
         applied.details.update({"width_before": width, "width_after": len(keep),
                                 "consumers": [c.module for c in group.consumers],
                                 "coupling": group.source})

@@ -20,7 +20,7 @@ import torch
 
 from .._diagnosis import Problem
 from ._base import Applied, Refused, Replacement, Target
-from ._edit import consumer_index, coupled, get_layer, resized, resized_bn
+from ._edit import consumer_index, coupled, get_layer, install_width_change, resized
 
 
 class Widen(Replacement):
@@ -87,15 +87,7 @@ class Widen(Replacement):
                 w[:, c.start + k * s: c.start + (k + 1) * s] += eps
                 w[:, c.start + j * s: c.start + (j + 1) * s] -= eps
             new_mods[c.module] = resized(cm, w, None if cm.bias is None else cm.bias.detach())
-        for bn_path in group.batchnorms():
-            new_mods[bn_path] = resized_bn(target.model.get_submodule(bn_path), sidx)
-        new_mods[path] = resized(layer, layer.weight.detach().index_select(0, sidx),
-                                 None if layer.bias is None else layer.bias.detach()[sidx])
-        for p, m in new_mods.items():
-            target.replace_module(p, m)
-            if p not in applied.modules:
-                applied.modules.append(p)
-            applied.new_parameters += [f"{p}.{n}" for n, _ in m.named_parameters()]
+        install_width_change(target, applied, group, path, layer, sidx, new_mods)
         applied.details.update({"width_before": width, "width_after": new_width,
                                 "consumers": [c.module for c in group.consumers],
                                 "batchnorms": group.batchnorms(), "coupling": group.source})
