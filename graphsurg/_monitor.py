@@ -194,7 +194,7 @@ class Monitor:
                          for m, lay in self._layers.items() if lay.weight is not None]
         gradients = bool(grad_means)
         measures = _measurements(observers, layer_modules, grad_means, nonfinite, 1, gradients,
-                                 0, config)
+                                 0)
         for o in observers:
             if o.error:
                 notes.append(f"site {o.site.node}: {o.error}")
