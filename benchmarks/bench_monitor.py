@@ -131,8 +131,8 @@ def test_overhead_components() -> None:
     other processes on a shared machine), against the inner backend's minimum step time."""
     from graphsurg.kernels import grad_sq_norms
     from graphsurg.passes.fx.instrument import Observer
-    from graphsurg.passes.fx.monitor import GraphRecord, MonitoredCall
-    from graphsurg.passes.fx.monitor_sites import DynamoSites
+    from graphsurg.passes.fx.observe_compiled import GraphRecord, MonitoredCall
+    from graphsurg.passes.fx.dynamo_sites import DynamoSites
 
     torch._dynamo.reset()
     base_step, _ = _stepper("inner")

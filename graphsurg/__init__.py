@@ -7,11 +7,6 @@ from ._callback import SurgeryCallback as SurgeryCallback
 from ._certificates import Certificates as Certificates
 from ._config import DiagnoseConfig as DiagnoseConfig
 from ._diagnose import diagnose as diagnose
-from ._diagnosis import PROBLEM_KINDS as PROBLEM_KINDS
-from ._diagnosis import Diagnosis as Diagnosis
-from ._diagnosis import LayerReport as LayerReport
-from ._diagnosis import Problem as Problem
-from ._diagnosis import Site as Site
 from ._errors import BadInputError as BadInputError
 from ._errors import GraphsurgError as GraphsurgError
 from ._monitor import Monitor as Monitor
@@ -22,6 +17,11 @@ from ._plan import Schema as Schema
 from ._plan import SurgeryFailed as SurgeryFailed
 from ._plan import SurgeryPlan as SurgeryPlan
 from ._plan import plan as plan
+from ._problems import PROBLEM_KINDS as PROBLEM_KINDS
+from ._problems import Diagnosis as Diagnosis
+from ._problems import LayerReport as LayerReport
+from ._problems import Problem as Problem
+from ._problems import Site as Site
 from .library import Library as Library
 from .library import Replacement as Replacement
 from .library import default_library as default_library

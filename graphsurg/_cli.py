@@ -177,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.result(f"report: {html_path.resolve()}  (data: {json_path.name})")
     console.info(f"demo finished in {outcome.seconds:.0f} s")
     if args.json:
-        from ._diagnosis import _finite
+        from ._problems import _finite
 
         print(json.dumps(_finite(outcome.report.to_dict())))
     return EXIT_OK if outcome.certificates_met else EXIT_CERTIFICATES

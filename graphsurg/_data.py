@@ -58,6 +58,24 @@ def iter_batches(data: Iterable[Batch], max_batches: int | None) -> Iterator[Bat
         raise BadInputError("data yielded no batches: pass an iterable with at least one batch")
 
 
+def split_held_out(batches: list[Batch],
+                   halve: Callable[[Batch], tuple[Batch, Batch] | None] | None = None
+                   ) -> tuple[list[Batch], list[Batch], str]:
+    """The one held-out split: ``(train, held_out, how)``.
+
+    Two or more batches: the last quarter (at least one) is held out. One batch: ``halve``
+    (an adapter's way to cut a batch in two along its batch axis) splits it when it can;
+    otherwise the batch serves both (and ``how`` says so).
+    """
+    if len(batches) >= 2:
+        k = max(1, len(batches) // 4)
+        return batches[:-k], batches[-k:], f"verified on {k} held-out batch(es)"
+    halves = halve(batches[0]) if halve is not None and batches else None
+    if halves is not None:
+        return [halves[0]], [halves[1]], "verified on the held-out half of the only batch"
+    return batches, batches, "verified on the calibration batch itself (only one batch given)"
+
+
 def batch_tensors(batch: Batch) -> list[torch.Tensor]:
     """Every floating-point tensor in a batch (for non-finite checks)."""
     leaves, _ = torch.utils._pytree.tree_flatten(batch)

@@ -21,8 +21,8 @@ from ._config import DiagnoseConfig
 from ._console import Console
 from ._data import compute_loss, run_model
 from ._diagnose import diagnose
-from ._diagnosis import Diagnosis
 from ._errors import first_line
+from ._problems import Diagnosis
 from ._report import ModelReport, Report, fmt
 from ._zoo import ZooCase, build
 

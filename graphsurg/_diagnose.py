@@ -12,8 +12,8 @@ from torch import nn
 
 from ._config import DiagnoseConfig
 from ._data import InputFn, batch_tensors, compute_loss, default_input_fn, iter_batches, run_model
-from ._diagnosis import Diagnosis, LayerReport, Site
 from ._errors import BadInputError
+from ._problems import Diagnosis, LayerReport, Site
 from .detect import LayerMeasure, Measurements, SiteMeasure, detect_all
 from .detect.dead import unit_flags
 from .kernels import grad_sq_norms

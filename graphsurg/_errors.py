@@ -15,3 +15,7 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, shortened: for one-line errors."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Refused(GraphsurgError):
+    """A replacement cannot be applied at a site; the message says why."""

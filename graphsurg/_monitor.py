@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._config import DiagnoseConfig
-from ._diagnosis import Diagnosis
 from ._errors import BadInputError
+from ._problems import Diagnosis
 
 if TYPE_CHECKING:
     from graphsurg.kernels import NeuronStats
     from graphsurg.passes.fx.instrument import Observer
-    from graphsurg.passes.fx.monitor import GraphRecord
+    from graphsurg.passes.fx.observe_compiled import GraphRecord
 
 
 @dataclass
@@ -74,9 +74,9 @@ class Monitor:
         self._grad_sq: dict[str, torch.Tensor] = {}
         self._grad_steps: dict[str, int] = {}
 
-    # -- called by the backend (graphsurg.passes.fx.monitor) -------------------------------
+    # -- called by the backend (graphsurg.passes.fx.observe_compiled) -------------------------------
     def _compile(self, gm: Any, example_inputs: Any, inner: Any) -> Any:
-        from graphsurg.passes.fx.monitor import monitor_graph
+        from graphsurg.passes.fx.observe_compiled import monitor_graph
 
         fn, record = monitor_graph(self, gm, example_inputs, inner, len(self.graphs))
         self.graphs.append(record)
@@ -126,7 +126,7 @@ class Monitor:
 
     def stats(self) -> dict[str, NeuronStats]:
         """Accumulated activation statistics per site address (``module:node``)."""
-        from ._diagnosis import Site
+        from ._problems import Site
 
         out = {}
         for o in self._observers.values():

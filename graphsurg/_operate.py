@@ -20,10 +20,10 @@ from torch import nn
 from ._certificates import Certificates
 from ._config import DiagnoseConfig
 from ._data import InputFn, iter_batches
-from ._diagnosis import Diagnosis, _finite, _table
 from ._errors import BadInputError, first_line
 from ._heal import HealLog, LossFn, OptimizerFactory, heal, mean_loss
 from ._plan import Schema, SurgeryFailed, SurgeryPlan, plan
+from ._problems import Diagnosis, _finite, _table
 from ._verify import (
     SchemaVerification,
     grad_norms,

@@ -37,8 +37,8 @@ from torch import nn
 
 from ._certificates import Certificates
 from ._data import InputFn
-from ._diagnosis import Diagnosis, Problem, Site, _finite, _table, loads
 from ._errors import GraphsurgError
+from ._problems import Diagnosis, Problem, Site, _finite, _table, loads
 from .library._base import SCALES, Library, Refused, Target
 
 PLAN_FORMAT = "graphsurg.plan/1"

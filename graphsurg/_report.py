@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._diagnosis import Diagnosis, _finite
+from ._problems import Diagnosis, _finite
 
 BEFORE_COLOR = "#d1495b"  # untreated / before
 AFTER_COLOR = "#2e86ab"  # treated / after

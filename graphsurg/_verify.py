@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ._data import InputFn, compute_loss, run_model
-from ._diagnosis import Diagnosis
 from ._heal import LossFn
+from ._problems import Diagnosis
 
 
 @dataclass

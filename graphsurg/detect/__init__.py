@@ -6,51 +6,11 @@ returns the problems in forward order. Thresholds come from :class:`DiagnoseConf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
-
 from graphsurg._config import DiagnoseConfig
-from graphsurg._diagnosis import Problem
-from graphsurg.kernels import NeuronStats
-
-
-@dataclass
-class SiteMeasure:
-    """One observed site: its statistics and a bounded row sample."""
-
-    module: str  # producer layer (or owning module)
-    node: str
-    op: str
-    family: str  # "relu" | "saturating" | "smooth" | "linear"
-    order: int
-    stats: NeuronStats
-    saturated_fraction: torch.Tensor | None = None
-    sample: torch.Tensor | None = None
-
-
-@dataclass
-class LayerMeasure:
-    """One parametrised layer: shape, weight, gradient norm."""
-
-    module: str
-    kind: str
-    order: int
-    d_in: int
-    d_out: int
-    weight: torch.Tensor | None = None
-    grad_sq: float | None = None  # mean over batches of the layer's squared gradient norm
-    grad_nonfinite: bool = False
-    next_modules: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Measurements:
-    sites: list[SiteMeasure]
-    layers: list[LayerMeasure]
-    gradients: bool
-    input_nonfinite: int = 0
-    losses: dict[str, float] = field(default_factory=dict)  # "train"/"val" with val_data=
+from graphsurg._measurements import LayerMeasure as LayerMeasure
+from graphsurg._measurements import Measurements as Measurements
+from graphsurg._measurements import SiteMeasure as SiteMeasure
+from graphsurg._problems import Problem
 
 
 def detect_all(m: Measurements, config: DiagnoseConfig) -> list[Problem]:

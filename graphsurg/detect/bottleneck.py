@@ -21,7 +21,7 @@ import math
 import torch
 
 from graphsurg._config import DiagnoseConfig
-from graphsurg._diagnosis import Problem, Site
+from graphsurg._problems import Problem, Site
 
 from . import LayerMeasure, Measurements
 

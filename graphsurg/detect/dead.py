@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from graphsurg._config import DiagnoseConfig
-from graphsurg._diagnosis import Problem, Site
+from graphsurg._problems import Problem, Site
 
 from . import Measurements, SiteMeasure
 

@@ -13,7 +13,7 @@ import math
 import statistics
 
 from graphsurg._config import DiagnoseConfig
-from graphsurg._diagnosis import Problem, Site
+from graphsurg._problems import Problem, Site
 
 from . import LayerMeasure, Measurements
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from graphsurg._config import DiagnoseConfig
 from graphsurg._data import InputFn, iter_batches, run_model
-from graphsurg._diagnosis import Problem, Site
+from graphsurg._problems import Problem, Site
 
 
 def position_rank(h: torch.Tensor, energy: float) -> torch.Tensor:

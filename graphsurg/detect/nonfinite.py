@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from graphsurg._config import DiagnoseConfig
-from graphsurg._diagnosis import Problem, Site
+from graphsurg._problems import Problem, Site
 
 from . import Measurements
 

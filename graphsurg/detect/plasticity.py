@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from graphsurg._diagnosis import Diagnosis, Problem, Site
+from graphsurg._problems import Diagnosis, Problem, Site
 
 
 def detect_lost_plasticity(diagnosis: Diagnosis, *, head: str,

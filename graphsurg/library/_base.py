@@ -12,25 +12,16 @@ what changed, which parameter slices were re-initialised (for
 from __future__ import annotations
 
 import copy
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-from torch import fx, nn
-
-from .._data import InputFn, default_input_fn
-from .._diagnosis import Problem
-from .._errors import GraphsurgError
-from ..passes.fx import coupling as _coupling
+from .._errors import Refused as Refused
+from .._problems import Problem
+from ..passes.fx.target import Target as Target
 
 Batch = Any
 SCALES: tuple[str, ...] = ("neuron", "layer", "block", "module")
-
-
-class Refused(GraphsurgError):
-    """A replacement cannot be applied at a site; the message says why."""
 
 
 @dataclass
@@ -59,145 +50,6 @@ class Applied:
 
     def touch(self, param: str, dim: int, indices: Sequence[int]) -> None:
         self.touched.setdefault(param, []).append((dim, [int(i) for i in indices]))
-
-
-class Target:
-    """The model on the table: a private copy, its calibration batches and helpers.
-
-    Replacements read and edit ``target.model``; graph rewrites swap it for a GraphModule with
-    :meth:`set_model`. Nothing here touches the user's model.
-    """
-
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], *,
-                 input_fn: InputFn | None = None, seed: int = 0) -> None:
-        if not batches:
-            raise ValueError("a Target needs at least one calibration batch")
-        self.model = model
-        self.batches = list(batches)
-        self.input_fn = input_fn or default_input_fn
-        self.seed = seed
-        self._groups: dict[str, _coupling.CouplingGroup] = {}
-        self._gm: tuple[fx.GraphModule | None, str] | None = None
-
-    # -- running ---------------------------------------------------------------------------
-    def example(self, i: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return self.input_fn(self.batches[i])
-
-    def run(self, model: nn.Module | None = None, batch: Batch | None = None) -> Any:
-        args, kwargs = self.input_fn(self.batches[0] if batch is None else batch)
-        return (model or self.model)(*args, **kwargs)
-
-    @torch.no_grad()
-    def capture(self, path: str, *, output: bool = False, batches: int = 2) -> torch.Tensor:
-        """The input (or output) of module ``path`` on up to ``batches`` calibration batches,
-        concatenated along dim 0, with the model in eval mode (mode restored)."""
-        mod = self.model.get_submodule(path)
-        got: list[torch.Tensor] = []
-
-        def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
-            if not output:
-                got.append(args[0].detach())
-
-        def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if output:
-                got.append(out.detach())
-
-        h1 = mod.register_forward_pre_hook(pre)
-        h2 = mod.register_forward_hook(post)
-        was = self.model.training
-        self.model.eval()
-        try:
-            for b in self.batches[:batches]:
-                self.run(batch=b)
-        finally:
-            h1.remove()
-            h2.remove()
-            self.model.train(was)
-        if not got:
-            raise Refused(f"module {path!r} is not called when the model runs")
-        return torch.cat(got, 0)
-
-    # -- structure -------------------------------------------------------------------------
-    def coupling(self, producer: str) -> _coupling.CouplingGroup:
-        """The channel-coupling group of ``producer`` in the current model (cached)."""
-        if producer not in self._groups:
-            self._groups[producer] = _coupling.analyze(
-                self.model, producer, lambda m: self.run(m), self.example())
-        return self._groups[producer]
-
-    def graph_module(self) -> tuple[fx.GraphModule | None, str]:
-        """The current model as a shape-propagated GraphModule, or ``(None, reason)``.
-
-        The GraphModule shares its submodules with ``self.model``.
-        """
-        if self._gm is None:
-            gm, why = _coupling.trace(self.model)
-            if gm is not None:
-                was = self.model.training
-                gm.eval()
-                try:
-                    _coupling.propagate_shapes(gm, *self.example())
-                except Exception as e:  # noqa: BLE001 - reported as the reason
-                    gm, why = None, f"shape propagation failed ({type(e).__name__}: {e})"
-                finally:
-                    self.model.train(was)
-                    if gm is not None:
-                        gm.train(was)
-            self._gm = (gm, why)
-        return self._gm
-
-    def set_model(self, model: nn.Module) -> None:
-        """Replace the model (after a graph rewrite) and forget cached analyses."""
-        self.model = model
-        self.invalidate()
-
-    def invalidate(self) -> None:
-        self._groups.clear()
-        self._gm = None
-
-    def replace_module(self, path: str, new: nn.Module) -> None:
-        """Put ``new`` at ``path`` (keeping the old module's training mode)."""
-        parent_path, _, name = path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        old = getattr(parent, name)
-        new.train(old.training)
-        setattr(parent, name, new)
-        self.invalidate()
-
-    def insert_after(self, path: str, new: nn.Module, mode: str, prefix: str) -> str:
-        """Insert ``new`` right after the site ``path`` and return where it now lives.
-
-        ``mode="fx"``: on the FX graph, after the block of ``path`` (the layer and its
-        activation); otherwise the module at ``path`` becomes ``Sequential(old, new)`` and
-        ``new`` lives at ``path.1``. Raises :class:`Refused` with the reason when neither
-        can be done.
-        """
-        from ..passes.fx.rewrite import RewriteError, block_bounds
-        from ..passes.fx.rewrite import insert_after as _insert_after
-
-        if mode == "fx":
-            gm, reason = self.graph_module()
-            if gm is None:
-                raise Refused(f"no torch.fx graph: {reason}")
-            try:
-                _, end = block_bounds(gm, path)
-            except RewriteError as e:
-                raise Refused(str(e)) from None
-            name = _insert_after(gm, end, new, f"{prefix}_{path}")
-            new.train(gm.training)
-            self.set_model(gm)
-            return name
-        try:
-            old = self.model.get_submodule(path)
-        except AttributeError:
-            raise Refused(f"the model has no module {path!r}") from None
-        self.replace_module(path, nn.Sequential(old, new))
-        return f"{path}.1"
-
-    def generator(self, salt: str | int) -> torch.Generator:
-        """A CPU generator seeded from the target's seed and ``salt`` (stable across runs)."""
-        s = zlib.crc32(str(salt).encode()) if isinstance(salt, str) else int(salt)
-        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + s)
 
 
 class Replacement:
@@ -241,11 +93,30 @@ class Replacement:
         far (None: there is none)."""
         return None
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
-        """Edit ``target.model`` in place; raise :class:`Refused` with the reason if not
-        possible (the caller restores the model). Every replacement overrides it; one that
-        does not is refused per schema, like any replacement that cannot apply."""
-        raise Refused(f"replacement {self.name!r} ({type(self).__name__}) defines no apply()")
+    def apply(self, target: Any, problem: Problem, params: dict[str, Any]) -> Applied:
+        """Edit ``target.model`` in place with the applier for ``target.ir`` (``apply_torch``
+        for a torch :class:`Target`, ``apply_onnx`` for an ONNX target); raise
+        :class:`Refused` with the reason if not possible (the caller restores the model)."""
+        ir = getattr(target, "ir", "torch")
+        if not self.supports(ir):
+            raise Refused(f"replacement {self.name!r} has no {ir} applier")
+        fn: Callable[[Any, Problem, dict[str, Any]], Applied] = getattr(self, f"apply_{ir}")
+        return fn(target, problem, params)
+
+    def supports(self, ir: str) -> bool:
+        """Whether the replacement has an applier for ``ir`` (``"torch"``, ``"onnx"``)."""
+        if ir == "torch" and type(self).apply is not Replacement.apply:
+            return True  # a user's replacement that overrides apply() itself (torch)
+        own = getattr(type(self), f"apply_{ir}", None)
+        return own is not None and own is not getattr(Replacement, f"apply_{ir}", None)
+
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+        """The torch applier: edit ``target.model`` (an ``nn.Module``) in place."""
+        raise Refused(f"replacement {self.name!r} ({type(self).__name__}) has no torch applier")
+
+    def apply_onnx(self, target: Any, problem: Problem, params: dict[str, Any]) -> Applied:
+        """The ONNX applier: edit ``target.model`` (an ``onnx_ir.Model``) in place."""
+        raise Refused(f"replacement {self.name!r} ({type(self).__name__}) has no onnx applier")
 
     def describe(self) -> str:
         return (self.__doc__ or self.name).strip().splitlines()[0]
@@ -295,9 +166,11 @@ class Library:
             raise KeyError(f"no replacement named {name!r} in the library; known: "
                            f"{', '.join(self._items)}") from None
 
-    def treating(self, kind: str) -> list[Replacement]:
-        """The replacements that treat ``kind``, preferred first."""
-        return sorted((r for r in self._items.values() if kind in r.treats),
+    def treating(self, kind: str, ir: str | None = None) -> list[Replacement]:
+        """The replacements that treat ``kind`` (with an applier for ``ir`` when given),
+        preferred first."""
+        return sorted((r for r in self._items.values()
+                       if kind in r.treats and (ir is None or r.supports(ir))),
                       key=lambda r: (r.priority, r.name))
 
     def names(self) -> list[str]:

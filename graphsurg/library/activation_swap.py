@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ..passes.fx.rewrite import RewriteError, replace_node_with_module
 from ._base import Applied, Refused, Replacement, Target
 
@@ -112,7 +112,7 @@ class ActivationSwap(Replacement):
             return None
         return {**params, "variant": "ramp", "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         _, mod_path, node_name = self._activation(problem, target)
         slope = float(params.get("negative_slope", 0.01))
         variant = params.get("variant", "leaky")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ..passes.fx.rewrite import RewriteError, block_bounds
 from ._base import Applied, Refused, Replacement, Target
 
@@ -107,7 +107,7 @@ class Attention(Replacement):
         return {"mode": mode, "spatial": spatial, "dim": dim,
                 "heads": _heads(dim, int(problem.evidence.get("heads", 4))), "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         p = {**self.propose(problem, target), **params}
         path = problem.site.module
         block = GatedAttention(int(p["dim"]), int(p["heads"]), spatial=bool(p["spatial"]))

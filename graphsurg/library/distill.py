@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ..passes.fx.rewrite import RewriteError, block_bounds, extract_block, unique_name
 from ._base import Applied, Refused, Replacement, Target
 
@@ -346,7 +346,7 @@ class Distill(Replacement):
             raise Refused(f"{path!r} does not map a floating tensor to a floating tensor")
         return x, y, old, None, None
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         mode = str(params.get("mode") or "")
         path = str(params.get("layer") or params.get("module") or "")
         if not mode or not path:

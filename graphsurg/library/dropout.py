@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ..passes.fx.rewrite import RewriteError, block_bounds
 from ._base import Applied, Replacement, Target
 
@@ -62,7 +62,7 @@ class Dropout(Replacement):
         frac = float(problem.evidence.get("coadapted_fraction", 0.0) or 0.0)
         return {"p": round(min(0.3, self.p + 0.2 * frac), 3), "mode": mode, "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
         p = float(params.get("p", self.p))
         mode = params.get("mode") or self.propose(problem, target)["mode"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ._base import Applied, Refused, Replacement, Target
 from ._edit import (
     _padding,
@@ -74,7 +74,7 @@ class ExciseDead(Replacement):
                 ) -> dict[str, Any]:
         return {"units": self._dead_units(problem, target), "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
         layer = get_layer(target, path)
         group = coupled(target, path)

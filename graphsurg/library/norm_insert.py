@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ..passes.fx.rewrite import RewriteError, insert_after, module_node
 from ._base import Applied, Refused, Replacement, Target
 from ._edit import get_layer
@@ -83,7 +83,7 @@ class NormInsert(Replacement):
             return None
         return {**params, "variant": "identity", "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         layers = [str(x) for x in params.get("layers") or self._layers(problem)]
         identity = self.is_exact(params)
         stats = {}

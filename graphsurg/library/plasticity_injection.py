@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ._base import Applied, Refused, Replacement, Target
 
 
@@ -92,7 +92,7 @@ class PlasticityInjection(Replacement):
         return {"head": self._head(target, problem), "freeze_old": self.freeze_old,
                 "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = str(params.get("head") or self._head(target, problem))
         old = target.model.get_submodule(path)
         fresh = copy.deepcopy(old)

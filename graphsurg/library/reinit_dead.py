@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ._base import Applied, Refused, Replacement, Target
 from ._edit import column_stats, coupled, draw_rows, fold_constant, get_layer, is_constant
 
@@ -83,7 +83,7 @@ class ReinitDead(Replacement):
                 constant = constant and bool(is_constant(mean, var).all())
         return {"units": units, "exact": bool(constant), "rescale": "median_live"}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
         layer = get_layer(target, path)
         group = coupled(target, path)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ..passes.fx.rewrite import RewriteError, block_bounds, insert_bypass
 from ._base import Applied, Refused, Replacement, Target
 
@@ -133,7 +133,7 @@ class ResidualBypass(Replacement):
             return None
         return {**params, "variant": "gated", "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         gm, reason = target.graph_module()
         if gm is None:
             raise Refused(f"residual_bypass needs a torch.fx graph: {reason}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .._diagnosis import Problem
+from .._problems import Problem
 from ._base import Applied, Refused, Replacement, Target
 from ._edit import consumer_index, coupled, get_layer, install_width_change, resized
 
@@ -54,7 +54,7 @@ class Widen(Replacement):
         new_width = max(2 * width, min(neighbours) // 2)
         return {"new_width": int(new_width), "noise": 1e-2, "exact": True}
 
-    def apply(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
+    def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
         layer = get_layer(target, path)
         group = coupled(target, path)

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from graphsurg._errors import BadInputError
 
 from .capture import _classify, _producer
-from .monitor_sites import owner_path, placeholder_source, source_path
+from .dynamo_sites import owner_path, placeholder_source, source_path
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram

@@ -8,7 +8,7 @@ graphsurg first: the backend is declared in the ``torch_dynamo_backends`` entry-
 Options (all optional):
 
 * ``"monitor"``: a :class:`graphsurg.Monitor`; observes activations and gradient norms on
-  every ``monitor.every``-th call (see :mod:`graphsurg.passes.fx.monitor`).
+  every ``monitor.every``-th call (see :mod:`graphsurg.passes.fx.observe_compiled`).
 * ``"plan"``: a SurgeryPlan, its JSON, or the path of its JSON; graph-level schemas are
   rewritten into the Dynamo graph before lowering (see :mod:`graphsurg.passes.fx.apply_plan`).
 * ``"inner"``: where to lower afterwards: ``"inductor"`` (default), ``"eager"``,

@@ -18,7 +18,7 @@ from onnxscript.rewriter import RewriteRuleSet
 
 from graphsurg._certificates import Certificates
 from graphsurg._config import DiagnoseConfig
-from graphsurg._diagnosis import Diagnosis
+from graphsurg._problems import Diagnosis
 
 from ._base import PassState
 from ._common import (

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphsurg._diagnosis import Diagnosis
+from graphsurg._problems import Diagnosis
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from graphsurg.kernels import NeuronStats, neuron_stats
 
 from graphsurg._config import DiagnoseConfig
-from graphsurg._diagnosis import Diagnosis, LayerReport, Problem, Site
+from graphsurg._problems import Diagnosis, LayerReport, Problem, Site
 
 from ._base import const_array
 from ._common import KNOWN_DOMAINS, Feed, ort_session

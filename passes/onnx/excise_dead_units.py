@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphsurg._diagnosis import Problem
+from graphsurg._problems import Problem
 
 from ._base import (
     GraphsurgPass,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphsurg._diagnosis import Diagnosis
+from graphsurg._problems import Diagnosis
 
 from ._base import GraphsurgPass, PassState, const_array, int_attr, new_initializer
 from .calibration import numerical_rank

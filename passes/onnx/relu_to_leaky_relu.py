@@ -18,7 +18,7 @@ from typing import Any
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase
 
-from graphsurg._diagnosis import Diagnosis
+from graphsurg._problems import Diagnosis
 
 from ._base import GraphsurgPass, PassState
 

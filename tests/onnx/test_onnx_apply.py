@@ -209,7 +209,7 @@ def test_olive_workflow_with_graphsurg_surgeon(exported, tmp_path) -> None:
     pytest.importorskip("olive")
     from olive.workflows import run as olive_run
 
-    import graphsurg.onnx.olive  # noqa: F401  (registers the surgeons)
+    import graphsurg.passes.onnx.olive  # noqa: F401  (registers the surgeons)
 
     rng = np.random.default_rng(0)
     calib = tmp_path / "calib.npz"

@@ -12,7 +12,7 @@ from _helpers import rel_change
 from torch import nn
 
 import graphsurg as gs
-from graphsurg._diagnosis import Problem, Site
+from graphsurg._problems import Problem, Site
 from graphsurg.library import Applied, RampLeakyReLU, Refused, Target
 
 

@@ -12,7 +12,7 @@ import zoo
 from _helpers import rel_change, same_state, snapshot, train
 
 import graphsurg as gs
-from graphsurg._diagnosis import Diagnosis, Problem, Site
+from graphsurg._problems import Diagnosis, Problem, Site
 from graphsurg.library import Applied, Replacement, Target
 
 HEAL = 60  # healing steps in tests (CPU budget); the figures use 100

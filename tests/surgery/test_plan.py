@@ -8,7 +8,7 @@ import pytest
 import zoo
 
 import graphsurg as gs
-from graphsurg._diagnosis import Diagnosis, Problem, Site
+from graphsurg._problems import Diagnosis, Problem, Site
 from graphsurg.library import Applied, Replacement, Target
 
 

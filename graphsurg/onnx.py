@@ -4,7 +4,7 @@
 ``apply`` runs the passes listed by ``get_available_passes`` (excise dead units losslessly,
 factor low-rank weights, swap dying ReLUs, clean up), verifies each on held-out batches with
 onnxruntime and rolls back any that breaks the certificates; ``rules`` gives the local
-rewrites as an onnxscript ``RewriteRuleSet``. Olive surgeons live in ``graphsurg.onnx.olive``.
+rewrites as an onnxscript ``RewriteRuleSet``. Olive surgeons live in ``graphsurg.passes.onnx.olive``.
 
 Example:
     >>> from graphsurg import onnx as gso

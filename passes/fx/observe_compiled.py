@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 from graphsurg.kernels import grad_sq_norms
 
+from .dynamo_sites import DynamoSites, find_dynamo_sites
 from .instrument import Observer
-from .monitor_sites import DynamoSites, find_dynamo_sites
 
 CompiledFn = Callable[..., Any]
 
