@@ -1,0 +1,187 @@
+"""The ONNX IR adapter: :class:`OnnxAdapter` implements :class:`graphsurg._ir.IRAdapter` over
+an ``onnx_ir.Model``, with onnxruntime as the engine.
+
+=============  ===========================================================================
+verb           how
+=============  ===========================================================================
+open           a path (external data memory-mapped, its paths checked), a ``ModelProto``
+               or an ``ir.Model`` -> a private ``ir.Model`` (the user's is never touched)
+observe        onnxruntime with the observed values as extra outputs, reduced batch by
+               batch with ``graphsurg.kernels`` (:mod:`graphsurg.passes.onnx.observe`)
+run            an onnxruntime session: the floating outputs of every batch
+snapshot       ``ir.Model.clone()``; ``restore`` installs a clone of the snapshot
+target         :class:`graphsurg.passes.onnx.target.OnnxTarget` (what ``apply_onnx`` edits)
+halve          a feed dict cut in two along dimension 0
+save           the model (and its external data, kept beside it) written atomically
+capabilities   no gradients, not trainable: exact edits only, no healing
+=============  ===========================================================================
+
+``analyze`` (``graphsurg.onnx.analyze``) is the one diagnosis over this adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphsurg._config import DiagnoseConfig
+from graphsurg._ir import Capabilities, LossFn
+from graphsurg._measurements import Measurements
+
+from ._common import Feed, ModelLike, load_batches, load_model, ort_session, save_model
+from ._common import validate_batches as validate_batches
+from .observe import observe_model
+from .target import OnnxTarget
+
+if TYPE_CHECKING:
+    from graphsurg._problems import Diagnosis
+
+DataLike = str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]]
+
+
+class OnnxAdapter:
+    """One ONNX model on the spine (see the module documentation).
+
+    Args:
+        model: the working model, a private copy (use :meth:`open` to load a user's model).
+        threads: onnxruntime intra-op threads (None: onnxruntime's default).
+    """
+
+    ir = "onnx"
+    capabilities = Capabilities(gradients=False, trainable=False)
+
+    def __init__(self, model: ir.Model, *, threads: int | None = None) -> None:
+        if not isinstance(model, ir.Model):
+            raise TypeError(f"OnnxAdapter takes an onnx_ir.Model, got {type(model).__name__}; "
+                            "use OnnxAdapter.open(path_or_proto_or_model)")
+        self._model = model
+        self.threads = threads
+
+    @classmethod
+    def open(cls, model_like: ModelLike, *, threads: int | None = None
+             ) -> tuple[OnnxAdapter, str]:
+        """Load a path / ``onnx.ModelProto`` / ``onnx_ir.Model`` into a private copy; return
+        the adapter and the kind the model came as (``"path"``, ``"proto"``, ``"ir"``).
+
+        Raises:
+            OnnxInputError: the file is missing, not ONNX, truncated, or its external data is
+                missing or outside the model's folder (one line).
+        """
+        model, kind = load_model(model_like)
+        return cls(model, threads=threads), kind
+
+    @property
+    def model(self) -> ir.Model:
+        """The working ``onnx_ir.Model`` (edited in place by the library's ONNX appliers)."""
+        return self._model
+
+    def batches(self, data: DataLike, *, batch_size: int = 64) -> list[Feed]:
+        """Calibration data (an ``.npz`` path, one feed dict or an iterable of them) as feed
+        dicts checked against the model's inputs (names, ranks, fixed dimensions, dtypes)."""
+        return validate_batches(self._model, load_batches(data, batch_size=batch_size))
+
+    def observe(self, batches: Sequence[Feed], config: DiagnoseConfig, *,
+                loss_fn: LossFn | None = None) -> Measurements:
+        """Stream ``batches`` through onnxruntime and return the measurements
+        ``graphsurg.detect`` judges (no gradients: ``loss_fn`` is not used)."""
+        m = observe_model(self._model, batches, config, threads=self.threads)
+        if loss_fn is not None:
+            m.notes.append("gradients not checked: an ONNX model has no gradients here")
+        return m
+
+    def run(self, batches: Sequence[Feed]) -> list[np.ndarray]:
+        """The floating outputs of every batch, in order (one array per output per batch)."""
+        sess = ort_session(self._model, threads=self.threads)
+        out: list[np.ndarray] = []
+        for feed in batches:
+            out.extend(r for r in sess.run(None, feed)
+                       if isinstance(r, np.ndarray) and np.issubdtype(r.dtype, np.floating))
+        return out
+
+    def snapshot(self) -> ir.Model:
+        return self._model.clone()
+
+    def restore(self, snapshot: ir.Model) -> None:
+        """Make the working model a copy of ``snapshot`` (which stays usable). The working
+        model becomes a new object: take :attr:`model` / :meth:`target` again afterwards."""
+        self._model = snapshot.clone()
+
+    def target(self, batches: Sequence[Feed], *, seed: int = 0) -> OnnxTarget:
+        return OnnxTarget(self._model, batches, seed=seed)
+
+    def halve(self, batch: Feed) -> tuple[Feed, Feed] | None:
+        """Cut a feed dict in two along dimension 0 (None when its inputs do not share a
+        leading dimension of at least 2)."""
+        rows = {a.shape[0] if a.ndim else 0 for a in batch.values()}
+        n = rows.pop() if len(rows) == 1 else 0
+        if n < 2:
+            return None
+        h = n // 2
+        return {k: a[:h] for k, a in batch.items()}, {k: a[h:] for k, a in batch.items()}
+
+    def save(self, path: str | os.PathLike[str], *, save_external_data: bool = False,
+             external_data_size_threshold: int = 1024, **options: Any) -> list[Path]:
+        """Write the working model to ``path`` atomically (with ``<name>.data`` beside it when
+        it holds external tensors or ``save_external_data``); return the files written."""
+        if options:
+            raise TypeError(f"OnnxAdapter.save got unknown options {sorted(options)}")
+        return save_model(self._model, path, save_external_data=save_external_data,
+                          external_data_size_threshold=external_data_size_threshold)
+
+
+def diagnose_onnx(adapter: OnnxAdapter, batches: Sequence[Feed], *,
+                  config: DiagnoseConfig | None = None) -> Diagnosis:
+    """The one diagnosis over the ONNX adapter.
+
+    Interim: ``graphsurg._diagnose.diagnose_adapter`` (the spine's) replaces this body when
+    it lands; until then it is ``detect_all`` over :meth:`OnnxAdapter.observe`."""
+    from dataclasses import replace
+
+    from graphsurg._diagnose import _reports
+    from graphsurg._problems import Diagnosis
+    from graphsurg.detect import detect_all
+
+    cfg = config or DiagnoseConfig()
+    m = adapter.observe(batches, cfg)
+    problems = [replace(p, site=replace(p.site, ir="onnx")) for p in detect_all(m, cfg)]
+    layers = {k: replace(r, site=replace(r.site, ir="onnx")) for k, r in _reports(m, cfg).items()}
+    return Diagnosis(problems=problems, layers=layers, capture=m.capture, gradients_checked=False,
+                     batches=m.batches, notes=[*m.notes, "gradients not checked: ONNX models "
+                                               "are diagnosed without gradients"])
+
+
+def analyze(model: ModelLike, data: DataLike, *, config: DiagnoseConfig | None = None,
+            batch_size: int = 64) -> Diagnosis:
+    """Diagnose an ONNX model on calibration data with onnxruntime: ``gs.diagnose``'s rules
+    and thresholds over :class:`OnnxAdapter` (no gradient checks: ONNX has no gradients).
+
+    Args:
+        model: a path (external data is memory-mapped), an ``onnx.ModelProto`` or an
+            ``onnx_ir.Model``. It is not modified.
+        data: an ``.npz`` file (one array per model input, split along dimension 0 into
+            batches of ``batch_size``), one feed dict, or an iterable of feed dicts
+            ``{input name: array}``.
+        config: thresholds (:class:`graphsurg.DiagnoseConfig`).
+
+    Returns:
+        A :class:`graphsurg.Diagnosis` with ``capture="onnxruntime"``; sites carry
+        ``ir="onnx"``, canonical activation names (``"relu"``...) and the producer layer's
+        node name as ``module``.
+
+    Raises:
+        OnnxInputError: the model or the data is bad (one-line message).
+
+    Example:
+        >>> d = gso.analyze("model.onnx", "calib.npz")
+        >>> print(d.summary())
+    """
+    adapter, _ = OnnxAdapter.open(model)
+    return diagnose_onnx(adapter, adapter.batches(data, batch_size=batch_size), config=config)
+
+
+__all__ = ["OnnxAdapter", "analyze", "diagnose_onnx"]
