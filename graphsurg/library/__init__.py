@@ -8,7 +8,8 @@ replacement         treats                                     scale    guarante
 reinit_dead         DeadNeurons, Saturation, NonFinite         neuron   exact on dead units
 activation_swap     DeadNeurons (dying ReLU)                   layer    bounded (ramp: exact)
 residual_bypass     VanishingGradient                          block    bounded (gated: exact)
-widen               Bottleneck                                 layer    exact
+widen               Bottleneck (narrow, rank)                  layer    exact
+factor_low_rank     Bottleneck (rank-deficient weight)         layer    exact (rank tolerance)
 norm_insert         ExplodingGradient, Saturation              layer    exact (eval mode)
 excise_dead         DeadNeurons (constant units)               neuron   exact on the data
 dropout             Overfitting                                layer    exact (eval mode)
@@ -34,6 +35,7 @@ from .attention import GatedAttention as GatedAttention
 from .distill import Distill as Distill
 from .dropout import Dropout as Dropout
 from .excise_dead import ExciseDead as ExciseDead
+from .factor_low_rank import FactorLowRank as FactorLowRank
 from .norm_insert import ChannelBatchNorm as ChannelBatchNorm
 from .norm_insert import NormInsert as NormInsert
 from .plasticity_injection import InjectedHead as InjectedHead
@@ -50,7 +52,8 @@ def default_library() -> Library:
     distill, plasticity injection) that escalation reaches. Distill is planned only by
     escalation or ``prefer=``; the other three treat only their own problem kinds."""
     return Library([ReinitDead(), ActivationSwap(), ResidualBypass(), Widen(), NormInsert(),
-                    ExciseDead(), Dropout(), Attention(), Distill(), PlasticityInjection()])
+                    ExciseDead(), FactorLowRank(), Dropout(), Attention(), Distill(),
+                    PlasticityInjection()])
 
 
 def canonical_library() -> Library:
@@ -68,6 +71,7 @@ __all__ = [
     "Distill",
     "Dropout",
     "ExciseDead",
+    "FactorLowRank",
     "GatedAttention",
     "InjectedHead",
     "Library",

@@ -63,6 +63,25 @@ class Replacement:
         judged_after_healing: the edit only helps once trained (a zero-initialised gate):
             operate heals before judging it, even when it is exact.
         priority: lower is preferred among replacements treating the same problem.
+        reasons: problem kind -> the evidence ``reason`` values it treats (a kind not listed:
+            every reason). E.g. ``{"Bottleneck": ("rank",)}``: only rank-collapsed weights.
+        removes_units: the edit deletes the site's units (the dead-unit certificate does not
+            apply to them: they are gone, not revived).
+        renumbers_units: the edit changes the site layer's width or structure, so another
+            schema's unit indices or module path at that layer no longer hold.
+        reinitialises_units: the edit re-draws units in place (shapes unchanged); within a
+            site it runs before layer-scale edits, while unit indices are still valid.
+        reinit_companion: plan it together with the replacement that
+            ``reinitialises_units`` for the same problem (a swap revives future updates, the
+            re-init revives the units now).
+        preserves_width: the layer keeps its width and parameter shapes.
+        live_edit: how :class:`graphsurg.SurgeryCallback` applies it to a live model:
+            ``"parameters"`` (new values copied into the live tensors), ``"module"`` (a
+            parameter-free module swapped at ``Applied.details["module"]``) or None (not on a
+            live model: use ``gs.operate``).
+        graph_level: it has variants the torch.compile backend and ``apply_plan`` can rewrite
+            in a graph whose parameters are inputs (see :meth:`graph_rewrite`).
+        escalation_only: planned only by escalation or when named in ``prefer=``.
     """
 
     name: ClassVar[str] = ""
@@ -71,11 +90,49 @@ class Replacement:
     guarantee: ClassVar[str] = "bounded"
     judged_after_healing: ClassVar[bool] = False
     priority: ClassVar[int] = 100
+    reasons: ClassVar[dict[str, tuple[str, ...]]] = {}
+    removes_units: ClassVar[bool] = False
+    renumbers_units: ClassVar[bool] = False
+    reinitialises_units: ClassVar[bool] = False
+    reinit_companion: ClassVar[bool] = False
+    preserves_width: ClassVar[bool] = True
+    live_edit: ClassVar[str | None] = None
+    graph_level: ClassVar[bool] = False
+    escalation_only: ClassVar[bool] = False
+
+    @property
+    def scale(self) -> str:
+        """The replacement's (smallest) scale."""
+        return self.scales[0] if self.scales else "layer"
+
+    def accepts(self, problem: Problem) -> bool:
+        """Whether the problem's kind and evidence ``reason`` are among what it treats."""
+        if problem.kind not in self.treats:
+            return False
+        wanted = self.reasons.get(problem.kind)
+        return wanted is None or problem.evidence.get("reason") in wanted
+
+    def structural_params(self, problem: Problem, exact: bool) -> dict[str, Any]:
+        """Parameters that can be chosen without data (planning without calibration)."""
+        return {}
+
+    def graph_rewrite(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The edit as a graph-level rewrite (JSON), or None when it needs new or reshaped
+        parameters. Only ``graph_level`` replacements return one."""
+        return None
+
+    def live_editable(self, params: dict[str, Any]) -> bool:
+        """Whether the edit with ``params`` can be applied to a live model (``live_edit``)."""
+        return self.live_edit is not None
 
     def check(self, problem: Problem, target: Target) -> str | None:
         """None when the replacement can treat ``problem`` on ``target``, else the reason."""
         if problem.kind not in self.treats:
             return f"{self.name} does not treat {problem.kind}"
+        if not self.accepts(problem):
+            return (f"{self.name} treats {problem.kind} with reason "
+                    f"{'/'.join(self.reasons[problem.kind])}, not "
+                    f"{problem.evidence.get('reason')!r}")
         return None
 
     def propose(self, problem: Problem, target: Target, *, exact: bool = False

@@ -27,6 +27,8 @@ from ..passes.fx.rewrite import RewriteError, replace_node_with_module
 from ._base import Applied, Refused, Replacement, Target
 
 _RELUS = ("relu", "relu6")
+#: the default negative slope of the leaky variants (torch.nn.LeakyReLU's default)
+NEGATIVE_SLOPE = 0.01
 
 
 class RampLeakyReLU(nn.Module):
@@ -68,6 +70,9 @@ class ActivationSwap(Replacement):
     scales = ("layer",)
     guarantee = "bounded"
     priority = 20
+    reinit_companion = True
+    live_edit = "module"
+    graph_level = True
 
     def _activation(self, problem: Problem, target: Target) -> tuple[str, str, str]:
         """``(op, module_path, node_name)`` of the activation at the site."""
@@ -89,10 +94,14 @@ class ActivationSwap(Replacement):
             raise Refused("a functional activation can only be swapped in a torch.fx graph")
         return act.op, act.module, act.node
 
-    def check(self, problem: Problem, target: Target) -> str | None:
+    def check(self, problem: Problem, target: Any) -> str | None:
         why = super().check(problem, target)
         if why:
             return why
+        if target.ir == "onnx":
+            return None if problem.site.op == "relu" else (
+                f"the activation at {problem.site.address} is {problem.site.op or 'unknown'}, "
+                "not a relu")
         try:
             self._activation(problem, target)
         except Refused as e:
@@ -102,7 +111,35 @@ class ActivationSwap(Replacement):
     def propose(self, problem: Problem, target: Target, *, exact: bool = False
                 ) -> dict[str, Any]:
         variant = "ramp" if exact else "leaky"
-        return {"variant": variant, "negative_slope": 0.01, "exact": variant == "ramp"}
+        return {"variant": variant, "negative_slope": NEGATIVE_SLOPE, "exact": variant == "ramp"}
+
+    def graph_rewrite(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        if params.get("variant", "leaky") != "leaky":
+            return None  # prelu adds a parameter; ramp needs a schedule over training steps
+        return {"activation": "leaky_relu",
+                "negative_slope": float(params.get("negative_slope", NEGATIVE_SLOPE))}
+
+    def live_editable(self, params: dict[str, Any]) -> bool:
+        return params.get("variant") != "prelu"  # a PReLU adds a parameter the optimiser lacks
+
+    def apply_onnx(self, target: Any, problem: Problem, params: dict[str, Any]) -> Applied:
+        """Relu -> LeakyRelu at the site's value (the onnxscript ``relu_to_leaky_relu`` rule
+        restricted to it). Bounded: the output changes by ``slope x`` the negative parts."""
+        from ..passes.onnx.relu_to_leaky_relu import swap_site
+
+        variant = params.get("variant", "leaky")
+        if variant != "leaky":
+            raise Refused(f"activation_swap variant {variant!r} is not available on ONNX (the "
+                          "ramp needs healing steps and a PReLU a trainable slope); use "
+                          "variant='leaky'")
+        if problem.site.op != "relu":
+            raise Refused(f"the activation at {problem.site.address} is "
+                          f"{problem.site.op or 'unknown'}, not a relu")
+        slope = float(params.get("negative_slope", NEGATIVE_SLOPE))
+        node = swap_site(target.model, problem.site.node, slope)
+        left = set(problem.units) - target.excised.get(problem.site.address, set())
+        return Applied(exact=False, modules=[problem.site.module], units=sorted(left),
+                       details={"variant": variant, "negative_slope": slope, "node": node})
 
     def is_exact(self, params: dict[str, Any]) -> bool:
         return params.get("variant") == "ramp"
@@ -114,7 +151,7 @@ class ActivationSwap(Replacement):
 
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         _, mod_path, node_name = self._activation(problem, target)
-        slope = float(params.get("negative_slope", 0.01))
+        slope = float(params.get("negative_slope", NEGATIVE_SLOPE))
         variant = params.get("variant", "leaky")
         new: nn.Module
         if variant == "leaky":

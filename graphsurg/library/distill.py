@@ -28,7 +28,7 @@ layer-scale schema failed at the site) or when a plan asks for it (``prefer=["di
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -241,7 +241,7 @@ class Distill(Replacement):
     scales = ("module",)
     guarantee = "bounded"
     priority = 90
-    escalation_only: ClassVar[bool] = True  # planned by escalation or on request
+    escalation_only = True  # planned by escalation or on request
 
     def __init__(self, *, steps: int = 200, lr: float = 1e-3, max_error: float = 0.5,
                  batches: int = 4, augment: int = 2048) -> None:

@@ -6,6 +6,11 @@ channel from any BatchNorm in between), removes its columns from every consumer 
 channel-coupling analysis, and folds ``W[:, u] * c`` into the consumer's bias. The model gets
 smaller and faster; the function is unchanged on the data (exact). Units that only look
 dormant (small but varying) are left alone: removing them would change the function.
+
+Appliers: ``apply_torch`` (torch.fx channel coupling) and ``apply_onnx``
+(:func:`graphsurg.passes.onnx.excise_dead_units.excise_site`: producer rows, consumer columns
+with constant folding, coupling through Concat/BatchNormalization/pooling/Flatten; it reads
+the evidence keys ``constant`` / ``constant_values`` / ``channel_dim``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class ExciseDead(Replacement):
     scales = ("neuron",)
     guarantee = "exact"
     priority = 30
+    removes_units = True
+    renumbers_units = True
+    preserves_width = False
 
     def _dead_units(self, problem: Problem, target: Target) -> list[int]:
         layer = get_layer(target, problem.site.module)
@@ -57,10 +65,15 @@ class ExciseDead(Replacement):
             dead = dead[1:]  # never excise a whole layer
         return dead
 
-    def check(self, problem: Problem, target: Target) -> str | None:
+    def check(self, problem: Problem, target: Any) -> str | None:
         why = super().check(problem, target)
         if why:
             return why
+        if target.ir == "onnx":
+            if not problem.evidence.get("constant"):
+                return (f"none of the flagged units at {problem.site.address} is constant on "
+                        "the data; excising them would change the function")
+            return None
         try:
             dead = self._dead_units(problem, target)
         except Refused as e:
@@ -70,9 +83,22 @@ class ExciseDead(Replacement):
                     "data (or foldable); excising them would change the function")
         return None
 
-    def propose(self, problem: Problem, target: Target, *, exact: bool = False
+    def propose(self, problem: Problem, target: Any, *, exact: bool = False
                 ) -> dict[str, Any]:
+        if target.ir == "onnx":
+            return {"units": sorted(int(u) for u in problem.evidence.get("constant", [])),
+                    "exact": True}
         return {"units": self._dead_units(problem, target), "exact": True}
+
+    def apply_onnx(self, target: Any, problem: Problem, params: dict[str, Any]) -> Applied:
+        """Excise the site's constant units from ``target.model`` (an ``onnx_ir.Model``);
+        records them in ``target.excised``."""
+        from ..passes.onnx.excise_dead_units import excise_site
+
+        done = excise_site(target.model, problem, target.excised)
+        return Applied(exact=True, modules=[done.producer], units=done.units,
+                       details={"width_before": done.width_before,
+                                "width_after": done.width_after, "consumers": done.sinks})
 
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module

@@ -37,6 +37,8 @@ class ReinitDead(Replacement):
     scales = ("neuron",)
     guarantee = "exact"
     priority = 10
+    reinitialises_units = True
+    live_edit = "parameters"
 
     def check(self, problem: Problem, target: Target) -> str | None:
         why = super().check(problem, target)

@@ -94,6 +94,9 @@ class ResidualBypass(Replacement):
     def _span(problem: Problem) -> tuple[str, ...]:
         return problem.span or (problem.site.module,)
 
+    def structural_params(self, problem: Problem, exact: bool) -> dict[str, Any]:
+        return {"variant": "gated" if exact else "residual"}
+
     def propose(self, problem: Problem, target: Target, *, exact: bool = False
                 ) -> dict[str, Any]:
         variant = "gated" if exact else "residual"

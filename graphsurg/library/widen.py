@@ -31,7 +31,9 @@ class Widen(Replacement):
     scales = ("layer",)
     guarantee = "exact"
     judged_after_healing = True  # the new units are copies until trained
-    priority = 10
+    priority = 20  # after factor_low_rank for a rank-collapsed weight (that one is exact)
+    renumbers_units = True
+    preserves_width = False
 
     def check(self, problem: Problem, target: Target) -> str | None:
         why = super().check(problem, target)
