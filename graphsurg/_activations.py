@@ -44,7 +44,7 @@ class Activation:
             return None
         centre = (self.low + self.high) / 2.0
         half = (self.high - self.low) / 2.0
-        return centre, half - margin * half
+        return centre, half - margin  # config: |tanh| >= 1 - margin, sigmoid >= 1 - margin
 
 
 ACTIVATIONS: dict[str, Activation] = {
