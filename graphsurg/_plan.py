@@ -9,13 +9,15 @@ For each problem:
    site cannot pass signal and a larger-scale edit is needed; a healthy one that a local fix
    will do. The spectrum is kept on the schema and shown in the report.
 2. **Profile selection**: the library's replacements that treat the problem's kind.
-3. **Scale selection**: the smallest scale expected to resolve it -- a few dormant units:
-   ``reinit_dead``; most of a layer dead, or a collapsed layer spectrum: ``activation_swap``
-   plus ``reinit_dead``; a span of vanishing gradient: ``residual_bypass`` over the span
-   (residual conversion unless the certificates demand exactness); a bottleneck: ``widen``;
-   exploding gradients: ``norm_insert``. ``prefer=`` puts named replacements first.
+3. **Scale selection** (:func:`candidates`, asked of the library, never by name): the
+   replacements that treat the problem's kind and evidence reason with an applier for the
+   target's IR, those at the smallest scale expected to resolve it first
+   (:func:`needed_scale`: a few dormant units, neuron; most of a layer or a collapsed layer
+   spectrum, layer; a span of vanishing gradient, block), then by priority. A rank-collapsed
+   Bottleneck gets the exact ``factor_low_rank`` when factoring makes the layer smaller, a
+   narrow one is widened. ``prefer=`` puts named replacements first.
 4. **Conflict resolution**: two schemas that would edit the same layer's units in
-   incompatible ways (e.g. excising units another schema re-initialises) keep the first.
+   incompatible ways (one ``renumbers_units``, or the same replacement twice) keep the first.
 5. **Deterministic order**: by the site's position in the model, then scale
    (neuron < layer < block < module), then replacement priority.
 
@@ -39,7 +41,7 @@ from ._certificates import Certificates
 from ._data import InputFn
 from ._errors import GraphsurgError
 from ._problems import Diagnosis, Problem, Site, _finite, _table, loads
-from .library._base import SCALES, Library, Refused, Target
+from .library._base import SCALES, Library, Refused, Replacement, Target
 
 PLAN_FORMAT = "graphsurg.plan/1"
 
@@ -77,6 +79,10 @@ class Schema:
         escalated_from: when the planner escalated (a smaller-scale schema at the site was
             rolled back or left the problem in place): ``{"replacement", "scale",
             "outcome"}`` of the schema it replaces; None otherwise.
+        graph_rewrite: the edit as a graph-level rewrite (``Replacement.graph_rewrite``:
+            e.g. ``{"activation": "leaky_relu", "negative_slope": 0.01}``) for the
+            torch.compile backend and ``apply_plan``; None when it needs new or reshaped
+            parameters.
     """
 
     index: int
@@ -91,6 +97,7 @@ class Schema:
     spectrum: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     escalated_from: dict[str, Any] | None = None
+    graph_rewrite: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +113,7 @@ class Schema:
             "spectrum": self.spectrum,
             "reason": self.reason,
             "escalated_from": self.escalated_from,
+            "graph_rewrite": self.graph_rewrite,
         }
 
     @classmethod
@@ -123,6 +131,7 @@ class Schema:
             spectrum=dict(d.get("spectrum", {})),
             reason=str(d.get("reason", "")),
             escalated_from=d.get("escalated_from"),
+            graph_rewrite=d.get("graph_rewrite"),
         )
 
     def describe(self) -> str:
@@ -297,46 +306,63 @@ def probe_site(target: Target, problem: Problem, *, seed: int = 0) -> dict[str, 
 # scale selection
 
 
-def _options(problem: Problem, spectrum: dict[str, Any], exact: bool
-             ) -> list[tuple[list[str], str]]:
-    """Candidate treatments, preferred first: (replacement names applied together, why)."""
-    kind = problem.kind
+def needed_scale(problem: Problem, spectrum: dict[str, Any]) -> str:
+    """The smallest scale expected to resolve ``problem``: a few dormant or saturated units,
+    ``neuron``; most of a layer (or a collapsed layer spectrum), ``layer``; a vanishing
+    gradient, ``block``; anything else, the smallest scale a replacement offers."""
     frac = float(problem.evidence.get("fraction", problem.severity) or 0.0)
-    collapsed = bool(spectrum.get("collapsed"))
-    if kind == "DeadNeurons":
-        small = [(["reinit_dead"], f"{len(problem.units)} dormant unit(s) ({frac:.0%} of the "
-                                   "layer): neuron scale"),
-                 (["excise_dead"], "constant units: excise and fold (neuron scale)")]
-        big = [(["activation_swap", "reinit_dead"],
-                f"{frac:.0%} of the layer dormant" + (", collapsed layer spectrum" if collapsed
-                                                      else "") + ": layer scale")]
-        return big + small if (frac > 0.5 or collapsed) else small + big
-    if kind == "VanishingGradient":
-        return [(["residual_bypass"], f"vanishing gradient over {len(problem.span) or 1} "
-                 "layer(s)" + (" with a collapsed block spectrum" if collapsed else "")
-                 + ": block scale")]
-    if kind == "ExplodingGradient":
-        return [(["norm_insert"], "exploding gradient: identity-initialised norm")]
-    if kind == "Bottleneck":
-        return [(["widen"], f"bottleneck ({problem.evidence.get('reason', 'narrow')}): "
-                 "Net2Net widening")]
-    if kind == "Saturation":
-        if frac > 0.5:
-            return [(["norm_insert"], f"{frac:.0%} of the layer saturated: standardise the "
-                     "pre-activations"), (["reinit_dead"], "reset saturated units")]
-        return [(["reinit_dead"], "reset saturated units (neuron scale)"),
-                (["norm_insert"], "standardise the pre-activations")]
-    if kind == "NonFinite":
-        return [(["reinit_dead"], "reset the units whose weights are non-finite")]
-    if kind == "Overfitting":
-        return [(["dropout"], "held-out gap with co-adapting units: dropout after the layer "
-                 "(changes training only)")]
-    if kind == "LostPlasticity":
-        return [(["plasticity_injection"], "head lost plasticity: inject a fresh copy minus "
-                 "its frozen twin")]
-    if kind == "MixingCollapse":
-        return [(["attention"], "token mixing collapsed: zero-gated self-attention")]
-    return []
+    if problem.kind == "DeadNeurons":
+        return "layer" if frac > 0.5 or bool(spectrum.get("collapsed")) else "neuron"
+    if problem.kind == "Saturation":
+        return "layer" if frac > 0.5 else "neuron"
+    if problem.kind == "VanishingGradient":
+        return "block"
+    return "neuron"
+
+
+def _why(r: Replacement, problem: Problem, spectrum: dict[str, Any], need: str) -> str:
+    ev = problem.evidence
+    frac = float(ev.get("fraction", problem.severity) or 0.0)
+    detail = {"DeadNeurons": f"{len(problem.units)} dormant unit(s), {frac:.0%} of the layer",
+              "Saturation": f"{frac:.0%} of the layer saturated",
+              "VanishingGradient": f"over {len(problem.span) or 1} layer(s)",
+              "Bottleneck": f"{ev.get('reason', 'narrow')}"}.get(problem.kind, "")
+    collapsed = ", collapsed spectrum" if spectrum.get("collapsed") else ""
+    fit = "" if r.scale == need else f" (needed {need} scale)"
+    return (f"{problem.kind}{f' ({detail}{collapsed})' if detail else ''}: {r.scale} scale"
+            f"{fit}, {r.describe()}")
+
+
+def candidates(lib: Library, problem: Problem, *, ir: str = "torch",
+               spectrum: dict[str, Any] | None = None, escalating: bool = False,
+               prefer: Sequence[str] = ()) -> list[tuple[list[Replacement], str]]:
+    """Candidate treatments of ``problem``, preferred first: (replacements applied together,
+    why). Asked of the library, never by name: the replacements that treat the problem's kind
+    and evidence reason (:meth:`Replacement.accepts`) with an applier for ``ir``, those at the
+    needed scale (:func:`needed_scale`) first, then larger ones, then smaller ones, each by
+    priority. A replacement with ``reinit_companion`` is planned together with the one that
+    ``reinitialises_units``. ``escalation_only`` replacements join only when escalating or
+    preferred; ``prefer`` puts named replacements first."""
+    sp = spectrum or {}
+    need = SCALES.index(needed_scale(problem, sp))
+    pool = [r for r in lib.treating(problem.kind, ir=ir) if r.accepts(problem)
+            and (escalating or not r.escalation_only or r.name in prefer)]
+
+    def key(r: Replacement) -> tuple[int, int, int, str]:
+        s = SCALES.index(r.scale) if r.scale in SCALES else len(SCALES)
+        return (int(s < need), abs(s - need), r.priority, r.name)
+
+    pool.sort(key=key)
+    for name in reversed(list(prefer)):
+        pool.sort(key=lambda r, n=name: r.name != n)  # stable: the preferred one first
+    reinit = next((r for r in pool if r.reinitialises_units), None)
+    out: list[tuple[list[Replacement], str]] = []
+    for r in pool:
+        group = [r, reinit] if r.reinit_companion and reinit is not None else [r]
+        why = (f"preferred by the caller ({r.name})" if r.name in prefer
+               else _why(r, problem, sp, SCALES[need]))
+        out.append((group, why))
+    return out
 
 
 def _escalation(problem: Problem, previous: Any) -> dict[str, Any] | None:
@@ -371,14 +397,10 @@ def _escalation(problem: Problem, previous: Any) -> dict[str, Any] | None:
             "scale": top.scale, "outcome": outcome[:300]}
 
 
-def _at_least(lib: Library, names: list[str], scale: str) -> bool:
+def _at_least(group: list[Replacement], scale: str) -> bool:
     """The treatment reaches beyond ``scale`` (its largest scale is above it)."""
-    top = max(SCALES.index(_scale_of(lib, n)) if n in lib else -1 for n in names)
+    top = max(SCALES.index(r.scale) if r.scale in SCALES else -1 for r in group)
     return top > SCALES.index(scale)
-
-
-def _scale_of(lib: Library, name: str) -> str:
-    return lib.get(name).scales[0] if name in lib and lib.get(name).scales else "layer"
 
 
 def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = None,
@@ -418,35 +440,44 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
 
     lib = library if library is not None else default_library()
     cert = certificates if certificates is not None else Certificates()
-    result = SurgeryPlan(certificates=cert)
     if not diagnosis.problems:
         raise SurgeryFailed("the diagnosis found no problems: there is nothing to operate on")
     batches = list(data) if data is not None else []
     if not batches:
+        result = SurgeryPlan(certificates=cert)
         result.notes.append("no calibration data: couplings were checked structurally only "
                             "and no Jacobian was probed")
         return _plan_without_data(model, diagnosis, lib, cert, result)
-    work = copy.deepcopy(model)
-    target = Target(work, batches[:2], input_fn=input_fn, seed=seed)
+    target = Target(copy.deepcopy(model), batches[:2], input_fn=input_fn, seed=seed)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return plan_target(target, diagnosis, order, library=lib, certificates=cert,
+                       prefer=prefer, seed=seed, probe=probe, previous=previous)
+
+
+def plan_target(target: Any, diagnosis: Diagnosis, order: dict[str, int], *,
+                library: Library, certificates: Certificates, prefer: Sequence[str] = (),
+                seed: int = 0, probe: bool = True, previous: Any = None) -> SurgeryPlan:
+    """:func:`plan` on a target of either IR (a torch ``Target`` or an ``OnnxTarget``, a
+    private copy: checks may edit it). ``order`` maps a site's module (ONNX: node name) to its
+    position in the model. The Jacobian probe runs on torch targets only; on a target that
+    cannot heal (ONNX), exact fallbacks that only help through healing are not planned."""
+    lib, cert = library, certificates
+    result = SurgeryPlan(certificates=cert)
+    if not diagnosis.problems:
+        raise SurgeryFailed("the diagnosis found no problems: there is nothing to operate on")
+    ir = str(getattr(target, "ir", "torch"))
+    can_heal = ir == "torch"
     chosen: list[tuple[tuple[int, int, int, int], Schema]] = []
-    claimed: dict[str, tuple[str, int]] = {}  # layer -> (replacement, problem index)
+    claimed: dict[str, tuple[Replacement, int]] = {}  # layer -> (replacement, problem index)
     for pi, problem in enumerate(diagnosis.problems):
-        spectrum = probe_site(target, problem, seed=seed) if probe else {}
-        options = _options(problem, spectrum, cert.require_exact)
-        for name in reversed(list(prefer)):
-            if name in lib and problem.kind in lib.get(name).treats:
-                options = [([name], f"preferred by the caller ({name})")] + [
-                    o for o in options if o[0] != [name]]
+        spectrum = probe_site(target, problem, seed=seed) if probe and can_heal else {}
         esc = _escalation(problem, previous)
-        extra = [r.name for r in lib.treating(problem.kind)
-                 if all(r.name not in o[0] for o in options)
-                 and (esc is not None or not getattr(r, "escalation_only", False))]
-        options += [([n], f"registered replacement {n!r} treats {problem.kind}") for n in extra]
+        options = candidates(lib, problem, ir=ir, spectrum=spectrum,
+                             escalating=esc is not None, prefer=prefer)
         if esc is not None:
-            options = [(names, f"escalated from {esc['replacement']} ({esc['scale']}, "
+            options = [(group, f"escalated from {esc['replacement']} ({esc['scale']}, "
                                f"{esc['outcome'][:80]}): {why}")
-                       for names, why in options if _at_least(lib, names, esc["scale"])]
+                       for group, why in options if _at_least(group, esc["scale"])]
             if not options:
                 result.untreated.append((problem, f"{esc['replacement']} ({esc['scale']}) "
                                          f"failed ({esc['outcome'][:120]}) and no replacement "
@@ -454,19 +485,16 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
                 continue
         if not options:
             result.untreated.append((problem, f"no replacement in the library treats "
-                                              f"{problem.kind}"))
+                                              f"{problem.kind}" + (f" on {ir}" if ir != "torch"
+                                                                   else "")))
             continue
         reasons = []
         picked: list[Schema] | None = None
-        for names, why in options:
-            missing = [n for n in names if n not in lib]
-            if missing:
-                reasons.append(f"{'+'.join(names)}: not in the library")
-                continue
+        for group, why in options:
             schemas: list[Schema] = []
             failed = ""
-            for n in names:
-                r = lib.get(n)
+            for r in group:
+                n = r.name
                 try:
                     refusal = r.check(problem, target)
                     if refusal is None:
@@ -478,22 +506,24 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
                     break
                 params["seed"] = seed
                 exact = r.is_exact(params)
+                fallback = r.exact_fallback(params) if not exact else None
+                if fallback is not None and not can_heal and r.fallback_needs_healing:
+                    fallback = None
                 if cert.require_exact and not exact:
-                    fb = r.exact_fallback(params)
-                    if fb is None:
+                    if fallback is None:
                         failed = f"{n}: not exact and the certificates require exactness"
                         break
-                    params, exact = fb, True
+                    params, exact, fallback = fallback, True, None
                 schemas.append(Schema(
-                    index=-1, problem=problem, replacement=n, scale=_scale_of(lib, n),
+                    index=-1, problem=problem, replacement=n, scale=r.scale,
                     site=problem.site, params=params, exact=exact,
-                    judged_after_healing=r.judged_after_healing,
-                    fallback=None if exact else r.exact_fallback(params),
-                    spectrum=spectrum, reason=why, escalated_from=esc))
+                    judged_after_healing=r.judged_after_healing, fallback=fallback,
+                    spectrum=spectrum, reason=why, escalated_from=esc,
+                    graph_rewrite=r.graph_rewrite(params)))
             if failed:
                 reasons.append(failed)
                 continue
-            conflict = _conflict(schemas, claimed)
+            conflict = _conflict(schemas, group, claimed)
             if conflict:
                 reasons.append(conflict)
                 continue
@@ -503,12 +533,13 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
             result.untreated.append((problem, "; ".join(reasons) or "no viable replacement"))
             continue
         for s in picked:
+            r = lib.get(s.replacement)
             for layer in _layers(s):
-                claimed.setdefault(layer, (s.replacement, pi))
+                claimed.setdefault(layer, (r, pi))
             pos = order.get(s.site.module, len(order))
             # within a site: neuron-scale edits (indices still valid) before layer-scale ones
             key = (pos, SCALES.index(s.scale) if s.scale in SCALES else 9,
-                   0 if s.replacement == "reinit_dead" else lib.get(s.replacement).priority, pi)
+                   0 if r.reinitialises_units else r.priority, pi)
             chosen.append((key, s))
     chosen.sort(key=lambda t: t[0])
     for i, (_, s) in enumerate(chosen):
@@ -522,24 +553,21 @@ def plan(model: nn.Module, diagnosis: Diagnosis, *, library: Library | None = No
     return result
 
 
-_RENUMBERING = {"excise_dead", "widen"}
-
-
 def _layers(s: Schema) -> list[str]:
     return list(s.params.get("span") or s.params.get("layers") or [s.site.module])
 
 
-def _conflict(schemas: list[Schema], claimed: dict[str, tuple[str, int]]) -> str:
-    """A reason when a schema would edit units another schema already edits incompatibly."""
-    for s in schemas:
+def _conflict(schemas: list[Schema], group: list[Replacement],
+              claimed: dict[str, tuple[Replacement, int]]) -> str:
+    """A reason when a schema would edit units another schema already edits incompatibly
+    (the same replacement twice, or either one ``renumbers_units``)."""
+    for s, r in zip(schemas, group, strict=True):
         for layer in _layers(s):
             if layer not in claimed:
                 continue
             other, _ = claimed[layer]
-            if other == s.replacement or s.replacement in _RENUMBERING or \
-                    other in _RENUMBERING:
-                return (f"{s.replacement}: conflicts with {other} already planned at "
-                        f"{layer!r}")
+            if other.name == r.name or r.renumbers_units or other.renumbers_units:
+                return f"{r.name}: conflicts with {other.name} already planned at {layer!r}"
     return ""
 
 
@@ -547,32 +575,26 @@ def _plan_without_data(model: nn.Module, diagnosis: Diagnosis, lib: Library,
                        cert: Certificates, result: SurgeryPlan) -> SurgeryPlan:
     """Structural planning: scale selection without checks that need data."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    for pi, problem in enumerate(diagnosis.problems):
-        options = _options(problem, {}, cert.require_exact)
-        picked = None
-        for names, why in options:
-            if all(n in lib for n in names):
-                picked = (names, why)
-                break
-        if picked is None:
+    for problem in diagnosis.problems:
+        options = candidates(lib, problem)
+        if not options:
             result.untreated.append((problem, f"no replacement in the library treats "
                                               f"{problem.kind}"))
             continue
-        for n in picked[0]:
-            r = lib.get(n)
+        group, why = options[0]
+        for r in group:
             params: dict[str, Any] = {"units": list(problem.units)} if problem.units else {}
             if problem.span:
                 params["span"] = list(problem.span)
-            if n == "residual_bypass":
-                params["variant"] = "gated" if cert.require_exact else "residual"
+            params.update(r.structural_params(problem, cert.require_exact))
             params["exact"] = r.is_exact(params) if "variant" in params else \
                 r.guarantee == "exact"
             result.schemas.append(Schema(
-                index=len(result.schemas), problem=problem, replacement=n,
-                scale=_scale_of(lib, n), site=problem.site, params=params,
+                index=len(result.schemas), problem=problem, replacement=r.name,
+                scale=r.scale, site=problem.site, params=params,
                 exact=bool(params["exact"]), judged_after_healing=r.judged_after_healing,
-                fallback=r.exact_fallback(params), reason=picked[1]))
-        del pi
+                fallback=r.exact_fallback(params), reason=why,
+                graph_rewrite=r.graph_rewrite(params)))
     result.schemas.sort(key=lambda s: (order.get(s.site.module, len(order)), s.index))
     for i, s in enumerate(result.schemas):
         s.index = i

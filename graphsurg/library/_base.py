@@ -82,6 +82,9 @@ class Replacement:
         graph_level: it has variants the torch.compile backend and ``apply_plan`` can rewrite
             in a graph whose parameters are inputs (see :meth:`graph_rewrite`).
         escalation_only: planned only by escalation or when named in ``prefer=``.
+        fallback_needs_healing: its exact fallback is exact only because it starts as a
+            no-op and acts through healing (a slope ramp): not planned where the adapter
+            cannot train (ONNX).
     """
 
     name: ClassVar[str] = ""
@@ -99,6 +102,7 @@ class Replacement:
     live_edit: ClassVar[str | None] = None
     graph_level: ClassVar[bool] = False
     escalation_only: ClassVar[bool] = False
+    fallback_needs_healing: ClassVar[bool] = False
 
     @property
     def scale(self) -> str:

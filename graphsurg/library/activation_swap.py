@@ -73,6 +73,7 @@ class ActivationSwap(Replacement):
     reinit_companion = True
     live_edit = "module"
     graph_level = True
+    fallback_needs_healing = True
 
     def _activation(self, problem: Problem, target: Target) -> tuple[str, str, str]:
         """``(op, module_path, node_name)`` of the activation at the site."""

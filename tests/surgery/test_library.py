@@ -35,8 +35,8 @@ def _dead(case: zoo.ZooCase, i: int = 0) -> Problem:
 def test_default_library_declares_its_entries() -> None:
     lib = gs.default_library()
     assert lib.names() == ["reinit_dead", "activation_swap", "residual_bypass", "widen",
-                           "norm_insert", "excise_dead", "dropout", "attention", "distill",
-                           "plasticity_injection"]
+                           "norm_insert", "excise_dead", "factor_low_rank", "dropout",
+                           "attention", "distill", "plasticity_injection"]
     for r in lib:
         assert r.treats and r.scales and r.guarantee in ("exact", "bounded")
     assert [r.name for r in lib.treating("DeadNeurons")][0] == "reinit_dead"
@@ -167,3 +167,97 @@ def test_nonfinite_rows_are_reset() -> None:
     assert a.units == [3]
     with torch.no_grad():
         assert torch.isfinite(m(case.batches[0][0])).all()
+
+
+# -- factor_low_rank (torch applier) ---------------------------------------------------------
+
+
+def _rank_deficient(rank: int, d_in: int = 48, d_out: int = 40) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(d_in, d_out), nn.ReLU(), nn.Linear(d_out, 3))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.randn(d_out, rank, generator=g)
+                          @ torch.randn(rank, d_in, generator=g) / 8)
+    return m
+
+
+def _bottleneck(rank: int) -> Problem:
+    return Problem("Bottleneck", Site("0", "", "linear"), 0.9,
+                   evidence={"reason": "rank", "rank": rank, "max_rank": 40})
+
+
+def test_factor_low_rank_torch_preserves_the_function() -> None:
+    model = _rank_deficient(3).double()
+    x = [torch.randn(32, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
+    m, a, p = _apply(model, x, _bottleneck(3), "factor_low_rank")
+    assert p["rank"] == 3 and a.exact
+    new = m.get_submodule("0")
+    assert isinstance(new, nn.Sequential) and [type(x).__name__ for x in new] == ["Linear"] * 2
+    assert (new[0].in_features, new[0].out_features, new[0].bias) == (48, 3, None)
+    assert (new[1].in_features, new[1].out_features) == (3, 40)
+    assert sum(q.numel() for q in m.parameters()) == (
+        sum(q.numel() for q in model.parameters()) - 40 * 48 + 3 * (48 + 40))
+    # the weight is rank 3 up to float32 round-off (built in float32): the dropped singular
+    # values are below the rank tolerance max(d_in, d_out) x eps(float32) x sigma_max
+    tol = 48 * torch.finfo(torch.float32).eps * a.details["sigma_max"]
+    assert 0 <= a.details["dropped_sigma"] <= tol
+    # float64 model and reference; the dropped part is ~2e-8 relative, so 1e-6 holds
+    with torch.no_grad():
+        ref, got = model(x[0]), m(x[0])
+    assert float((got - ref).norm() / ref.norm()) <= 1e-6
+    assert model[0].weight.shape == (40, 48)  # the input model is untouched
+
+
+def test_factor_low_rank_refuses_a_full_rank_weight_and_a_narrow_bottleneck() -> None:
+    lib = gs.default_library()
+    r = lib.get("factor_low_rank")
+    model = _rank_deficient(40)
+    t = Target(copy.deepcopy(model), [torch.randn(8, 48)])
+    why = r.check(_bottleneck(40), t)
+    assert why is not None and "would not be smaller" in why and "rank 40" in why
+    with pytest.raises(Refused, match="would not be smaller"):
+        r.apply(t, _bottleneck(40), {"rank": 40})
+    narrow = Problem("Bottleneck", Site("0", "", "linear"), 0.5, evidence={"reason": "narrow"})
+    assert not r.accepts(narrow)
+    assert "not 'narrow'" in (r.check(narrow, t) or "")
+
+
+def test_bottleneck_candidates_follow_the_declarations_and_the_evidence() -> None:
+    from graphsurg._plan import candidates
+
+    lib = gs.default_library()
+    narrow = Problem("Bottleneck", Site("0", "", "linear"), 0.5, evidence={"reason": "narrow"})
+    rank = _bottleneck(3)
+    names = lambda opts: [[r.name for r in g] for g, _ in opts]  # noqa: E731
+    assert names(candidates(lib, narrow)) == [["widen"]]
+    assert names(candidates(lib, rank)) == [["factor_low_rank"], ["widen"]]
+    # the same rule on ONNX: only replacements with an ONNX applier
+    assert names(candidates(lib, rank, ir="onnx")) == [["factor_low_rank"]]
+    assert names(candidates(lib, narrow, ir="onnx")) == []
+
+
+def test_planner_factors_a_rank_deficient_layer_and_widens_a_narrow_one() -> None:
+    model = _rank_deficient(3)
+    x = [torch.randn(16, 48, generator=torch.Generator().manual_seed(2))]
+    d = gs.Diagnosis(problems=[_bottleneck(3)])
+    p = gs.plan(model, d, data=x, probe=False)
+    (s,) = p.schemas
+    assert (s.replacement, s.exact, s.params["rank"]) == ("factor_low_rank", True, 3)
+    full = _rank_deficient(40)
+    p = gs.plan(full, gs.Diagnosis(problems=[_bottleneck(40)]), data=x, probe=False)
+    (s,) = p.schemas
+    assert s.replacement == "widen"  # factoring would not make it smaller: widen instead
+
+
+def test_declarations_replace_names() -> None:
+    lib = gs.default_library()
+    assert [r.name for r in lib if r.removes_units] == ["excise_dead"]
+    assert [r.name for r in lib if r.reinitialises_units] == ["reinit_dead"]
+    assert [r.name for r in lib if r.graph_level] == ["activation_swap"]
+    swap = lib.get("activation_swap")
+    assert swap.graph_rewrite({"variant": "leaky", "negative_slope": 0.1}) == {
+        "activation": "leaky_relu", "negative_slope": 0.1}
+    assert swap.graph_rewrite({"variant": "prelu"}) is None
+    assert not swap.live_editable({"variant": "prelu"})
+    assert {r.name for r in lib if r.supports("onnx")} == {
+        "activation_swap", "excise_dead", "factor_low_rank"}
