@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graphsurg._files import atomic_outputs, write_bytes
+
 #: Domains whose operators onnxruntime implements; nodes in any other domain are left
 #: untouched and reported.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -139,58 +141,47 @@ def save_model(
     save_external_data: bool = False,
     external_data_size_threshold: int = 1024,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically: a temporary file in the same folder is renamed
-    into place, so ``path`` holds the old content or the new, never half of it.
+    """Write ``model`` to ``path`` atomically (see :func:`save_model_files`); return ``path``."""
+    return save_model_files(model, path, save_external_data=save_external_data,
+                            external_data_size_threshold=external_data_size_threshold)[0]
+
+
+def save_model_files(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    save_external_data: bool = False,
+    external_data_size_threshold: int = 1024,
+) -> list[Path]:
+    """Write ``model`` to ``path`` atomically with :func:`graphsurg._files.atomic_outputs`:
+    ``path`` (and its data file) hold the old content or the new, never half of it.
 
     With ``save_external_data`` (or when the model already holds external tensors), tensors
-    larger than ``external_data_size_threshold`` bytes go to ``<name>.data`` next to it.
+    larger than ``external_data_size_threshold`` bytes go to ``<name>.data`` next to it; the
+    model and its data file are written together. Returns every file written.
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     external = save_external_data or has_external_tensors(model)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if external:
-            data_name = out.name + ".data"
-            # ir.save replaces the data file atomically itself; the .onnx is renamed below.
-            # Tensors must be materialised first when the data file is the one they live in.
-            for v in model.graph.initializers.values():
-                t = v.const_value
-                if isinstance(t, ir.ExternalTensor) and Path(t.path).resolve() == (
-                    out.parent / data_name
-                ).resolve():
-                    v.const_value = ir.tensor(t.numpy(), name=t.name)
-            ir.save(
-                model,
-                tmp,
-                external_data=data_name,
-                size_threshold_bytes=external_data_size_threshold,
-            )
-        else:
+    if not external:
+        with atomic_outputs(out) as (tmp,):
             ir.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+        return [out]
+    data = out.with_name(out.name + ".data")
+    # tensors that live in the data file being replaced are read into memory first: after
+    # the rename their old offsets would point into the new file
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor) and Path(t.path).resolve() == data.resolve():
+            v.const_value = ir.tensor(t.numpy(), name=t.name)
+    with atomic_outputs(out, data) as (tmp, _tmp_data):
+        ir.save(model, tmp, external_data=data.name,
+                size_threshold_bytes=external_data_size_threshold)
+    return [out, data] if data.exists() else [out]
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write a self-contained ``proto`` (< 2 GB) to ``path`` atomically (temporary file in the
-    same folder, then rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp_name, out)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return out
+    """Write a self-contained ``proto`` (< 2 GB) to ``path`` atomically."""
+    return write_bytes(path, proto.SerializeToString())
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

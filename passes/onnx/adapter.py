@@ -33,7 +33,7 @@ from graphsurg._config import DiagnoseConfig
 from graphsurg._ir import Capabilities, LossFn
 from graphsurg._measurements import Measurements
 
-from ._common import Feed, ModelLike, load_batches, load_model, ort_session, save_model
+from ._common import Feed, ModelLike, load_batches, load_model, ort_session, save_model_files
 from ._common import validate_batches as validate_batches
 from .observe import observe_model
 from .target import OnnxTarget
@@ -130,29 +130,23 @@ class OnnxAdapter:
         it holds external tensors or ``save_external_data``); return the files written."""
         if options:
             raise TypeError(f"OnnxAdapter.save got unknown options {sorted(options)}")
-        return save_model(self._model, path, save_external_data=save_external_data,
+        return save_model_files(self._model, path, save_external_data=save_external_data,
                           external_data_size_threshold=external_data_size_threshold)
 
 
 def diagnose_onnx(adapter: OnnxAdapter, batches: Sequence[Feed], *,
                   config: DiagnoseConfig | None = None) -> Diagnosis:
-    """The one diagnosis over the ONNX adapter.
-
-    Interim: ``graphsurg._diagnose.diagnose_adapter`` (the spine's) replaces this body when
-    it lands; until then it is ``detect_all`` over :meth:`OnnxAdapter.observe`."""
+    """The one diagnosis (``graphsurg._diagnose.diagnose_adapter``) over the ONNX adapter,
+    its sites marked ``ir="onnx"``."""
     from dataclasses import replace
 
-    from graphsurg._diagnose import _reports
-    from graphsurg._problems import Diagnosis
-    from graphsurg.detect import detect_all
+    from graphsurg._diagnose import diagnose_adapter  # the spine, above the adapters
 
-    cfg = config or DiagnoseConfig()
-    m = adapter.observe(batches, cfg)
-    problems = [replace(p, site=replace(p.site, ir="onnx")) for p in detect_all(m, cfg)]
-    layers = {k: replace(r, site=replace(r.site, ir="onnx")) for k, r in _reports(m, cfg).items()}
-    return Diagnosis(problems=problems, layers=layers, capture=m.capture, gradients_checked=False,
-                     batches=m.batches, notes=[*m.notes, "gradients not checked: ONNX models "
-                                               "are diagnosed without gradients"])
+    d = diagnose_adapter(adapter, batches, config=config)
+    # graphsurg.detect builds sites without an IR: mark them (a no-op once it does)
+    d.problems = [p if p.site.ir == adapter.ir else replace(p, site=replace(p.site, ir=adapter.ir))
+                  for p in d.problems]
+    return d
 
 
 def analyze(model: ModelLike, data: DataLike, *, config: DiagnoseConfig | None = None,
