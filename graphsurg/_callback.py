@@ -4,10 +4,11 @@ Every ``every`` steps the callback asks the monitor for a diagnosis (no extra pa
 data), plans with ``gs.plan`` on the current batch, and applies the *shape-preserving*
 schemas in place on the live model:
 
-* ``reinit_dead``: the new parameter values are copied into the live parameters (same
+* replacements declaring ``live_edit = "parameters"`` (``reinit_dead``): the new values are copied into the live parameters (same
   tensors, so the optimizer and the compiled graphs, which take parameters as inputs, see
   them at once), and the optimizer's moments of the re-initialised slices are zeroed;
-* ``activation_swap`` (module activations): the module is replaced in the live model;
+* ``live_edit = "module"`` (``activation_swap`` of a module activation): the module is
+  replaced in the live model;
   Dynamo's guards on the module tree recompile the graph on the next call (no stale graph).
 
 Schemas that change shapes or add parameters (widen, excise_dead, residual_bypass,
@@ -35,8 +36,6 @@ from ._certificates import Certificates
 from ._data import InputFn, run_model
 from ._errors import BadInputError
 from ._monitor import Monitor
-
-IN_PLACE = ("reinit_dead", "activation_swap")
 
 
 @dataclass
@@ -137,13 +136,14 @@ class SurgeryCallback:
             surgery = plan(self.model, diagnosis, library=lib,
                            certificates=self.certificates, data=[batch],
                            input_fn=self.input_fn, seed=self.seed, probe=False,
-                           prefer=[n for n in IN_PLACE if n in lib])
+                           prefer=[r.name for r in lib if r.live_edit])
         except SurgeryFailed as e:
             event.reported.append(f"no plan: {e}")
             return event
         for schema in surgery.schemas:
             label = f"{schema.replacement} at {schema.site.module}"
-            if schema.replacement not in IN_PLACE or schema.params.get("variant") == "prelu":
+            if schema.replacement not in lib or not lib.get(schema.replacement).live_editable(
+                    schema.params):
                 event.reported.append(f"{label}: changes shapes or adds parameters; apply it "
                                       "with gs.operate")
                 continue
@@ -164,14 +164,15 @@ class SurgeryCallback:
         lib = self.library if self.library is not None else default_library()
         work = copy.deepcopy(self.model)
         target = Target(work, [batch], input_fn=self.input_fn, seed=self.seed)
+        replacement = lib.get(schema.replacement)
         try:
-            applied = lib.get(schema.replacement).apply(target, schema.problem, schema.params)
+            applied = replacement.apply(target, schema.problem, schema.params)
         except Refused as e:
             return f"refused ({e})"
         before = self._output(batch)
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         swapped: list[tuple[str, nn.Module]] = []
-        if schema.replacement == "activation_swap":
+        if replacement.live_edit == "module":
             where = str(applied.details.get("module", ""))
             try:
                 new = target.model.get_submodule(where)

@@ -11,14 +11,15 @@ Three entry points, one rewrite:
   ``post_grad_custom_post_pass``) with a ``uuid()`` derived from the plan and this file, so
   Inductor's compile cache stays correct.
 
-Rewrites::
+Rewrites (a schema's ``graph_rewrite``, which the planner asked of the library)::
 
-    activation_swap(variant="leaky", negative_slope=a):  relu(x) / relu6(x) -> leaky_relu(x, a)
+    {"activation": "leaky_relu", "negative_slope": a}:  relu(x) / relu6(x) -> leaky_relu(x, a)
 
-Schemas that need new or reshaped parameters (``prelu`` and ``ramp`` variants, reinit_dead,
-widen, excise_dead, residual_bypass, norm_insert) cannot be expressed in a graph whose
-parameters are inputs: :class:`PlanNotGraphLevel` names them and says to apply them to the
-module with ``gs.operate`` (or ``gs.SurgeryCallback``) and compile the result.
+Schemas without a graph rewrite need new or reshaped parameters and cannot be expressed in a
+graph whose parameters are inputs: :class:`PlanNotGraphLevel` names them and says to apply
+them to the module with ``gs.operate`` (or ``gs.SurgeryCallback``) and compile the result.
+The plan is read as plain data (a dict, its JSON, a path, or any object with ``to_dict()``):
+this module does not import the planner.
 """
 
 from __future__ import annotations
@@ -44,11 +45,10 @@ from .dynamo_sites import owner_path, placeholder_source, source_path
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
-    from graphsurg._plan import SurgeryPlan
-
 aten = torch.ops.aten
 
-GRAPH_LEVEL = ("activation_swap",)
+#: the graph rewrites this module can make (``Schema.graph_rewrite["activation"]``)
+GRAPH_REWRITES = ("leaky_relu",)
 _TORCH_RELU: dict[Any, str] = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 _ATEN_RELU: dict[Any, str] = {aten.relu.default: "relu", aten.relu_.default: "relu",
                               aten.relu6.default: "relu6"}
@@ -68,15 +68,14 @@ class Swap:
     negative_slope: float
 
 
-def load_plan(plan: Any) -> SurgeryPlan:
-    """A SurgeryPlan from a plan, its dict, its JSON text, or the path of its JSON file."""
-    from graphsurg._plan import SurgeryPlan
-
-    if isinstance(plan, SurgeryPlan):
-        return plan
+def load_plan(plan: Any) -> dict[str, Any]:
+    """A plan as its dict, from a SurgeryPlan (anything with ``to_dict()``), a dict, its JSON
+    text, or the path of its JSON file."""
+    if hasattr(plan, "to_dict"):
+        return dict(plan.to_dict())
     if isinstance(plan, dict):
-        return SurgeryPlan.from_dict(plan)
-    if isinstance(plan, (str, os.PathLike)):
+        d = plan
+    elif isinstance(plan, (str, os.PathLike)):
         text = str(plan)
         if not text.lstrip().startswith("{"):
             try:
@@ -86,32 +85,38 @@ def load_plan(plan: Any) -> SurgeryPlan:
                 raise BadInputError(f"plan {str(plan)!r}: cannot read it ({e.strerror}); pass "
                                     "a SurgeryPlan, its JSON, or the path of its JSON") from None
         try:
-            return SurgeryPlan.from_json(text)
-        except ValueError as e:
-            raise BadInputError(f"plan: {e}") from None
-    raise BadInputError(f"plan must be a SurgeryPlan, its JSON or a path, got "
-                        f"{type(plan).__name__}")
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"plan: not JSON ({e.msg} at line {e.lineno}); pass the "
+                                "output of SurgeryPlan.to_json()") from None
+    else:
+        raise BadInputError(f"plan must be a SurgeryPlan, its JSON or a path, got "
+                            f"{type(plan).__name__}")
+    if not isinstance(d, dict) or not isinstance(d.get("schemas"), list):
+        raise BadInputError("plan: no 'schemas' list; pass the output of "
+                            "SurgeryPlan.to_json()")
+    return d
 
 
 def graph_swaps(plan: Any) -> list[Swap]:
     """The plan's schemas as graph rewrites; raises when any schema is not graph-level."""
-    p = load_plan(plan)
     swaps: list[Swap] = []
     refused: list[str] = []
-    for s in p.schemas:
-        variant = s.params.get("variant", "leaky")
-        if s.replacement == "activation_swap" and variant == "leaky":
-            swaps.append(Swap(s.index, s.site.module, float(s.params.get("negative_slope", 0.01))))
+    for s in load_plan(plan)["schemas"]:
+        rw = s.get("graph_rewrite") or {}
+        module = str((s.get("site") or {}).get("module", ""))
+        if rw.get("activation") in GRAPH_REWRITES:
+            swaps.append(Swap(int(s["index"]), module, float(rw["negative_slope"])))
             continue
-        what = f"{s.replacement}" + (f"(variant={variant!r})" if s.replacement ==
-                                     "activation_swap" else "")
-        refused.append(f"schema {s.index} {what} at {s.site.module!r}")
+        variant = (s.get("params") or {}).get("variant")
+        what = str(s.get("replacement")) + (f"(variant={variant!r})" if variant else "")
+        refused.append(f"schema {s.get('index')} {what} at {module!r}")
     if refused:
         raise PlanNotGraphLevel(
             f"{'; '.join(refused)}: creates, reshapes or re-initialises parameters, which a "
             "compiled/exported graph receives as inputs and cannot change; apply the plan to "
             "the module with gs.operate(...) (or gs.SurgeryCallback in a training loop) and "
-            "compile the result. Graph-level here: activation_swap with variant='leaky'.")
+            "compile the result. Graph-level here: a leaky activation swap.")
     return swaps
 
 
@@ -272,5 +277,5 @@ class PlanGraphPass(_custom_graph_pass_base()):  # type: ignore[misc]
 
 Callback = Callable[[fx.Graph], None]
 
-__all__ = ["GRAPH_LEVEL", "PlanGraphPass", "PlanNotGraphLevel", "Swap", "apply_plan",
+__all__ = ["GRAPH_REWRITES", "PlanGraphPass", "PlanNotGraphLevel", "Swap", "apply_plan",
            "graph_swaps", "load_plan", "rewrite_dynamo_graph", "rewrite_graph"]

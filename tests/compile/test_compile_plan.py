@@ -21,8 +21,10 @@ ATOL, RTOL = 1e-6, 1e-5  # same aten kernels on both sides; float32 ulps only
 def _plan(module: str, replacement: str = "activation_swap", **params: object) -> SurgeryPlan:
     site = Site(module, "", "relu")
     params = params or {"variant": "leaky", "negative_slope": 0.1}
+    # the planner asks the library for the graph-level form of an edit; so does this helper
+    rewrite = gs.default_library().get(replacement).graph_rewrite(dict(params))
     return SurgeryPlan(schemas=[Schema(0, Problem("DeadNeurons", site, units=(1,)), replacement,
-                                       "layer", site, dict(params))])
+                                       "layer", site, dict(params), graph_rewrite=rewrite)])
 
 
 def _swapped(model: nn.Sequential, index: int, slope: float = 0.1) -> nn.Sequential:
