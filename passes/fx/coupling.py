@@ -28,7 +28,7 @@ flattening an ``(N, C, H, W)`` map).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,167 +260,298 @@ def analyze_fx(gm: fx.GraphModule, producer: str) -> CouplingGroup:
     return group
 
 
-def _refuse(group: CouplingGroup, msg: str) -> None:
-    group.refusals.append(msg)
+# --------------------------------------------------------------------------------------------
+# one handler per op (Torch-Pruning's "one handler per layer type"): the walk looks up what a
+# node does to the units in three tables -- module class, function, tensor method -- and an op
+# with no handler is refused with the node and the reason, never guessed at.
 
 
-def _step(gm: fx.GraphModule, group: CouplingGroup, w: _Walk, user: fx.Node) -> _Walk | None:
-    """Follow the units from ``w.node`` into ``user``; return the new position or None."""
-    out_shape = _shape(user)
-    in_shape = _shape(w.node)
-    assert in_shape is not None
-    last = len(in_shape) - 1
-    if user.op == "output":
-        _refuse(group, f"the units of {group.producer!r} reach the model output directly "
-                       f"(via {w.node.name!r})")
-        return None
-    if user.op == "call_module":
-        m = gm.get_submodule(str(user.target))
-        name = str(user.target)
-        if isinstance(m, nn.Linear):
-            if w.dim != last:
-                _refuse(group, f"Linear {name!r} reads dim {last}, the units are on dim {w.dim}")
-                return None
-            group.consumers.append(Consumer(name, "linear", w.start, w.stride))
-            return None
-        if isinstance(m, _CONV):
-            if w.dim != 1 or w.stride != 1 or m.groups != 1:
-                _refuse(group, f"conv {name!r} (groups={m.groups}) does not read the units as "
-                               "plain input channels")
-                return None
-            group.consumers.append(Consumer(name, "conv", w.start, 1))
-            return None
-        if isinstance(m, _BN):
-            if w.dim != 1 or w.stride != 1 or w.start != 0:
-                _refuse(group, f"BatchNorm {name!r} normalises dim 1, the units sit elsewhere")
-                return None
-            group.chain.append(ChannelOp("batchnorm", type(m).__name__, name, user.name))
-            return _Walk(user, w.dim, w.start, w.stride)
-        if isinstance(m, _CHANNEL_LOCAL_MODULES) or (
-            isinstance(m, nn.PReLU) and m.num_parameters == 1
-        ):
-            kind = "dropout" if "Dropout" in type(m).__name__ else (
-                "other" if isinstance(m, nn.Identity) else "activation")
-            group.chain.append(ChannelOp(kind, type(m).__name__.lower(), name, user.name))
-            return _Walk(user, w.dim, w.start, w.stride)
-        if isinstance(m, _POOL_MODULES):
-            if w.dim != 1:
-                _refuse(group, f"pooling {name!r} over the unit dim")
-                return None
-            group.chain.append(ChannelOp("pool", type(m).__name__, name, user.name))
-            return _Walk(user, w.dim, w.start, w.stride)
-        if isinstance(m, _MIXING_NORMS):
-            _refuse(group, f"{type(m).__name__} {name!r} normalises across the units of "
-                           f"{group.producer!r} (changing one unit changes them all)")
-            return None
-        _refuse(group, f"module {name!r} ({type(m).__name__}) consumes the units; the coupling "
-                       "analysis does not know it")
-        return None
-    if user.op not in ("call_function", "call_method"):
-        _refuse(group, f"node {user.name!r} ({user.op}) is not understood")
-        return None
-    fn = user.target
-    fname = fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn))
-    tensor_args = [a for a in user.all_input_nodes if _shape(a) is not None]
-    if fn in _ELEMENTWISE_FUNCS or (user.op == "call_method" and fn in _ELEMENTWISE_METHODS):
-        if len(tensor_args) > 1:
-            _refuse(group, f"{fname} at {user.name!r} mixes the units with another tensor")
-            return None
-        kind = "dropout" if "dropout" in str(fname) else "activation"
-        group.chain.append(ChannelOp(kind, str(fname), "", user.name))
-        return _Walk(user, w.dim, w.start, w.stride)
-    if fn in _BINARY or (user.op == "call_method" and fn in _BINARY_METHODS):
-        others = [a for a in tensor_args if a is not w.node]
-        if not others or all(_shape(a) in ((), (1,)) for a in others):
-            group.chain.append(ChannelOp("other", str(fname), "", user.name))
-            return _Walk(user, w.dim, w.start, w.stride)
-        _refuse(group, f"residual {fname} at {user.name!r} binds the units of {group.producer!r} "
-                       f"to {', '.join(repr(a.name) for a in others)} (a residual stream)")
-        return None
-    if fn in _POOL_FUNCS:
-        if w.dim != 1:
-            _refuse(group, f"pooling at {user.name!r} over the unit dim")
-            return None
-        group.chain.append(ChannelOp("pool", str(fname), "", user.name))
-        return _Walk(user, w.dim, w.start, w.stride)
-    if fn in _REDUCE_FUNCS or (user.op == "call_method" and fn in _REDUCE_METHODS):
-        dims: Any = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
-        keep = bool(user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False))
-        if dims is None:
-            _refuse(group, f"{fname} at {user.name!r} reduces over the units")
-            return None
-        ds = [d % len(in_shape) for d in (dims if isinstance(dims, list | tuple) else [dims])]
-        if w.dim in ds:
-            _refuse(group, f"{fname} at {user.name!r} reduces over the units")
-            return None
-        new_dim = w.dim if keep else w.dim - sum(1 for d in ds if d < w.dim)
-        group.chain.append(ChannelOp("reduce", str(fname), "", user.name))
-        return _Walk(user, new_dim, w.start, w.stride)
-    if fname in ("flatten", "view", "reshape") and out_shape is not None:
-        return _reshape(group, w, user, in_shape, out_shape, str(fname))
-    if fname in ("transpose", "permute") and out_shape is not None:
-        if fname == "transpose":
-            targs: Any = user.args[1:3]
-            a, b = (int(x) % len(in_shape) for x in targs)
-            perm = list(range(len(in_shape)))
-            perm[a], perm[b] = perm[b], perm[a]
-        else:
-            raw: Any = user.args[1:] if not isinstance(user.args[1], list | tuple) \
-                else user.args[1]
-            perm = [int(x) % len(in_shape) for x in raw]
-        group.chain.append(ChannelOp("reshape", str(fname), "", user.name))
-        return _Walk(user, perm.index(w.dim), w.start, w.stride)
-    if fn is torch.cat or fname == "cat":
-        seq = user.args[0]
-        dim_arg: Any = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
-        dim = int(dim_arg)
-        dim %= len(in_shape)
-        if dim != w.dim:
-            _refuse(group, f"cat at {user.name!r} along dim {dim} stacks the units with other "
-                           "tensors (they would have to change together)")
-            return None
-        offset = 0
-        assert isinstance(seq, list | tuple)
-        for a in seq:  # type: ignore[assignment]
-            if a is w.node:
-                break
-            s = _shape(a) if isinstance(a, fx.Node) else None
-            if s is None:
-                _refuse(group, f"cat at {user.name!r} has an input without a shape")
-                return None
-            offset += s[dim]
-        group.chain.append(ChannelOp("reshape", "cat", "", user.name))
-        return _Walk(user, w.dim, w.start + offset * w.stride, w.stride)
-    if fn is operator.getitem:
-        _refuse(group, f"indexing at {user.name!r} is not followed by the coupling analysis")
-        return None
-    _refuse(group, f"node {user.name!r} ({fname}) is not understood by the coupling analysis")
+@dataclass
+class _Step:
+    """One edge of the walk: the units, held by ``w.node``, flow into ``user``."""
+
+    gm: fx.GraphModule
+    group: CouplingGroup
+    w: _Walk
+    user: fx.Node
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...] | None
+    op: str  # module path (call_module) or function / method name, for messages
+    module: nn.Module | None = None
+
+    def refuse(self, msg: str) -> None:
+        self.group.refusals.append(msg)
+
+    def consume(self, kind: str, stride: int) -> None:
+        """``user`` is a layer reading the units as its input columns: the walk ends here."""
+        self.group.consumers.append(Consumer(self.op, kind, self.w.start, stride))
+
+    def follow(self, kind: str | None, op: str = "", *, dim: int | None = None,
+               start: int | None = None, stride: int | None = None) -> _Walk:
+        """Continue through ``user`` (recorded in the chain as ``kind`` unless None), with the
+        units at ``dim`` / ``start`` / ``stride`` (default: where they were)."""
+        if kind is not None:
+            module = self.op if self.module is not None else ""
+            self.group.chain.append(ChannelOp(kind, op or self.op, module, self.user.name))
+        w = self.w
+        return _Walk(self.user, w.dim if dim is None else dim,
+                     w.start if start is None else start, w.stride if stride is None else stride)
+
+
+_Handler = Callable[[_Step], "_Walk | None"]
+
+
+# -- modules
+
+
+def _linear(s: _Step) -> _Walk | None:
+    last = len(s.in_shape) - 1
+    if s.w.dim != last:
+        s.refuse(f"Linear {s.op!r} reads dim {last}, the units are on dim {s.w.dim}")
+    else:
+        s.consume("linear", s.w.stride)
     return None
 
 
-def _reshape(group: CouplingGroup, w: _Walk, user: fx.Node, in_shape: tuple[int, ...],
-             out_shape: tuple[int, ...], fname: str) -> _Walk | None:
+def _conv(s: _Step) -> _Walk | None:
+    groups = getattr(s.module, "groups", 1)
+    if s.w.dim != 1 or s.w.stride != 1 or groups != 1:
+        s.refuse(f"conv {s.op!r} (groups={groups}) does not read the units as plain input "
+                 "channels")
+    else:
+        s.consume("conv", 1)
+    return None
+
+
+def _batchnorm(s: _Step) -> _Walk | None:
+    if s.w.dim != 1 or s.w.stride != 1 or s.w.start != 0:
+        s.refuse(f"BatchNorm {s.op!r} normalises dim 1, the units sit elsewhere")
+        return None
+    return s.follow("batchnorm", type(s.module).__name__)
+
+
+def _local_module(s: _Step) -> _Walk | None:
+    cls = type(s.module).__name__
+    kind = "dropout" if "Dropout" in cls else (
+        "other" if isinstance(s.module, nn.Identity) else "activation")
+    return s.follow(kind, cls.lower())
+
+
+def _prelu(s: _Step) -> _Walk | None:
+    if getattr(s.module, "num_parameters", 0) == 1:  # one slope for all units: channel-local
+        return _local_module(s)
+    return _unknown_module(s)
+
+
+def _pool_module(s: _Step) -> _Walk | None:
+    if s.w.dim != 1:
+        s.refuse(f"pooling {s.op!r} over the unit dim")
+        return None
+    return s.follow("pool", type(s.module).__name__)
+
+
+def _mixing_norm(s: _Step) -> _Walk | None:
+    s.refuse(f"{type(s.module).__name__} {s.op!r} normalises across the units of "
+             f"{s.group.producer!r} (changing one unit changes them all)")
+    return None
+
+
+def _unknown_module(s: _Step) -> _Walk | None:
+    s.refuse(f"module {s.op!r} ({type(s.module).__name__}) consumes the units; the coupling "
+             "analysis does not know it")
+    return None
+
+
+# -- functions and tensor methods
+
+
+def _tensor_args(s: _Step) -> list[fx.Node]:
+    return [a for a in s.user.all_input_nodes if _shape(a) is not None]
+
+
+def _elementwise(s: _Step) -> _Walk | None:
+    if len(_tensor_args(s)) > 1:
+        s.refuse(f"{s.op} at {s.user.name!r} mixes the units with another tensor")
+        return None
+    return s.follow("dropout" if "dropout" in s.op else "activation")
+
+
+def _binary(s: _Step) -> _Walk | None:
+    others = [a for a in _tensor_args(s) if a is not s.w.node]
+    if not others or all(_shape(a) in ((), (1,)) for a in others):  # a scalar operand
+        return s.follow("other")
+    s.refuse(f"residual {s.op} at {s.user.name!r} binds the units of {s.group.producer!r} "
+             f"to {', '.join(repr(a.name) for a in others)} (a residual stream)")
+    return None
+
+
+def _pool(s: _Step) -> _Walk | None:
+    if s.w.dim != 1:
+        s.refuse(f"pooling at {s.user.name!r} over the unit dim")
+        return None
+    return s.follow("pool")
+
+
+def _reduce(s: _Step) -> _Walk | None:
+    user = s.user
+    dims: Any = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+    keep = bool(user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False))
+    if dims is None:
+        s.refuse(f"{s.op} at {user.name!r} reduces over the units")
+        return None
+    ds = [d % len(s.in_shape) for d in (dims if isinstance(dims, list | tuple) else [dims])]
+    if s.w.dim in ds:
+        s.refuse(f"{s.op} at {user.name!r} reduces over the units")
+        return None
+    new_dim = s.w.dim if keep else s.w.dim - sum(1 for d in ds if d < s.w.dim)
+    return s.follow("reduce", dim=new_dim)
+
+
+def _reshape(s: _Step) -> _Walk | None:
     """Follow the unit dim through flatten/view/reshape (merging it with trailing dims)."""
+    if s.out_shape is None:
+        return _unknown(s)
+    w, in_shape, out_shape, user = s.w, s.in_shape, s.out_shape, s.user
     # the dims before the unit dim must be kept as they are
     if tuple(out_shape[: w.dim]) != tuple(in_shape[: w.dim]):
-        _refuse(group, f"{fname} at {user.name!r} reshapes the dims before the units")
+        s.refuse(f"{s.op} at {user.name!r} reshapes the dims before the units")
         return None
     rest_in = in_shape[w.dim:]
     rest_out = out_shape[w.dim:]
     if rest_in == rest_out:
-        return _Walk(user, w.dim, w.start, w.stride)
+        return s.follow(None)
     if len(rest_out) >= 1 and rest_out[0] == _prod(rest_in[: len(rest_in) - len(rest_out) + 1]) \
             and tuple(rest_out[1:]) == tuple(rest_in[len(rest_in) - len(rest_out) + 1:]):
-        merged = rest_in[1: len(rest_in) - len(rest_out) + 1]
-        s = _prod(merged)
-        group.chain.append(ChannelOp("reshape", fname, "", user.name))
-        return _Walk(user, w.dim, w.start * s, w.stride * s)
+        merged = _prod(rest_in[1: len(rest_in) - len(rest_out) + 1])
+        return s.follow("reshape", start=w.start * merged, stride=w.stride * merged)
     if len(rest_out) > len(rest_in) and rest_out[0] * rest_out[1] == rest_in[0]:
-        _refuse(group, f"{fname} at {user.name!r} splits the units into heads "
-                       f"({rest_out[0]} x {rest_out[1]}); edit whole heads instead")
+        s.refuse(f"{s.op} at {user.name!r} splits the units into heads "
+                 f"({rest_out[0]} x {rest_out[1]}); edit whole heads instead")
         return None
-    _refuse(group, f"{fname} at {user.name!r} ({list(in_shape)} -> {list(out_shape)}) is not "
-                   "understood by the coupling analysis")
+    s.refuse(f"{s.op} at {user.name!r} ({list(in_shape)} -> {list(out_shape)}) is not "
+             "understood by the coupling analysis")
+    return None
+
+
+def _transpose(s: _Step) -> _Walk | None:
+    if s.out_shape is None:
+        return _unknown(s)
+    targs: Any = s.user.args[1:3]
+    a, b = (int(x) % len(s.in_shape) for x in targs)
+    perm = list(range(len(s.in_shape)))
+    perm[a], perm[b] = perm[b], perm[a]
+    return s.follow("reshape", dim=perm.index(s.w.dim))
+
+
+def _permute(s: _Step) -> _Walk | None:
+    if s.out_shape is None:
+        return _unknown(s)
+    args = s.user.args
+    raw: Any = args[1] if isinstance(args[1], list | tuple) else args[1:]
+    perm = [int(x) % len(s.in_shape) for x in raw]
+    return s.follow("reshape", dim=perm.index(s.w.dim))
+
+
+def _cat(s: _Step) -> _Walk | None:
+    user, w = s.user, s.w
+    seq = user.args[0]
+    dim_arg: Any = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
+    dim = int(dim_arg) % len(s.in_shape)
+    if dim != w.dim:
+        s.refuse(f"cat at {user.name!r} along dim {dim} stacks the units with other tensors "
+                 "(they would have to change together)")
+        return None
+    offset = 0
+    assert isinstance(seq, list | tuple)
+    for a in seq:
+        if a is w.node:
+            break
+        shape = _shape(a) if isinstance(a, fx.Node) else None
+        if shape is None:
+            s.refuse(f"cat at {user.name!r} has an input without a shape")
+            return None
+        offset += shape[dim]
+    return s.follow("reshape", "cat", start=w.start + offset * w.stride)
+
+
+def _getitem(s: _Step) -> _Walk | None:
+    s.refuse(f"indexing at {s.user.name!r} is not followed by the coupling analysis")
+    return None
+
+
+def _unknown(s: _Step) -> _Walk | None:
+    s.refuse(f"node {s.user.name!r} ({s.op}) is not understood by the coupling analysis")
+    return None
+
+
+def _table(*rows: tuple[Iterable[Any], _Handler]) -> dict[Any, _Handler]:
+    """A handler table from ``(keys, handler)`` rows; a key listed twice is a bug here."""
+    table: dict[Any, _Handler] = {}
+    for keys, handler in rows:
+        for k in keys:
+            if k in table:
+                raise AssertionError(f"coupling: {k!r} has two handlers")
+            table[k] = handler
+    return table
+
+
+_MODULE_HANDLERS = _table(
+    ((nn.Linear,), _linear),
+    (_CONV, _conv),
+    (_BN, _batchnorm),
+    (_CHANNEL_LOCAL_MODULES, _local_module),
+    ((nn.PReLU,), _prelu),
+    (_POOL_MODULES, _pool_module),
+    (_MIXING_NORMS, _mixing_norm),
+)
+_FUNCTION_HANDLERS = _table(
+    (_ELEMENTWISE_FUNCS, _elementwise),
+    (_BINARY, _binary),
+    (_POOL_FUNCS, _pool),
+    (_REDUCE_FUNCS, _reduce),
+    ((torch.flatten, torch.reshape), _reshape),
+    ((torch.transpose,), _transpose),
+    ((torch.permute,), _permute),
+    ((torch.cat,), _cat),
+    ((operator.getitem,), _getitem),
+)
+_METHOD_HANDLERS = _table(
+    (_ELEMENTWISE_METHODS, _elementwise),
+    (_BINARY_METHODS, _binary),
+    (_REDUCE_METHODS, _reduce),
+    (("flatten", "view", "reshape"), _reshape),
+    (("transpose",), _transpose),
+    (("permute",), _permute),
+)
+
+
+def _module_handler(m: nn.Module) -> _Handler:
+    for cls in type(m).__mro__:  # a subclass of a known layer is handled as that layer
+        handler = _MODULE_HANDLERS.get(cls)
+        if handler is not None:
+            return handler
+    return _unknown_module
+
+
+def _step(gm: fx.GraphModule, group: CouplingGroup, w: _Walk, user: fx.Node) -> _Walk | None:
+    """Follow the units from ``w.node`` into ``user``; return the new position or None."""
+    in_shape = _shape(w.node)
+    assert in_shape is not None
+    if user.op == "output":
+        group.refusals.append(f"the units of {group.producer!r} reach the model output "
+                              f"directly (via {w.node.name!r})")
+        return None
+    fn = user.target
+    name = fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn))
+    s = _Step(gm, group, w, user, in_shape, _shape(user), str(name))
+    if user.op == "call_module":
+        s.module = gm.get_submodule(str(fn))
+        return _module_handler(s.module)(s)
+    if user.op == "call_function":
+        return _FUNCTION_HANDLERS.get(fn, _unknown)(s)
+    if user.op == "call_method":
+        return _METHOD_HANDLERS.get(fn, _unknown)(s)
+    group.refusals.append(f"node {user.name!r} ({user.op}) is not understood")
     return None
 
 

@@ -87,3 +87,47 @@ def test_refusals_name_the_reason() -> None:
     assert not g.ok and "heads" in g.reason()
     g = _group(zoo.dead_mlp().model, "4", torch.randn(2, 16))
     assert not g.ok and "output" in g.reason()
+
+
+class _MyReLU(nn.ReLU):
+    """A user subclass of a known layer: handled as that layer."""
+
+
+class Unknown(nn.Module):
+    def __init__(self, tail: nn.Module | None = None) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 6)
+        self.tail = tail
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = self.tail(h) if self.tail is not None else torch.roll(h, 1, 0)
+        return self.head(h)
+
+
+def test_unknown_ops_are_refused_with_the_node_and_a_reason() -> None:
+    x = torch.randn(4, 8)
+    g = _group(Unknown(), "a", x)  # a function without a handler
+    assert not g.ok and g.reason() == \
+        "node 'roll' (roll) is not understood by the coupling analysis"
+    g = _group(Unknown(nn.Softmax(-1)), "a", x)  # a module without a handler
+    assert not g.ok and "'tail' (Softmax)" in g.reason() and "does not know it" in g.reason()
+    g = _group(Unknown(nn.PReLU(6)), "a", x)  # per-unit slopes: not channel-local
+    assert not g.ok and "'tail' (PReLU)" in g.reason()
+
+
+class _Leaves(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _MyReLU) or super().is_leaf_module(m, qualname)
+
+
+def test_handlers_follow_subclasses_and_shared_slopes() -> None:
+    x = torch.randn(4, 8)
+    model = Unknown(_MyReLU())
+    gm = torch.fx.GraphModule(model, _Leaves().trace(model))  # _MyReLU stays a module call
+    g = _group(gm, "a", x)
+    assert g.ok and [(op.kind, op.op, op.module) for op in g.chain] == \
+        [("activation", "_myrelu", "tail")]
+    g = _group(Unknown(nn.PReLU(1)), "a", x)
+    assert g.ok and [c.module for c in g.consumers] == ["head"]
