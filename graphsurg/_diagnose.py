@@ -1,9 +1,17 @@
-"""``gs.diagnose``: capture, instrument, stream the data through, detect."""
+"""The one diagnosis: observe a model through its IR adapter, judge the measurements.
+
+``gs.diagnose`` (torch), ``graphsurg.onnx.analyze`` (ONNX) and ``Monitor.diagnose``
+(torch.compile) are this module over different adapters:
+
+* :func:`diagnose_adapter` -- ``adapter.observe(batches)`` then :func:`diagnosis_from`;
+* :func:`diagnosis_from` -- ``graphsurg.detect.detect_all`` plus the per-site
+  :class:`LayerReport` evidence, for any :class:`Measurements` (the monitor builds its own).
+
+Nothing here knows torch.fx or ONNX.
+"""
 
 from __future__ import annotations
 
-import copy
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,12 +19,12 @@ import torch
 from torch import nn
 
 from ._config import DiagnoseConfig
-from ._data import InputFn, batch_tensors, compute_loss, default_input_fn, iter_batches, run_model
-from ._errors import BadInputError
+from ._data import InputFn, iter_batches
+from ._ir import IRAdapter
+from ._measurements import Measurements
 from ._problems import Diagnosis, LayerReport, Site
-from .detect import LayerMeasure, Measurements, SiteMeasure, detect_all
+from .detect import detect_all
 from .detect.dead import unit_flags
-from .kernels import grad_sq_norms
 
 
 def diagnose(
@@ -56,183 +64,73 @@ def diagnose(
         >>> d = gs.diagnose(model, [(x, y)], loss_fn=lambda out, b: F.mse_loss(out, b[1]))
         >>> print(d.summary())
     """
-    from graphsurg.passes.fx.capture import capture, find_sites, layer_kind_of_module
-    from graphsurg.passes.fx.instrument import Observer, hook_observers, instrument
+    from graphsurg.passes.fx.adapter import TorchAdapter
 
-    if not isinstance(model, nn.Module):
-        raise BadInputError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}"
-        )
+    adapter = TorchAdapter(model, input_fn=input_fn)
+    return diagnose_adapter(adapter, data, config=config, loss_fn=loss_fn, val_batches=val_data)
+
+
+def diagnose_adapter(
+    adapter: IRAdapter,
+    batches: Iterable[Any],
+    *,
+    config: DiagnoseConfig | None = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    val_batches: Iterable[Any] | None = None,
+) -> Diagnosis:
+    """The diagnosis of ``adapter``'s working model on ``batches`` (any IR).
+
+    ``loss_fn`` is used where the adapter can measure gradients; ``val_batches`` (with
+    ``loss_fn``, on an adapter that can compute losses: ``capabilities.trainable``, with a
+    ``mean_loss(batches, loss_fn)`` method) measures the train and held-out losses for the
+    Overfitting detector. Either one the adapter cannot use is ignored and a note says so.
+    The working model is left as it was.
+
+    Raises:
+        BadInputError: empty data or ``val_batches``, a batch the model rejects, a failing
+            ``loss_fn``.
+    """
     config = config or DiagnoseConfig()
+    caps = adapter.capabilities
     notes: list[str] = []
-    work = copy.deepcopy(model)
-    mode = "training" if work.training else "eval"
-    notes.append(f"measured in {mode} mode (the model's own)")
-
-    observers: list[Observer] = []
-    handles: list[Any] = []
-    layer_modules: list[tuple[str, str, torch.Tensor, list[str]]] = []  # (path, kind, weight, next)
-    runner: Callable[..., Any] = work
-    method = ""
-    n_batches = 0
-    input_nonfinite = 0
-    grad_sq: dict[str, float] = {}
-    grad_nonfinite: set[str] = set()
-    param_layer: dict[str, str] = {}
-    params: list[tuple[str, torch.nn.Parameter]] = []
-
-    progress = _Progress(config)
-    seen: list[Any] = []
-    try:
-        for i, batch in enumerate(iter_batches(data, config.max_batches)):
-            for t in batch_tensors(batch):
-                bad = int((~torch.isfinite(t)).sum())
-                input_nonfinite += bad
-            if i == 0:
-                args, kwargs = (input_fn or default_input_fn)(batch)
-                # a batch the model rejects fails capture, then the first run of the
-                # fallback raises BadInputError naming it
-                cap = capture(work, args, kwargs)
-                method = cap.method
-                notes.extend(cap.notes)
-                if cap.gm is not None:
-                    layers, sites = find_sites(cap.gm)
-                    observers = instrument(cap.gm, sites,
-                                           saturation_margin=config.saturation_margin,
-                                           sample_rows=config.rank_sample)
-                    runner = cap.gm
-                    by_name = {n.name: n for n in cap.gm.graph.nodes}
-                    for ls in layers:
-                        w = _layer_weight(cap.gm, by_name[ls.node])
-                        if w is not None:
-                            layer_modules.append((ls.module, ls.kind, w, ls.next_modules))
-                    params = [(n, p) for n, p in cap.gm.named_parameters() if p.requires_grad]
-                else:
-                    observers, handles, call_order = hook_observers(
-                        work, saturation_margin=config.saturation_margin,
-                        sample_rows=config.rank_sample)
-                    runner = work
-                    params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
-                    # first-call (forward) order is known only after a batch: sorted below
-                    for path, m in work.named_modules():
-                        kind = layer_kind_of_module(m)
-                        if kind and isinstance(getattr(m, "weight", None), torch.Tensor):
-                            layer_modules.append((path, kind, m.weight, []))
-                for _, p in params:
-                    p.grad = None  # deepcopy copies the user's .grad
-                paths = {lm[0] for lm in layer_modules}
-                for n, _ in params:
-                    owner = n.rsplit(".", 1)[0] if "." in n else ""
-                    if owner in paths:
-                        param_layer[n] = owner
-            if val_data is not None:
-                seen.append(batch)  # data may be a one-shot iterator
-            _step(runner, batch, input_fn, i, loss_fn, params, param_layer, grad_sq,
-                  grad_nonfinite)
-            n_batches += 1
-            progress.tick(n_batches)
-    finally:
-        progress.close()
-        for h in handles:
-            h.remove()
-
-    if handles:  # hooks: layers in forward (first-call) order, as the graph gives them
-        rank = {path: k for k, path in enumerate(call_order)}
-        layer_modules.sort(key=lambda lm: rank.get(lm[0], len(rank)))
-    measures = _measurements(observers, layer_modules, grad_sq, grad_nonfinite, n_batches,
-                             loss_fn is not None, input_nonfinite)
-    for o in observers:
-        if o.error:
-            notes.append(f"site {o.site.node}: {o.error}")
-    if val_data is not None and loss_fn is not None:  # issue 9: over-fitting (additive)
-        from ._heal import mean_loss
-
-        val = list(iter_batches(val_data, config.max_batches))
-        if not val:
-            raise BadInputError("val_data is empty: pass at least one held-out batch")
-        measures.losses = {"train": mean_loss(work, seen, loss_fn, input_fn=input_fn),
-                           "val": mean_loss(work, val, loss_fn, input_fn=input_fn)}
-    problems = detect_all(measures, config)
-    if loss_fn is None:
-        notes.append("gradients not checked: pass loss_fn= to measure gradient norms")
-    reports = _reports(measures, config)
-    return Diagnosis(problems=problems, layers=reports, capture=method,
-                     gradients_checked=loss_fn is not None, batches=n_batches, notes=notes)
+    if loss_fn is not None and not caps.gradients:
+        notes.append(f"loss_fn ignored: the {adapter.ir} adapter cannot measure gradients")
+        loss_fn = None
+    if val_batches is not None and loss_fn is not None and not caps.trainable:
+        notes.append(f"val_data ignored: the {adapter.ir} adapter cannot compute a loss")
+        val_batches = None
+    if val_batches is not None and loss_fn is not None:
+        # the train loss is measured on the observed batches: keep them (data may be a
+        # one-shot iterator)
+        batches = list(iter_batches(batches, config.max_batches))
+    m = adapter.observe(batches, config, loss_fn=loss_fn)
+    m.notes.extend(notes)
+    if val_batches is not None and loss_fn is not None:
+        val = list(iter_batches(val_batches, config.max_batches))
+        mean_loss = adapter.mean_loss  # type: ignore[attr-defined]
+        m.losses = {"train": mean_loss(batches, loss_fn), "val": mean_loss(val, loss_fn)}
+    if not m.gradients:
+        m.notes.append("gradients not checked: pass loss_fn= to measure gradient norms"
+                       if caps.gradients else
+                       f"gradients not checked: the {adapter.ir} adapter has no gradients")
+    return diagnosis_from(m, config)
 
 
-def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
-    if node.op == "call_module":
-        w = getattr(gm.get_submodule(str(node.target)), "weight", None)
-        return w if isinstance(w, torch.Tensor) else None
-    if len(node.args) > 1 and isinstance(node.args[1], torch.fx.Node):
-        a = node.args[1]
-        if a.op == "get_attr":
-            try:
-                return gm.get_parameter(str(a.target))
-            except AttributeError:
-                try:
-                    return gm.get_buffer(str(a.target))
-                except AttributeError:
-                    return None
-    return None
+def diagnosis_from(m: Measurements, config: DiagnoseConfig | None = None) -> Diagnosis:
+    """Judge ``m`` with every detector (``graphsurg.detect.detect_all``) and attach the
+    per-site evidence (a :class:`LayerReport` per activation site and per layer). The
+    capture method, gradients flag, batch count and notes come from ``m``."""
+    config = config or DiagnoseConfig()
+    return Diagnosis(problems=detect_all(m, config), layers=site_reports(m, config),
+                     capture=m.capture, gradients_checked=m.gradients, batches=m.batches,
+                     notes=list(m.notes))
 
 
-def _step(runner: Callable[..., Any], batch: Any, input_fn: InputFn | None, i: int,
-          loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-          params: list[tuple[str, torch.nn.Parameter]], param_layer: dict[str, str],
-          grad_sq: dict[str, float], grad_nonfinite: set[str]) -> None:
-    if loss_fn is None:
-        with torch.no_grad():
-            run_model(runner, batch, input_fn, i)
-        return
-    with torch.enable_grad():  # grads are None here: cleared after capture and after each step
-        out = run_model(runner, batch, input_fn, i)
-        loss = compute_loss(loss_fn, out, batch, i)
-        if loss.requires_grad:
-            loss.backward()
-    named = [(n, p.grad) for n, p in params if p.grad is not None and n in param_layer]
-    if not named:
-        return
-    sq = grad_sq_norms([g for _, g in named]).tolist()
-    per_layer: dict[str, float] = {}
-    for (n, _), v in zip(named, sq, strict=True):
-        per_layer[param_layer[n]] = per_layer.get(param_layer[n], 0.0) + v
-    for layer, v in per_layer.items():
-        if v != v or v == float("inf"):
-            grad_nonfinite.add(layer)
-        grad_sq[layer] = grad_sq.get(layer, 0.0) + v
-    for _, p in params:
-        p.grad = None
-
-
-def _measurements(observers: list[Any], layer_modules: list[tuple[str, str, torch.Tensor, list[str]]],
-                  grad_sq: dict[str, float], grad_nonfinite: set[str], n_batches: int,
-                  gradients: bool, input_nonfinite: int) -> Measurements:
-    sites = []
-    for k, o in enumerate(observers):
-        if o.stats is None:
-            continue
-        sites.append(SiteMeasure(
-            module=o.site.producer or o.site.module, node=o.site.node, op=o.site.op,
-            family=o.site.family, order=k, stats=o.stats,
-            saturated_fraction=o.saturated_fraction(), sample=o.sample()))
-    layers = []
-    for k, (path, kind, w, nxt) in enumerate(layer_modules):
-        d_out = int(w.shape[0])
-        d_in = int(w.shape[1]) if w.dim() > 1 else 1
-        g = grad_sq.get(path)
-        layers.append(LayerMeasure(
-            module=path, kind=kind, order=k, d_in=d_in, d_out=d_out, weight=w.detach(),
-            grad_sq=(g / n_batches) if (g is not None and n_batches) else None,
-            grad_nonfinite=path in grad_nonfinite, next_modules=nxt))
-    return Measurements(sites=sites, layers=layers, gradients=gradients,
-                        input_nonfinite=input_nonfinite)
-
-
-def _reports(m: Measurements, config: DiagnoseConfig) -> dict[str, LayerReport]:
+def site_reports(m: Measurements, config: DiagnoseConfig) -> dict[str, LayerReport]:
+    """Per-site evidence of ``m``, keyed by site address."""
     out: dict[str, LayerReport] = {}
     for s in m.sites:
-        site = Site(s.module, s.node, s.op)
+        site = Site(s.module, s.node, s.op, ir=m.ir)
         dormant, _dead, _c, score = unit_flags(s, config)
         st = s.stats
         out[site.address] = LayerReport(
@@ -244,33 +142,27 @@ def _reports(m: Measurements, config: DiagnoseConfig) -> dict[str, LayerReport]:
             dead_fraction=float(dormant.float().mean()),
         )
     for lm in m.layers:
-        site = Site(lm.module, "", lm.kind)
+        site = Site(lm.module, "", lm.kind, ir=m.ir)
         gn = lm.grad_sq ** 0.5 if lm.grad_sq is not None and lm.grad_sq == lm.grad_sq else None
         out[site.address] = LayerReport(site=site, kind="parameters", width=lm.d_out,
                                         grad_norm=gn)
     return out
 
 
-class _Progress:
-    """A minimal progress line on stderr, only when it is a TTY (or config.progress)."""
+def _measurements(observers: list[Any], layer_modules: list[tuple[str, str, torch.Tensor,
+                                                                  list[str]]],
+                  grad_sq: dict[str, float], grad_nonfinite: set[str], n_batches: int,
+                  gradients: bool, input_nonfinite: int) -> Measurements:
+    """Deprecated spelling kept for ``graphsurg._monitor`` until it calls
+    ``passes.fx.instrument.measurements_from`` and :func:`diagnosis_from` itself."""
+    from graphsurg.passes.fx.instrument import measurements_from
 
-    def __init__(self, config: DiagnoseConfig) -> None:
-        self.on = config.progress if config.progress is not None else sys.stderr.isatty()
-        self.total = config.max_batches
-        self.shown = False
-
-    def tick(self, n: int) -> None:
-        if not self.on:
-            return
-        total = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"\rgraphsurg: measuring batch {n}{total}")
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    return measurements_from(observers, layer_modules, grad_sq=grad_sq,
+                             grad_nonfinite=grad_nonfinite, n_batches=n_batches,
+                             gradients=gradients, input_nonfinite=input_nonfinite)
 
 
-__all__ = ["diagnose"]
+_reports = site_reports  # the monitor's old spelling (see _measurements)
+
+
+__all__ = ["diagnose", "diagnose_adapter", "diagnosis_from", "site_reports"]

@@ -24,20 +24,13 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
+from graphsurg._activations import ACTIVATIONS, CLASS_NAME_HINTS, Activation, bounded
 from graphsurg._errors import first_line
 
 aten = torch.ops.aten
 
-# activation name -> family. "relu" family units can die (never fire); "saturating" units
-# saturate; "smooth" are the rest.
-ACT_FAMILY: dict[str, str] = {
-    "relu": "relu", "relu6": "relu", "leaky_relu": "relu", "gelu": "relu", "silu": "relu",
-    "elu": "relu", "selu": "relu", "celu": "relu", "softplus": "relu", "mish": "relu",
-    "hardswish": "relu", "prelu": "relu",
-    "tanh": "saturating", "sigmoid": "saturating", "hardtanh": "saturating",
-    "hardsigmoid": "saturating",
-}
-
+# the torch spellings of the activations (aten ops, functions, modules) -> canonical names of
+# graphsurg._activations, the one table that gives their family and bounds
 _ATEN_ACT = {
     aten.relu.default: "relu", aten.relu_.default: "relu", aten.relu6.default: "relu6",
     aten.leaky_relu.default: "leaky_relu", aten.leaky_relu_.default: "leaky_relu",
@@ -69,6 +62,7 @@ _ATEN_LAYER = {
     aten.conv_transpose2d.input: "conv_transpose", aten.conv_transpose1d.default: "conv_transpose",
 }
 _FN_LAYER = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
+_METHOD_ACT = ("relu", "sigmoid", "tanh")
 _MOD_LAYER: dict[type[nn.Module], str] = {
     nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
 }
@@ -84,15 +78,54 @@ _TRANSPARENT_MOD = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm
 _TRANSPARENT_FN = {F.batch_norm, F.layer_norm, F.group_norm, F.dropout}
 
 
-def activation_name_of_module(m: nn.Module) -> str | None:
-    """The activation name of an nn module (also Hugging Face activation modules)."""
+def activation_of_module(m: nn.Module) -> Activation | None:
+    """The activation of an nn module (also Hugging Face activation modules); a Hardtanh
+    (ReLU6 included) is read from its bounds (``Hardtanh(0, 6)`` is relu6)."""
+    if isinstance(m, nn.Hardtanh):
+        return bounded("hardtanh", float(m.min_val), float(m.max_val))
     for t, name in _MOD_ACT.items():
         if isinstance(m, t):
-            return name
+            return ACTIVATIONS[name]
     cls = type(m).__name__.lower()
-    for key in ("gelu", "silu", "swish", "relu", "tanh", "sigmoid"):
-        if key in cls and "norm" not in cls:
-            return "silu" if key == "swish" else key
+    if "norm" in cls:
+        return None
+    for key, name in CLASS_NAME_HINTS:
+        if key in cls:
+            return ACTIVATIONS[name]
+    return None
+
+
+def activation_name_of_module(m: nn.Module) -> str | None:
+    """The canonical activation name of an nn module (see :func:`activation_of_module`)."""
+    a = activation_of_module(m)
+    return a.name if a is not None else None
+
+
+_HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default, F.hardtanh}
+
+
+def _clamp_bounds(node: fx.Node) -> tuple[float, float]:
+    """(min_val, max_val) of a hardtanh call (defaults -1, 1), from its args or kwargs."""
+    vals: list[float] = []
+    for k, (key, default) in enumerate((("min_val", -1.0), ("max_val", 1.0))):
+        v = node.args[k + 1] if len(node.args) > k + 1 else node.kwargs.get(key, default)
+        vals.append(float(v) if isinstance(v, int | float) else default)
+    return vals[0], vals[1]
+
+
+def activation_of_node(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
+    """The activation a graph node computes, or None. ``hardtanh(x, 0, 6)`` (how torch.export
+    lowers ReLU6) is relu6, a relu-family activation, via :func:`graphsurg._activations.bounded`."""
+    if node.op == "call_function":
+        if node.target in _HARDTANH:
+            return bounded("hardtanh", *_clamp_bounds(node))
+        name = _ATEN_ACT.get(node.target) or _FN_ACT.get(node.target)  # type: ignore[call-overload]
+        return ACTIVATIONS[name] if name else None
+    if node.op == "call_method":
+        return ACTIVATIONS.get(str(node.target)) if node.target in _METHOD_ACT else None
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return None if layer_kind_of_module(m) else activation_of_module(m)
     return None
 
 
@@ -208,6 +241,7 @@ class ActSite:
     channel_dim: int
     order: int
     module: str  # module path owning the node (for messages)
+    activation: Activation | None = None  # family and bounds (None for a bare layer output)
 
 
 def _weight_module(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -221,22 +255,19 @@ def _weight_module(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
-    """('act', name) | ('layer', kind) | ('transparent', '') | None."""
+    """('act', canonical name) | ('layer', kind) | ('transparent', '') | None."""
+    act = activation_of_node(gm, node)
+    if act is not None:
+        return "act", act.name
     if node.op == "call_function":
         t = node.target
-        if t in _ATEN_ACT:
-            return "act", _ATEN_ACT[t]  # type: ignore[index]
         if t in _ATEN_LAYER:
             return "layer", _ATEN_LAYER[t]  # type: ignore[index]
-        if t in _FN_ACT:
-            return "act", _FN_ACT[t]  # type: ignore[index]
         if t in _FN_LAYER:
             return "layer", _FN_LAYER[t]  # type: ignore[index]
         if t in _TRANSPARENT_ATEN or t in _TRANSPARENT_FN:
             return "transparent", ""
     elif node.op == "call_method":
-        if node.target in ("relu", "sigmoid", "tanh"):
-            return "act", str(node.target)
         if node.target in ("contiguous",):
             return "transparent", ""
     elif node.op == "call_module":
@@ -244,9 +275,6 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
         k = layer_kind_of_module(m)
         if k:
             return "layer", k
-        a = activation_name_of_module(m)
-        if a:
-            return "act", a
         if isinstance(m, _TRANSPARENT_MOD):
             return "transparent", ""
     return None
@@ -305,8 +333,9 @@ def find_sites(
             pc = kinds.get(producer_node) if producer_node is not None else None
             pkind = pc[1] if pc else ""
             cd = 1 if pkind.startswith("conv") else -1
-            acts.append(ActSite(node.name, name, ACT_FAMILY.get(name, "smooth"), producer, cd, i,
-                                owner(node) or producer))
+            act = activation_of_node(gm, node) or ACTIVATIONS[name]
+            acts.append(ActSite(node.name, act.name, act.family, producer, cd, i,
+                                owner(node) or producer, act))
     # next layers of each layer (through non-layer nodes), for the "narrow layer" check
     by_name = {n.name: n for n in gm.graph.nodes}
     for ls in layers:

@@ -8,17 +8,17 @@ observers have no users: the graph's outputs are unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from graphsurg.kernels import NeuronStats, neuron_stats
 from torch import nn
 
-from .capture import ActSite
+from graphsurg._activations import ACTIVATIONS, Activation
+from graphsurg._measurements import LayerMeasure, Measurements, SiteMeasure
 
-# flat-region thresholds, applied to |y| (tanh, hardtanh) or |y - 1/2| (sigmoid-like)
-_CENTERED = {"sigmoid": 0.5, "hardsigmoid": 0.5}
+from .capture import ActSite
 
 
 class Observer(nn.Module):
@@ -29,18 +29,24 @@ class Observer(nn.Module):
         self.site = site
         self.enabled = True
         self.stats: NeuronStats | None = None
-        self.sat_stats: NeuronStats | None = None  # for sigmoid-like: stats of y - 1/2
+        self.sat_stats: NeuronStats | None = None  # off-centre ranges: stats of y - centre
         self.sample_rows = sample_rows
         self._sample: list[torch.Tensor] = []
         self._sampled = 0
         self.margin = saturation_margin
         self.error: str | None = None
+        act = site.activation or ACTIVATIONS.get(site.op)
+        # (centre, threshold) of the flat region, from the activation's bounds: a value
+        # saturates when |y - centre| >= threshold (graphsurg._activations.Activation)
+        self.saturation = (act.saturation(saturation_margin)
+                           if act is not None and site.family == "saturating" else None)
 
     def sat_threshold(self) -> float | None:
-        if self.site.family != "saturating":
-            return None
-        half = 0.5 if self.site.op in _CENTERED else 1.0
-        return half - self.margin
+        return self.saturation[1] if self.saturation is not None else None
+
+    @property
+    def _centre(self) -> float:
+        return self.saturation[0] if self.saturation is not None else 0.0
 
     @torch.no_grad()
     def forward(self, x: object) -> None:
@@ -51,12 +57,12 @@ class Observer(nn.Module):
         x = x.detach()
         cd = self.site.channel_dim if x.dim() > 1 else -1
         thr = self.sat_threshold()
-        centered = self.site.op in _CENTERED
+        centre = self._centre
         try:
-            s = neuron_stats(x, cd, sat_threshold=None if centered else thr)
+            s = neuron_stats(x, cd, sat_threshold=thr if centre == 0.0 else None)
             self.stats = s if self.stats is None else self.stats.merge(s)
-            if centered and thr is not None:
-                ss = neuron_stats(x - 0.5, cd, sat_threshold=thr)
+            if centre != 0.0 and thr is not None:
+                ss = neuron_stats(x - centre, cd, sat_threshold=thr)
                 self.sat_stats = ss if self.sat_stats is None else self.sat_stats.merge(ss)
         except ValueError as e:  # e.g. a width change between batches: report, don't crash
             self.error = str(e)
@@ -73,7 +79,7 @@ class Observer(nn.Module):
         return torch.cat(self._sample) if self._sample else None
 
     def saturated_fraction(self) -> torch.Tensor | None:
-        src = self.sat_stats if self.site.op in _CENTERED else self.stats
+        src = self.sat_stats if self._centre != 0.0 else self.stats
         if src is None or src.sat_threshold is None:
             return None
         return src.saturated_fraction
@@ -106,7 +112,7 @@ def hook_observers(model: nn.Module, *, saturation_margin: float, sample_rows: i
     the observers (in first-call order), the hook handles (remove them when done) and the
     layer modules in first-call order.
     """
-    from .capture import ACT_FAMILY, activation_name_of_module, layer_kind_of_module
+    from .capture import activation_of_module, layer_kind_of_module
 
     observers: dict[str, Observer] = {}
     order: list[Observer] = []
@@ -114,7 +120,7 @@ def hook_observers(model: nn.Module, *, saturation_margin: float, sample_rows: i
     last_layer: list[tuple[str, str]] = [("", "")]
     handles = []
 
-    def make_hook(path: str, act: str | None, kind: str | None):  # type: ignore[no-untyped-def]
+    def make_hook(path: str, act: Activation | None, kind: str | None):  # type: ignore[no-untyped-def]
         def hook(mod: nn.Module, inp: object, out: object) -> None:
             if kind is not None:
                 last_layer[0] = (path, kind)
@@ -124,8 +130,8 @@ def hook_observers(model: nn.Module, *, saturation_margin: float, sample_rows: i
             assert act is not None
             if path not in observers:
                 prod, pkind = last_layer[0]
-                site = ActSite(path, act, ACT_FAMILY.get(act, "smooth"), prod,
-                               1 if pkind.startswith("conv") else -1, len(observers), path)
+                site = ActSite(path, act.name, act.family, prod,
+                               1 if pkind.startswith("conv") else -1, len(observers), path, act)
                 observers[path] = Observer(site, saturation_margin=saturation_margin,
                                            sample_rows=sample_rows)
                 order.append(observers[path])
@@ -135,7 +141,45 @@ def hook_observers(model: nn.Module, *, saturation_margin: float, sample_rows: i
 
     for path, m in model.named_modules():
         kind = layer_kind_of_module(m)
-        act = None if kind else activation_name_of_module(m)
+        act = None if kind else activation_of_module(m)
         if kind or act:
             handles.append(m.register_forward_hook(make_hook(path, act, kind)))
     return order, handles, layer_order
+
+
+#: a parametrised layer as the torch adapter found it: (module path, kind, weight, next layers)
+LayerEntry = tuple[str, str, torch.Tensor, list[str]]
+
+
+def measurements_from(observers: Sequence[Observer], layers: Sequence[LayerEntry], *,
+                      grad_sq: Mapping[str, float], grad_nonfinite: Collection[str],
+                      n_batches: int, gradients: bool, input_nonfinite: int = 0,
+                      capture: str = "", notes: Sequence[str] = ()) -> Measurements:
+    """The :class:`Measurements` (``ir="torch"``) of filled observers and layers.
+
+    ``grad_sq[path]`` is the layer's squared gradient norm summed over ``n_batches`` (the
+    layer's ``grad_sq`` is its mean); sites whose observer saw no value are left out, and an
+    observer that stopped on an error adds a note naming its node. Used by the torch adapter's
+    ``observe`` and by the compiled-graph monitor.
+    """
+    sites = []
+    for k, o in enumerate(observers):
+        if o.stats is None:
+            continue
+        sites.append(SiteMeasure(
+            module=o.site.producer or o.site.module, node=o.site.node, op=o.site.op,
+            family=o.site.family, order=k, stats=o.stats,
+            saturated_fraction=o.saturated_fraction(), sample=o.sample(),
+            channel_dim=o.site.channel_dim))
+    out_layers = []
+    for k, (path, kind, w, nxt) in enumerate(layers):
+        g = grad_sq.get(path)
+        out_layers.append(LayerMeasure(
+            module=path, kind=kind, order=k, d_in=int(w.shape[1]) if w.dim() > 1 else 1,
+            d_out=int(w.shape[0]), weight=w.detach(),
+            grad_sq=(g / n_batches) if (g is not None and n_batches) else None,
+            grad_nonfinite=path in grad_nonfinite, next_modules=list(nxt)))
+    all_notes = list(notes) + [f"site {o.site.node}: {o.error}" for o in observers if o.error]
+    return Measurements(sites=sites, layers=out_layers, gradients=gradients,
+                        input_nonfinite=input_nonfinite, ir="torch", batches=n_batches,
+                        capture=capture, notes=all_notes)
