@@ -49,7 +49,7 @@ CASES: dict[str, Callable[[torch.Tensor], object]] = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_stats_cpu(benchmark, x: torch.Tensor, name: str) -> None:  # noqa: ANN001
+def test_stats_cpu(benchmark, x: torch.Tensor, name: str) -> None:
     if name == "graphsurg_cpu" and not cpu.available():
         pytest.skip("the C kernel could not be built here; graphsurg runs the torch path")
     fn = CASES[name]
@@ -62,7 +62,7 @@ def test_stats_cpu(benchmark, x: torch.Tensor, name: str) -> None:  # noqa: ANN0
         _means[name] = benchmark.stats.stats.median
 
 
-def test_interleaved_ratio(benchmark, x: torch.Tensor) -> None:  # noqa: ANN001
+def test_interleaved_ratio(benchmark, x: torch.Tensor) -> None:
     """The floor and graphsurg's CPU path run alternately, pair by pair: on a machine other
     jobs share, the per-pair ratio is steadier than the ratio of separately taken medians."""
     if not cpu.available():

@@ -92,7 +92,7 @@ def main() -> int:
     print("  grad_sq_norms / row_sq_norms", "MISMATCH" if norm_fail else "ok")
 
     # ---------------------------------------------------------------- 2. timing
-    def bench(fn) -> float:  # noqa: ANN001
+    def bench(fn) -> float:
         return float(triton.testing.do_bench(fn, warmup=25, rep=200))  # ms
 
     def naive(t: torch.Tensor, dims: tuple[int, ...]) -> object:

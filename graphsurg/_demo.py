@@ -37,7 +37,7 @@ def surgery_api() -> tuple[Callable[..., Any] | None, type[BaseException] | None
     failed = getattr(gs, "SurgeryFailed", None)
     if failed is None:
         try:
-            from ._plan import SurgeryFailed as failed  # noqa: N813
+            from ._plan import SurgeryFailed as failed
         except ImportError:
             failed = None
     return (op if callable(op) else None), failed

@@ -254,7 +254,7 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
             try:
                 after = _diagnose(copy.deepcopy(work), held, loss_fn=loss_fn, config=cfg,
                                   input_fn=input_fn)
-            except Exception as e:  # noqa: BLE001 - reported; certificates needing it fail
+            except Exception as e:  # reported; certificates needing it fail
                 notes.append(f"diagnosis of the operated model failed: {first_line(e)}")
         failed_now: list[int] = []
         for s in kept:
@@ -383,7 +383,7 @@ def _build(base: nn.Module, surgery_plan: SurgeryPlan, lib: Library, cert: Certi
                 r = lib.get(s.replacement)
                 a = r.apply(target, s.problem, dict(params))
                 new = outputs(target.model, calib, input_fn)
-            except Exception as e:  # noqa: BLE001 - a failing replacement is rolled back
+            except Exception as e:  # a failing replacement is rolled back
                 target.set_model(snapshot)
                 why = str(e) if isinstance(e, Refused | KeyError) else \
                     f"{type(e).__name__}: {first_line(e)}"

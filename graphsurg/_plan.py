@@ -298,7 +298,7 @@ def probe_site(target: Target, problem: Problem, *, seed: int = 0) -> dict[str, 
             target.model.train(was)
         sp["map"] = "block" if problem.span and len(problem.span) > 1 else "layer"
         return sp
-    except Exception as e:  # noqa: BLE001 - the probe is evidence, never a blocker
+    except Exception as e:  # the probe is evidence, never a blocker
         return {"skipped": f"{type(e).__name__}: {str(e)[:100]}"}
 
 
@@ -499,7 +499,7 @@ def plan_target(target: Any, diagnosis: Diagnosis, order: dict[str, int], *,
                     refusal = r.check(problem, target)
                     if refusal is None:
                         params = r.propose(problem, target, exact=cert.require_exact)
-                except Exception as e:  # noqa: BLE001 - a broken replacement is reported
+                except Exception as e:  # a broken replacement is reported
                     refusal = f"{n} raised {type(e).__name__}: {e}"
                 if refusal:
                     failed = f"{n}: {refusal}"

@@ -31,11 +31,11 @@ class ChannelBatchNorm(_BatchNorm):
         super().__init__(num_features, **kwargs)
         self.channel_dim = channel_dim
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's name
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # torch's name
         if input.dim() < 2:
             raise ValueError(f"ChannelBatchNorm needs >= 2-D input, got {input.dim()}-D")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's name
         x = input.movedim(self.channel_dim, 1)
         return super().forward(x).movedim(1, self.channel_dim)
 

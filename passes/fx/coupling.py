@@ -184,7 +184,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
         return model, ""
     try:
         return fx.symbolic_trace(model), ""
-    except Exception as e:  # noqa: BLE001 - tracing failures are reported, not raised
+    except Exception as e:  # tracing failures are reported, not raised
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return None, f"torch.fx.symbolic_trace failed ({type(e).__name__}: {msg[:160]})"
 
@@ -771,7 +771,7 @@ def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
         gm.eval()
         try:
             propagate_shapes(gm, *example)
-        except Exception as e:  # noqa: BLE001 - fall back to the probe, which explains itself
+        except Exception as e:  # fall back to the probe, which explains itself
             why = f"shape propagation failed ({type(e).__name__})"
             gm = None
         finally:

@@ -99,7 +99,7 @@ class Target:
                 gm.eval()
                 try:
                     _coupling.propagate_shapes(gm, *self.example())
-                except Exception as e:  # noqa: BLE001 - reported as the reason
+                except Exception as e:  # reported as the reason
                     gm, why = None, f"shape propagation failed ({type(e).__name__}: {e})"
                 finally:
                     self.model.train(was)

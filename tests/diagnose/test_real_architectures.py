@@ -8,7 +8,7 @@ import torch
 import graphsurg as gs
 
 pytest.importorskip("transformers")
-import _hf_models as _hf  # noqa: E402
+import _hf_models as _hf
 
 _bert, _vit, _resnet, _loss = _hf.bert, _hf.vit, _hf.resnet, _hf.loss
 

@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _onnx_helpers import EXPORTERS  # noqa: E402,F401  (re-exported for fixtures)
-from _onnx_models import (  # noqa: E402
+from _onnx_helpers import EXPORTERS  # noqa: F401  (re-exported for fixtures)
+from _onnx_models import (
     CNN,
     MLP,
     SHAPES,

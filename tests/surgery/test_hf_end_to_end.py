@@ -9,7 +9,7 @@ import torch
 import graphsurg as gs
 
 pytest.importorskip("transformers")
-import _hf_models as _hf  # noqa: E402
+import _hf_models as _hf
 
 
 def _bert() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], str]:
