@@ -1,8 +1,14 @@
-"""operate: diagnose, plan, excise and paste on a copy, heal, verify, roll back.
+"""operate: the spine's surgery, one pipeline for every graph IR.
 
-The input model is never modified: every edit happens on a deep copy, and a schema that
-fails is rolled back by rebuilding the copy without it (so no half-operated model is ever
-returned).
+split -> diagnose -> plan -> build -> heal -> verify -> roll back, each a small named step
+written against :class:`graphsurg._ir.IRAdapter` (:func:`operate_adapter`). :func:`operate`
+is it over the torch adapter (healing included); ``graphsurg.onnx.apply`` is it over the ONNX
+adapter without healing, plus save.
+
+The user's model is never modified: the adapter works on a private copy, every build starts
+from a snapshot of it, and a schema that fails is rolled back by rebuilding without it --
+alone: when a group of edits fails a certificate, bisection (:func:`graphsurg._verify.culprits`)
+finds the edits that broke it and the rest are kept.
 """
 
 from __future__ import annotations
@@ -14,50 +20,58 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._certificates import Certificates
+from ._compare import output_change
 from ._config import DiagnoseConfig
-from ._data import InputFn, iter_batches
+from ._data import InputFn, iter_batches, split_held_out
 from ._errors import BadInputError, first_line
 from ._heal import HealLog, LossFn, OptimizerFactory, heal, mean_loss
-from ._plan import Schema, SurgeryFailed, SurgeryPlan, plan
+from ._ir import IRAdapter
+from ._plan import Schema, SurgeryFailed, SurgeryPlan, plan, plan_target
 from ._problems import Diagnosis, _finite, _table
 from ._verify import (
+    UNIT_KINDS,
     SchemaVerification,
+    culprits,
     grad_norms,
     module_grad_norm,
-    outputs,
-    relative_change,
     still_flagged,
 )
-from .library._base import SCALES, Applied, Library, Refused, Target
+from .library._base import SCALES, Applied, Library, Refused
 
 RESULT_FORMAT = "graphsurg.surgery/1"
 
 
 @dataclass
 class SurgeryResult:
-    """The outcome of :func:`operate`.
+    """The outcome of :func:`operate` / :func:`operate_adapter` / ``graphsurg.onnx.apply``.
 
     Attributes:
-        model: the operated (and healed) model -- a new module; the input is untouched.
-        plan: the plan that was executed.
-        before / after: diagnoses of the input model and of the result (held-out batches).
-        verification: one :class:`SchemaVerification` per planned schema.
+        model: the operated (and healed) model -- a new object (``nn.Module`` for torch,
+            ``onnx_ir.Model`` for ONNX); the input is untouched.
+        plan: the plan that was executed (``plan.untreated``: problems refused, with reasons).
+        before / after: diagnoses of the input model and of the result (held-out batches;
+            None when the result was not re-diagnosed).
+        verification: one :class:`SchemaVerification` per planned schema (per site).
         rolled_back: ``{"index", "replacement", "site", "reason"}`` per rolled-back schema.
         healing: fine-tune record: steps, treated and untreated losses.
-        output_change: total ``||f' - f|| / ||f||`` of the result before healing.
+        output_change: total ``||f' - f|| / ||f||`` of the result before healing, on the
+            held-out batches.
         applied: per kept schema index, what it changed (for
             :func:`reset_optimizer_state`).
         notes: anything the user should know.
-        escalations: one record per escalation (``operate(..., escalate=n)``): the round,
-            the problem and site, what was tried (replacement, scale, outcome) and what the
-            next plan did instead.
+        escalations: one record per escalation (``operate(..., escalate=n)``).
+        ir: ``"torch"`` or ``"onnx"``.
+        verified_on: which batches verified the result (or why it was not verified).
+        size: ``nodes_before/after``, ``params_before/after`` where the adapter counts them.
+        output: the file the result was written to (``graphsurg.onnx.apply`` on a path).
     """
 
-    model: nn.Module
+    model: Any
     plan: SurgeryPlan
     before: Diagnosis
     after: Diagnosis | None
@@ -68,14 +82,32 @@ class SurgeryResult:
     applied: dict[int, Applied] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     escalations: list[dict[str, Any]] = field(default_factory=list)
+    ir: str = "torch"
+    verified_on: str = ""
+    size: dict[str, int] = field(default_factory=dict)
+    output: str | None = None
 
     @property
     def kept(self) -> list[int]:
         return [v.index for v in self.verification if v.kept]
 
+    @property
+    def ok(self) -> bool:
+        """True when every planned schema met the certificates (none was rolled back)."""
+        return not self.rolled_back
+
+    def kept_at(self, replacement: str) -> list[SchemaVerification]:
+        """The kept schemas of one replacement (per site)."""
+        return [v for v in self.verification if v.kept and v.replacement == replacement]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": RESULT_FORMAT,
+            "ir": self.ir,
+            "ok": self.ok,
+            "verified_on": self.verified_on,
+            "size": dict(self.size),
+            "output": self.output,
             "plan": self.plan.to_dict(),
             "before": self.before.to_dict(),
             "after": self.after.to_dict() if self.after is not None else None,
@@ -90,26 +122,43 @@ class SurgeryResult:
         }
 
     def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=indent)
+        return json.dumps(_finite(self.to_dict()), indent=indent, default=str)
 
     def summary(self) -> str:
+        head = f"Surgery ({self.ir}): {len(self.kept)} of {len(self.verification)} schema(s) kept"
+        if self.size:
+            s = self.size
+            head += (f"; nodes {s.get('nodes_before')} -> {s.get('nodes_after')}, parameters "
+                     f"{s.get('params_before')} -> {s.get('params_after')}")
+        if self.verified_on:
+            head += f"; {self.verified_on}"
         rows = [("#", "replacement", "site", "kept", "exact", "output change", "why")]
         for v in self.verification:
-            oc = "n/a" if v.output_change is None else f"{v.output_change:.2e}"
+            oc = v.output_change
+            why = "; ".join(v.reasons) if not v.kept else _details(v.details)
             rows.append((str(v.index), v.replacement + ("*" if v.variant != "planned" else ""),
                          v.site, "yes" if v.kept else "ROLLED BACK", "yes" if v.exact else "no",
-                         oc, "; ".join(v.reasons)))
+                         "n/a" if oc is None else f"{oc:.2e}", why))
+        lines = [head, _table(rows)] if self.verification else [head]
         h = self.healing
-        lines = [f"Surgery: {len(self.kept)} of {len(self.verification)} schema(s) kept",
-                 _table(rows)]
         if h.get("steps"):
             lines.append(f"healing: {h['steps']} step(s); loss treated "
                          f"{_f(h.get('treated_loss'))} vs untreated {_f(h.get('untreated_loss'))}")
+        if self.output_change is not None:
+            lines.append(f"output change of the result: {self.output_change:.3g}")
         # by module, not graph node: a rewrite renames later nodes (relu_2 -> relu_1)
         before = {(p.kind, p.site.module) for p in self.before.problems}
-        after = {(p.kind, p.site.module) for p in self.after.problems} if self.after else set()
-        lines.append(f"problems: {len(before)} before, {len(after)} after "
-                     f"({len(before - after)} resolved)")
+        if self.after is not None:
+            after = {(p.kind, p.site.module) for p in self.after.problems}
+            lines.append(f"problems: {len(before)} before, {len(after)} after "
+                         f"({len(before - after)} resolved)")
+        else:
+            lines.append(f"problems: {len(before)} before (the result was not re-diagnosed)")
+        for p, r in self.plan.untreated:
+            lines.append(f"refused: {p.kind} at {p.site.address}: {r}")
+        for r in self.rolled_back:
+            lines.append(f"rolled back: #{r['index']} {r['replacement']} at {r['site']}: "
+                         f"{r['reason']}")
         if any(v.variant != "planned" for v in self.verification):
             lines.append("*: the exact fallback variant was applied")
         for e in self.escalations:
@@ -119,8 +168,20 @@ class SurgeryResult:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
+def _numpy(t: Any) -> np.ndarray:
+    return t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
 def _f(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _details(d: dict[str, Any]) -> str:
+    """A kept schema's own numbers, short: its note, else its scalar details."""
+    if isinstance(d.get("note"), str):
+        return d["note"]
+    return ", ".join(f"{k}={_f(v)}" for k, v in d.items()
+                     if isinstance(v, int | float | str) and not isinstance(v, bool))[:120]
 
 
 def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = None,
@@ -132,6 +193,8 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
             held_out: Sequence[Any] | None = None, rediagnose: bool = True,
             escalate: int = 0) -> SurgeryResult:
     """Diagnose ``model``, plan, operate on a copy, heal, verify and roll back failures.
+
+    :func:`operate_adapter` over the torch adapter (``graphsurg.passes.fx.adapter``).
 
     Args:
         model: the network to treat. It is not modified (state_dict bit-identical, training
@@ -170,8 +233,6 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
         print(res.summary())
         new_model = res.model
     """
-    from . import diagnose as _diagnose
-
     if escalate > 0:
         return _escalating(model, data, rounds=escalate, loss_fn=loss_fn, library=library,
                            certificates=certificates, config=config, diagnosis=diagnosis,
@@ -180,144 +241,406 @@ def operate(model: nn.Module, data: Iterable[Any], *, loss_fn: LossFn | None = N
                            prefer=prefer, seed=seed, held_out=held_out, rediagnose=rediagnose)
     if not isinstance(model, nn.Module):
         raise BadInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .passes.fx.adapter import TorchAdapter
+
+    cfg = config or DiagnoseConfig()
+    batches = list(iter_batches(data, cfg.max_batches))
+    res = operate_adapter(TorchAdapter(model, input_fn=input_fn), batches, library=library,
+                          certificates=certificates, config=cfg, loss_fn=loss_fn,
+                          held_out=held_out, heal_steps=heal_steps, heal_mode=heal_mode,
+                          optimizer=optimizer, seed=seed, diagnosis=diagnosis,
+                          surgery_plan=surgery_plan, prefer=prefer, rediagnose=rediagnose)
+    res.model.train(model.training)
+    return res
+
+
+def operate_adapter(adapter: IRAdapter, batches: Sequence[Any], *,
+                    library: Library | None = None, certificates: Certificates | None = None,
+                    config: DiagnoseConfig | None = None, loss_fn: LossFn | None = None,
+                    held_out: Sequence[Any] | None = None, heal_steps: int = 100,
+                    heal_mode: str = "auto", optimizer: OptimizerFactory | None = None,
+                    seed: int = 0, replacements: Sequence[str] | None = None,
+                    diagnosis: Diagnosis | None = None,
+                    surgery_plan: SurgeryPlan | None = None, prefer: Sequence[str] = (),
+                    rediagnose: bool = True) -> SurgeryResult:
+    """The spine: split -> diagnose -> plan -> build -> heal -> verify -> roll back, on the
+    adapter's working model (a private copy; the user's model is never touched).
+
+    Args:
+        adapter: any :class:`graphsurg._ir.IRAdapter`. Healing and the loss certificate need
+            ``capabilities.trainable``, the gradient-flow certificate ``.gradients``.
+        batches: the adapter's batches. Without ``held_out`` the last quarter is held out
+            (one batch: its halves, when the adapter can ``halve`` it); the diagnosis and the
+            plan see only the rest. No batches at all (with ``diagnosis``): the edits are
+            applied unverified and the result says so.
+        replacements: restrict the library to these replacement names (``None``: all of the
+            library's replacements with an applier for ``adapter.ir``).
+        heal_steps, heal_mode, optimizer: healing (trainable adapters with a ``loss_fn``).
+        rediagnose: diagnose the result on the held-out batches even when no certificate
+            needs it (the dead-unit certificate always does).
+
+        The other arguments are :func:`operate`'s.
+
+    Returns:
+        a :class:`SurgeryResult` whose ``model`` is ``adapter.model`` after surgery.
+        Raises :class:`SurgeryFailed` when nothing can be treated.
+    """
     if heal_mode not in ("auto", "always", "never"):
         raise BadInputError(f"heal_mode must be 'auto', 'always' or 'never', got {heal_mode!r}")
     cfg = config or DiagnoseConfig()
     cert = certificates or Certificates()
-    batches = list(iter_batches(data, cfg.max_batches))
-    if held_out is not None:
-        held = list(held_out)
-        train = batches
-    elif len(batches) >= 2:
-        k = max(1, len(batches) // 4)
-        train, held = batches[:-k], batches[-k:]
-    else:
-        train, held = batches, batches
-    calib = train[:2]
-    notes: list[str] = []
-    base = copy.deepcopy(model)  # every edit starts from this private copy
-    before = diagnosis if diagnosis is not None else _diagnose(
-        copy.deepcopy(base), batches, loss_fn=loss_fn, config=cfg, input_fn=input_fn)
+    lib = select_library(library, replacements, adapter.ir)
+    train, held, how = _split(adapter, list(batches), held_out)
+    before = diagnosis if diagnosis is not None else diagnose_on(adapter, train, cfg, loss_fn)
     if surgery_plan is None:
-        surgery_plan = plan(base, before, library=library, certificates=cert, data=calib,
-                            input_fn=input_fn, prefer=prefer, seed=seed)
-    lib = library
-    if lib is None:
+        surgery_plan = plan_on(adapter, before, lib, cert, train[:2], seed=seed, prefer=prefer)
+    s = _Surgery(adapter, surgery_plan, lib, cert, cfg, train, held, loss_fn=loss_fn,
+                 seed=seed, heal_steps=heal_steps, heal_mode=heal_mode, optimizer=optimizer,
+                 rediagnose=rediagnose)
+    res = s.run(before)
+    res.verified_on = how
+    return res
+
+
+# -- the steps -------------------------------------------------------------------------------
+def select_library(library: Library | None, names: Sequence[str] | None, ir: str) -> Library:
+    """The replacements the plan may use: ``library`` (default: the default library),
+    restricted to ``names`` when given; an unknown name is a one-line error."""
+    if library is None:
         from .library import default_library
 
-        lib = default_library()
-    if loss_fn is None:
-        notes.append("no loss_fn: no healing, no loss certificate; gradient checks use "
-                     "0.5*mean(output^2)")
-    ref = outputs(base, calib, input_fn)
-    verif = {s.index: SchemaVerification(s.index, s.replacement, s.site.address, exact=s.exact)
-             for s in surgery_plan.schemas}
-    dropped: set[int] = set()
-    untreated_cache: dict[str, Any] = {}
-    work: nn.Module = base
-    applied: dict[int, Applied] = {}
-    healed = HealLog()
-    after: Diagnosis | None = None
-    total_change: float | None = None
-    for _round in range(len(surgery_plan.schemas) + 1):
-        for v in verif.values():
-            if v.index not in dropped:
-                v.kept, v.reasons, v.problem_after, v.grad_norms = True, [], [], {}
-        work, applied = _build(base, surgery_plan, lib, cert, calib, input_fn, seed, ref,
-                               verif, dropped)
-        total_change = relative_change(outputs(work, calib, input_fn), ref, ref)
-        kept = [s for s in surgery_plan.schemas if s.index not in dropped]
-        # heal when an edit is inexact, only helps once trained, or carries a schedule that acts
-        # during training (the exact ramp swap's slope rises only while healing runs)
+        library = default_library()
+    if names is None:
+        return library
+    unknown = [n for n in names if n not in library]
+    if unknown:
+        raise BadInputError(f"unknown replacement(s) {unknown}; the library has "
+                            f"{', '.join(library.names())}")
+    return Library([library.get(n) for n in dict.fromkeys(names)])
+
+
+def _split(adapter: IRAdapter, batches: list[Any], held_out: Sequence[Any] | None
+           ) -> tuple[list[Any], list[Any], str]:
+    """split: ``(train, held-out, how)`` through the one held-out split."""
+    if held_out is not None:
+        held = list(held_out)
+        how = (f"verified on {len(held)} given held-out batch(es)" if held else
+               "not verified: no verification batches")
+        return batches, held, how
+    if not batches:
+        return [], [], "not verified: no data"
+    return split_held_out(batches, adapter.halve)
+
+
+def diagnose_on(adapter: IRAdapter, batches: Sequence[Any], config: DiagnoseConfig,
+                loss_fn: LossFn | None = None) -> Diagnosis:
+    """diagnose: the one diagnosis over ``adapter`` (``graphsurg._diagnose``)."""
+    from ._diagnose import diagnose_adapter
+
+    return diagnose_adapter(adapter, list(batches), config=config, loss_fn=loss_fn)
+
+
+def plan_on(adapter: IRAdapter, diagnosis: Diagnosis, lib: Library, cert: Certificates,
+            calib: list[Any], *, seed: int = 0, prefer: Sequence[str] = ()) -> SurgeryPlan:
+    """plan: :func:`graphsurg.plan` on a torch model (it probes the sites' Jacobians);
+    :func:`graphsurg._plan.plan_target` on a snapshot of any other IR's model (sites in the
+    diagnosis's order, which is the graph's)."""
+    if adapter.ir == "torch":
+        return plan(adapter.model, diagnosis, library=lib, certificates=cert,
+                    data=calib or None, input_fn=getattr(adapter, "input_fn", None),
+                    prefer=prefer, seed=seed)
+    order = {p.site.module: i for i, p in reversed(list(enumerate(diagnosis.problems)))}
+    work = adapter.snapshot()  # the planner's checks may edit the target's model
+    try:
+        return plan_target(adapter.target(calib, seed=seed), diagnosis, order, library=lib,
+                           certificates=cert, prefer=prefer, seed=seed)
+    finally:
+        adapter.restore(work)
+
+
+class _Surgery:
+    """build -> heal -> verify -> roll back, round after round until every kept schema meets
+    the certificates. Every build restores the base snapshot first."""
+
+    def __init__(self, adapter: IRAdapter, surgery_plan: SurgeryPlan, lib: Library,
+                 cert: Certificates, cfg: DiagnoseConfig, train: list[Any], held: list[Any],
+                 *, loss_fn: LossFn | None, seed: int, heal_steps: int, heal_mode: str,
+                 optimizer: OptimizerFactory | None, rediagnose: bool) -> None:
+        self.a, self.plan, self.lib, self.cert, self.cfg = adapter, surgery_plan, lib, cert, cfg
+        self.train, self.held, self.calib = train, held, train[:2]
+        self.loss_fn, self.seed, self.optimizer = loss_fn, seed, optimizer
+        self.heal_steps, self.heal_mode, self.rediagnose = heal_steps, heal_mode, rediagnose
+        self.input_fn: InputFn | None = getattr(adapter, "input_fn", None)
+        self.trainable = adapter.capabilities.trainable and loss_fn is not None
+        self.base = adapter.snapshot()
+        self.ref_calib = adapter.run(self.calib) if self.calib else []
+        self.ref_held = adapter.run(held) if held else []
+        self.verif = {s.index: SchemaVerification(s.index, s.replacement, s.site.address,
+                                                  exact=s.exact)
+                      for s in surgery_plan.schemas}
+        self.variant: dict[int, dict[str, Any]] = {}
+        self.dropped: set[int] = set()
+        self.notes: list[str] = []
+        self.untreated: tuple[Any, HealLog] | None = None
+        if loss_fn is None:
+            self.notes.append("no loss_fn: no healing, no loss certificate"
+                              + ("; gradient checks use 0.5*mean(output^2)"
+                                 if adapter.capabilities.gradients else ""))
+        if not held:
+            self.notes.append("not verified: without data the output change and the treated "
+                              "sites could not be measured")
+
+    def kept(self) -> list[Schema]:
+        return [s for s in self.plan.schemas if s.index not in self.dropped]
+
+    def run(self, before: Diagnosis) -> SurgeryResult:
+        applied: dict[int, Applied] = {}
+        after: Diagnosis | None = None
+        healing: dict[str, Any] = {}
+        total: float | None = None
+        for _round in range(len(self.plan.schemas) + 1):
+            for i, v in self.verif.items():
+                if i not in self.dropped:
+                    v.kept, v.reasons, v.problem_after, v.grad_norms = True, [], [], {}
+            applied = self.build(self.kept(), measure=True)
+            failed = self.verify_exact_group(applied)
+            if failed:
+                self.dropped |= set(failed)
+                continue
+            total = (output_change(self.a.run(self.held), self.ref_held).rel
+                     if self.held and self.kept() else None)
+            healing, untreated_model = self.heal(applied)
+            after, failed = self.verify_sites(applied)
+            failed += self.verify_loss(applied, untreated_model, healing, failed)
+            if not failed:
+                break
+            self.dropped |= set(failed)
+        if not self.kept():
+            self.a.restore(self.base)
+            after = before
+            self.notes.append("every schema was rolled back: the result is a copy of the "
+                              "input model")
+        rolled = [{"index": v.index, "replacement": v.replacement, "site": v.site,
+                   "reason": "; ".join(v.reasons)} for v in self.verif.values() if not v.kept]
+        return SurgeryResult(
+            model=self.a.model, plan=self.plan, before=before, after=after,
+            verification=[self.verif[s.index] for s in self.plan.schemas], rolled_back=rolled,
+            healing=healing, output_change=total,
+            applied={i: a for i, a in applied.items() if i not in self.dropped},
+            notes=list(dict.fromkeys(self.plan.notes + self.notes)), ir=self.a.ir)
+
+    # -- build -----------------------------------------------------------------------------
+    def build(self, schemas: list[Schema], *, measure: bool) -> dict[int, Applied]:
+        """Apply ``schemas`` in order to the restored base. ``measure``: the first build of a
+        round -- each bounded edit's output change on the calibration batches is held to
+        ``max_output_change`` (its exact fallback is tried when it breaks it) and an edit that
+        refuses is dropped; otherwise the variants chosen then are replayed."""
+        self.a.restore(self.base)
+        target = self.a.target(self.calib, seed=self.seed)
+        applied: dict[int, Applied] = {}
+        current = self.ref_calib
+        for s in schemas:
+            if not measure:
+                if s.index in self.variant:
+                    target, a, _ = self._try(target, s, self.variant[s.index])
+                    if a is not None:
+                        applied[s.index] = a
+                continue
+            v = self.verif[s.index]
+            attempts = [("planned", s.params)] + (
+                [("fallback", s.fallback)] if s.fallback is not None else [])
+            reasons: list[str] = []
+            for variant, params in attempts:
+                target, a, why = self._try(target, s, params)
+                if a is None:
+                    reasons.append(f"{variant}: {why}")
+                    continue
+                change = None
+                if not a.exact and self.calib and not self._finite_ref():
+                    self.notes.append("the input model's outputs are not finite: the output "
+                                      "change of bounded edits was not measured")
+                elif not a.exact and self.calib:
+                    snap_new = self.a.run(self.calib)
+                    change = output_change(snap_new, current, self.ref_calib).rel
+                    if not change <= self.cert.max_output_change:
+                        target = self._undo(target)
+                        reasons.append(f"{variant}: output change {change:.3g} > "
+                                       f"max_output_change {self.cert.max_output_change}")
+                        continue
+                    current = snap_new
+                v.output_change, v.exact, v.variant, v.details = change, a.exact, variant, \
+                    a.details
+                v.bound = self.cert.exact_tolerance if a.exact else self.cert.max_output_change
+                applied[s.index] = a
+                self.variant[s.index] = dict(params)
+                break
+            else:
+                v.fail("; ".join(reasons))
+                self.dropped.add(s.index)
+        return applied
+
+    def _finite_ref(self) -> bool:
+        return all(bool(np.isfinite(_numpy(t)).all()) for t in self.ref_calib)
+
+    def _try(self, target: Any, s: Schema, params: dict[str, Any]
+             ) -> tuple[Any, Applied | None, str]:
+        """Apply one schema; on failure restore the model as it was and say why."""
+        self._last = (self.a.snapshot(), copy.deepcopy(getattr(target, "excised", None)))
+        try:
+            return target, self.lib.get(s.replacement).apply(target, s.problem, dict(params)), ""
+        except Exception as e:  # a failing replacement is rolled back, with why
+            why = str(e) if isinstance(e, Refused | KeyError) else \
+                f"{type(e).__name__}: {first_line(e)}"
+            return self._undo(target), None, why
+
+    def _undo(self, target: Any) -> Any:
+        """Restore the snapshot taken before the last edit; a fresh target over it (the
+        adapter's restore may install a new model object)."""
+        snap, excised = self._last
+        self.a.restore(snap)
+        fresh = self.a.target(self.calib, seed=self.seed)
+        if excised is not None:
+            fresh.excised = excised
+        return fresh
+
+    # -- verify ----------------------------------------------------------------------------
+    def verify_exact_group(self, applied: dict[int, Applied]) -> list[int]:
+        """The exact edits, together, must keep the held-out output within
+        ``exact_tolerance``; when they do not, bisection finds the sites that break it."""
+        exact = [s for s in self.kept() if s.index in applied and applied[s.index].exact]
+        if not exact or not self.held:
+            return []
+        bounded = len(exact) < len([s for s in self.kept() if s.index in applied])
+        changes: dict[int, float] = {}
+
+        def change_of(group: list[Schema]) -> float:
+            self.build(group, measure=False)
+            rel = output_change(self.a.run(self.held), self.ref_held).rel
+            changes[group[-1].index] = rel
+            return rel
+
+        tol = self.cert.exact_tolerance
+        first = change_of(exact) if bounded else \
+            output_change(self.a.run(self.held), self.ref_held).rel
+        for s in exact:
+            self.verif[s.index].output_change = first
+        if first <= tol:
+            if bounded:
+                self.build(self.kept(), measure=False)
+            return []
+        bad = culprits(exact, lambda g: change_of(g) > tol, known_failing=True)
+        for s in bad:
+            self.verif[s.index].output_change = changes.get(s.index, first)
+            self.verif[s.index].fail(
+                f"output change {changes.get(s.index, first):.3g} on the held-out batches > "
+                f"exact tolerance {tol} (found by bisection among {len(exact)} exact edit(s))")
+        return [s.index for s in bad]
+
+    def heal(self, applied: dict[int, Applied]) -> tuple[dict[str, Any], Any]:
+        """heal: fine-tune the working model when a kept edit needs it (trainable adapters
+        with a loss); the untreated model gets the same fine-tune, once."""
+        kept = [s for s in self.kept() if s.index in applied]
+        # heal when an edit is inexact, only helps once trained, or carries a schedule that
+        # acts during training (the exact ramp swap's slope rises only while healing runs)
         needs = any((not applied[s.index].exact) or s.judged_after_healing
                     or applied[s.index].on_step is not None for s in kept)
-        do_heal = loss_fn is not None and heal_steps > 0 and (
-            heal_mode == "always" or (heal_mode == "auto" and needs))
-        healed = HealLog()
-        if do_heal:
-            assert loss_fn is not None
-            hooks = [a.on_step for i, a in applied.items() if a.on_step is not None]
-            healed = heal(work, train, loss_fn, steps=heal_steps, optimizer=optimizer,
-                          seed=seed, input_fn=input_fn, on_step=hooks)
-            if "model" not in untreated_cache:
-                untreated = copy.deepcopy(base)
-                ulog = heal(untreated, train, loss_fn, steps=heal_steps, optimizer=optimizer,
-                            seed=seed, input_fn=input_fn)
-                untreated_cache.update(model=untreated, log=ulog)
-        elif needs and loss_fn is None:
-            notes.append("a schema needs healing but there is no loss_fn: judged unhealed")
-        untreated_model = untreated_cache.get("model", base) if do_heal else base
-        # -- verify ------------------------------------------------------------------------
-        norms = grad_norms(work, held[:2], loss_fn, input_fn) if kept else {}
-        after = None
-        if rediagnose and kept:
+        do = self.trainable and self.heal_steps > 0 and (
+            self.heal_mode == "always" or (self.heal_mode == "auto" and needs))
+        if not do:
+            if needs and self.a.capabilities.trainable and self.loss_fn is None:
+                self.notes.append("a schema needs healing but there is no loss_fn: judged "
+                                  "unhealed")
+            return {"healed": False, "steps": 0, "stopped": ""}, None
+        assert self.loss_fn is not None
+        hooks = [a.on_step for a in applied.values() if a.on_step is not None]
+        log = heal(self.a.model, self.train, self.loss_fn, steps=self.heal_steps,
+                   optimizer=self.optimizer, seed=self.seed, input_fn=self.input_fn,
+                   on_step=hooks)
+        if self.untreated is None:
+            work = self.a.snapshot()
+            self.a.restore(self.base)
+            model = copy.deepcopy(self.a.model)
+            self.a.restore(work)
+            ulog = heal(model, self.train, self.loss_fn, steps=self.heal_steps,
+                        optimizer=self.optimizer, seed=self.seed, input_fn=self.input_fn)
+            self.untreated = (model, ulog)
+        return ({"healed": True, "steps": log.steps, "stopped": log.stopped,
+                 "untreated_steps": self.untreated[1].steps}, self.untreated[0])
+
+    def verify_sites(self, applied: dict[int, Applied]) -> tuple[Diagnosis | None, list[int]]:
+        """Per-site certificates: gradient flow (where the adapter has gradients) and no
+        flagged unit left at a treated site (re-diagnosis on the held-out batches)."""
+        kept = [s for s in self.kept() if s.index in applied]
+        grad = self.cert.require_gradient_flow and self.a.capabilities.gradients and kept
+        norms = grad_norms(self.a.model, self.held[:2], self.loss_fn, self.input_fn) \
+            if grad and self.held else {}
+        units_checked = [s for s in kept if self._needs_unit_check(s)]
+        after: Diagnosis | None = None
+        if self.held and kept and (self.rediagnose or units_checked):
             try:
-                after = _diagnose(copy.deepcopy(work), held, loss_fn=loss_fn, config=cfg,
-                                  input_fn=input_fn)
-            except Exception as e:  # reported; certificates needing it fail
-                notes.append(f"diagnosis of the operated model failed: {first_line(e)}")
-        failed_now: list[int] = []
+                after = diagnose_on(self.a, self.held, self.cfg, self.loss_fn)
+            except BadInputError as e:
+                self.notes.append(f"diagnosis of the operated model failed: {first_line(e)}")
+        failed: list[int] = []
         for s in kept:
-            v, a = verif[s.index], applied[s.index]
-            if cert.require_gradient_flow:
-                for mod in dict.fromkeys(a.modules):
-                    g = module_grad_norm(norms, mod)
-                    v.grad_norms[mod] = g
-                    if not g > 0:
-                        v.fail(f"no gradient reaches {mod!r}")
-                for pname in a.new_parameters:
-                    g = norms.get(pname, 0.0)
-                    v.grad_norms[pname] = g
-                    if pname in norms and not g > 0:
-                        v.fail(f"new parameter {pname!r} gets no gradient")
-            if cert.require_no_dead_units and s.problem.kind in (
-                    "DeadNeurons", "Saturation", "NonFinite") and s.replacement != "excise_dead":
-                units = a.units or list(s.problem.units)
-                if rediagnose and after is None:
+            v, a = self.verif[s.index], applied[s.index]
+            for mod in dict.fromkeys(a.modules) if norms else ():
+                g = module_grad_norm(norms, mod)
+                v.grad_norms[mod] = g
+                if not g > 0:
+                    v.fail(f"no gradient reaches {mod!r}")
+            for pname in a.new_parameters if norms else ():
+                g = norms.get(pname, 0.0)
+                v.grad_norms[pname] = g
+                if pname in norms and not g > 0:
+                    v.fail(f"new parameter {pname!r} gets no gradient")
+            if s in units_checked and self.held:
+                if after is None:
                     v.fail("the operated model could not be diagnosed")
                 else:
-                    left = still_flagged(after, s.problem.kind, s.site.module, units)
+                    left = still_flagged(after, s.problem.kind, s.site.module,
+                                         a.units or list(s.problem.units))
                     v.problem_after = left
                     if left:
                         v.fail(f"{len(left)} treated unit(s) still flagged {s.problem.kind} "
                                "on held-out batches")
             if not v.kept:
-                failed_now.append(s.index)
-        loss_info: dict[str, Any] = {}
-        if loss_fn is not None and kept:
-            lt = mean_loss(work, held, loss_fn, input_fn=input_fn)
-            lu = mean_loss(untreated_model, held, loss_fn, input_fn=input_fn)
-            tol = cert.exact_tolerance * max(1.0, abs(lu)) if math.isfinite(lu) else 0.0
-            ok = (math.isfinite(lt) and (not math.isfinite(lu) or
-                                         lt <= lu + cert.max_loss_increase + tol))
-            loss_info = {"treated_loss": lt, "untreated_loss": lu, "loss_ok": ok}
-            if not ok and not failed_now:
-                blame = [s for s in kept if not applied[s.index].exact or s.judged_after_healing]
-                victim = (blame or kept)[-1]
-                verif[victim.index].fail(
-                    f"held-out loss {lt:.4g} > untreated {lu:.4g} + {cert.max_loss_increase}"
-                    " (rolled back as the last bounded schema)")
-                failed_now.append(victim.index)
-        healing = {"healed": do_heal, "steps": healed.steps, "stopped": healed.stopped,
-                   **({"untreated_steps": untreated_cache["log"].steps}
-                      if do_heal and "log" in untreated_cache else {}), **loss_info}
-        if not failed_now:
-            break
-        dropped |= set(failed_now)
-    result_model = work
-    if not [s for s in surgery_plan.schemas if s.index not in dropped]:
-        result_model = copy.deepcopy(model)
-        after = before
-        notes.append("every schema was rolled back: the result is a copy of the input model")
-    result_model.train(model.training)
-    rolled = [{"index": v.index, "replacement": v.replacement, "site": v.site,
-               "reason": "; ".join(v.reasons)} for v in verif.values() if not v.kept]
-    return SurgeryResult(
-        model=result_model, plan=surgery_plan, before=before, after=after,
-        verification=[verif[s.index] for s in surgery_plan.schemas], rolled_back=rolled,
-        healing=healing, output_change=total_change,
-        applied={i: a for i, a in applied.items() if i not in dropped},
-        notes=list(dict.fromkeys(surgery_plan.notes + notes)))
+                failed.append(s.index)
+        return after, failed
+
+    def _needs_unit_check(self, s: Schema) -> bool:
+        return (self.cert.require_no_dead_units and s.problem.kind in UNIT_KINDS
+                and not self.lib.get(s.replacement).removes_units)
+
+    def verify_loss(self, applied: dict[int, Applied], untreated: Any,
+                    healing: dict[str, Any], failed: list[int]) -> list[int]:
+        """The loss certificate (trainable adapters with a loss): held-out loss within
+        ``max_loss_increase`` of the equally fine-tuned untreated model's. It judges the whole
+        model: a failure rolls back the last bounded (or judged-after-healing) schema."""
+        kept = [s for s in self.kept() if s.index in applied]
+        if not (self.trainable and kept and self.held):
+            return []
+        assert self.loss_fn is not None
+        lt = mean_loss(self.a.model, self.held, self.loss_fn, input_fn=self.input_fn)
+        if untreated is None:
+            work = self.a.snapshot()
+            self.a.restore(self.base)
+            lu = mean_loss(self.a.model, self.held, self.loss_fn, input_fn=self.input_fn)
+            self.a.restore(work)
+        else:
+            lu = mean_loss(untreated, self.held, self.loss_fn, input_fn=self.input_fn)
+        tol = self.cert.exact_tolerance * max(1.0, abs(lu)) if math.isfinite(lu) else 0.0
+        ok = math.isfinite(lt) and (not math.isfinite(lu)
+                                    or lt <= lu + self.cert.max_loss_increase + tol)
+        healing.update(treated_loss=lt, untreated_loss=lu, loss_ok=ok)
+        if ok or failed:
+            return []
+        blame = [s for s in kept if not applied[s.index].exact or s.judged_after_healing]
+        victim = (blame or kept)[-1]
+        self.verif[victim.index].fail(
+            f"held-out loss {lt:.4g} > untreated {lu:.4g} + {self.cert.max_loss_increase}"
+            " (rolled back as the last bounded schema)")
+        return [victim.index]
 
 
 def _escalating(model: nn.Module, data: Iterable[Any], *, rounds: int, **kw: Any
@@ -357,58 +680,6 @@ def _escalating(model: nn.Module, data: Iterable[Any], *, rounds: int, **kw: Any
     return res
 
 
-def _build(base: nn.Module, surgery_plan: SurgeryPlan, lib: Library, cert: Certificates,
-           calib: list[Any], input_fn: InputFn | None, seed: int, ref: list[torch.Tensor],
-           verif: dict[int, SchemaVerification], dropped: set[int]
-           ) -> tuple[nn.Module, dict[int, Applied]]:
-    """Apply the plan's schemas (minus ``dropped``) in order to a fresh copy of ``base``.
-
-    A schema that raises or breaks its output-change bound is undone at once (its exact
-    fallback is tried first when it has one) and added to ``dropped``.
-    """
-    target = Target(copy.deepcopy(base), calib, input_fn=input_fn, seed=seed)
-    applied: dict[int, Applied] = {}
-    current = ref
-    for s in surgery_plan.schemas:
-        if s.index in dropped:
-            continue
-        v = verif[s.index]
-        attempts: list[tuple[str, dict[str, Any]]] = [("planned", s.params)]
-        if s.fallback is not None:
-            attempts.append(("fallback", s.fallback))
-        reasons: list[str] = []
-        for variant, params in attempts:
-            snapshot = copy.deepcopy(target.model)
-            try:
-                r = lib.get(s.replacement)
-                a = r.apply(target, s.problem, dict(params))
-                new = outputs(target.model, calib, input_fn)
-            except Exception as e:  # a failing replacement is rolled back
-                target.set_model(snapshot)
-                why = str(e) if isinstance(e, Refused | KeyError) else \
-                    f"{type(e).__name__}: {first_line(e)}"
-                reasons.append(f"{variant}: {why}")
-                continue
-            change = relative_change(new, current, ref)
-            exact = a.exact
-            bound = cert.exact_tolerance if exact else cert.max_output_change
-            if change is not None and not change <= bound:
-                target.set_model(snapshot)
-                reasons.append(f"{variant}: output change {change:.3g} > "
-                               f"{'exact tolerance' if exact else 'max_output_change'} {bound}")
-                continue
-            v.output_change, v.bound, v.exact, v.variant = change, bound, exact, variant
-            v.details = a.details
-            applied[s.index] = a
-            current = new
-            break
-        else:
-            v.kept = False
-            v.reasons = reasons
-            dropped.add(s.index)
-    return target.model, applied
-
-
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, result: SurgeryResult) -> int:
     """Zero the optimizer's moments for the parameter slices the surgery re-initialised.
 
@@ -439,4 +710,5 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, result: SurgeryResul
     return n
 
 
-__all__ = ["SurgeryResult", "operate", "reset_optimizer_state", "SurgeryFailed", "Schema"]
+__all__ = ["SurgeryResult", "operate", "operate_adapter",
+           "reset_optimizer_state", "SurgeryFailed", "Schema"]

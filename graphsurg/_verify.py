@@ -1,21 +1,33 @@
-"""Verification: measured evidence that each schema keeps the certificates.
+"""Verification: measured evidence that each schema keeps the certificates, on any IR.
 
-* output change at surgery, ``||f' - f|| / ||f||`` (eval mode, calibration batches);
-* gradient flow: every layer the schema touched has a non-zero gradient norm and every new
-  parameter a non-zero gradient (after healing when the plan healed);
-* the treated problem is gone at the treated units (DeadNeurons, Saturation, NonFinite) in
-  the diagnosis of the operated model on held-out batches;
-* the operated model's loss is within ``max_loss_increase`` of the equally fine-tuned
-  untreated model's (a plan-wide check; a failure rolls back the last bounded schema).
+The certificates, the same on every adapter (:class:`graphsurg._ir.IRAdapter`):
+
+* **output change** ``||f' - f|| / ||f||`` (:func:`graphsurg._compare.output_change`, the one
+  measure): a bounded edit at surgery on the calibration batches, within
+  ``max_output_change``; the exact edits together on the *held-out* batches, within
+  ``exact_tolerance`` (a unit constant on the calibration data that fires on held-out data
+  makes its excision inexact);
+* **gradient flow**, where ``adapter.capabilities.gradients``: every layer a schema touched
+  has a non-zero gradient norm and every new parameter a non-zero gradient (after healing
+  when the plan healed);
+* **no dead units at treated sites**: the treated units are not flagged again in the
+  diagnosis of the operated model on held-out batches -- except for replacements that remove
+  the units (``Replacement.removes_units``: they are gone, not revived);
+* **loss**, where there is a loss: the operated model's held-out loss is within
+  ``max_loss_increase`` of the equally fine-tuned untreated model's.
+
+Rollback is per site: when a group of edits fails a certificate, :func:`culprits` finds the
+edits that broke it by bisection (subsets applied on restored snapshots) and the rest are
+kept.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +35,11 @@ from torch import nn
 from ._data import InputFn, compute_loss, run_model
 from ._heal import LossFn
 from ._problems import Diagnosis
+
+#: problem kinds whose treatment must leave no flagged unit at the treated site
+UNIT_KINDS: tuple[str, ...] = ("DeadNeurons", "Saturation", "NonFinite")
+
+E = TypeVar("E")
 
 
 @dataclass
@@ -36,7 +53,10 @@ class SchemaVerification:
         reasons: why it was rolled back (empty when kept).
         exact: the variant applied was function-preserving.
         variant: the parameters finally applied differ from the plan's (``"fallback"``).
-        output_change: ``||f' - f|| / ||f||`` at surgery (None when not measurable).
+        output_change: ``||f' - f|| / ||f||``: a bounded edit's own at surgery (calibration
+            batches); an exact edit's is that of the group of exact edits it was judged in, on
+            the held-out batches (of the edit with the others kept, when it broke the group).
+            None when nothing could be measured.
         bound: the bound the output change was held to.
         grad_norms: gradient norm per touched module / new parameter after healing.
         problem_after: treated units still flagged in the diagnosis after surgery.
@@ -62,49 +82,6 @@ class SchemaVerification:
     def fail(self, reason: str) -> None:
         self.kept = False
         self.reasons.append(reason)
-
-
-def float_leaves(out: Any) -> list[torch.Tensor]:
-    """Floating-point tensors of a model output (tensors, tuples, dicts, ModelOutput)."""
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    return [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-@torch.no_grad()
-def outputs(model: nn.Module, batches: Sequence[Any], input_fn: InputFn | None
-            ) -> list[torch.Tensor]:
-    """The model's floating outputs on ``batches`` in eval mode (mode restored)."""
-    was = model.training
-    model.eval()
-    try:
-        got: list[torch.Tensor] = []
-        for i, b in enumerate(batches):
-            got += float_leaves(run_model(model, b, input_fn, i))
-    finally:
-        model.train(was)
-    return got
-
-
-def relative_change(new: Sequence[torch.Tensor], old: Sequence[torch.Tensor],
-                    ref: Sequence[torch.Tensor]) -> float | None:
-    """``||new - old|| / ||ref||`` in float64, or None when a reference value is not finite
-    (or the shapes differ)."""
-    if len(new) != len(old) or len(old) != len(ref):
-        return None
-    num = 0.0
-    den = 0.0
-    for a, b, r in zip(new, old, ref, strict=True):
-        if a.shape != b.shape:
-            return None
-        if not (torch.isfinite(b).all() and torch.isfinite(r).all()):
-            return None
-        num += float((a.double() - b.double()).pow(2).sum())
-        den += float(r.double().pow(2).sum())
-    if not math.isfinite(num):
-        return math.inf
-    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
 def grad_norms(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None,
@@ -157,3 +134,28 @@ def still_flagged(after: Diagnosis | None, kind: str, module: str, units: Sequen
         if p.kind == kind and p.site.module == module:
             flagged |= set(p.units) if p.units else set(units)
     return sorted(flagged & {int(u) for u in units})
+
+
+def culprits(edits: Sequence[E], fails: Callable[[list[E]], bool], *,
+             known_failing: bool = False) -> list[E]:
+    """The edits of a failing group that break a certificate, found by bisection.
+
+    ``fails(subset)`` applies ``subset`` (in order) on a restored snapshot and says whether a
+    certificate breaks. The left half is judged alone, the right half with the good edits of
+    the left half in place, so an edit that fails only together with others is still found;
+    with one culprit among ``n`` edits this costs about ``2 log2 n`` calls.
+    ``known_failing``: the whole group is already known to fail (saves one call).
+
+    Example: ten excisions where one site's units fire on held-out data -> ``[that site]``.
+    """
+    def find(context: list[E], group: list[E], failing: bool) -> list[E]:
+        if not group or not (failing or fails(context + group)):
+            return []
+        if len(group) == 1:
+            return list(group)
+        mid = len(group) // 2
+        bad_left = find(context, group[:mid], False)
+        good_left = [e for e in group[:mid] if e not in bad_left]
+        return bad_left + find(context + good_left, group[mid:], False)
+
+    return find([], list(edits), known_failing)
