@@ -74,7 +74,7 @@ class FactorLowRank(Replacement):
             from ..passes.onnx.factor_low_rank import weight_of
 
             wk = weight_of(target.model, path)  # k x n, as X @ W
-            w = torch.from_numpy(np.ascontiguousarray(wk.T))
+            w = torch.from_numpy(np.array(wk.T, dtype=np.float32))  # a writable copy
         else:
             w = self._torch_layer(target, path).weight.detach()
         d_out, d_in = int(w.shape[0]), int(w.shape[1])

@@ -115,7 +115,11 @@ def factor_site(model: ir.Model, node_name: str, rank: int) -> Factored:
     if node.op_type == "Gemm":
         # alpha and beta keep their meaning: B_r is the factor of op(B)
         node.attributes["transB"] = ir.AttrInt64("transB", 0)
+    old = node.inputs[1]
     node.replace_input_with(1, new_initializer(graph, f"{base}_lowrank_b", b))
+    if (old is not None and old.is_initializer() and not old.uses() and old.name
+            and not old.is_graph_input() and not old.is_graph_output()):
+        del graph.initializers[old.name]  # the full weight is gone, not left for cleanup
     return Factored(site, int(k), int(n), rank, float(sv[rank]) if rank < sv.size else 0.0,
                     float(sv[0]))
 
