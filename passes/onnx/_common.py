@@ -330,24 +330,5 @@ def _shape_str(shape: ir.Shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-def split_holdout(batches: list[Feed]) -> tuple[list[Feed], list[Feed], str]:
-    """Split batches into calibration and held-out verification batches (the last quarter,
-    at least one). One batch is split in halves along dimension 0 when it has two rows."""
-    if len(batches) >= 2:
-        k = max(1, len(batches) // 4)
-        return batches[:-k], batches[-k:], f"verified on {k} held-out batch(es)"
-    b = batches[0]
-    n = {a.shape[0] if a.ndim else 0 for a in b.values()}
-    rows = n.pop() if len(n) == 1 else 0
-    if rows >= 2:
-        h = rows // 2
-        return (
-            [{k: a[:h] for k, a in b.items()}],
-            [{k: a[h:] for k, a in b.items()}],
-            "verified on the held-out half of the only batch",
-        )
-    return batches, batches, "verified on the calibration batch itself (only one row given)"
-
-
 def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:
     return iter(model.graph)
