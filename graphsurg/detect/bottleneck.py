@@ -103,8 +103,8 @@ def detect_bottlenecks(m: Measurements, config: DiagnoseConfig) -> list[Problem]
         s.module: s.sample for s in m.sites if s.sample is not None
     }
     for lm in sorted(m.layers, key=lambda lm: lm.order):
-        problem = _rank_problem(lm, config, sample_of) or _narrow_problem(lm, widths, config,
-                                                                           sample_of)
+        problem = (_rank_problem(lm, config, sample_of, m.ir)
+                   or _narrow_problem(lm, widths, config, sample_of, m.ir))
         if problem is not None:
             out.append(problem)
     return out
@@ -119,7 +119,7 @@ def _activation_rank(lm: LayerMeasure, config: DiagnoseConfig,
 
 
 def _rank_problem(lm: LayerMeasure, config: DiagnoseConfig,
-                  sample_of: dict[str, torch.Tensor | None]) -> Problem | None:
+                  sample_of: dict[str, torch.Tensor | None], ir: str) -> Problem | None:
     if lm.weight is None or lm.kind == "conv_transpose":
         return None
     if not bool(torch.isfinite(lm.weight).all()):
@@ -137,7 +137,7 @@ def _rank_problem(lm: LayerMeasure, config: DiagnoseConfig,
         return None
     return Problem(
         "Bottleneck",
-        Site(lm.module, "", lm.kind),
+        Site(lm.module, "", lm.kind, ir=ir),
         severity=1.0 - rank / max_rank,
         evidence={
             "reason": "rank", "rank": rank, "max_rank": max_rank, "stable_rank": stable,
@@ -148,7 +148,7 @@ def _rank_problem(lm: LayerMeasure, config: DiagnoseConfig,
 
 
 def _narrow_problem(lm: LayerMeasure, widths: dict[str, int], config: DiagnoseConfig,
-                    sample_of: dict[str, torch.Tensor | None]) -> Problem | None:
+                    sample_of: dict[str, torch.Tensor | None], ir: str) -> Problem | None:
     nxt = [widths[n] for n in lm.next_modules if n in widths]
     if not nxt:
         return None
@@ -157,7 +157,7 @@ def _narrow_problem(lm: LayerMeasure, widths: dict[str, int], config: DiagnoseCo
         return None
     return Problem(
         "Bottleneck",
-        Site(lm.module, "", lm.kind),
+        Site(lm.module, "", lm.kind, ir=ir),
         severity=1.0 - lm.d_out / around,
         evidence={
             "reason": "narrow", "rank": lm.d_out, "max_rank": around, "width": lm.d_out,

@@ -7,6 +7,13 @@ it is *dormant* at score <= tau. It is *dead* when its output never varies on th
 a dead unit or when at least ``min_dormant_fraction`` of its units are dormant: a few
 rarely-firing units are normal in a healthy network. Constant tanh/sigmoid units are
 Saturation's to report.
+
+Evidence (the same keys for both IRs, read by the excision appliers): ``width``,
+``fraction``, ``n_dead``, ``dead`` (unit indices), ``constant`` (units constant on the data,
+dead ones included) and ``constant_values`` (their mean outputs, same order: what an excision
+folds into the next layer's bias), ``dormant``, ``scores``, ``firing_rate`` (of the dormant
+units), ``activation``, ``tau``, ``samples`` and ``channel_dim`` (the unit axis of the
+observed value: 1 for a conv's NCHW output, -1 for a linear layer's).
 """
 
 from __future__ import annotations
@@ -51,24 +58,27 @@ def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
                          and len(units) < config.min_dormant_fraction * s.stats.channels):
             continue
         width = s.stats.channels
+        const_units = torch.nonzero(constant).flatten().tolist()
         out.append(
             Problem(
                 kind="DeadNeurons",
-                site=Site(s.module, s.node, s.op),
+                site=Site(s.module, s.node, s.op, ir=m.ir),
                 severity=len(units) / width,
                 units=tuple(int(u) for u in units),
                 evidence={
                     "width": width,
                     "fraction": len(units) / width,
-                    "n_dead": int(dead.sum()),
+                    "n_dead": n_dead,
                     "dead": torch.nonzero(dead).flatten().tolist(),
-                    "constant": torch.nonzero(constant).flatten().tolist(),
+                    "constant": const_units,
+                    "constant_values": [float(s.stats.mean[u]) for u in const_units],
                     "dormant": units,
                     "scores": [float(score[u]) for u in units],
                     "firing_rate": [float(s.stats.firing_rate[u]) for u in units],
                     "activation": s.op,
                     "tau": config.dormant_tau,
                     "samples": int(s.stats.count.max()),
+                    "channel_dim": s.channel_dim,
                 },
             )
         )

@@ -54,7 +54,7 @@ def detect_gradients(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
                 out.append(
                     Problem(
                         kind=kind,
-                        site=Site(run[0].module, "", run[0].kind),
+                        site=Site(run[0].module, "", run[0].kind, ir=m.ir),
                         severity=min(1.0, len(run) / len(layers)),
                         span=tuple(x.module for x in run),
                         evidence={

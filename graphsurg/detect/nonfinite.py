@@ -11,13 +11,13 @@ from . import Measurements
 def detect_nonfinite(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
     out: list[Problem] = []
     if m.input_nonfinite:
-        out.append(Problem("NonFinite", Site("<input>", "", "input"), 1.0,
+        out.append(Problem("NonFinite", Site("<input>", "", "input", ir=m.ir), 1.0,
                            evidence={"where": "input", "count": m.input_nonfinite}))
     for s in sorted(m.sites, key=lambda s: s.order):
         n = int(s.stats.n_nonfinite.sum())
         if n:
             units = tuple(int(u) for u in s.stats.n_nonfinite.nonzero().flatten().tolist())
-            out.append(Problem("NonFinite", Site(s.module, s.node, s.op), 1.0, units=units,
+            out.append(Problem("NonFinite", Site(s.module, s.node, s.op, ir=m.ir), 1.0, units=units,
                                evidence={"where": "activation", "count": n,
                                          "first_site": s.node}))
             break
@@ -25,7 +25,7 @@ def detect_nonfinite(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
         return out  # non-finite gradients follow from non-finite activations
     for lm in sorted(m.layers, key=lambda lm: -lm.order):  # backward starts at the output
         if lm.grad_nonfinite:
-            out.append(Problem("NonFinite", Site(lm.module, "", lm.kind), 1.0,
+            out.append(Problem("NonFinite", Site(lm.module, "", lm.kind, ir=m.ir), 1.0,
                                evidence={"where": "gradient", "count": 1}))
             break
     return out

@@ -61,7 +61,7 @@ def detect_overfitting(m: Measurements, config: DiagnoseConfig) -> list[Problem]
         units = sorted({u for i, j, _ in pairs for u in (i, j)})
         width = int(s.sample.shape[1])
         out.append(Problem(
-            kind="Overfitting", site=Site(s.module, s.node, s.op),
+            kind="Overfitting", site=Site(s.module, s.node, s.op, ir=m.ir),
             severity=min(1.0, len(units) / max(1, width)), units=tuple(units),
             evidence={**base, "pairs": len(pairs), "width": width, "localised": True,
                       "coadapted_fraction": len(units) / max(1, width),
@@ -69,7 +69,7 @@ def detect_overfitting(m: Measurements, config: DiagnoseConfig) -> list[Problem]
                           pairs, key=lambda t: -abs(t[2]))[:10]]}))
     if not out and acts:
         s = acts[-1]
-        out.append(Problem(kind="Overfitting", site=Site(s.module, s.node, s.op),
+        out.append(Problem(kind="Overfitting", site=Site(s.module, s.node, s.op, ir=m.ir),
                            severity=min(1.0, base["relative_gap"]),
                            evidence={**base, "pairs": 0, "localised": False}))
     return out

@@ -47,4 +47,5 @@ def detect_lost_plasticity(diagnosis: Diagnosis, *, head: str,
         ev["loss_improvement"] = gain
         if gain >= stall:
             return []
-    return [Problem("LostPlasticity", Site(head), severity=min(1.0, frac), evidence=ev)]
+    return [Problem("LostPlasticity", Site(head, ir=acts[0].site.ir), severity=min(1.0, frac),
+                    evidence=ev)]

@@ -24,7 +24,7 @@ def detect_saturation(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
         out.append(
             Problem(
                 kind="Saturation",
-                site=Site(s.module, s.node, s.op),
+                site=Site(s.module, s.node, s.op, ir=m.ir),
                 severity=len(units_l) / width,
                 units=tuple(int(u) for u in units_l),
                 evidence={
