@@ -12,8 +12,8 @@ from graphsurg.passes.fx.apply_plan import PlanGraphPass, PlanNotGraphLevel, app
 from torch import nn
 
 import graphsurg as gs
-from graphsurg._problems import Problem, Site
 from graphsurg._plan import Schema, SurgeryPlan
+from graphsurg._problems import Problem, Site
 
 ATOL, RTOL = 1e-6, 1e-5  # same aten kernels on both sides; float32 ulps only
 

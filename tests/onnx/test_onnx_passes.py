@@ -185,7 +185,14 @@ def test_factor_low_rank_matmul_and_refusal() -> None:
     )  # fmt: skip
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model = ir.serde.deserialize_model(proto)
-    p = FactorLowRank()
+    from graphsurg._problems import Diagnosis, Problem, Site
+
+    diag = Diagnosis(problems=[
+        Problem("Bottleneck", Site("mm_low", "", "linear", "onnx"), 0.9,
+                evidence={"reason": "rank", "rank": 2}),
+        Problem("Bottleneck", Site("mm_full", "", "linear", "onnx"), 0.5,
+                evidence={"reason": "rank", "rank": 8})])
+    p = FactorLowRank(diag)
     p(model)
     assert p.rewrites == 1
     (r,) = p.refusals
