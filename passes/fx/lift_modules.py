@@ -9,7 +9,8 @@ container ``p`` holds exactly that weight (and bias) and nothing else becomes
 ``call_module(p)(x)`` with ``p`` an ``nn.Linear`` owning the *same* parameter tensors
 (likewise conv1d/2d/3d with their stride, padding, dilation and groups). The function is
 unchanged; anything else -- a weight used twice, a container holding more -- is left as it
-was. Works out of place: the input module is not modified.
+was. Works out of place: the input module is not modified. :class:`LiftModules` is the
+same lift as a ``torch.fx`` pass (``PassResult(graph_module, modified)``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.nn import functional as F
 
 aten = torch.ops.aten
@@ -47,9 +49,31 @@ def _param_node(a: Any) -> str | None:
     return str(a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None
 
 
+class LiftModules(PassBase):
+    """The lift as a ``torch.fx`` pass, out of place: ``LiftModules()(gm)`` returns
+    ``PassResult(copy, modified)``; ``gm`` is not modified. :attr:`lifted` holds the module
+    paths restored by the last call. Lifted ``call_module`` nodes keep the aten call's
+    ``node.meta`` (``val``, ``nn_module_stack``, ``source_fn_stack``, ...)."""
+
+    def __init__(self) -> None:
+        self.lifted: list[str] = []
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm, self.lifted, modified = _lift(graph_module)
+        return PassResult(gm, modified)
+
+
 def lift_modules(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """Return a copy of ``gm`` with Linear/Conv modules restored, and their paths."""
+    p = LiftModules()
+    result = p(gm)
+    assert result is not None
+    return result.graph_module, p.lifted
+
+
+def _lift(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], bool]:
     gm = copy.deepcopy(gm)
+    modified = False
     uses: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
@@ -60,6 +84,7 @@ def lift_modules(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
             continue
         if node.target in _FUNCS:
             node.target = _FUNCS[node.target]
+            modified = True
             continue
         if node.target is aten.linear.default:
             cls: type[nn.Module] | None = nn.Linear
@@ -103,9 +128,10 @@ def lift_modules(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     for n in list(gm.graph.nodes):
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
+            modified = True
     gm.graph.lint()
     gm.recompile()
-    return gm, lifted
+    return gm, lifted, modified or bool(lifted)
 
 
 def _make(cls: type[nn.Module], node: fx.Node, weight: torch.Tensor,
@@ -134,4 +160,4 @@ def _make(cls: type[nn.Module], node: fx.Node, weight: torch.Tensor,
     return conv
 
 
-__all__ = ["lift_modules"]
+__all__ = ["LiftModules", "lift_modules"]

@@ -1,18 +1,27 @@
 """Function-preserving torch.fx rewrites used by the surgery library.
 
+The rewrites are ``torch.fx`` passes (:class:`~torch.fx.passes.infra.pass_base.PassBase`:
+``pass_(gm) -> PassResult(gm, modified)``, so a ``PassManager`` can run them):
+
+* :class:`InsertBypass` -- ``x_{i+1} = g_i(x_i) + B(x_i)``: adds a skip module ``B`` around a
+  block (a zero-gated projection is exact at surgery).
+* :class:`ReplaceWithModule` -- swap a ``call_function``/``call_method`` activation
+  (``F.relu``) for a module (``LeakyReLU``) at one site only.
+* :class:`InsertAfter` -- put a module after a node (a norm layer on one value).
+
+Each pass edits the GraphModule in place (callers work on a private copy), keeps
+``node.meta`` of untouched nodes, gives the nodes it creates the ``val``, ``tensor_meta``,
+``nn_module_stack`` (closed by the new module's own entry) and ``stack_trace`` of the value
+they stand for, lints the graph (``ensures``) and recompiles. :func:`insert_bypass`,
+:func:`replace_node_with_module` and :func:`insert_after` run one pass and return the new
+submodule's name.
+
+Queries used by the library and the planner:
+
 * :func:`block_bounds` -- the block of a parametrised layer: from its input node to the end of
   the channel-local chain after it (activation, dropout, BatchNorm).
-* :func:`insert_bypass` -- ``x_{i+1} = g_i(x_i) + B(x_i)``: adds a skip module ``B`` around a
-  block (a zero-gated projection is exact at surgery).
-* :func:`replace_node_with_module` -- swap a ``call_function``/``call_method`` activation
-  (``F.relu``) for a module (``LeakyReLU``) at one site only.
-* :func:`insert_after` -- put a module after a node (a norm layer on one value).
 * :func:`extract_block` -- a standalone GraphModule computing a block from its input (for
   the planner's Jacobian probe).
-
-Every function edits the GraphModule in place, keeps ``node.meta`` of untouched nodes, copies
-``tensor_meta`` and ``nn_module_stack`` onto the nodes it creates when it can, lints the
-graph and recompiles. Callers work on a private copy.
 """
 
 from __future__ import annotations
@@ -22,8 +31,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 __all__ = [
+    "InsertAfter",
+    "InsertBypass",
+    "ReplaceWithModule",
+    "RewriteError",
     "block_bounds",
     "extract_block",
     "insert_after",
@@ -95,58 +109,149 @@ def unique_name(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
-def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
-    for key in ("tensor_meta", "val", "nn_module_stack", "stack_trace"):
+_COPIED_META = ("tensor_meta", "val", "nn_module_stack", "stack_trace")
+
+
+def _copy_meta(src: fx.Node, dst: fx.Node, module: tuple[str, nn.Module] | None = None) -> None:
+    """Give ``dst`` (a node computing a value of ``src``'s shape) ``src``'s ``val``,
+    ``tensor_meta``, ``nn_module_stack`` and ``stack_trace``; with ``module`` =
+    ``(path, module)`` for a new ``call_module`` node, its entry closes the module stack."""
+    for key in _COPIED_META:
         if key in src.meta:
             dst.meta[key] = src.meta[key]
+    stack = src.meta.get("nn_module_stack")
+    if module is not None and isinstance(stack, dict):
+        path, mod = module
+        cls = type(mod)
+        # torch.export writes the type as a qualified name, Dynamo as the class itself
+        typ: Any = cls
+        if any(isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str)
+               for v in stack.values()):
+            typ = f"{cls.__module__}.{cls.__qualname__}"
+        dst.meta["nn_module_stack"] = {**stack, path: (path, typ)}
+
+
+def _node(gm: fx.GraphModule, ref: fx.Node | str) -> fx.Node:
+    """``ref`` as a node of ``gm`` (a node object of this graph, or a node name)."""
+    if isinstance(ref, fx.Node):
+        if ref.graph is not gm.graph:
+            raise RewriteError(f"node {ref.name!r} belongs to another graph")
+        return ref
+    for n in gm.graph.nodes:
+        if n.name == ref:
+            return n
+    raise RewriteError(f"the graph has no node {ref!r}")
+
+
+class _ModulePass(PassBase):
+    """An in-place rewrite that adds one submodule; :attr:`submodule` is its name on the
+    GraphModule after :meth:`call` (a fresh name derived from the requested one)."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+        self.submodule: str | None = None
+
+    def _add(self, gm: fx.GraphModule) -> str:
+        self.submodule = unique_name(gm, self.name)
+        gm.add_submodule(self.submodule, self.module)
+        return self.submodule
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph_module.graph.lint()
+
+
+class InsertBypass(_ModulePass):
+    """``end + module(x)``: a skip module ``B`` around the block ``x -> end``
+    (``x_{i+1} = g_i(x_i) + B(x_i)``); every user of ``end`` reads the sum. A zero-gated ``B``
+    is exact at surgery. In place; returns ``PassResult(gm, True)``."""
+
+    def __init__(self, x: fx.Node | str, end: fx.Node | str, module: nn.Module,
+                 name: str) -> None:
+        super().__init__(module, name)
+        self.x, self.end = x, end
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        x, end = _node(gm, self.x), _node(gm, self.end)
+        name = self._add(gm)
+        with gm.graph.inserting_after(end):
+            skip = gm.graph.call_module(name, (x,))
+        with gm.graph.inserting_after(skip):
+            out = gm.graph.call_function(operator.add, (end, skip))
+        _copy_meta(end, skip, (name, self.module))
+        _copy_meta(end, out)
+        end.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+class ReplaceWithModule(_ModulePass):
+    """Replace a single-input node (``F.relu``) by ``call_module(module)`` on the same input
+    (``LeakyReLU``), at this site only. In place; returns ``PassResult(gm, True)``."""
+
+    def __init__(self, node: fx.Node | str, module: nn.Module, name: str) -> None:
+        super().__init__(module, name)
+        self.node = node
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        node = _node(gm, self.node)
+        if len(node.all_input_nodes) != 1:
+            raise RewriteError(f"node {node.name!r} has {len(node.all_input_nodes)} tensor "
+                               "inputs")
+        name = self._add(gm)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.all_input_nodes[0],))
+        _copy_meta(node, new, (name, self.module))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+class InsertAfter(_ModulePass):
+    """``call_module(module)`` on ``node``'s value (a shape-preserving module such as a norm
+    layer); every other user of ``node`` reads its output. In place; returns
+    ``PassResult(gm, True)``."""
+
+    def __init__(self, node: fx.Node | str, module: nn.Module, name: str) -> None:
+        super().__init__(module, name)
+        self.node = node
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        node = _node(gm, self.node)
+        name = self._add(gm)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node,))
+        _copy_meta(node, new, (name, self.module))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+def _run(p: _ModulePass, gm: fx.GraphModule) -> str:
+    p(gm)
+    assert p.submodule is not None
+    return p.submodule
 
 
 def insert_bypass(gm: fx.GraphModule, x: fx.Node, end: fx.Node, module: nn.Module,
                   name: str) -> str:
-    """Add ``end + module(x)`` and route every user of ``end`` to it. Returns the submodule
-    name."""
-    name = unique_name(gm, name)
-    gm.add_submodule(name, module)
-    with gm.graph.inserting_after(end):
-        skip = gm.graph.call_module(name, (x,))
-    with gm.graph.inserting_after(skip):
-        out = gm.graph.call_function(operator.add, (end, skip))
-    _copy_meta(end, skip)
-    _copy_meta(end, out)
-    end.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
-    gm.graph.lint()
-    gm.recompile()
-    return name
+    """:class:`InsertBypass` on ``gm`` in place; returns the new submodule's name."""
+    return _run(InsertBypass(x, end, module, name), gm)
 
 
 def replace_node_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module,
                              name: str) -> str:
-    """Replace a single-input node by ``call_module(module)`` on the same input."""
-    if len(node.all_input_nodes) != 1:
-        raise RewriteError(f"node {node.name!r} has {len(node.all_input_nodes)} tensor inputs")
-    name = unique_name(gm, name)
-    gm.add_submodule(name, module)
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (node.all_input_nodes[0],))
-    _copy_meta(node, new)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return name
+    """:class:`ReplaceWithModule` on ``gm`` in place; returns the new submodule's name."""
+    return _run(ReplaceWithModule(node, module, name), gm)
 
 
 def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str) -> str:
-    """Insert ``call_module(module)`` on ``node``'s value and route its users through it."""
-    name = unique_name(gm, name)
-    gm.add_submodule(name, module)
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (node,))
-    _copy_meta(node, new)
-    node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-    gm.graph.lint()
-    gm.recompile()
-    return name
+    """:class:`InsertAfter` on ``gm`` in place; returns the new submodule's name."""
+    return _run(InsertAfter(node, module, name), gm)
 
 
 def extract_block(gm: fx.GraphModule, x: fx.Node, end: fx.Node) -> fx.GraphModule:
