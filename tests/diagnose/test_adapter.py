@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import zoo
+from graphsurg.passes.fx.adapter import TorchAdapter
+from graphsurg.passes.fx.target import Target
 from torch import nn
 
 import graphsurg as gs
 from graphsurg._config import DiagnoseConfig
 from graphsurg._diagnose import diagnose_adapter, diagnosis_from
 from graphsurg._ir import IRAdapter
-from graphsurg.passes.fx.adapter import TorchAdapter
-from graphsurg.passes.fx.target import Target
 
 
 def test_is_an_ir_adapter() -> None:
