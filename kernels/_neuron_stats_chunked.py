@@ -8,6 +8,9 @@ stay accurate at ``x + 1e4``; the chunk sums are added in float64. Chunks whose 
 out non-finite (a NaN/Inf inside) are redone with masks, so clean data pays nothing for the
 non-finite handling. Several times slower than the C kernel, many times faster than the
 reference.
+
+:func:`repair_overflow` is shared with the C kernel: float32 lanes overflow on data near the
+top of float32's range, and the channels where they did are recomputed in float64.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def raw_sums_chunked(
     view = torch.as_strided(v.base, (n_o, c, n_i), (v.outer_stride, v.channel_stride,
                                                     v.inner_stride))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pivot = pivot_of(view, acc)
+    pivot = pivot_of(view, torch.float64).to(acc)  # a float32 sum of 64 x 3e38 overflows
     dims: tuple[int, ...] = (0, 2)
     if n_i == 1:  # rows: 2-D reductions over dim 0 take torch's fast path
         view, dims = view[:, :, 0], (0,)
@@ -65,7 +68,38 @@ def raw_sums_chunked(
         if sat_threshold is not None:
             torch.ge(a, thr, out=b)
             out[5] += b.sum(dims)
-    return pivot, out, n_o * n_i
+    return pivot, repair_overflow(view.unsqueeze(2) if n_i == 1 else view, pivot, out, thr), \
+        n_o * n_i
+
+
+def repair_overflow(view: torch.Tensor, pivot: torch.Tensor, out: torch.Tensor,
+                    thr: float) -> torch.Tensor:
+    """Recompute, in float64, the channels of ``out`` (the ``(7, C)`` float64 sums of
+    ``view``, a strided ``(O, C, I)`` view) whose sum of ``d``, ``d*d`` or ``|x|`` is not
+    finite. Non-finite inputs are masked before those sums, so a non-finite total means a
+    float32 accumulator overflowed (an overflow never comes back to a finite number). For
+    float32, bfloat16 and float16 inputs the float64 sums cannot overflow (``|d| <= 6.9e38``,
+    ``d*d <= 4.7e77``), so the result is exact for every finite input. Edits ``out`` in place
+    and returns it; clean data costs one ``isfinite`` over ``3*C`` values.
+    """
+    bad = (~torch.isfinite(out[:3])).any(0).nonzero().flatten()
+    if bad.numel() == 0:
+        return out
+    f64 = torch.float64
+    xs = view.index_select(1, bad).to(f64)
+    fin = torch.isfinite(xs)
+    zero = torch.zeros((), dtype=f64)
+    d = torch.where(fin, xs - pivot.index_select(0, bad).to(f64).view(1, -1, 1), zero)
+    a = torch.where(fin, xs.abs(), zero)
+    dims = (0, 2)
+    fixed = torch.stack([
+        d.sum(dims), (d * d).sum(dims), a.sum(dims),
+        a.amax(dims) if a.numel() else torch.zeros(bad.numel(), dtype=f64),
+        (fin & (xs <= 0)).sum(dims).to(f64), (fin & (a >= thr)).sum(dims).to(f64),
+        (~fin).sum(dims).to(f64),
+    ])
+    out[:, bad] = fixed
+    return out
 
 
 def _masked_chunk(

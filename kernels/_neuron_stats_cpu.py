@@ -22,6 +22,14 @@ per lane over at most 64 rows (``ROW_TILE``) and then adds them into float64 per
 totals, so rounding error does not grow with the batch size. Threads
 share the pivot, so their float64 totals add exactly as sums. Non-finite values are counted
 and contribute nothing else.
+
+Range. The pivot is averaged in float64 (64 values near 3.4e38 overflow a float32 sum), so
+it is a finite value of the input's type. A float32 lane can still overflow on data near the
+top of float32's range (``d*d`` above 3.4e38 needs only ``|d| > 1.8e19``); an overflow cannot
+come back to a finite number, so a channel whose float64 totals are not finite after the
+pass (non-finite inputs are masked and never reach them) is recomputed exactly in float64 by
+:func:`~graphsurg.kernels._neuron_stats_chunked.repair_overflow`. Clean data pays one
+``isfinite`` over ``3*C`` totals; the C kernel runs as fast as before.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from pathlib import Path
 import torch
 
 from ._layout import as_3d, pivot_of
+from ._neuron_stats_chunked import repair_overflow
 
 # Output layout: 7 float64 arrays of C channels, in this order.
 _S1, _S2, _ABS, _MAX, _NONPOS, _SAT, _NONFIN = range(7)
@@ -357,7 +366,8 @@ def raw_sums(
         base = x.movedim(cd, -1).contiguous()
         n_o, n_i, sO, sC, sI = base.numel() // C, 1, C, 1, 1
     view = torch.as_strided(base, (n_o, C, n_i), (sO, sC, sI))
-    pivot = pivot_of(view, acc)
+    # averaged in float64: a float32 sum of 64 values near 3.4e38 overflows
+    pivot = pivot_of(view, torch.float64).to(acc)
     thr = float("inf") if sat_threshold is None else float(sat_threshold)
     nthreads = max(1, threads if threads is not None else torch.get_num_threads())
     sfx = _SUFFIX[x.dtype]
@@ -371,9 +381,10 @@ def raw_sums(
         o3 = out.view(7, C, n_i)
         folded = o3.sum(2)
         folded[_MAX] = o3[_MAX].amax(1)
-        return pivot, folded, n_o * n_i
+        return pivot, repair_overflow(view, pivot, folded, thr), n_o * n_i
     if n_i == 1:
-        return pivot, _rows(lib, sfx, ptr, esz, n_o, C, sO, pivot, thr, nthreads), n_o
+        out = _rows(lib, sfx, ptr, esz, n_o, C, sO, pivot, thr, nthreads)
+        return pivot, repair_overflow(view, pivot, out, thr), n_o
     fn = getattr(lib, f"stats_inner_{sfx}")
     parts = max(1, min(_TASKS_PER_THREAD * nthreads, (n_o * C * n_i) // 65536, C))
     bounds = [C * k // parts for k in range(parts + 1)]
@@ -390,7 +401,7 @@ def raw_sums(
     )
     for k in range(parts):
         out[:, bounds[k] : bounds[k + 1]] = subs[k]
-    return pivot, out, n_o * n_i
+    return pivot, repair_overflow(view, pivot, out, thr), n_o * n_i
 
 
 _SHORT_SEGMENT = 256
