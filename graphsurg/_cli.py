@@ -126,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_onnx(subs: Any, sub_common: _Parser) -> None:
-    """Wire ``graphsurg onnx ...`` to graphsurg.passes.onnx.cli when it imports; else a stub
+    """Wire ``graphsurg onnx ...`` to graphsurg._onnx_cli when it imports; else a stub
     that says the subcommand is unavailable (exit 2)."""
     try:
-        from graphsurg.passes.onnx import cli as onnx_cli
+        from graphsurg import _onnx_cli as onnx_cli
 
         p = onnx_cli.add_parser(subs)
         for a in sub_common._actions:

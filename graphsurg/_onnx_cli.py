@@ -1,10 +1,11 @@
 """The ``onnx`` subcommand: ``graphsurg onnx analyze|apply|list-passes``.
 
 ``add_parser(subparsers)`` adds it to the ``graphsurg`` command line; ``run(args)`` executes
-it and returns the exit code: 0 ok, 1 certificates not met (a pass was rolled back), 2 bad
-input (one line on stderr). Standalone: ``python -m graphsurg.passes.onnx.cli onnx ...``.
-Flags follow onnxsim/polygraphy where they overlap (``--save-external-data``,
-``--external-data-size-threshold``).
+it and returns the exit code: 0 ok, 1 certificates not met (a site was rolled back), 2 bad
+input (one line on stderr). ``apply`` is exact by default (excision of dead units, exact
+low-rank factoring, cleanup); ``--allow-inexact`` (or ``--max-output-change`` with ``-p``)
+lets function-changing replacements run. Flags follow onnxsim/polygraphy where they overlap
+(``--save-external-data``, ``--external-data-size-threshold``).
 """
 
 from __future__ import annotations
@@ -35,25 +36,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--max-batches", type=int, default=None, help="measure at most N batches")
     a.add_argument("--json", dest="json_out", default=None, help="write the diagnosis JSON here")
 
-    b = sub.add_parser("apply", help="run the passes, verify, write the optimised model")
+    b = sub.add_parser("apply", help="treat the diagnosed problems site by site, verify on "
+                       "held-out data, roll back failing sites, write the model (exact by "
+                       "default)")
     b.add_argument("model", help="input .onnx model (never modified)")
     b.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     b.add_argument("--data", required=True, help="calibration data (.npz); a quarter is held out")
     b.add_argument("-p", "--passes", default=None,
-                   help="comma-separated pass names (default: all; see list-passes)")  # fmt: skip
+                   help="comma-separated replacement names (default: every exact one; see "
+                        "list-passes)")  # fmt: skip
     b.add_argument("--diagnosis", default=None, help="use this diagnosis JSON instead of analysing")
     b.add_argument("--batch-size", type=int, default=64, help="rows per batch (default 64)")
     b.add_argument("--max-output-change", type=float, default=None,
-                   help="bound on ||f'-f||/||f|| for passes that are not exact")  # fmt: skip
+                   help="bound on ||f'-f||/||f|| for edits that are not exact; with -p it "
+                        "also allows them")  # fmt: skip
+    b.add_argument("--allow-inexact", action="store_true",
+                   help="let function-changing replacements run (default: exact edits only)")
     b.add_argument("--exact-tolerance", type=float, default=None,
-                   help="bound on ||f'-f||/||f|| for exact passes (float round-off)")  # fmt: skip
+                   help="bound on ||f'-f||/||f|| for exact edits (float round-off)")  # fmt: skip
     b.add_argument("--save-external-data", action="store_true",
                    help="write tensors to <output>.data (always done for models that had it)")  # fmt: skip
     b.add_argument("--external-data-size-threshold", type=int, default=1024,
                    help="tensors above this many bytes go to external data (default 1024)")  # fmt: skip
-    b.add_argument("--report", default=None, help="write the report JSON here")
+    b.add_argument("--report", default=None, help="write the result JSON here")
 
-    sub.add_parser("list-passes", help="list the available passes")
+    sub.add_parser("list-passes", help="list the replacements apply can run (-p names)")
     p.set_defaults(func=run)
     return p
 
@@ -64,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.onnx_command == "list-passes":
-            from graphsurg.passes.onnx._registry import describe_passes
-
-            for name, doc in describe_passes().items():
+            for name, doc in gso.describe_passes().items():
                 print(f"{name:<20} {doc}")
             return EXIT_OK
         if args.onnx_command == "analyze":
@@ -91,8 +96,6 @@ def _apply(args: argparse.Namespace, gso: Any) -> int:
     from graphsurg import Certificates, Diagnosis
 
     changes: dict[str, Any] = {}
-    if args.max_output_change is not None:
-        changes["max_output_change"] = args.max_output_change
     if args.exact_tolerance is not None:
         changes["exact_tolerance"] = args.exact_tolerance
     try:
@@ -109,46 +112,26 @@ def _apply(args: argparse.Namespace, gso: Any) -> int:
         data = args.data
     else:
         first, data = args.data, None
-    _, report = gso.apply(
+    _, result = gso.apply(
         args.model,
         first,
         passes,
         certificates=cert,
         data=data,
+        allow_inexact=args.allow_inexact,
+        max_output_change=args.max_output_change,
         output=args.output,
         save_external_data=args.save_external_data,
         external_data_size_threshold=args.external_data_size_threshold,
         batch_size=args.batch_size,
     )
-    print(report.summary())
+    print(result.summary())
     if args.report:
-        _write_text(args.report, report.to_json(indent=2))
-    return EXIT_OK if report.ok else EXIT_CERTIFICATES
+        _write_text(args.report, result.to_json(indent=2))
+    return EXIT_OK if result.ok else EXIT_CERTIFICATES
 
 
 def _write_text(path: str, text: str) -> None:
-    import os
-    import tempfile
+    from graphsurg._files import write_text
 
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m graphsurg.passes.onnx.cli onnx <command> ...``
-    (the leading ``onnx`` may be omitted)."""
-    parser = argparse.ArgumentParser(prog="graphsurg")
-    subs = parser.add_subparsers(dest="command")
-    add_parser(subs)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "onnx":
-        argv = ["onnx", *argv]
-    args = parser.parse_args(argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_text(path, text)

@@ -382,7 +382,7 @@ class _Surgery:
         self.dropped: set[int] = set()
         self.notes: list[str] = []
         self.untreated: tuple[Any, HealLog] | None = None
-        if loss_fn is None:
+        if loss_fn is None and adapter.capabilities.trainable:
             self.notes.append("no loss_fn: no healing, no loss certificate"
                               + ("; gradient checks use 0.5*mean(output^2)"
                                  if adapter.capabilities.gradients else ""))

@@ -1,40 +1,326 @@
 """graphsurg.onnx -- graphsurg as an ONNX optimizer pass.
 
-``analyze`` calibrates a model with onnxruntime and returns a :class:`graphsurg.Diagnosis`;
-``apply`` runs the passes listed by ``get_available_passes`` (excise dead units losslessly,
-factor low-rank weights, swap dying ReLUs, clean up), verifies each on held-out batches with
-onnxruntime and rolls back any that breaks the certificates; ``rules`` gives the local
-rewrites as an onnxscript ``RewriteRuleSet``. Olive surgeons live in ``graphsurg.passes.onnx.olive``.
+``analyze`` diagnoses a model with onnxruntime (``gs.diagnose``'s rules over the ONNX
+adapter); ``apply`` is ``operate`` over the ONNX adapter (:func:`graphsurg._operate.
+operate_adapter`) without healing, plus a cleanup and save: the library's replacements with
+an ONNX applier treat the diagnosed problems site by site, the result is verified on held-out
+batches with onnxruntime, and a site that breaks a certificate is rolled back alone
+(bisection). Deployment defaults are exact: without ``allow_inexact=True`` (or
+``max_output_change=`` with an explicit pass list) only function-preserving replacements run.
+``rules`` gives the local rewrites as an onnxscript ``RewriteRuleSet``. Olive surgeons live
+in ``graphsurg.passes.onnx.olive``.
 
 Example:
     >>> from graphsurg import onnx as gso
     >>> diagnosis = gso.analyze("model.onnx", "calib.npz")
-    >>> path, report = gso.apply("model.onnx", "calib.npz", output="model.small.onnx")
-    >>> print(report.summary())
+    >>> path, result = gso.apply("model.onnx", "calib.npz", output="model.small.onnx")
+    >>> print(result.summary())
 """
 
-from graphsurg.passes.onnx._apply import ApplyReport as ApplyReport
-from graphsurg.passes.onnx._apply import PassRecord as PassRecord
-from graphsurg.passes.onnx._apply import analyze as analyze
-from graphsurg.passes.onnx._apply import apply as apply
-from graphsurg.passes.onnx._apply import rules as rules
-from graphsurg.passes.onnx._base import Refusal as Refusal
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnxscript.rewriter import RewriteRuleSet
+
+from graphsurg._certificates import Certificates
+from graphsurg._compare import output_change
+from graphsurg._config import DiagnoseConfig
+from graphsurg._errors import BadInputError
+from graphsurg._operate import SurgeryResult, operate_adapter
+from graphsurg._plan import SurgeryFailed, SurgeryPlan
+from graphsurg._problems import Diagnosis
+from graphsurg.library import Library
+from graphsurg.passes.onnx._common import KNOWN_DOMAINS, has_external_tensors, to_proto
 from graphsurg.passes.onnx._common import OnnxInputError as OnnxInputError
 from graphsurg.passes.onnx._common import load_model as load_model
 from graphsurg.passes.onnx._common import save_model as save_model
-from graphsurg.passes.onnx._registry import PASSES as PASSES
-from graphsurg.passes.onnx._registry import get_available_passes as get_available_passes
+from graphsurg.passes.onnx.adapter import DataLike, OnnxAdapter
+from graphsurg.passes.onnx.adapter import analyze as analyze
+from graphsurg.passes.onnx.cleanup import Cleanup
+
+M = TypeVar("M", str, os.PathLike, onnx.ModelProto, ir.Model)
+
+#: the graph-level tidy-up that runs last (not a replacement: it treats no problem)
+CLEANUP = "cleanup"
+#: pass names of graphsurg < 0.3, still accepted by ``passes=`` / ``-p``
+LEGACY_PASS_NAMES = {"excise_dead_units": "excise_dead", "relu_to_leaky_relu": "activation_swap"}
+
+
+def _library(library: Library | None) -> Library:
+    if library is not None:
+        return library
+    from graphsurg.library import default_library
+
+    return default_library()
+
+
+def get_available_passes(library: Library | None = None) -> list[str]:
+    """The names ``apply(passes=...)`` / ``-p`` accept: the library's replacements with an
+    ONNX applier (in the library's order), then ``cleanup``.
+
+    Example:
+        >>> get_available_passes()
+        ['activation_swap', 'excise_dead', 'factor_low_rank', 'cleanup']
+    """
+    return [r.name for r in _library(library) if r.supports("onnx")] + [CLEANUP]
+
+
+def describe_passes(library: Library | None = None) -> dict[str, str]:
+    """Each pass name with what it does and whether it is exact."""
+    out = {r.name: f"{r.describe()} ({r.guarantee})" for r in _library(library)
+           if r.supports("onnx")}
+    out[CLEANUP] = "remove unused nodes and initializers, sort, infer shapes (exact)"
+    return out
+
+
+def rules(diagnosis: Diagnosis, *, alpha: float | None = None) -> RewriteRuleSet:
+    """The local rewrites for ``diagnosis`` as an onnxscript ``RewriteRuleSet``: the
+    ReLU -> LeakyReLU rule restricted to the Relus diagnosed as dying (it matches nothing on a
+    healthy model; it changes the function). Use it in your own pipeline::
+
+        onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=gso.rules(diagnosis))
+    """
+    from graphsurg.passes.onnx.relu_to_leaky_relu import rules as relu_rules
+
+    return RewriteRuleSet(relu_rules(diagnosis) if alpha is None
+                          else relu_rules(diagnosis, alpha=alpha))
+
+
+def selection(passes: Sequence[str] | None, *, inexact: bool,
+              library: Library | None = None) -> tuple[list[str], bool]:
+    """``(replacement names, run cleanup)`` for ``passes``. Without ``inexact`` only exact
+    replacements are selected by default, and naming an inexact one is an error."""
+    lib = _library(library)
+    available = get_available_passes(lib)
+    if passes is None:
+        names = [n for n in available[:-1] if inexact or lib.get(n).guarantee == "exact"]
+        return names, True
+    wanted = [LEGACY_PASS_NAMES.get(n, n) for n in passes]
+    unknown = [n for n, w in zip(passes, wanted, strict=True) if w not in available]
+    if unknown:
+        raise OnnxInputError(f"unknown pass(es) {unknown}; available: {', '.join(available)}")
+    lossy = [n for n in wanted if n != CLEANUP and lib.get(n).guarantee != "exact"]
+    if lossy and not inexact:
+        raise OnnxInputError(
+            f"pass(es) {lossy} change the model's function; deployment runs are exact by "
+            "default: opt in with allow_inexact=True / --allow-inexact (or max_output_change= "
+            "/ --max-output-change with the pass list)")
+    return [n for n in dict.fromkeys(wanted) if n != CLEANUP], True
+
+
+def _size(model: ir.Model) -> tuple[int, int]:
+    params = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            params += int(np.prod(v.const_value.shape.numpy())) if v.const_value.shape else 1
+    return model.graph.num_nodes(), params
+
+
+def _out_path(model: Any, kind: str, output: str | os.PathLike[str] | None) -> Path | None:
+    if kind != "path":
+        return None
+    src = Path(model)
+    out = Path(output) if output is not None else src.with_name(src.stem + ".graphsurg.onnx")
+    if out.resolve() == src.resolve():
+        raise OnnxInputError(f"output '{out}' is the input file; graphsurg never modifies its "
+                             "input — pass another -o/output path")
+    return out
+
+
+def apply(
+    model: M,
+    diagnosis_or_data: Diagnosis | DataLike,
+    passes: Sequence[str] | None = None,
+    *,
+    certificates: Certificates | None = None,
+    data: DataLike | None = None,
+    config: DiagnoseConfig | None = None,
+    output: str | os.PathLike[str] | None = None,
+    save_external_data: bool = False,
+    external_data_size_threshold: int = 1024,
+    batch_size: int = 64,
+    full_check: bool = True,
+    allow_inexact: bool = False,
+    max_output_change: float | None = None,
+    library: Library | None = None,
+    seed: int = 0,
+) -> tuple[M, SurgeryResult]:
+    """Treat the diagnosed problems of an ONNX model with the library's ONNX appliers, verify
+    the result with onnxruntime and roll back, per site, whatever breaks the certificates.
+
+    Args:
+        model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``; the result is the same
+            kind. The input (object or file) is never modified.
+        diagnosis_or_data: a :class:`graphsurg.Diagnosis` (from :func:`analyze`), or
+            calibration data (as in :func:`analyze`): the last quarter of its batches (one
+            batch: its second half) is held out to verify, the rest is diagnosed.
+        passes: replacement names (see :func:`get_available_passes`; the old pass names
+            ``excise_dead_units`` / ``relu_to_leaky_relu`` still work). Default: every
+            *exact* one. ``cleanup`` always runs last.
+        certificates: exact edits keep the held-out output within ``exact_tolerance``,
+            bounded ones within ``max_output_change``.
+        data: verification batches when a Diagnosis is given (without them the edits are not
+            verified, and the result says so).
+        allow_inexact: let function-changing replacements run (default: exact edits only).
+        max_output_change: the bound for bounded edits; with an explicit ``passes`` list it
+            is also the opt-in to inexact ones.
+        output: for path inputs, where to write (default ``<name>.graphsurg.onnx`` beside
+            it); written atomically.
+        save_external_data / external_data_size_threshold: write tensors larger than the
+            threshold (bytes) to ``<output>.data`` (models that hold external data always do).
+        full_check: run ``onnx.checker.check_model(full_check=True)`` on the result.
+
+    Returns:
+        ``(new model, SurgeryResult)``; ``result.ok`` is False when a site was rolled back;
+        ``result.size`` holds nodes and parameters before and after.
+
+    Raises:
+        OnnxInputError: bad model, data, pass name or output path (one-line message).
+    """
+    cert = certificates or Certificates()
+    if max_output_change is not None:
+        try:
+            cert = replace(cert, max_output_change=max_output_change)
+        except ValueError as e:
+            raise OnnxInputError(str(e)) from None
+    inexact = allow_inexact or (max_output_change is not None and passes is not None)
+    names, cleanup = selection(passes, inexact=inexact, library=library)
+    adapter, kind = OnnxAdapter.open(model)
+    out_path = _out_path(model, kind, output)
+    nodes_before, params_before = _size(adapter.model)
+    notes = _custom_ops(adapter.model)
+    diagnosis: Diagnosis | None = None
+    if isinstance(diagnosis_or_data, Diagnosis):
+        diagnosis = diagnosis_or_data
+        held = adapter.batches(data, batch_size=batch_size) if data is not None else []
+        batches, held_out = held, held
+    else:
+        batches, held_out = adapter.batches(diagnosis_or_data, batch_size=batch_size), None
+    result = _operate(adapter, batches, held_out, diagnosis, names, cert, config, seed, library)
+    if diagnosis is not None and not held_out:
+        result.verified_on = "not verified: a diagnosis was given without data"
+    if cleanup:
+        _cleanup(adapter, result, held_out if held_out is not None else batches[-1:], cert)
+    result.model = adapter.model
+    result.notes = notes + result.notes
+    nodes_after, params_after = _size(adapter.model)
+    result.size = {"nodes_before": nodes_before, "nodes_after": nodes_after,
+                   "params_before": params_before, "params_after": params_after}
+    return _finish(adapter, kind, model, out_path, result, full_check=full_check,
+                   save_external_data=save_external_data,
+                   external_data_size_threshold=external_data_size_threshold)
+
+
+def _custom_ops(m: ir.Model) -> list[str]:
+    custom = sorted({f"{n.domain}::{n.op_type} ('{n.name}')" for n in m.graph.all_nodes()
+                     if n.domain not in KNOWN_DOMAINS})
+    return ["custom-domain ops left untouched: " + ", ".join(custom)] if custom else []
+
+
+def _operate(adapter: OnnxAdapter, batches: list[Any], held_out: list[Any] | None,
+             diagnosis: Diagnosis | None, names: list[str], cert: Certificates,
+             config: DiagnoseConfig | None, seed: int, library: Library | None
+             ) -> SurgeryResult:
+    """operate over the ONNX adapter, no healing; a model with nothing to treat comes back
+    as it is, with the reasons."""
+    if not names:
+        diagnosis = diagnosis or Diagnosis(capture="onnxruntime")
+    try:
+        if not names:
+            raise SurgeryFailed("no replacement selected")
+        return operate_adapter(adapter, batches, library=library, certificates=cert,
+                               config=config, held_out=held_out, heal_steps=0,
+                               heal_mode="never", seed=seed, replacements=names,
+                               diagnosis=diagnosis, rediagnose=False)
+    except SurgeryFailed as e:
+        d = diagnosis if diagnosis is not None else _diagnosis_of(adapter, batches, config)
+        return SurgeryResult(model=adapter.model,
+                             plan=SurgeryPlan(untreated=e.untreated, certificates=cert),
+                             before=d, after=None, ir="onnx",
+                             verified_on="nothing to verify: the model was not edited",
+                             notes=[str(e)])
+    except BadInputError as e:
+        raise OnnxInputError(str(e)) from None
+
+
+def _diagnosis_of(adapter: OnnxAdapter, batches: list[Any], config: DiagnoseConfig | None
+                  ) -> Diagnosis:
+    from graphsurg._data import split_held_out
+    from graphsurg._operate import diagnose_on
+
+    train, _, _ = split_held_out(batches, adapter.halve)
+    return diagnose_on(adapter, train, config or DiagnoseConfig())
+
+
+def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
+             cert: Certificates) -> None:
+    """The tidy-up (unused nodes and initializers, order, shapes), verified like an exact
+    edit: undone when the held-out output moves beyond ``exact_tolerance``."""
+    before = adapter.snapshot()
+    ref = adapter.run(held) if held else []
+    p = Cleanup()
+    p(adapter.model)
+    result.notes += list(p.notes)
+    if held:
+        change = output_change(adapter.run(held), ref)
+        if not change.within(cert.exact_tolerance):
+            adapter.restore(before)
+            result.rolled_back.append({"index": -1, "replacement": CLEANUP, "site": "graph",
+                                       "reason": f"output change {change.rel:.3g} > exact "
+                                                 f"tolerance {cert.exact_tolerance}"})
+
+
+def _finish(adapter: OnnxAdapter, kind: str, model: Any, out_path: Path | None,
+            result: SurgeryResult, *, full_check: bool, save_external_data: bool,
+            external_data_size_threshold: int) -> tuple[Any, SurgeryResult]:
+    m = adapter.model
+    if full_check:
+        _check_full(adapter)
+    if kind == "path":
+        assert out_path is not None
+        adapter.save(out_path, save_external_data=save_external_data,
+                     external_data_size_threshold=external_data_size_threshold)
+        result.output = str(out_path)
+        return (out_path if isinstance(model, Path) else str(out_path)), result
+    if kind == "proto":
+        return to_proto(m), result
+    return m, result
+
+
+def _check_full(adapter: OnnxAdapter) -> None:
+    """``onnx.checker.check_model(full_check=True)`` on the result (through a temporary file
+    when it holds external data)."""
+    import tempfile
+
+    try:
+        if has_external_tensors(adapter.model):
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "model.onnx"
+                ir.save(adapter.model, p, external_data="model.onnx.data")
+                onnx.checker.check_model(str(p), full_check=True)
+        else:
+            onnx.checker.check_model(to_proto(adapter.model), full_check=True)
+    except onnx.checker.ValidationError as e:  # a graphsurg bug: the model is kept out
+        raise RuntimeError(f"graphsurg produced a model that fails onnx.checker: {e}") from e
+
 
 __all__ = [
-    "PASSES",
-    "ApplyReport",
+    "LEGACY_PASS_NAMES",
     "OnnxInputError",
-    "PassRecord",
-    "Refusal",
     "analyze",
     "apply",
+    "describe_passes",
     "get_available_passes",
     "load_model",
     "rules",
     "save_model",
+    "selection",
 ]

@@ -23,8 +23,6 @@ from olive.passes.onnx.graph_surgeries import Surgeon
 
 from graphsurg._certificates import Certificates
 
-from ._apply import ApplyReport, apply
-
 
 class _GraphsurgSurgeon(Surgeon):
     pass_name = ""
@@ -39,9 +37,11 @@ class _GraphsurgSurgeon(Surgeon):
         self.data = data
         self.certificates = Certificates.from_dict(certificates or {})
         self.batch_size = batch_size
-        self.report: ApplyReport | None = None
+        self.report: Any = None  # graphsurg.SurgeryResult
 
     def call_ir(self, model: ir.Model) -> ir.Model:
+        from graphsurg.onnx import apply  # the facade: Olive runs graphsurg as a whole
+
         out, self.report = apply(
             model,
             self.data,

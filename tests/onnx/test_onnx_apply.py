@@ -1,5 +1,6 @@
 """gso.apply / gso.analyze as a whole: healthy models pass unchanged, results come back as
-the kind that went in, inputs are never modified, rollback, external data, HF models, Olive."""
+the kind that went in, inputs are never modified, exact by default, per-site rollback,
+external data, HF models, Olive."""
 
 from __future__ import annotations
 
@@ -29,17 +30,17 @@ EXACT_RTOL = 1e-5  # float32 summation-order round-off (see test_onnx_passes)
 
 
 def test_public_surface() -> None:
-    assert gso.get_available_passes() == [
-        "excise_dead_units", "factor_low_rank", "relu_to_leaky_relu", "cleanup",
-    ]  # fmt: skip
+    names = gso.get_available_passes()
+    assert set(names) == {"excise_dead", "factor_low_rank", "activation_swap", "cleanup"}
+    assert names[-1] == "cleanup"
     assert set(gso.__all__) <= set(dir(gso))
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_healthy_model_passes_unchanged(exported, dynamo: bool) -> None:
     proto = onnx.load(str(exported("healthy_mlp", dynamo)))
-    out, report = gso.apply(proto, feeds("healthy_mlp"))
-    assert report.ok and all(p.rewrites == 0 for p in report.passes[:-1])
+    out, res = gso.apply(proto, feeds("healthy_mlp"))
+    assert res.ok and res.kept == [] and res.ir == "onnx"
     assert op_types(out) == op_types(proto)
     before = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     after = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
@@ -53,7 +54,7 @@ def test_analyze_finds_planted_units(exported) -> None:
     assert d.capture == "onnxruntime" and d.batches == 8
     dead = d.of_kind("DeadNeurons")
     assert [p.units for p in dead] == [tuple(range(0, 32, 2)), (1, 5, 7)]
-    assert dead[0].site.ir == "onnx" and dead[0].site.op == "Relu"
+    assert dead[0].site.ir == "onnx" and dead[0].site.op == "relu"
     assert dead[0].site.module.endswith("Gemm") and dead[0].evidence["constant_values"] == [0.0] * 16
     assert Diagnosis.from_json(d.to_json()).problems == d.problems
 
@@ -63,8 +64,8 @@ def test_same_kind_back_and_input_untouched(exported, tmp_path) -> None:
     before = digest(src)
     # path in -> path out (written atomically, no temporary left behind)
     out = tmp_path / "out.onnx"
-    got, report = gso.apply(str(src), feeds("mlp"), output=out)
-    assert got == str(out) and report.output == str(out) and report.ok
+    got, res = gso.apply(str(src), feeds("mlp"), output=out)
+    assert got == str(out) and res.output == str(out) and res.ok
     assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
     full_check(out)
     assert n_params(out) < n_params(src)
@@ -89,25 +90,43 @@ def test_same_kind_back_and_input_untouched(exported, tmp_path) -> None:
 def test_diagnosis_input_and_report_json(exported) -> None:
     proto = onnx.load(str(exported("mlp")))
     d = gso.analyze(proto, feeds("mlp"))
-    out, report = gso.apply(proto, d, ["excise_dead_units"])
-    assert not report.verified and "not verified" in report.verification
-    assert report.passes[0].rewrites == 2
-    out2, report2 = gso.apply(proto, d, ["excise_dead_units"], data=feeds("mlp", n=2, seed=5))
-    assert report2.verified and report2.ok
-    js = json.loads(report2.to_json())
-    assert js["format"] == "graphsurg.onnx_report/1" and js["ok"] is True
-    assert "excise_dead_units: 2 rewrite(s), kept" in report2.summary()
+    out, res = gso.apply(proto, d, ["excise_dead_units"])  # the old pass name still works
+    assert "not verified" in res.verified_on
+    assert len(res.kept_at("excise_dead")) == 2
+    out2, res2 = gso.apply(proto, d, ["excise_dead"], data=feeds("mlp", n=2, seed=5))
+    assert res2.ok and "verified on 2 given held-out batch(es)" in res2.verified_on
+    js = json.loads(res2.to_json())
+    assert js["format"] == "graphsurg.surgery/1" and js["ok"] is True and js["ir"] == "onnx"
+    assert js["size"]["params_after"] < js["size"]["params_before"]
+    text = res2.summary()
+    assert "2 of 2 schema(s) kept" in text and "excise_dead" in text and "nodes " in text
 
 
 def test_rollback_when_certificates_break(exported) -> None:
     proto = onnx.load(str(exported("dying")))
-    cert = Certificates(max_output_change=1e-6)
-    out, report = gso.apply(proto, feeds("dying"), ["relu_to_leaky_relu"], certificates=cert)
-    rec = report.passes[0]
-    assert rec.rewrites == 1 and not rec.kept and not report.ok
-    assert "output change" in rec.reason and "max_output_change" in rec.reason
-    assert report.rolled_back == ["relu_to_leaky_relu"]
+    out, res = gso.apply(proto, feeds("dying"), ["activation_swap"], max_output_change=1e-6)
+    assert not res.ok and [r["replacement"] for r in res.rolled_back] == ["activation_swap"]
+    reason = res.rolled_back[0]["reason"]
+    assert "output change" in reason and "max_output_change" in reason
     assert op_types(out) == op_types(proto)  # the rewrite was rolled back
+    assert "rolled back: #0 activation_swap" in res.summary()
+
+
+def test_exact_by_default(exported) -> None:
+    """The lossy ReLU -> LeakyReLU swap would apply to the dying model (it does when asked);
+    by default nothing changes the function: outputs within the exact tolerance."""
+    proto = onnx.load(str(exported("dying")))
+    data = feeds("dying")
+    # without healing a swap does not revive dormant units: the dead-unit certificate is off
+    cert = Certificates(max_output_change=1.0, require_no_dead_units=False)
+    asked, res = gso.apply(proto, data, allow_inexact=True, certificates=cert)
+    assert res.kept_at("activation_swap") and "LeakyRelu" in op_types(asked)
+    out, res = gso.apply(proto, data)
+    assert res.ok and not res.kept_at("activation_swap") and "LeakyRelu" not in op_types(out)
+    for feed in data:
+        assert_same_outputs(proto, out, feed, EXACT_RTOL)
+    with pytest.raises(gso.OnnxInputError, match="change the model's function.*allow-inexact"):
+        gso.apply(proto, data, ["activation_swap"])
 
 
 def test_external_data_round_trip(exported, tmp_path) -> None:
@@ -120,9 +139,9 @@ def test_external_data_round_trip(exported, tmp_path) -> None:
     assert (folder / "m.onnx.data").exists()
     before = digest(folder / "m.onnx.data")
     out = tmp_path / "o" / "small.onnx"
-    got, report = gso.apply(path, feeds("mlp"), output=out, save_external_data=True,
-                            external_data_size_threshold=64)  # fmt: skip
-    assert report.ok and got == out
+    got, res = gso.apply(path, feeds("mlp"), output=out, save_external_data=True,
+                         external_data_size_threshold=64)  # fmt: skip
+    assert res.ok and got == out
     assert (out.parent / "small.onnx.data").exists()
     assert digest(folder / "m.onnx.data") == before
     loaded = onnx.load(str(out), load_external_data=False)
@@ -157,11 +176,10 @@ def test_hf_bert_excision(tmp_path) -> None:
     path = _hf_bert(tmp_path)
     rng = np.random.default_rng(0)
     data = [{"x": rng.integers(0, 100, (8, 8)).astype(np.int64)} for _ in range(6)]
-    out, report = gso.apply(path, data, ["excise_dead_units"], output=tmp_path / "bert_small.onnx")
-    rec = report.passes[0]
-    assert rec.rewrites == 1 and report.ok
-    assert "intermediate" in rec.notes[0] and "MatMul" in rec.notes[0]
-    assert report.params_after == report.params_before - 16 * (32 + 1 + 32)
+    out, res = gso.apply(path, data, ["excise_dead"], output=tmp_path / "bert_small.onnx")
+    [v] = res.kept_at("excise_dead")
+    assert res.ok and "intermediate" in v.site
+    assert res.size["params_after"] == res.size["params_before"] - 16 * (32 + 1 + 32)
     assert op_types(out) == op_types(path)
     full_check(out)
     assert_same_outputs(path, out, data[0], EXACT_RTOL)
@@ -194,22 +212,22 @@ def test_hf_vision_models(tmp_path, arch: str) -> None:
     data = [{"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
     d = gso.analyze(path, data)
     assert d.capture == "onnxruntime" and d.layers  # activations were observed
-    out, report = gso.apply(path, data, ["excise_dead_units", "cleanup"], output=tmp_path / "o.onnx")
+    out, res = gso.apply(path, data, ["excise_dead", "cleanup"], output=tmp_path / "o.onnx")
     full_check(out)
     # whatever was kept is exact: the output equals the original's
     assert_same_outputs(path, out, data[0], EXACT_RTOL)
-    refusals = [r for p in report.passes for r in p.refusals]
+    refusals = [r for _, r in res.plan.untreated] + [r["reason"] for r in res.rolled_back]
     if arch == "vit":  # GELU MLPs on random weights: nothing dormant, the graph passes unchanged
-        assert report.ok and op_types(out) == op_types(path) and n_params(out) == n_params(path)
-    else:  # the residual Add couples the last block's units with the shortcut: refused
-        assert any("adds two branches" in r for r in refusals)
+        assert res.ok and op_types(out) == op_types(path) and n_params(out) == n_params(path)
+    else:  # units constant on calibration data: refused (not constant) or rolled back (they
+        # fire on held-out data) -- each with its reason, never kept inexact
+        assert refusals and all(refusals), res.summary()
 
 
 def test_olive_workflow_with_graphsurg_surgeon(exported, tmp_path) -> None:
     pytest.importorskip("olive")
-    from olive.workflows import run as olive_run
-
     import graphsurg.passes.onnx.olive  # noqa: F401  (registers the surgeons)
+    from olive.workflows import run as olive_run
 
     rng = np.random.default_rng(0)
     calib = tmp_path / "calib.npz"
