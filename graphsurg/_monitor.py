@@ -10,8 +10,13 @@ Pass a monitor to the graphsurg backend::
 Every ``every``-th call of each compiled graph measures: per-neuron activation statistics
 of the forward (the observers ``gs.diagnose`` uses, fed from extra outputs of the compiled
 graph) and per-layer gradient norms of the following backward. The other calls run the
-graph exactly as the inner backend compiled it. ``diagnose()`` runs the detectors of
-``gs.diagnose`` on what was accumulated, with no extra pass over the data.
+graph exactly as the inner backend compiled it. ``diagnose()`` is ``gs.diagnose``'s own
+judgement (``graphsurg._diagnose.diagnosis_from``) of what was accumulated, with no extra
+pass over the data.
+
+A monitor is the backend's :class:`~graphsurg.passes.fx.observe_compiled.MonitorSink`: the
+compiled graphs report to its public ``add_graph``, ``observer``, ``add_layer``,
+``record_weight`` and ``record_grad`` methods.
 """
 
 from __future__ import annotations
@@ -74,34 +79,39 @@ class Monitor:
         self._grad_sq: dict[str, torch.Tensor] = {}
         self._grad_steps: dict[str, int] = {}
 
-    # -- called by the backend (graphsurg.passes.fx.observe_compiled) -------------------------------
-    def _compile(self, gm: Any, example_inputs: Any, inner: Any) -> Any:
-        from graphsurg.passes.fx.observe_compiled import monitor_graph
-
-        fn, record = monitor_graph(self, gm, example_inputs, inner, len(self.graphs))
+    # -- the sink the backend reports to (graphsurg.passes.fx.observe_compiled.MonitorSink) --
+    def add_graph(self, record: GraphRecord) -> int:
+        """Keep a newly compiled graph's record; returns its index (sink interface)."""
         self.graphs.append(record)
-        return fn
+        return len(self.graphs) - 1
 
-    def _observer_for(self, key: tuple[str, ...], site: Any) -> Observer:
+    def observer(self, key: tuple[str, ...], site: Any) -> Observer:
+        """The observer of one activation site; recompilations of a graph (new shapes, grad
+        mode) get the same observer for the same ``key`` (sink interface)."""
         from graphsurg.passes.fx.instrument import Observer
 
         obs = self._observers.get(key)
-        if obs is None:  # a recompiled graph (new shapes, grad mode) shares its observers
+        if obs is None:
             obs = Observer(site, saturation_margin=self.config.saturation_margin,
                            sample_rows=self.config.rank_sample)
             self._observers[key] = obs
         return obs
 
-    def _add_layer(self, module: str, kind: str, next_modules: list[str]) -> None:
+    def add_layer(self, module: str, kind: str, next_modules: list[str]) -> None:
+        """A parametrised layer of a compiled graph and the layers reading it (sink
+        interface; the first report of a layer wins)."""
         if module not in self._layers:
             self._layers[module] = _Layer(kind, list(next_modules))
 
-    def _set_weight(self, module: str, weight: torch.Tensor) -> None:
+    def record_weight(self, module: str, weight: torch.Tensor) -> None:
+        """The current weight of a layer, read on sampled calls (sink interface)."""
         layer = self._layers.get(module)
         if layer is not None:
             layer.weight = weight
 
-    def _add_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None:
+    def record_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None:
+        """Add a squared gradient norm of ``layer``; ``step`` counts a measured step (sink
+        interface)."""
         prev = self._grad_sq.get(layer)
         self._grad_sq[layer] = sq if prev is None else prev + sq
         if step:
@@ -170,13 +180,12 @@ class Monitor:
         broadcast), so every rank gets the same diagnosis. Collective: call it on every rank.
         The monitor's own statistics are left as they were (call :meth:`reset` to restart).
         """
-        from ._diagnose import _measurements, _reports
-        from .detect import detect_all
+        from graphsurg.passes.fx.instrument import measurements_from
 
-        config = self.config
+        from ._diagnose import diagnosis_from
+
         observers = list(self._observers.values())
         grad_means = self._grad_means()
-        nonfinite = {k for k, v in grad_means.items() if not math.isfinite(v)}
         notes = [f"measured under torch.compile by the graphsurg backend: {self.sampled} of "
                  f"{self.calls} calls (every={self.every})"]
         if len(self.graphs) > 1:
@@ -188,22 +197,19 @@ class Monitor:
 
         if dist.is_available() and dist.is_initialized():
             observers, grad_means = _all_reduce(observers, grad_means, group)
-            nonfinite = {k for k, v in grad_means.items() if not math.isfinite(v)}
             notes.append(f"statistics merged across {dist.get_world_size(group)} ranks")  # type: ignore[arg-type]
-        layer_modules = [(m, lay.kind, lay.weight.detach(), lay.next_modules)
-                         for m, lay in self._layers.items() if lay.weight is not None]
+        nonfinite = {k for k, v in grad_means.items() if not math.isfinite(v)}
+        layers = [(m, lay.kind, lay.weight.detach(), lay.next_modules)
+                  for m, lay in self._layers.items() if lay.weight is not None]
         gradients = bool(grad_means)
-        measures = _measurements(observers, layer_modules, grad_means, nonfinite, 1, gradients,
-                                 0)
-        for o in observers:
-            if o.error:
-                notes.append(f"site {o.site.node}: {o.error}")
+        # grad_means are already means over measured steps: one "batch" each
+        m = measurements_from(observers, layers, grad_sq=grad_means, grad_nonfinite=nonfinite,
+                              n_batches=1, gradients=gradients, capture="torch.compile",
+                              notes=notes)
+        m.batches = self.sampled
         if not gradients:
-            notes.append("gradients not checked: no backward ran on a measured step")
-        problems = detect_all(measures, config)
-        return Diagnosis(problems=problems, layers=_reports(measures, config),
-                         capture="torch.compile", gradients_checked=gradients,
-                         batches=self.sampled, notes=notes)
+            m.notes.append("gradients not checked: no backward ran on a measured step")
+        return diagnosis_from(m, self.config)
 
     def __repr__(self) -> str:
         return (f"Monitor(every={self.every}, graphs={len(self.graphs)}, "

@@ -7,8 +7,10 @@ graphsurg first: the backend is declared in the ``torch_dynamo_backends`` entry-
 
 Options (all optional):
 
-* ``"monitor"``: a :class:`graphsurg.Monitor`; observes activations and gradient norms on
-  every ``monitor.every``-th call (see :mod:`graphsurg.passes.fx.observe_compiled`).
+* ``"monitor"``: a :class:`graphsurg.Monitor` (or any
+  :class:`~graphsurg.passes.fx.observe_compiled.MonitorSink`); observes activations and
+  gradient norms on every ``monitor.every``-th call (see
+  :mod:`graphsurg.passes.fx.observe_compiled`).
 * ``"plan"``: a SurgeryPlan, its JSON, or the path of its JSON; graph-level schemas are
   rewritten into the Dynamo graph before lowering (see :mod:`graphsurg.passes.fx.apply_plan`).
 * ``"inner"``: where to lower afterwards: ``"inductor"`` (default), ``"eager"``,
@@ -99,10 +101,14 @@ def graphsurg_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     monitor = opts.get("monitor")
     if monitor is None:
         return inner(gm, example_inputs)
-    if not hasattr(monitor, "_compile"):
-        raise BadInputError(f"options['monitor'] must be a graphsurg.Monitor, got "
+    from .observe_compiled import MonitorSink, monitor_graph
+
+    if not isinstance(monitor, MonitorSink):
+        raise BadInputError(f"options['monitor'] must be a graphsurg.Monitor (or implement "
+                            f"graphsurg.passes.fx.observe_compiled.MonitorSink), got "
                             f"{type(monitor).__name__}")
-    return monitor._compile(gm, example_inputs, inner)  # type: ignore[no-any-return]
+    fn, _ = monitor_graph(monitor, gm, example_inputs, inner)
+    return fn
 
 
 def _register() -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
@@ -33,26 +33,53 @@ from .instrument import Observer
 CompiledFn = Callable[..., Any]
 
 
+@runtime_checkable
 class MonitorSink(Protocol):
-    """What a graph wrapper reports to (``graphsurg.Monitor`` implements it)."""
+    """Where the graphs compiled by the graphsurg backend report what they measure.
+
+    ``graphsurg.Monitor`` implements it; the backend accepts any object that does
+    (``options={"monitor": sink}``). :func:`monitor_graph` calls, per compiled graph,
+    :meth:`add_graph` once, :meth:`observer` per activation site and :meth:`add_layer` per
+    parametrised layer; on each sampled call the wrapper feeds the observers and calls
+    :meth:`record_weight`, and the backward calls :meth:`record_grad`.
+
+    Attributes:
+        every: measure one call in ``every`` of each graph (read on every call).
+        enabled: ``False`` runs the plain graph on every call (read on every call).
+    """
 
     every: int
     enabled: bool
 
-    def _observer_for(self, key: tuple[str, ...], site: Any) -> Observer: ...
+    def add_graph(self, record: GraphRecord) -> int:
+        """Keep ``record`` (a newly compiled graph); return its index among the graphs."""
+        ...
 
-    def _add_layer(self, module: str, kind: str, next_modules: list[str]) -> None: ...
+    def observer(self, key: tuple[str, ...], site: Any) -> Observer:
+        """The :class:`Observer` of the activation site ``site`` (a ``DynamoSite``).
+        ``key`` (:func:`site_key`) is the same for the site in every recompilation of the
+        graph: return the same observer for the same key so statistics accumulate."""
+        ...
 
-    def _set_weight(self, module: str, weight: torch.Tensor) -> None: ...
+    def add_layer(self, module: str, kind: str, next_modules: list[str]) -> None:
+        """A parametrised layer (``kind`` "linear"/"conv") and the layers reading it."""
+        ...
 
-    def _add_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None: ...
+    def record_weight(self, module: str, weight: torch.Tensor) -> None:
+        """The current weight of ``module`` (a live parameter: do not modify it)."""
+        ...
+
+    def record_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None:
+        """The squared gradient norm ``sq`` (0-d, on the device) of one parameter of
+        ``layer`` on a sampled step; ``step`` is True once per layer and step (its weight)."""
+        ...
 
 
 @dataclass
 class GraphRecord:
     """One Dynamo graph the monitor watches."""
 
-    index: int
+    index: int  # its place among the sink's graphs (set by MonitorSink.add_graph)
     sites: DynamoSites
     observers: list[Observer]
     break_reason: str | None = None  # why Dynamo ended this graph, when a graph break did
@@ -163,7 +190,7 @@ class MonitoredCall:
         for obs, a in zip(rec.observers, acts, strict=True):
             obs(a)
         for module, i in self.weight_index.items():
-            self.sink._set_weight(module, args[i])
+            self.sink.record_weight(module, args[i])
         for h in rec.pending:
             h.remove()
         rec.pending.clear()
@@ -179,7 +206,7 @@ class MonitoredCall:
         box: list[Any] = []
 
         def hook(g: torch.Tensor) -> None:
-            sink._add_grad(layer, grad_sq_norms([g.detach()])[0], step)
+            sink.record_grad(layer, grad_sq_norms([g.detach()])[0], step)
             box[0].remove()  # one-shot: the next sampled call arms it again
             return None
 
@@ -189,13 +216,14 @@ class MonitoredCall:
 
 
 def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequence[Any],
-                  inner: Callable[[fx.GraphModule, Sequence[Any]], CompiledFn],
-                  index: int) -> tuple[CompiledFn, GraphRecord]:
-    """Compile ``gm`` with ``inner`` twice (plain and observed) and wrap both for ``sink``."""
+                  inner: Callable[[fx.GraphModule, Sequence[Any]], CompiledFn]
+                  ) -> tuple[CompiledFn, GraphRecord]:
+    """Compile ``gm`` with ``inner`` twice (plain and observed), wrap both for ``sink`` and
+    register the graph with it (:meth:`MonitorSink.add_graph`). ``gm`` is not modified."""
     sites = find_dynamo_sites(gm)
-    observers = [sink._observer_for(site_key(s), s) for s in sites.acts]
+    observers = [sink.observer(site_key(s), s) for s in sites.acts]
     for ls in sites.layers:
-        sink._add_layer(ls.module, ls.kind, ls.next_modules)
+        sink.add_layer(ls.module, ls.kind, ls.next_modules)
     reason = getattr(gm, "compile_subgraph_reason", None)
     break_reason = None
     if reason is not None and getattr(reason, "graph_break", False):
@@ -205,7 +233,7 @@ def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequenc
             fr = stack[-1]
             where = f" at {fr.filename}:{fr.lineno}"
         break_reason = f"{str(reason.reason).splitlines()[0]}{where}"
-    record = GraphRecord(index, sites, observers, break_reason)
+    record = GraphRecord(-1, sites, observers, break_reason)
     layer_modules = {ls.module for ls in sites.layers}
     param_layer: dict[int, str] = {}
     for i, path in sites.params.items():
@@ -216,12 +244,13 @@ def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequenc
     if not sites.acts:  # nothing to observe here: one compilation, hooks on sampled calls
         fn = inner(gm, example_inputs)
         call = MonitoredCall(sink, record, fn, fn, 0, 0, param_layer, weight_index)
-        return call, record
-    ogm, n_out = observed_graph(gm, [s.node for s in sites.acts])
-    plain = inner(gm, example_inputs) if sink.every != 1 else None
-    observed = inner(ogm, example_inputs)
-    call = MonitoredCall(sink, record, plain, observed, n_out, len(sites.acts), param_layer,
-                         weight_index)
+    else:
+        ogm, n_out = observed_graph(gm, [s.node for s in sites.acts])
+        plain = inner(gm, example_inputs) if sink.every != 1 else None
+        observed = inner(ogm, example_inputs)
+        call = MonitoredCall(sink, record, plain, observed, n_out, len(sites.acts),
+                             param_layer, weight_index)
+    record.index = sink.add_graph(record)
     return call, record
 
 

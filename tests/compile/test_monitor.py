@@ -171,3 +171,85 @@ def test_eval_calls_under_no_grad_share_the_sites() -> None:
     d = mon.diagnose()
     assert len(mon.graph_breaks) == 1
     assert len([n for n in d.notes if n.startswith("graph break")]) == 1
+
+
+class RecordingSink:
+    """A sink that is not a gs.Monitor: the backend needs only the public MonitorSink."""
+
+    def __init__(self) -> None:
+        from graphsurg.passes.fx.instrument import Observer
+
+        self._observer_cls = Observer
+        self.every, self.enabled = 1, True
+        self.graphs: list[object] = []
+        self.observers: dict[tuple[str, ...], Observer] = {}
+        self.layers: dict[str, str] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, list[tuple[float, bool]]] = {}
+
+    def add_graph(self, record: object) -> int:
+        self.graphs.append(record)
+        return len(self.graphs) - 1
+
+    def observer(self, key: tuple[str, ...], site: object):  # type: ignore[no-untyped-def]
+        return self.observers.setdefault(
+            key, self._observer_cls(site, saturation_margin=0.01, sample_rows=0))
+
+    def add_layer(self, module: str, kind: str, next_modules: list[str]) -> None:
+        self.layers[module] = kind
+
+    def record_weight(self, module: str, weight: torch.Tensor) -> None:
+        self.weights[module] = weight
+
+    def record_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None:
+        self.grads.setdefault(layer, []).append((float(sq), step))
+
+
+def test_a_sink_other_than_monitor_gets_the_public_reports() -> None:
+    from graphsurg.passes.fx.observe_compiled import MonitorSink
+
+    model = mlp()
+    sink = RecordingSink()
+    assert isinstance(sink, MonitorSink) and isinstance(gs.Monitor(), MonitorSink)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": sink, "inner": "eager"})
+    x, y = batches(1)[0]
+    mse(c(x), (x, y)).backward()
+    assert len(sink.graphs) == 1 and sink.graphs[0].index == 0  # type: ignore[attr-defined]
+    assert sink.layers == {"0": "linear", "2": "linear", "4": "linear"}
+    assert sorted(o.site.op for o in sink.observers.values()) == ["linear", "relu", "tanh"]
+    assert all(int(o.stats.count.max()) == 32 for o in sink.observers.values())
+    for path in ("0", "2", "4"):
+        layer = model.get_submodule(path)
+        assert torch.equal(sink.weights[path], layer.weight)
+        # weight + bias, one step each; float32 sums of squares, so a float32 tolerance
+        want = sum(float(p.grad.double().square().sum()) for p in layer.parameters())
+        got = sink.grads[path]
+        assert sorted(s for _, s in got) == [False, True]
+        assert sum(v for v, _ in got) == pytest.approx(want, rel=1e-5)
+
+
+def test_an_object_that_is_not_a_sink_is_refused() -> None:
+    c = torch.compile(mlp(), backend="graphsurg", options={"monitor": object(), "inner": "eager"})
+    with pytest.raises(Exception, match="MonitorSink"):
+        c(batches(1)[0][0])
+
+
+def test_monitor_diagnosis_is_the_one_diagnosis(monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphsurg._diagnose as one
+
+    seen = []
+    real = one.diagnosis_from
+
+    def spy(m, config=None):  # type: ignore[no-untyped-def]
+        seen.append(m)
+        return real(m, config)
+
+    monkeypatch.setattr(one, "diagnosis_from", spy)
+    model = mlp()
+    mon = gs.Monitor(every=1)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "eager"})
+    _train(c, batches(2), model)
+    d = mon.diagnose()
+    (m,) = seen
+    assert m.ir == "torch" and m.capture == d.capture == "torch.compile"
+    assert m.batches == d.batches == 2 and d.gradients_checked
