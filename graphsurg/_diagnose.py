@@ -103,7 +103,8 @@ def diagnose_adapter(
         # the train loss is measured on the observed batches: keep them (data may be a
         # one-shot iterator)
         batches = list(iter_batches(batches, config.max_batches))
-    m = adapter.observe(batches, config, loss_fn=loss_fn)
+    # both adapters stream any iterable (one pass, nothing kept); IRAdapter says Sequence
+    m = adapter.observe(batches, config, loss_fn=loss_fn)  # type: ignore[arg-type]
     m.notes.extend(notes)
     if val_batches is not None and loss_fn is not None:
         val = list(iter_batches(val_batches, config.max_batches))

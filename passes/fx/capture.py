@@ -101,27 +101,50 @@ def activation_name_of_module(m: nn.Module) -> str | None:
     return a.name if a is not None else None
 
 
-_HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default, F.hardtanh}
+# clamps with constant bounds are activations read from their bounds (as ONNX's Clip is):
+# target -> the names and defaults of its (min, max) arguments
+_HARDTANH_ARGS = (("min_val", -1.0), ("max_val", 1.0))
+_CLAMP_ARGS = (("min", None), ("max", None))
+_CLAMPS: dict[Any, tuple[tuple[str, float | None], ...]] = {
+    aten.hardtanh.default: _HARDTANH_ARGS, aten.hardtanh_.default: _HARDTANH_ARGS,
+    F.hardtanh: _HARDTANH_ARGS, aten.clamp.default: _CLAMP_ARGS,
+    aten.clamp_.default: _CLAMP_ARGS, torch.clamp: _CLAMP_ARGS, torch.clip: _CLAMP_ARGS,
+    aten.clamp_min.default: (("min", None),),
+}
+_METHOD_CLAMPS = {"clamp": _CLAMP_ARGS, "clip": _CLAMP_ARGS}
 
 
-def _clamp_bounds(node: fx.Node) -> tuple[float, float]:
-    """(min_val, max_val) of a hardtanh call (defaults -1, 1), from its args or kwargs."""
-    vals: list[float] = []
-    for k, (key, default) in enumerate((("min_val", -1.0), ("max_val", 1.0))):
+def _clamp(node: fx.Node, spec: tuple[tuple[str, float | None], ...]) -> Activation | None:
+    """The activation of a clamp node (``hardtanh(x, 0, 6)`` is relu6), or None when a bound
+    is not a constant number (a tensor) or there is none."""
+    vals: list[float | None] = []
+    for k, (key, default) in enumerate(spec):
         v = node.args[k + 1] if len(node.args) > k + 1 else node.kwargs.get(key, default)
-        vals.append(float(v) if isinstance(v, int | float) else default)
-    return vals[0], vals[1]
+        if v is not None and not isinstance(v, int | float):
+            return None
+        vals.append(None if v is None else float(v))
+    low, high = (vals + [None])[:2]
+    low = None if low == float("-inf") else low
+    high = None if high == float("inf") else high
+    if low is None and high is None:
+        return None
+    return bounded("hardtanh", low, high)
 
 
 def activation_of_node(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
-    """The activation a graph node computes, or None. ``hardtanh(x, 0, 6)`` (how torch.export
-    lowers ReLU6) is relu6, a relu-family activation, via :func:`graphsurg._activations.bounded`."""
+    """The activation a graph node computes, or None. Clamps (hardtanh, clamp, clip) with
+    constant bounds are read from them with :func:`graphsurg._activations.bounded`, as the ONNX
+    adapter reads ``Clip``: ``hardtanh(x, 0, 6)`` (how torch.export lowers ReLU6) is relu6, a
+    relu-family activation; ``clamp(x, -2, 2)`` a saturating hardtanh with those bounds."""
     if node.op == "call_function":
-        if node.target in _HARDTANH:
-            return bounded("hardtanh", *_clamp_bounds(node))
-        name = _ATEN_ACT.get(node.target) or _FN_ACT.get(node.target)  # type: ignore[call-overload]
+        target: Any = node.target
+        if target in _CLAMPS:
+            return _clamp(node, _CLAMPS[target])
+        name = _ATEN_ACT.get(target) or _FN_ACT.get(target)
         return ACTIVATIONS[name] if name else None
     if node.op == "call_method":
+        if node.target in _METHOD_CLAMPS:
+            return _clamp(node, _METHOD_CLAMPS[str(node.target)])
         return ACTIVATIONS.get(str(node.target)) if node.target in _METHOD_ACT else None
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))

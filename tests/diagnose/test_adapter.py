@@ -126,8 +126,9 @@ def test_save_writes_an_exported_program(tmp_path: Path) -> None:
 class _MobileBlock(nn.Module):
     """MobileNet-style conv + BatchNorm + ReLU6, twice, then a classifier."""
 
-    def __init__(self) -> None:
+    def __init__(self, clamp: bool = False) -> None:
         super().__init__()
+        self.clamp = clamp  # ReLU6 written as torch.clamp(x, 0, 6) (exported as aten.clamp)
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.act1 = nn.ReLU6()
@@ -137,14 +138,16 @@ class _MobileBlock(nn.Module):
         self.head = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act1(self.bn1(self.conv1(x)))
+        h = self.bn1(self.conv1(x))
+        h = torch.clamp(h, 0.0, 6.0) if self.clamp else self.act1(h)
         h = self.act2(self.bn2(self.conv2(h)))
         return self.head(h.mean((2, 3)))
 
 
-def test_dead_relu6_channels_are_reported() -> None:
+@pytest.mark.parametrize("clamp", [False, True], ids=["ReLU6", "clamp"])
+def test_dead_relu6_channels_are_reported(clamp: bool) -> None:
     g = torch.Generator().manual_seed(0)
-    model = _MobileBlock().eval()
+    model = _MobileBlock(clamp).eval()
     dead = (2, 5, 11)
     with torch.no_grad():
         for u in dead:  # BatchNorm shifts these channels far below zero: ReLU6 outputs 0
