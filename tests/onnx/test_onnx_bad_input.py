@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from _onnx_helpers import digest, feeds
-from graphsurg.passes.onnx import cli
+from graphsurg import _onnx_cli as cli
 from onnx import TensorProto, helper, numpy_helper
 
 from graphsurg import onnx as gso
@@ -109,9 +109,9 @@ def test_custom_domain(tmp_path) -> None:
     # without running it (a diagnosis, no data), the op is left untouched and reported
     from graphsurg import Diagnosis
 
-    out, report = gso.apply(proto, Diagnosis(capture="onnxruntime"), full_check=False)
+    out, res = gso.apply(proto, Diagnosis(capture="onnxruntime"), full_check=False)
     assert [n.op_type for n in out.graph.node] == ["MatMul", "Frobnicate"]
-    assert any("my.ops::Frobnicate ('custom')" in n for n in report.notes)
+    assert any("my.ops::Frobnicate ('custom')" in n for n in res.notes)
 
 
 @pytest.mark.parametrize(
@@ -129,14 +129,14 @@ def test_mismatched_calibration_data(exported, feed, match: str) -> None:
 
 
 def test_bad_pass_name(exported) -> None:
-    with pytest.raises(gso.OnnxInputError, match="unknown pass.*available: excise_dead_units"):
+    with pytest.raises(gso.OnnxInputError, match="unknown pass.*available: .*excise_dead"):
         gso.apply(onnx.load(str(exported("mlp"))), feeds("mlp"), ["fold_everything"])
 
 
 # -- CLI -------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "graphsurg.passes.onnx.cli", *args],
+        [sys.executable, "-m", "graphsurg", "onnx", *args],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -156,15 +156,20 @@ def test_cli_exit_codes(exported, tmp_path, capsys) -> None:
         return cli.run(parser.parse_args(["onnx", *args]))
 
     assert run("list-passes") == 0
-    assert "excise_dead_units" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "excise_dead" in listed and "(exact)" in listed and "(bounded)" in listed
     assert run("analyze", str(src), "--data", str(calib), "--json", str(tmp_path / "d.json")) == 0
     assert "DeadNeurons" in capsys.readouterr().out
     assert run("apply", str(src), "-o", str(out), "--data", str(calib), "-p",
-               "excise_dead_units", "--report", str(tmp_path / "r.json")) == 0  # fmt: skip
+               "excise_dead", "--report", str(tmp_path / "r.json")) == 0  # fmt: skip
     assert out.exists() and digest(src) == before
+    # a non-exact pass without an opt-in: bad input -> 2 (deployment runs are exact)
+    assert run("apply", str(exported("dying")), "-o", str(tmp_path / "d.onnx"), "--data",
+               str(calib), "-p", "activation_swap") == 2  # fmt: skip
+    assert "--allow-inexact" in capsys.readouterr().err
     # a non-exact pass with an impossible bound: certificates not met -> 1
     assert run("apply", str(exported("dying")), "-o", str(tmp_path / "d.onnx"), "--data",
-               str(calib), "-p", "relu_to_leaky_relu", "--max-output-change", "0") == 1  # fmt: skip
+               str(calib), "-p", "activation_swap", "--max-output-change", "0") == 1  # fmt: skip
     capsys.readouterr()
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage")
