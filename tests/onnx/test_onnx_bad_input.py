@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import pytest
 from _onnx_helpers import digest, feeds
-from graphsurg import _onnx_cli as cli
 from onnx import TensorProto, helper, numpy_helper
 
+from graphsurg import _onnx_cli as cli
 from graphsurg import onnx as gso
 
 
