@@ -23,7 +23,7 @@ from ._data import compute_loss, run_model
 from ._diagnose import diagnose
 from ._errors import first_line
 from ._problems import Diagnosis
-from ._report import ModelReport, Report, fmt
+from ._report import ModelReport, Report, fmt, missing_figures
 from ._zoo import ZooCase, build
 
 DEMO_MODELS: tuple[str, ...] = ("dead_mlp", "deep_sigmoid", "bottleneck_mlp", "dead_cnn")
@@ -149,6 +149,9 @@ def _run_demo(console: Console, *, models: Sequence[str], steps: int, seed: int)
                "no operation and no treated-vs-untreated training")
         outcome.report.notes.append(msg)
         console.info(f"note: {msg}")
+    missing = missing_figures()
+    if missing:  # the tables below carry every number; the note says how to get the plots
+        console.result(f"note: {missing}")
     cfg = DiagnoseConfig(progress=False)
     for name in models:
         case: ZooCase = build(name, seed)
@@ -191,12 +194,13 @@ def _run_demo(console: Console, *, models: Sequence[str], steps: int, seed: int)
                 console.info(f"  {r['replacement']:<18} {r['site']:<14} {r['guarantee']:<8} "
                              f"{'kept' if r['kept'] else 'ROLLED BACK'}  {r['evidence']}")
             # Fair comparison: the untreated copy trains through the healing steps too.
-            with console.progress(f"training {name}", healed + 2 * steps) as advance:
+            with console.progress(f"training {name}", healed + 2 * steps) as bar:
                 untreated = train(copy.deepcopy(case.model), case.batches, case.loss_fn,
-                                  steps=healed + steps, seed=seed, on_step=lambda _s: advance(1))
+                                  steps=healed + steps, seed=seed,
+                                  on_step=lambda _s: bar.advance())
                 treated_curve = train(copy.deepcopy(treated), case.batches, case.loss_fn,
                                       steps=steps, seed=seed, start=healed,
-                                      on_step=lambda _s: advance(1))
+                                      on_step=lambda _s: bar.advance())
             mr.curves = {"untreated": untreated, "treated": treated_curve}
             mr.curve_offsets = {"treated": healed}
             total = healed + steps

@@ -5,6 +5,8 @@ Per model: per-layer dead fraction before/after (bars), per-layer gradient norm 
 (log scale), per-unit activation variance as heat strips, the plan as a table (problem ->
 replacement -> scale -> guarantee -> verified evidence) and treated-vs-untreated training
 curves when training ran. Plots are drawn with matplotlib's Agg backend (no display needed).
+matplotlib is in the ``report`` extra: without it the HTML page has the tables and a note
+saying how to get the figures (``missing_figures()``), and every command still works.
 Both files are written atomically (a temporary file in the same folder, then ``os.replace``).
 """
 
@@ -12,20 +14,31 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib
 import io
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._files import atomic_outputs, write_bytes
 from ._problems import Diagnosis, _finite
 
 BEFORE_COLOR = "#d1495b"  # untreated / before
 AFTER_COLOR = "#2e86ab"  # treated / after
+REPORT_EXTRA = "pip install 'graphsurg[report]'"
+
+
+def missing_figures() -> str | None:
+    """None when the report can draw its figures; else one line saying why not and the fix."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        return f"matplotlib is not installed: the report has tables but no figures ({REPORT_EXTRA})"
+    return None
 
 
 @dataclass
@@ -90,36 +103,21 @@ class Report:
 
     def write(self, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
         """Write ``report.html`` and ``report.json`` into ``out_dir`` (created if needed),
-        atomically; returns both paths."""
+        atomically and together (a failure leaves neither new file); returns both paths."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         html_path, json_path = out / "report.html", out / "report.json"
-        write_atomic(json_path, json.dumps(_finite(self.to_dict()), indent=1))
-        write_atomic(html_path, render_html(self))
+        page = render_html(self)
+        data = json.dumps(_finite(self.to_dict()), indent=1)
+        with atomic_outputs(html_path, json_path) as (tmp_html, tmp_json):
+            tmp_html.write_text(page, encoding="utf-8")
+            tmp_json.write_text(data, encoding="utf-8")
         return html_path, json_path
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``: readers see the old file or the new one, never half of one."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (graphsurg._files): readers see
+    the old file or the new one, never half of one."""
+    write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -346,7 +344,7 @@ def _problem_rows(d: Diagnosis) -> list[list[str]]:
     return [[p.kind, p.site.address, f"{p.severity:.2f}", p.describe()] for p in d.problems]
 
 
-def _model_html(m: ModelReport) -> str:
+def _model_html(m: ModelReport, *, figures: bool = True) -> str:
     left: list[str] = []
     if m.before.problems:
         left.append("<b>Diagnosis</b>" + _table_html(["problem", "site", "severity", "evidence"],
@@ -369,7 +367,7 @@ def _model_html(m: ModelReport) -> str:
         right = "<b>Before / after</b>" + _table_html(
             ["metric", "before / untreated", "after / treated"], [list(r) for r in m.metrics])
     notes = "".join(f'<p class="notes">{html.escape(n)}</p>' for n in m.notes)
-    imgs = [
+    imgs = [] if not figures else [
         _img(fig_dead_fraction(m.before, m.after), f"{m.name}: dead fraction per layer"),
         _img(fig_grad_norm(m.before, m.after), f"{m.name}: gradient norm per layer"),
         _img(fig_curves(m.curves, m.curve_offsets), f"{m.name}: training curves"),
@@ -394,8 +392,10 @@ def render_html(report: Report) -> str:
             f'<tr><td><a href="#{html.escape(m.name)}" style="color:#fff">{html.escape(m.name)}</a></td>'
             f"<td>{len(m.before.problems)} problem(s)</td><td>after surgery: {after}</td></tr>"
         )
-    notes = "".join(f"<p>{html.escape(n)}</p>" for n in report.notes)
-    body = "".join(_model_html(m) for m in report.models)
+    missing = missing_figures()
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in
+                    [*report.notes, *([missing] if missing else [])])
+    body = "".join(_model_html(m, figures=missing is None) for m in report.models)
     return (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(report.title)}</title><style>{_CSS}</style></head><body>"
@@ -416,4 +416,5 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-__all__ = ["ModelReport", "Report", "fmt", "render_html", "write_atomic"]
+__all__ = ["REPORT_EXTRA", "ModelReport", "Report", "fmt", "missing_figures", "render_html",
+           "write_atomic"]
