@@ -9,10 +9,14 @@ Tracebacks are shown only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import logging
+import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,8 +27,10 @@ EXIT_OK, EXIT_CERTIFICATES, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 SPEC_NOTE = (
     "A package.module:callable spec (for MODEL, DATA or --loss) imports that module and runs "
     "that callable: it executes your own code, by design -- use only code you trust. Files are "
-    "never executed: .pt2 archives load with torch.export.load, .pt data with "
-    "torch.load(weights_only=True), .npz with allow_pickle=False."
+    "never executed: .pt2 archives are read part by part (tensors only; pickles only through "
+    "weights_only=True; compiled code and graphs calling anything but torch operators are "
+    "refused), .pt data with torch.load(weights_only=True), .npz with allow_pickle=False. "
+    "Outputs never overwrite an input (refused before any work) and are written atomically."
 )
 EXIT_NOTE = (
     "exit codes: 0 success, 1 surgery could not meet the certificates, 2 bad input (one-line "
@@ -45,6 +51,10 @@ def _common(debug_default: Any) -> _Parser:
                    help="show tracebacks and warnings")
     p.add_argument("-q", "--quiet", action="store_true", default=debug_default,
                    help="plain output, results only (no progress, no chatter)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   default=None if debug_default is False else argparse.SUPPRESS,
+                   help="CPU threads for this run (torch.set_num_threads, also used by the "
+                        "statistics kernels); default: torch's choice, usually the core count")
     return p
 
 
@@ -64,7 +74,8 @@ def _model_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batches", type=int, default=32, help="use at most N batches (default 32)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("--report", default=None, metavar="DIR",
-                   help="write report.html and report.json into DIR")
+                   help="write report.html and report.json into the folder DIR (created if "
+                        "needed; an existing file is refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +181,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise BadInputError(f"--models: unknown zoo model(s) {bad}; known: {', '.join(sorted(ZOO))}")
     if args.steps < 1:
         raise BadInputError(f"--steps must be >= 1, got {args.steps}")
+    if not args.no_report:
+        _check_paths([], report=("-o", args.out))
     console = _console(args)
     outcome = run_demo(console, models=models, steps=args.steps, seed=args.seed)
     if not args.no_report:
@@ -183,11 +196,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.certificates_met else EXIT_CERTIFICATES
 
 
+def _report_files(folder: str) -> list[Path]:
+    return [Path(folder) / "report.html", Path(folder) / "report.json"]
+
+
+def _check_paths(inputs: list[str], *, report: tuple[str, str | None] = ("--report", None),
+                 files: list[tuple[str, str | os.PathLike[str]]] | None = None) -> None:
+    """Before any work: refuse (one line, exit 2) an output that is an input or another
+    output, a report folder that is an existing file, an output file that is a folder."""
+    from ._files import check_no_collision
+    from ._loaders import is_spec
+
+    outs: list[tuple[str, str | os.PathLike[str] | None]] = list(files or [])
+    what, folder = report
+    if folder is not None:
+        outs += [(what, folder)] + [(what, f) for f in _report_files(folder)]
+    check_no_collision([p for p in inputs if not is_spec(p) and Path(p).exists()], outs)
+    for w, p in files or []:
+        if Path(p).is_dir():
+            raise BadInputError(f"{w} {p} is a folder; name a file")
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise BadInputError(f"{what} {folder} is an existing file; {what} names a folder "
+                            "(report.html and report.json are written into it)")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise BadInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise BadInputError(f"--max-batches must be >= 1, got {args.max_batches}")
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     from ._loaders import load_data, load_loss, load_model
 
-    if args.max_batches is not None and args.max_batches < 1:
-        raise BadInputError(f"--max-batches must be >= 1, got {args.max_batches}")
+    _check_numbers(args)
     model = load_model(args.model)
     data = load_data(args.data, batch_size=args.batch_size, max_batches=args.max_batches)
     loss = load_loss(args.loss)
@@ -197,6 +240,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     import graphsurg as gs
 
+    _check_numbers(args)
+    _check_paths([args.model, args.data], report=("--report", args.report))
     console = _console(args)
     model, data, loss = _load(args)
     d = gs.diagnose(model, data, loss_fn=loss,
@@ -232,6 +277,11 @@ def cmd_operate(args: argparse.Namespace) -> int:
         raise BadInputError("operate needs -o OUT.pt2 (or --dry-run to only show the plan)")
     if args.output and not args.output.endswith(".pt2"):
         raise BadInputError(f"-o {args.output!r}: the operated model is written as a .pt2 archive")
+    _check_numbers(args)
+    outputs: list[tuple[str, str | os.PathLike[str]]] = []
+    if args.output and not args.dry_run:
+        outputs = [("-o", args.output), ("-o (its plan)", _plan_path(Path(args.output)))]
+    _check_paths([args.model, args.data], report=("--report", args.report), files=outputs)
     console = _console(args)
     model, data, loss = _load(args)
     certs = _certificates(args)
@@ -256,12 +306,9 @@ def cmd_operate(args: argparse.Namespace) -> int:
             print(f"graphsurg: surgery failed: {first_line(e)}", file=sys.stderr)
             return EXIT_CERTIFICATES
         raise
-    from ._report import write_atomic
-
     out = Path(args.output)
-    _save_pt2(result.model, data[0], out)
-    plan_path = out.with_suffix(".plan.json")
-    write_atomic(plan_path, result.plan.to_json(indent=2))
+    plan_path = _plan_path(out)
+    _save_pt2(result.model, data[0], out, plan=(plan_path, result.plan.to_json(indent=2)))
     if args.json:
         print(result.to_json())
     else:
@@ -296,29 +343,53 @@ def _certificates(args: argparse.Namespace) -> Any:
         raise BadInputError(str(e)) from None
 
 
-def _save_pt2(model: Any, batch: Any, out: Path) -> None:
-    """Export ``model`` on one batch and write the archive atomically."""
+def _plan_path(out: Path) -> Path:
+    return out.with_suffix(".plan.json")
+
+
+@contextlib.contextmanager
+def _torch_quiet() -> Iterator[None]:
+    """Silence torch's logged warnings (a failed export logs the whole graph) and Python
+    warnings for the block; the one-line error that follows says what failed."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _save_pt2(model: Any, batch: Any, out: Path, *, plan: tuple[Path, str] | None = None) -> None:
+    """Export ``model`` on one batch and write the archive (and the plan, when given)
+    atomically: both files or neither."""
     import torch
 
     from ._data import default_input_fn
-    from ._report import write_atomic
+    from ._files import atomic_outputs
 
     args_, kwargs = default_input_fn(batch)
     model.eval()
     try:
-        try:  # a dynamic batch dimension when the inputs allow it, else the batch's shapes
-            dyn = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim()
-                        else None for a in args_)
-            ep = torch.export.export(model, tuple(args_), kwargs,
-                                     dynamic_shapes=None if kwargs else dyn)
-        except Exception:
-            ep = torch.export.export(model, tuple(args_), kwargs)
+        with _torch_quiet():
+            try:  # a dynamic batch dimension when the inputs allow it, else the batch's shapes
+                dyn = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim()
+                            else None for a in args_)
+                ep = torch.export.export(model, tuple(args_), kwargs,
+                                         dynamic_shapes=None if kwargs else dyn)
+            except Exception:
+                ep = torch.export.export(model, tuple(args_), kwargs)
     except Exception as e:
         raise GraphsurgError(f"the operated model could not be exported with torch.export "
                              f"({type(e).__name__}: {first_line(e)})") from e
     buf = io.BytesIO()
     torch.export.save(ep, buf)
-    write_atomic(out, buf.getvalue())
+    paths = [out] + ([plan[0]] if plan else [])
+    with atomic_outputs(*paths) as tmps:
+        tmps[0].write_bytes(buf.getvalue())
+        if plan:
+            tmps[1].write_text(plan[1], encoding="utf-8")
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -335,12 +406,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     debug = bool(getattr(args, "debug", False))
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            print(f"graphsurg: error: --threads must be >= 1, got {threads}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        import torch
+
+        torch.set_num_threads(threads)
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        return int(args.func(args))
+    from ._console import progress_enabled
+
+    try:  # --quiet and --json silence every progress bar, wherever it is opened
+        with progress_enabled(False if args.quiet or getattr(args, "json", False) else None):
+            return int(args.func(args))
     except KeyboardInterrupt:
         print("graphsurg: interrupted", file=sys.stderr)
         return 130

@@ -7,7 +7,9 @@ LOSS is ``mse``, ``cross_entropy`` or a ``package.module:fn`` spec called as
 ``fn(output, batch)``.
 
 Nothing read from a *file* can execute code: ``.npz`` files load with
-``allow_pickle=False`` and ``.pt`` files with ``torch.load(weights_only=True)``. A
+``allow_pickle=False``, ``.pt`` files with ``torch.load(weights_only=True)``, and ``.pt2``
+archives through :func:`graphsurg._pt2.load_exported` (``torch.export.load`` would unpickle
+parts of the archive). A
 ``package.module:callable`` spec imports and runs the user's own code, by design.
 """
 
@@ -105,13 +107,9 @@ def load_model(spec: str) -> nn.Module:
             f"model {spec!r}: unsupported file type {path.suffix or '(none)'!r}; pass a .pt2 "
             "archive from torch.export.save or package.module:factory"
         )
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:
-        raise BadInputError(
-            f"model {spec!r} is not a readable torch.export archive ({type(e).__name__}: "
-            f"{first_line(e)})"
-        ) from e
+    from ._pt2 import load_exported
+
+    ep = load_exported(path, spec)  # never unpickles: torch.export.load would (see _pt2)
     # restore the Linear/Conv layers the archive flattened into aten calls, so surgery can
     # edit them (the function is unchanged)
     from .passes.fx.lift_modules import lift_modules
