@@ -51,8 +51,8 @@ class GraphsurgPass(ir.passes.InPlacePass):
 
 
 def const_array(v: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of a constant -- an initializer, a Constant node's output, or either
-    through Identity nodes (as the legacy exporter writes shared weights) -- or None."""
+    """The numpy value of a constant -- an initializer, a Constant node's output (``value``,
+    ``value_float(s)``, ``value_int(s)``), or either through Identity nodes (as the legacy exporter writes shared weights) -- or None."""
     for _ in range(8):
         if v is None:
             return None
@@ -64,9 +64,11 @@ def const_array(v: ir.Value | None) -> np.ndarray | None:
         if node.op_type == "Identity":
             v = node.inputs[0]
             continue
-        if node.op_type == "Constant" and "value" in node.attributes:
-            t = node.attributes["value"].as_tensor()
-            return np.asarray(t.numpy())
+        if node.op_type == "Constant":  # value, value_float(s), value_int(s)
+            from ._common import constant_tensor  # sparse values are made dense on load
+
+            t = constant_tensor(node)
+            return None if t is None else np.asarray(t.numpy())
         return None
     return None
 

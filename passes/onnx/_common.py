@@ -69,12 +69,91 @@ def _check_external_data(proto: onnx.ModelProto, folder: Path, where: str) -> No
                 f"{where}: external data file {loc!r} for initializer '{t.name}' is missing; "
                 "copy it next to the model"
             )
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        offset = _external_int(info, "offset", t.name, where)
+        length = _external_int(info, "length", t.name, where)
+        end = offset + length
         if end > target.stat().st_size:
             raise OnnxInputError(
                 f"{where}: external data file {loc!r} is shorter than initializer '{t.name}' "
                 f"needs ({target.stat().st_size} < {end} bytes); the data file is truncated"
             )
+
+
+def _external_int(info: dict[str, str], key: str, tensor: str, where: str) -> int:
+    """An external-data ``offset``/``length``: a non-negative decimal integer (0 if absent)."""
+    raw = info.get(key, "")
+    if raw == "":
+        return 0
+    if not raw.strip().isdigit():
+        raise OnnxInputError(
+            f"{where}: initializer '{tensor}' has external-data {key} {raw!r}, not a "
+            "non-negative integer; the model file is corrupt (re-export it)")
+    return int(raw)
+
+
+def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``g`` and every subgraph in it (If / Loop / Scan bodies)."""
+    yield g
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
+def _dense(sp: onnx.SparseTensorProto, where: str) -> onnx.TensorProto:
+    """A sparse tensor as the dense tensor it stands for (same name)."""
+    from onnx import numpy_helper
+
+    from .inputs import _check_size
+
+    dims = tuple(int(d) for d in sp.dims)
+    values = numpy_helper.to_array(sp.values)
+    name = sp.values.name
+    _check_size(int(np.prod(dims, dtype=np.int64)) * values.dtype.itemsize,
+                f"{where}: sparse tensor '{name}' {dims} made dense")
+    dense = np.zeros(dims, values.dtype)
+    idx = numpy_helper.to_array(sp.indices).astype(np.int64)
+    try:
+        if idx.ndim == 1:
+            dense.reshape(-1)[idx] = values.reshape(-1)
+        else:
+            dense[tuple(idx.T)] = values.reshape(-1)
+    except (IndexError, ValueError):
+        raise OnnxInputError(f"{where}: sparse tensor '{name}' has indices outside its shape "
+                             f"{dims}; the model is corrupt") from None
+    return numpy_helper.from_array(dense, name)
+
+
+def _densify_sparse(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """``proto`` with sparse initializers and ``Constant(sparse_value=...)`` made dense (a copy
+    when there are any: onnx-ir reads neither)."""
+    def has_sparse(g: onnx.GraphProto) -> bool:
+        return bool(g.sparse_initializer) or any(
+            a.name == "sparse_value" for n in g.node if n.op_type == "Constant"
+            for a in n.attribute)
+
+    if not any(has_sparse(g) for g in _graphs(proto.graph)):
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for g in _graphs(out.graph):
+        for sp in g.sparse_initializer:
+            g.initializer.append(_dense(sp, where))
+        del g.sparse_initializer[:]
+        for n in g.node:
+            if n.op_type != "Constant":
+                continue
+            for a in n.attribute:
+                if a.name == "sparse_value":
+                    t = _dense(a.sparse_tensor, where)
+                    a.Clear()
+                    a.name = "value"
+                    a.type = onnx.AttributeProto.TENSOR
+                    a.t.CopyFrom(t)
+    return out
 
 
 def _check_proto(proto: onnx.ModelProto, where: str, path: Path | None = None) -> None:
@@ -105,7 +184,7 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
         return model.clone(), "ir"
     if isinstance(model, onnx.ModelProto):
         _check_proto(model, "the ModelProto")
-        return ir.serde.deserialize_model(model), "proto"
+        return ir.serde.deserialize_model(_densify_sparse(model, "the ModelProto")), "proto"
     if not isinstance(model, str | os.PathLike):
         raise OnnxInputError(
             f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}"
@@ -123,7 +202,7 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
         ) from None
     _check_external_data(proto, path.parent, where)
     _check_proto(proto, where, path)
-    loaded = ir.serde.deserialize_model(proto)
+    loaded = ir.serde.deserialize_model(_densify_sparse(proto, where))
     ir.external_data.set_base_dir(loaded.graph, path.parent)
     return loaded, "path"
 
@@ -161,6 +240,7 @@ def save_model_files(
     model and its data file are written together. Returns every file written.
     """
     out = Path(path)
+    initializers_as_inputs(model)
     external = save_external_data or has_external_tensors(model)
     if not external:
         with atomic_outputs(out) as (tmp,):
@@ -185,13 +265,153 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
+    initializers_as_inputs(model)
     return ir.serde.serialize_model(model)
 
 
+#: the first IR version whose initializers need not be graph inputs
+_IR_INITIALIZERS_FREE = 4
+
+
+def initializers_as_inputs(model: ir.Model) -> int:
+    """For an IR < 4 model (opset <= 8 era), make every initializer of the main graph a graph
+    input too, as that IR requires (new ones from an edit or from lifted Constants included).
+    Returns how many were added; a no-op for IR >= 4."""
+    if model.ir_version >= _IR_INITIALIZERS_FREE:
+        return 0
+    present = {v.name for v in model.graph.inputs}
+    added = 0
+    for name, v in model.graph.initializers.items():
+        if name not in present:
+            model.graph.inputs.append(v)
+            added += 1
+    return added
+
+
+_CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor a ``Constant`` node produces (``value``, ``value_float(s)``,
+    ``value_int(s)``; sparse values were made dense on load), or None for strings / other
+    nodes."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for key in _CONSTANT_ATTRS:
+        a = node.attributes.get(key)
+        if a is None:
+            continue
+        if key == "value":
+            return a.as_tensor()
+        if key == "value_float":
+            return ir.tensor(np.array(a.as_float(), dtype=np.float32))
+        if key == "value_floats":
+            return ir.tensor(np.array(list(a.as_floats()), dtype=np.float32))
+        if key == "value_int":
+            return ir.tensor(np.array(a.as_int(), dtype=np.int64))
+        return ir.tensor(np.array(list(a.as_ints()), dtype=np.int64))
+    return None
+
+
+def lift_constants(model: ir.Model) -> int:
+    """Turn every ``Constant`` node that holds a tensor (Paddle2ONNX / tf2onnx / older
+    exporters keep weights this way) into an initializer of its graph, with the same value
+    name: weights become visible to counting, the rank detector and the appliers, and are
+    written back as initializers. Constants that are graph outputs, and every Constant of an
+    IR < 4 model (whose initializers must be graph inputs), are left as they are. Returns the
+    number lifted."""
+    if model.ir_version < _IR_INITIALIZERS_FREE:
+        return 0
+    lifted = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        t = constant_tensor(node)
+        graph = node.graph
+        out = node.outputs[0] if node.outputs else None
+        if t is None or graph is None or out is None or not out.name:
+            continue
+        if out.is_graph_output() or out.name in graph.initializers:
+            continue
+        name = out.name
+        if t.name != name:
+            t = ir.Tensor(t.numpy(), name=name) if not isinstance(t, ir.ExternalTensor) else t
+        init = ir.Value(name=None, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype),
+                        const_value=t)
+        out.replace_all_uses_with(init)
+        graph.remove(node, safe=True)
+        out.name = None
+        init.name = name
+        graph.register_initializer(init)
+        lifted += 1
+    return lifted
+
+
+def parameter_count(model: ir.Model) -> int:
+    """Elements of every floating-point initializer and Constant-node tensor, subgraphs
+    included (shape constants and other integer tensors are not parameters)."""
+    total = 0
+    graphs = [model.graph, *(n_sub for n in ir.traversal.RecursiveGraphIterator(model.graph)
+                             for a in n.attributes.values()
+                             for n_sub in _subgraphs(a))]
+    for g in graphs:
+        for v in g.initializers.values():
+            t = v.const_value
+            if t is not None and t.dtype.is_floating_point():
+                total += int(np.prod(t.shape.numpy(), dtype=np.int64))
+    for n in ir.traversal.RecursiveGraphIterator(model.graph):
+        t = constant_tensor(n)
+        if t is not None and t.dtype.is_floating_point():
+            total += int(np.prod(t.shape.numpy(), dtype=np.int64))
+    return total
+
+
+def _subgraphs(a: Any) -> list[ir.Graph]:
+    if a.type == ir.AttributeType.GRAPH:
+        return [a.as_graph()]
+    if a.type == ir.AttributeType.GRAPHS:
+        return list(a.as_graphs())
+    return []
+
+
 # -- onnxruntime -----------------------------------------------------------------------------
-def ort_session(model: ir.Model, *, threads: int | None = None) -> Any:
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types onnxruntime raises for a model or a feed it cannot run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+
+    names = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented",
+             "EngineError", "EPFail", "NoModel", "NotFound", "ModelLoadCanceled")
+    return tuple(getattr(st, n) for n in names if isinstance(getattr(st, n, None), type))
+
+
+class OrtSession:
+    """An onnxruntime session whose ``run`` takes any feed mapping and turns onnxruntime's
+    failures on the calibration data (a Reshape that fails at run time, an index out of
+    range) into one-line :class:`OnnxInputError`. Other attributes are the session's."""
+
+    def __init__(self, sess: Any) -> None:
+        self._sess = sess
+        self._errors = _ort_errors()
+        self.runs = 0
+
+    def run(self, output_names: Any, feed: Mapping[str, Any], *args: Any) -> list[Any]:
+        plain = feed if isinstance(feed, dict) else {k: feed[k] for k in feed}
+        try:
+            out = self._sess.run(output_names, plain, *args)
+        except self._errors as e:
+            msg = " ".join(str(e).split())[:300]
+            shapes = ", ".join(f"{k}{tuple(np.shape(v))}" for k, v in plain.items())
+            raise OnnxInputError(
+                f"onnxruntime failed on calibration batch {self.runs} ({shapes}): {msg}; "
+                "check that the data is what the model takes") from None
+        self.runs += 1
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sess, name)
+
+
+def ort_session(model: ir.Model, *, threads: int | None = None) -> OrtSession:
     """An onnxruntime CPU session on ``model`` (basic graph optimisations only, so observed
-    intermediate values keep their names)."""
+    intermediate values keep their names), wrapped in :class:`OrtSession`."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -199,14 +419,16 @@ def ort_session(model: ir.Model, *, threads: int | None = None) -> Any:
     so.log_severity_level = 3
     if threads is not None:
         so.intra_op_num_threads = threads
+    initializers_as_inputs(model)
     try:
         if has_external_tensors(model):
             with tempfile.TemporaryDirectory() as d:
                 p = Path(d) / "model.onnx"
                 ir.save(model, p, external_data="model.onnx.data")
-                return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                return OrtSession(ort.InferenceSession(str(p), so,
+                                                       providers=["CPUExecutionProvider"]))
         data = to_proto(model).SerializeToString()
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        return OrtSession(ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]))
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         custom = sorted(
@@ -217,53 +439,36 @@ def ort_session(model: ir.Model, *, threads: int | None = None) -> Any:
 
 
 # -- calibration data ------------------------------------------------------------------------
-_NP_OF_ONNX = {
-    ir.DataType.FLOAT: np.float32,
-    ir.DataType.DOUBLE: np.float64,
-    ir.DataType.FLOAT16: np.float16,
-    ir.DataType.INT64: np.int64,
-    ir.DataType.INT32: np.int32,
-    ir.DataType.INT8: np.int8,
-    ir.DataType.UINT8: np.uint8,
-    ir.DataType.BOOL: np.bool_,
-}
-
-
 def load_batches(
     data: str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]],
     *,
     batch_size: int = 64,
 ) -> list[Feed]:
-    """Calibration data as a list of feed dicts.
+    """Calibration data as a list of plain feed dicts, without a model: an ``.npz`` (every
+    array split along dimension 0 into batches of ``batch_size``), one feed dict or an
+    iterable of them. With a model, use :func:`graphsurg.passes.onnx.inputs.load_feeds`
+    (every format, batch axes read from the model, lazy reading)."""
+    from .inputs import check_batch_options
 
-    ``data`` is an ``.npz`` file (one array per model input; split along dimension 0 into
-    batches of ``batch_size``), one feed dict, or an iterable of feed dicts.
-    """
+    check_batch_options(batch_size)
     if isinstance(data, str | os.PathLike):
+        from .inputs import NpzArrays
+
         p = Path(data)
         if not p.is_file():
             raise OnnxInputError(f"calibration data '{p}' does not exist; pass an .npz file")
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                arrays = {k: np.asarray(z[k]) for k in z.files}
-        except Exception as e:
-            raise OnnxInputError(
-                f"calibration data '{p}' is not a readable .npz file ({type(e).__name__}); "
-                "write it with numpy.savez(path, input_name=array, ...)"
-            ) from None
-        if not arrays:
-            raise OnnxInputError(f"calibration data '{p}' holds no arrays")
-        n = {a.shape[0] if a.ndim else 1 for a in arrays.values()}
+        z = NpzArrays(p)
+        arrays = {k: z.read(k) for k in z.members}
+        n = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
         if len(n) != 1 or 0 in n:
             raise OnnxInputError(
                 f"calibration data '{p}': arrays differ in (or lack) a leading batch dimension: "
-                + ", ".join(f"{k}{tuple(a.shape)}" for k, a in arrays.items())
-            )
+                + ", ".join(f"{k}{tuple(a.shape)}" for k, a in arrays.items()))
         total = n.pop()
-        step = max(1, int(batch_size))
-        return [{k: a[i : i + step] for k, a in arrays.items()} for i in range(0, total, step)]
+        return [{k: a[i : i + batch_size] for k, a in arrays.items()}
+                for i in range(0, total, batch_size)]
     if isinstance(data, Mapping):
-        return [{str(k): np.asarray(v) for k, v in data.items()}]
+        return [{str(k): np.asarray(_to_numpy(v)) for k, v in data.items()}]
     try:
         batches = [{str(k): np.asarray(_to_numpy(v)) for k, v in b.items()} for b in data]
     except (TypeError, AttributeError):
@@ -282,52 +487,14 @@ def _to_numpy(v: Any) -> Any:
     return v
 
 
-def validate_batches(model: ir.Model, batches: list[Feed]) -> list[Feed]:
+def validate_batches(model: ir.Model, batches: Iterable[Mapping[str, Any]]) -> list[Feed]:
     """Check names, ranks, fixed dimensions and dtypes of every batch against the model's
-    inputs; cast dtypes where numpy can do so safely. Returns the (possibly cast) batches."""
-    inits = set(model.graph.initializers)
-    inputs = [v for v in model.graph.inputs if v.name not in inits]
-    names = [v.name or "" for v in inputs]
-    out: list[Feed] = []
-    for i, b in enumerate(batches):
-        if set(b) != set(names):
-            missing = sorted(set(names) - set(b))
-            extra = sorted(set(b) - set(names))
-            raise OnnxInputError(
-                f"calibration batch {i} does not match the model's inputs {names}: "
-                f"missing {missing}, unexpected {extra}"
-            )
-        fixed: Feed = {}
-        for v in inputs:
-            assert v.name is not None
-            a = b[v.name]
-            if v.shape is not None:
-                if a.ndim != len(v.shape):
-                    raise OnnxInputError(
-                        f"calibration input '{v.name}' has shape {tuple(a.shape)} but the model "
-                        f"expects rank {len(v.shape)} ({_shape_str(v.shape)})"
-                    )
-                for d, (got, want) in enumerate(zip(a.shape, v.shape, strict=True)):
-                    if isinstance(want, int) and got != want:
-                        raise OnnxInputError(
-                            f"calibration input '{v.name}' has shape {tuple(a.shape)} but the "
-                            f"model expects {_shape_str(v.shape)} (dimension {d})"
-                        )
-            want_dt = _NP_OF_ONNX.get(v.dtype) if v.dtype is not None else None
-            if want_dt is not None and a.dtype != want_dt:
-                if not np.can_cast(a.dtype, want_dt, casting="same_kind"):
-                    raise OnnxInputError(
-                        f"calibration input '{v.name}' has dtype {a.dtype} but the model "
-                        f"expects {np.dtype(want_dt)}"
-                    )
-                a = a.astype(want_dt)
-            fixed[v.name] = a
-        out.append(fixed)
-    return out
+    inputs (-1, 0, symbolic and missing dimensions take any size); cast dtypes where numpy
+    can within their kind. Returns the (possibly cast) batches."""
+    from .inputs import check_feed, input_specs
 
-
-def _shape_str(shape: ir.Shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    specs = input_specs(model)
+    return [check_feed(specs, b, f"calibration batch {i}") for i, b in enumerate(batches)]
 
 
 def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:

@@ -5,13 +5,17 @@ an ``onnx_ir.Model``, with onnxruntime as the engine.
 verb           how
 =============  ===========================================================================
 open           a path (external data memory-mapped, its paths checked), a ``ModelProto``
-               or an ``ir.Model`` -> a private ``ir.Model`` (the user's is never touched)
+               or an ``ir.Model`` -> a private ``ir.Model`` (the user's is never touched);
+               weights held in ``Constant`` nodes become initializers (and are saved so)
+batches        calibration data in any form of :mod:`graphsurg.passes.onnx.inputs`,
+               checked against the model's inputs, batch axes read from the model
 observe        onnxruntime with the observed values as extra outputs, reduced batch by
                batch with ``graphsurg.kernels`` (:mod:`graphsurg.passes.onnx.observe`)
 run            an onnxruntime session: the floating outputs of every batch
 snapshot       ``ir.Model.clone()``; ``restore`` installs a clone of the snapshot
 target         :class:`graphsurg.passes.onnx.target.OnnxTarget` (what ``apply_onnx`` edits)
-halve          a feed dict cut in two along dimension 0
+halve          a feed dict cut in two along each input's batch axis (unbatched inputs
+               go whole to both halves)
 save           the model (and its external data, kept beside it) written atomically
 capabilities   no gradients, not trainable: exact edits only, no healing
 =============  ===========================================================================
@@ -22,7 +26,7 @@ capabilities   no gradients, not trainable: exact edits only, no healing
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,15 +37,23 @@ from graphsurg._config import DiagnoseConfig
 from graphsurg._ir import Capabilities, LossFn
 from graphsurg._measurements import Measurements
 
-from ._common import Feed, ModelLike, load_batches, load_model, ort_session, save_model_files
+from ._common import (
+    Feed,
+    ModelLike,
+    OnnxInputError,
+    lift_constants,
+    load_model,
+    ort_session,
+    save_model_files,
+)
 from ._common import validate_batches as validate_batches
+from .inputs import BatchAxes, InputSpec, halve_feed, input_specs, load_feeds
+from .inputs import DataLike as DataLike
 from .observe import observe_model
 from .target import OnnxTarget
 
 if TYPE_CHECKING:
     from graphsurg._problems import Diagnosis
-
-DataLike = str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 
 
 class OnnxAdapter:
@@ -61,6 +73,7 @@ class OnnxAdapter:
                             "use OnnxAdapter.open(path_or_proto_or_model)")
         self._model = model
         self.threads = threads
+        self._specs: list[InputSpec] | None = None
 
     @classmethod
     def open(cls, model_like: ModelLike, *, threads: int | None = None
@@ -73,6 +86,7 @@ class OnnxAdapter:
                 missing or outside the model's folder (one line).
         """
         model, kind = load_model(model_like)
+        lift_constants(model)
         return cls(model, threads=threads), kind
 
     @property
@@ -80,10 +94,21 @@ class OnnxAdapter:
         """The working ``onnx_ir.Model`` (edited in place by the library's ONNX appliers)."""
         return self._model
 
-    def batches(self, data: DataLike, *, batch_size: int = 64) -> list[Feed]:
-        """Calibration data (an ``.npz`` path, one feed dict or an iterable of them) as feed
-        dicts checked against the model's inputs (names, ranks, fixed dimensions, dtypes)."""
-        return validate_batches(self._model, load_batches(data, batch_size=batch_size))
+    def batches(self, data: DataLike, *, batch_size: int = 64,
+                batch_axes: BatchAxes | None = None, max_batches: int | None = None,
+                loader: str | None = None) -> list[Mapping[str, np.ndarray]]:
+        """Calibration data (an ``.npz``, a folder of ``.npz``, a Polygraphy inputs ``.json``,
+        feed dicts, a callable, or the data-loader script ``loader``: see
+        :mod:`graphsurg.passes.onnx.inputs`) as feed dicts checked against the model's inputs.
+        ``batch_axes`` (``{"state": 1, "sr": None}``) overrides the batch axes read from the
+        model; :meth:`halve` uses the same axes.
+
+        Raises:
+            OnnxInputError: unreadable or mismatched data, a bad option (one line).
+        """
+        self._specs = input_specs(self._model, batch_axes)
+        return load_feeds(self._model, data, batch_size=batch_size, batch_axes=batch_axes,
+                          max_batches=max_batches, loader=loader)
 
     def observe(self, batches: Sequence[Feed], config: DiagnoseConfig, *,
                 loss_fn: LossFn | None = None) -> Measurements:
@@ -114,15 +139,14 @@ class OnnxAdapter:
     def target(self, batches: Sequence[Feed], *, seed: int = 0) -> OnnxTarget:
         return OnnxTarget(self._model, batches, seed=seed)
 
-    def halve(self, batch: Feed) -> tuple[Feed, Feed] | None:
-        """Cut a feed dict in two along dimension 0 (None when its inputs do not share a
-        leading dimension of at least 2)."""
-        rows = {a.shape[0] if a.ndim else 0 for a in batch.values()}
-        n = rows.pop() if len(rows) == 1 else 0
-        if n < 2:
+    def halve(self, batch: Mapping[str, np.ndarray]) -> tuple[Feed, Feed] | None:
+        """Cut a feed dict in two along each input's batch axis (as :meth:`batches` read
+        them; unbatched inputs go whole to both halves). None when the batched inputs do not
+        share a size of at least 2 there."""
+        specs = self._specs if self._specs is not None else input_specs(self._model)
+        if set(batch) != {s.name for s in specs}:
             return None
-        h = n // 2
-        return {k: a[:h] for k, a in batch.items()}, {k: a[h:] for k, a in batch.items()}
+        return halve_feed(specs, batch)
 
     def save(self, path: str | os.PathLike[str], *, save_external_data: bool = False,
              external_data_size_threshold: int = 1024, **options: Any) -> list[Path]:
@@ -149,18 +173,26 @@ def diagnose_onnx(adapter: OnnxAdapter, batches: Sequence[Feed], *,
     return d
 
 
-def analyze(model: ModelLike, data: DataLike, *, config: DiagnoseConfig | None = None,
-            batch_size: int = 64) -> Diagnosis:
+def analyze(model: ModelLike, data: DataLike | None = None, *,
+            config: DiagnoseConfig | None = None, batch_size: int = 64,
+            batch_axes: BatchAxes | None = None, data_loader_script: str | None = None
+            ) -> Diagnosis:
     """Diagnose an ONNX model on calibration data with onnxruntime: ``gs.diagnose``'s rules
     and thresholds over :class:`OnnxAdapter` (no gradient checks: ONNX has no gradients).
 
     Args:
         model: a path (external data is memory-mapped), an ``onnx.ModelProto`` or an
             ``onnx_ir.Model``. It is not modified.
-        data: an ``.npz`` file (one array per model input, split along dimension 0 into
-            batches of ``batch_size``), one feed dict, or an iterable of feed dicts
-            ``{input name: array}``.
-        config: thresholds (:class:`graphsurg.DiagnoseConfig`).
+        data: calibration data: an ``.npz`` (batched inputs split along their batch axis
+            into batches of ``batch_size``, read lazily), a folder of ``.npz`` files (one feed
+            dict each), a Polygraphy ``--save-inputs`` ``.json``, a feed dict, an iterable of
+            feed dicts, or a callable returning them (see :mod:`graphsurg.passes.onnx.inputs`).
+        config: thresholds (:class:`graphsurg.DiagnoseConfig`); ``max_batches`` caps the
+            batches measured.
+        batch_axes: ``{input name: axis or None}`` overriding the batch axes read from the
+            model (None: fed whole to every batch).
+        data_loader_script: ``"file.py:load_data"`` -- runs that script's function for the
+            feed dicts (this executes the user's code; ``data`` is then not needed).
 
     Returns:
         A :class:`graphsurg.Diagnosis` with ``capture="onnxruntime"``; sites carry
@@ -168,14 +200,24 @@ def analyze(model: ModelLike, data: DataLike, *, config: DiagnoseConfig | None =
         node name as ``module``.
 
     Raises:
-        OnnxInputError: the model or the data is bad (one-line message).
+        OnnxInputError: the model, the data or an option is bad (one-line message).
 
     Example:
-        >>> d = gso.analyze("model.onnx", "calib.npz")
+        >>> d = gso.analyze("model.onnx", "calib.npz", batch_axes={"state": 1})
         >>> print(d.summary())
     """
+    from .inputs import check_batch_options
+
+    cfg = config or DiagnoseConfig()
+    check_batch_options(batch_size, cfg.max_batches)
+    if data is None and data_loader_script is None:
+        raise OnnxInputError("no calibration data: pass data= (or --data / --load-inputs) or "
+                             "data_loader_script= (--data-loader-script)")
     adapter, _ = OnnxAdapter.open(model)
-    return diagnose_onnx(adapter, adapter.batches(data, batch_size=batch_size), config=config)
+    batches = adapter.batches(data if data is not None else [], batch_size=batch_size,
+                              batch_axes=batch_axes, max_batches=cfg.max_batches,
+                              loader=data_loader_script)
+    return diagnose_onnx(adapter, batches, config=cfg)
 
 
 __all__ = ["OnnxAdapter", "analyze", "diagnose_onnx"]
