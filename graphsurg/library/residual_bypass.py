@@ -4,11 +4,18 @@ For each layer ``i`` of the span, with ``g_i`` the layer and its channel-local c
 (activation, dropout, BatchNorm) and ``P`` the identity when shapes match (else a learned
 projection, orthogonally initialised):
 
-* ``variant="residual"`` (bounded): ``x_{i+1} = g_i(x_i) + P(x_i)``. It changes the function
-  and relies on healing; the gradient reaches the first layers through the identity paths at
-  once.
-* ``variant="gated"`` (exact): ``x_{i+1} = g_i(x_i) + alpha_i * P(x_i)`` with each ``alpha_i`` a
-  new scalar parameter initialised to 0, which opens as it trains.
+* ``variant="residual"`` (bounded): ``x_{i+1} = g_i(x_i) - c_i + P(x_i)``. It changes the
+  function and relies on healing; the gradient reaches the first layers through the identity
+  paths at once.
+* ``variant="gated"`` (exact): ``x_{i+1} = g_i(x_i) + alpha_i * (P(x_i) - c_i)`` with each
+  ``alpha_i`` a new scalar parameter initialised to 0, which opens as it trains.
+
+``c_i`` is the centre of the block's bounded activation (``graphsurg._activations``: sigmoid's
+0.5, tanh's 0; 0 for unbounded ones and when a BatchNorm follows the activation). Without it
+the residual stream of a positive activation grows by about ``c`` per layer: on the zoo's
+24-layer sigmoid MLP the plain residual conversion treated the vanishing gradient and drove
+13-14 later sigmoid layers into saturation; centred, the stream stays bounded and no new
+problem appears (issue 13).
 
 The trade-off, measured on the zoo's 24-layer plain sigmoid MLP: an edit that preserves the
 function exactly cannot change the existing parameters' gradients at the moment of surgery.
@@ -27,22 +34,43 @@ import torch
 from torch import nn
 
 from .._problems import Problem
-from ..passes.fx.rewrite import RewriteError, block_bounds, insert_bypass
+from ..passes.fx.capture import activation_of_node
+from ..passes.fx.rewrite import RewriteError, block_bounds, insert_bypass, module_node
 from ._base import Applied, Refused, Replacement, Target
 
 
 class Bypass(nn.Module):
-    """The skip branch ``alpha * P(x)`` (gated) or ``P(x)`` (residual)."""
+    """The skip branch ``alpha * (P(x) - centre)`` (gated) or ``P(x) - centre`` (residual);
+    ``centre`` is the block activation's centre (subtracting it keeps the stream bounded)."""
 
-    def __init__(self, proj: nn.Module, gated: bool) -> None:
+    def __init__(self, proj: nn.Module, gated: bool, centre: float = 0.0) -> None:
         super().__init__()
         self.proj = proj
         self.gated = gated
+        self.centre = float(centre)
         self.alpha = nn.Parameter(torch.zeros(())) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(x)
+        if self.centre:
+            y = y - self.centre
         return y * self.alpha if self.alpha is not None else y
+
+
+def activation_centre(gm: Any, layer: str, end: Any) -> float:
+    """The centre ``(low + high) / 2`` of the last bounded activation in the block of ``layer``
+    (up to ``end``, see :func:`block_bounds`); 0 when there is none or a BatchNorm follows it
+    (the norm re-centres the output)."""
+    node, centre = module_node(gm, layer), 0.0
+    while node is not end and len(node.users) == 1:
+        node = next(iter(node.users))
+        act = activation_of_node(gm, node)
+        if act is not None:
+            centre = (act.low + act.high) / 2.0 if act.bounded else 0.0  # type: ignore[operator]
+        elif node.op == "call_module" and "BatchNorm" in type(gm.get_submodule(
+                str(node.target))).__name__:
+            centre = 0.0
+    return centre
 
 
 def _projection(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
@@ -144,7 +172,8 @@ class ResidualBypass(Replacement):
         span = [str(s) for s in params.get("span") or self._span(problem)]
         applied = Applied(exact=gated, modules=list(span))
         gen = target.generator(f"bypass:{span[0]}")
-        names = []
+        names: list[str] = []
+        centres: list[float] = []
         for layer in span:
             try:
                 x, end = block_bounds(gm, layer)
@@ -153,7 +182,9 @@ class ResidualBypass(Replacement):
             in_shape = tuple(x.meta["tensor_meta"].shape)
             out_shape = tuple(end.meta["tensor_meta"].shape)
             proj = _projection(gm.get_submodule(layer), in_shape, out_shape, gen)
-            mod = Bypass(proj, gated)
+            centre = activation_centre(gm, layer, end)
+            centres.append(centre)
+            mod = Bypass(proj, gated, centre)
             name = insert_bypass(gm, x, end, mod, f"gs_bypass_{layer}")
             names.append(name)
             applied.new_parameters += [f"{name}.{n}" for n, _ in mod.named_parameters()]
@@ -161,5 +192,5 @@ class ResidualBypass(Replacement):
                 applied.modules.append(name)
         target.set_model(gm)
         applied.details.update({"variant": "gated" if gated else "residual", "span": span,
-                                "bypasses": names})
+                                "bypasses": names, "centres": centres})
         return applied
