@@ -230,7 +230,7 @@ def check_shape(spec: InputSpec, shape: tuple[int, ...], where: str) -> None:
         if not _dynamic(want) and got != want:
             raise OnnxInputError(
                 f"{where}: input '{spec.name}' has shape {shape} but the model expects "
-                f"{spec.shape_str()} (dimension {d} must be {want})")
+                f"{spec.shape_str()} (dimension {d}: {want})")
 
 
 def _cast(spec: InputSpec, a: np.ndarray, where: str) -> np.ndarray:

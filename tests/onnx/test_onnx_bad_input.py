@@ -118,7 +118,7 @@ def test_custom_domain(tmp_path) -> None:
     ("feed", "match"),
     [
         ({"input": np.zeros((4, 16), np.float32)}, "does not match the model's inputs"),
-        ({"x": np.zeros((4, 15), np.float32)}, r"expects \(batch, 16\) \(dimension 1\)"),
+        ({"x": np.zeros((4, 15), np.float32)}, r"expects \(batch, 16\) \(dimension 1"),
         ({"x": np.zeros((4, 16, 1), np.float32)}, "expects rank 2"),
         ({"x": np.zeros((4, 16), np.complex64)}, "dtype complex64"),
     ],
