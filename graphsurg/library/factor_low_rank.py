@@ -8,7 +8,7 @@ satisfies ``r (d_in + d_out) < d_in d_out`` is replaced by ``W = A B`` with
 * torch: ``Linear(d_in, d_out)`` -> ``Sequential(Linear(d_in, r, bias=False), Linear(r,
   d_out))`` (the bias moves to the second layer);
 * ONNX: ``MatMul/Gemm(X, W)`` -> ``MatMul/Gemm(MatMul(X, A), B)``
-  (:func:`graphsurg.passes.onnx.factor_low_rank.factor_site`).
+  (:func:`graphsurg.passes.onnx.low_rank.factor_site`).
 
 Exact up to the rank tolerance: the dropped singular values are below it, so
 ``||W - A B||_2 = sigma_{r+1} <= rtol x sigma_max`` (reported in the details). The model gets
@@ -71,7 +71,7 @@ class FactorLowRank(Replacement):
         make it smaller."""
         path = problem.site.module
         if target.ir == "onnx":
-            from ..passes.onnx.factor_low_rank import weight_of
+            from ..passes.onnx.low_rank import weight_of
 
             wk = weight_of(target.model, path)  # k x n, as X @ W
             w = torch.from_numpy(np.array(wk.T, dtype=np.float32))  # a writable copy
@@ -130,7 +130,7 @@ class FactorLowRank(Replacement):
 
     def apply_onnx(self, target: Any, problem: Problem, params: dict[str, Any]) -> Applied:
         """``MatMul/Gemm(X, W)`` -> ``MatMul/Gemm(MatMul(X, A), B)``."""
-        from ..passes.onnx.factor_low_rank import factor_site
+        from ..passes.onnx.low_rank import factor_site
 
         rank, d_in, d_out = self._site_rank(problem, target, params.get("rtol"))
         done = factor_site(target.model, problem.site.module, rank)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ._base import GraphsurgPass
+from ._pass import GraphsurgPass
 from .cleanup import Cleanup
 from .excise_dead_units import ExciseDeadUnits
-from .factor_low_rank import FactorLowRank
+from .low_rank import FactorLowRank
 from .relu_to_leaky_relu import ReluToLeakyReluPass
 
 PASSES: dict[str, type[GraphsurgPass]] = {

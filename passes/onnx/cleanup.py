@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass, TopologicalSortPass
 
-from ._base import GraphsurgPass
+from ._pass import GraphsurgPass
 
 
 class Cleanup(GraphsurgPass):

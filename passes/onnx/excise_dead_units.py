@@ -35,7 +35,7 @@ import onnx_ir as ir
 from graphsurg._errors import Refused
 from graphsurg._problems import Problem
 
-from ._base import (
+from ._pass import (
     GraphsurgPass,
     const_array,
     float_attr,

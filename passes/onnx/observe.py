@@ -41,8 +41,8 @@ from graphsurg._activations import ACTIVATIONS, ONNX_OPS, Activation, bounded
 from graphsurg._config import DiagnoseConfig
 from graphsurg._measurements import LayerMeasure, Measurements, SiteMeasure
 
-from ._base import const_array
 from ._common import KNOWN_DOMAINS, Feed, ort_session
+from ._pass import const_array
 
 #: layer op type -> layer kind (torch's names)
 LAYER_OPS: dict[str, str] = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv",

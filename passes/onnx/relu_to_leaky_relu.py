@@ -22,7 +22,7 @@ from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase
 from graphsurg._errors import Refused
 from graphsurg._problems import Diagnosis
 
-from ._base import GraphsurgPass, PassState
+from ._pass import GraphsurgPass, PassState
 
 RULE_NAME = "relu_to_leaky_relu"
 #: the default negative slope (torch.nn.LeakyReLU's default)

@@ -43,11 +43,7 @@ KNOWN: dict[str, str] = {
                             "under passes/; it is an integration above the spine",
 }
 #: module names still shared when this test was written (same rule as KNOWN)
-KNOWN_TWINS: dict[str, str] = {
-    "base": "graphsurg/library/_base.py (Replacement) and passes/onnx/_base.py (ONNX pass "
-            "base) are two different 'base' rooms",
-    "factor_low_rank": "the library replacement and the ONNX pass that is its ONNX applier",
-}
+KNOWN_TWINS: dict[str, str] = {}
 
 
 def _module(rel_path: str) -> tuple[str, bool]:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graphsurg._errors import Refused
 
-from ._base import GraphsurgPass, const_array, int_attr, new_initializer
+from ._pass import GraphsurgPass, const_array, int_attr, new_initializer
 
 
 @dataclass
