@@ -349,12 +349,13 @@ def _plan_path(out: Path) -> Path:
 
 @contextlib.contextmanager
 def _torch_quiet() -> Iterator[None]:
-    """Silence torch's logged warnings (a failed export logs the whole graph) and Python
-    warnings for the block; the one-line error that follows says what failed."""
+    """Silence torch's logged warnings, what it prints on stderr (a failed export prints the
+    whole graph) and Python warnings for the block; the one-line error that follows says what
+    failed (--debug shows the traceback)."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -266,15 +266,11 @@ def test_threads_option_sets_torch_threads(files: dict[str, Path], tmp_path: Pat
 
 
 def test_subprocess_end_to_end(files: dict[str, Path], tmp_path: Path) -> None:
-    """One real process: a crafted archive, collisions and numbers checked before work."""
+    """One real process (the console path, logging and warnings as a user sees them): a
+    crafted archive is one line, exit 2, the payload not run, nothing written."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     before = _snapshot(files["m.pt2"].parent)
-    p = subprocess.run([sys.executable, "-m", "graphsurg", "operate", str(files["evil_weights.pt2"]),
-                        "--data", str(files["d.npz"]), "-o", str(files["evil_weights.pt2"])],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2
-    assert len(p.stderr.strip().splitlines()) == 1 and "is the input" in p.stderr
     p = subprocess.run([sys.executable, "-m", "graphsurg", "diagnose",
                         str(files["evil_weights.pt2"]), "--data", str(files["d.npz"])],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -283,3 +279,23 @@ def test_subprocess_end_to_end(files: dict[str, Path], tmp_path: Path) -> None:
     assert _snapshot(files["m.pt2"].parent) == before
     assert not list(files["m.pt2"].parent.glob("*.ran"))
     assert not list(tmp_path.iterdir())
+
+
+def test_failed_export_is_one_line_without_graph_dump(tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """torch.export prints the whole graph on stderr when it fails; the CLI's final export
+    keeps only its own one-line error and writes neither the archive nor the plan."""
+    from graphsurg._cli import _save_pt2
+    from graphsurg._errors import GraphsurgError
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    out = tmp_path / "o.pt2"
+    with pytest.raises(GraphsurgError, match="could not be exported") as e:
+        _save_pt2(DataDependent(), torch.randn(4, 3), out, plan=(tmp_path / "o.plan.json", "{}"))
+    assert len(str(e.value).splitlines()) == 1
+    captured = capfd.readouterr()
+    assert captured.err.strip() == "" and captured.out.strip() == "", captured.err[:300]
+    assert list(tmp_path.iterdir()) == []
