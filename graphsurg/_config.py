@@ -40,6 +40,15 @@ class DiagnoseConfig:
             spectral energy.
         rank_sample: rows of activations kept per site for the effective rank.
         min_rank_dim: layers narrower than this (min(d_in, d_out)) are not checked for rank.
+        narrow_input_factor: a narrow layer loses information only when the information
+            reaching it (the measured effective rank upstream, see
+            ``graphsurg.detect.bottleneck``) is at least this many times its width ...
+        narrow_saturation: ... and its own output's effective rank is at least this fraction
+            of its width.
+        min_unit_samples: dormancy and dead units are judged only at sites where every unit
+            was observed at least this many times (a squeeze-excite layer sees one pooled
+            vector per image: a few images say nothing about its units); skipped sites are
+            named in the diagnosis notes.
         progress: show a progress bar (None: when stderr is a TTY).
         overfit_gap: with ``val_data=``, the model over-fits when the held-out loss exceeds
             ``(1 + overfit_gap) x`` the training loss ...
@@ -66,6 +75,9 @@ class DiagnoseConfig:
     effective_rank_energy: float = 0.99
     rank_sample: int = 512
     min_rank_dim: int = 8
+    narrow_input_factor: float = 2.0
+    narrow_saturation: float = 0.75
+    min_unit_samples: int = 32
     progress: bool | None = None
     overfit_gap: float = 0.5
     overfit_min_delta: float = 1e-3

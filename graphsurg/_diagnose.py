@@ -23,7 +23,7 @@ from ._data import InputFn, iter_batches
 from ._ir import IRAdapter
 from ._measurements import Measurements
 from ._problems import Diagnosis, LayerReport, Site
-from .detect import detect_all
+from .detect import detect_all, detect_notes
 from .detect.dead import unit_flags
 
 
@@ -120,11 +120,12 @@ def diagnose_adapter(
 def diagnosis_from(m: Measurements, config: DiagnoseConfig | None = None) -> Diagnosis:
     """Judge ``m`` with every detector (``graphsurg.detect.detect_all``) and attach the
     per-site evidence (a :class:`LayerReport` per activation site and per layer). The
-    capture method, gradients flag, batch count and notes come from ``m``."""
+    capture method, gradients flag, batch count and notes come from ``m``, followed by what
+    the detectors could not judge (``graphsurg.detect.detect_notes``)."""
     config = config or DiagnoseConfig()
     return Diagnosis(problems=detect_all(m, config), layers=site_reports(m, config),
                      capture=m.capture, gradients_checked=m.gradients, batches=m.batches,
-                     notes=list(m.notes))
+                     notes=list(m.notes) + detect_notes(m, config))
 
 
 def site_reports(m: Measurements, config: DiagnoseConfig) -> dict[str, LayerReport]:

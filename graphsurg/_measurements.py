@@ -58,6 +58,9 @@ class LayerMeasure:
     grad_nonfinite: bool = False
     next_modules: list[str] = field(default_factory=list)
     node: str = ""  # the weight's value name (ONNX) or the layer's graph node (torch)
+    #: a parallel path (residual add, gate/excite multiply, concat, sibling branch) joins the
+    #: layer's output with data that does not pass through it; None: not known (no graph)
+    bypassed: bool | None = None
 
 
 @dataclass

@@ -32,14 +32,19 @@ from ._errors import BadInputError, first_line
 from ._heal import HealLog, LossFn, OptimizerFactory, heal, mean_loss
 from ._ir import IRAdapter
 from ._plan import Schema, SurgeryFailed, SurgeryPlan, plan, plan_target
-from ._problems import Diagnosis, _finite, _table
+from ._problems import Diagnosis, Problem, _finite, _table
 from ._verify import (
     UNIT_KINDS,
+    ProblemRelation,
     SchemaVerification,
+    UnitMap,
     culprits,
+    describe_problem,
     grad_norms,
     module_grad_norm,
+    relate,
     still_flagged,
+    unit_map,
 )
 from .library._base import SCALES, Applied, Library, Refused
 
@@ -69,6 +74,13 @@ class SurgeryResult:
         verified_on: which batches verified the result (or why it was not verified).
         size: ``nodes_before/after``, ``params_before/after`` where the adapter counts them.
         output: the file the result was written to (``graphsurg.onnx.apply`` on a path).
+        guarantee: the global certificate (:meth:`ProblemRelation.to_dict`: ``before``,
+            ``after``, ``resolved``, ``remaining``, ``new``, ``strict_subset``), or
+            ``{"checked": False, "why": ...}`` when it could not be checked.
+        rounds: one record per follow-up round of closed-loop surgery (the new problems it
+            planned for, the schemas and what became of them).
+        diagnoses: diagnosis runs beyond the plan's (the input and the result on held-out
+            batches, follow-up rounds, bisection): the cost of the guarantee.
     """
 
     model: Any
@@ -86,6 +98,15 @@ class SurgeryResult:
     verified_on: str = ""
     size: dict[str, int] = field(default_factory=dict)
     output: str | None = None
+    guarantee: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    diagnoses: int = 0
+
+    @property
+    def strict_subset(self) -> bool | None:
+        """issues(f') is a strict subset of issues(f) (None: not checked)."""
+        v = self.guarantee.get("strict_subset")
+        return bool(v) if v is not None else None
 
     @property
     def kept(self) -> list[int]:
@@ -119,6 +140,9 @@ class SurgeryResult:
                         for i, a in self.applied.items()},
             "notes": list(self.notes),
             "escalations": list(self.escalations),
+            "guarantee": dict(self.guarantee),
+            "rounds": list(self.rounds),
+            "diagnoses": self.diagnoses,
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -136,19 +160,46 @@ class SurgeryResult:
         for v in self.verification:
             oc = v.output_change
             why = "; ".join(v.reasons) if not v.kept else _details(v.details)
-            rows.append((str(v.index), v.replacement + ("*" if v.variant != "planned" else ""),
+            rows.append((str(v.index) + (f" (round {v.round})" if v.round else ""),
+                         v.replacement + ("*" if v.variant != "planned" else ""),
                          v.site, "yes" if v.kept else "ROLLED BACK", "yes" if v.exact else "no",
                          "n/a" if oc is None else f"{oc:.2e}", why))
         lines = [head, _table(rows)] if self.verification else [head]
         h = self.healing
         if h.get("steps"):
-            lines.append(f"healing: {h['steps']} step(s); loss treated "
-                         f"{_f(h.get('treated_loss'))} vs untreated {_f(h.get('untreated_loss'))}")
+            lines.append(f"healing: {h['steps']} step(s); held-out loss treated "
+                         f"{_f(h.get('treated_loss'))} vs equally fine-tuned untreated "
+                         f"{_f(h.get('untreated_loss'))}")
+        lf = h.get("final_loss", h.get("treated_loss"))
+        if h.get("input_loss") is not None and lf is not None:
+            ok = lf <= h["input_loss"] + 1e-5 * max(1.0, abs(h["input_loss"]))
+            lines.append(f"loss: L(f') {_f(lf)} {'<=' if ok else '>'} L(f) "
+                         f"{_f(h['input_loss'])} (held-out"
+                         + (", after the follow-up rounds)" if "final_loss" in h else ")"))
         if self.output_change is not None:
             lines.append(f"output change of the result: {self.output_change:.3g}")
+        g = self.guarantee
+        if g.get("strict_subset") is not None:
+            lines.append(f"guarantee: problems {g['before']} -> {g['after']} on held-out data "
+                         f"({len(g['resolved'])} resolved, {len(g['remaining'])} remaining, "
+                         f"{len(g['new'])} new): issues(f') "
+                         + ("is a strict subset of issues(f)" if g["strict_subset"]
+                            else "is NOT a strict subset of issues(f)"))
+            for q in g["new"]:
+                lines.append(f"  new: {q['kind']} at {q['site']}"
+                             + (f" ({len(q['units'])} unit(s))" if q["units"] else ""))
+        elif g.get("why"):
+            lines.append(f"guarantee: not checked: {g['why']}")
+        if self.rounds:
+            lines.append(f"closed loop: {len(self.rounds)} follow-up round(s); "
+                         f"{self.diagnoses} extra diagnosis run(s)")
+            for r in self.rounds:
+                lines.append(f"  round {r['round']}: {r['outcome']}")
         # by module, not graph node: a rewrite renames later nodes (relu_2 -> relu_1)
         before = {(p.kind, p.site.module) for p in self.before.problems}
-        if self.after is not None:
+        if self.guarantee.get("strict_subset") is not None:
+            pass
+        elif self.after is not None:
             after = {(p.kind, p.site.module) for p in self.after.problems}
             lines.append(f"problems: {len(before)} before, {len(after)} after "
                          f"({len(before - after)} resolved)")
@@ -294,12 +345,164 @@ def operate_adapter(adapter: IRAdapter, batches: Sequence[Any], *,
     before = diagnosis if diagnosis is not None else diagnose_on(adapter, train, cfg, loss_fn)
     if surgery_plan is None:
         surgery_plan = plan_on(adapter, before, lib, cert, train[:2], seed=seed, prefer=prefer)
-    s = _Surgery(adapter, surgery_plan, lib, cert, cfg, train, held, loss_fn=loss_fn,
-                 seed=seed, heal_steps=heal_steps, heal_mode=heal_mode, optimizer=optimizer,
-                 rediagnose=rediagnose)
+    kw: dict[str, Any] = dict(loss_fn=loss_fn, seed=seed, heal_steps=heal_steps,
+                              heal_mode=heal_mode, optimizer=optimizer, rediagnose=rediagnose)
+    global_check = cert.require_strict_subset and rediagnose and bool(held)
+    # the input on the held-out batches: the global certificate compares like with like
+    before_held = diagnose_on(adapter, held, cfg, loss_fn) if global_check else None
+    s = _Surgery(adapter, surgery_plan, lib, cert, cfg, train, held, **kw)
     res = s.run(before)
+    if before_held is not None:
+        res = _close_loop(s, res, before, before_held, kw)
+    else:
+        res.guarantee = {"checked": False, "why": (
+            "Certificates(require_strict_subset=False)" if not cert.require_strict_subset
+            else "rediagnose=False" if not rediagnose else "no held-out batches")}
     res.verified_on = how
     return res
+
+
+def _close_loop(s: _Surgery, res: SurgeryResult, before: Diagnosis, before_held: Diagnosis,
+                kw: dict[str, Any]) -> SurgeryResult:
+    """The global certificate and closed-loop surgery.
+
+    issues(f') is compared with issues(f) (both on the held-out batches, :func:`relate`).
+    While new problems remain (or a treated problem is still there), up to
+    ``Certificates.max_rounds`` follow-up rounds plan for those problems only on the operated
+    model, operate, heal and verify. When new problems survive the rounds, bisection over the
+    plan's kept schemas finds the ones that create them; those are rolled back alone and the
+    rest is operated again. Raises :class:`SurgeryFailed` when every schema had to be rolled
+    back for creating problems.
+    """
+    lib, cert = s.lib, s.cert
+
+    def removes(name: str) -> bool:
+        return lib.get(name).removes_units
+
+    diagnoses = 1
+    created: dict[int, list[str]] = {}
+    history: list[dict[str, Any]] = []
+    for _attempt in range(len(s.plan.schemas) + 1):
+        base_map = unit_map(s.kept(), res.applied, removes)
+        after = res.after if res.after is not None and res.kept else before_held
+        if res.kept and res.after is None:
+            after = diagnose_on(s.a, s.held, s.cfg, s.loss_fn)
+            diagnoses += 1
+        maps = [base_map]
+        rel = relate(before_held, after, maps)
+        rounds: list[dict[str, Any]] = []
+        offset = max((v.index for v in res.verification), default=-1) + 1
+        extra_verif: list[SchemaVerification] = []
+        for r in range(1, cert.max_rounds + 1):
+            todo = rel.new + _left_at_treated(rel, res, s)
+            if not todo or not res.kept:
+                break
+            record: dict[str, Any] = {"round": r, "problems": [describe_problem(p) for p in todo]}
+            rounds.append(record)
+            history.append(record)
+            try:
+                follow = plan_on(s.a, Diagnosis(problems=todo), lib, cert, s.calib,
+                                 seed=s.seed + r)
+            except SurgeryFailed as e:
+                record["outcome"] = f"nothing could be planned for {len(todo)} problem(s): " \
+                    f"{first_line(e)}"
+                break
+            for sch in follow.schemas:
+                sch.index += offset
+            offset += len(follow.schemas)
+            s2 = _Surgery(s.a, follow, lib, cert, s.cfg, s.train, s.held, round_no=r,
+                          input_loss=s.input_loss(), **kw)
+            r2 = s2.run(Diagnosis(problems=todo))
+            diagnoses += 1
+            extra_verif += r2.verification
+            record.update(schemas=[v.to_dict() for v in r2.verification],
+                          healing=r2.healing)
+            if not r2.kept or r2.after is None:
+                record["outcome"] = (f"planned {len(follow.schemas)} schema(s) for "
+                                     f"{len(todo)} problem(s); none kept")
+                break
+            maps.append(unit_map([x for x in follow.schemas if x.index in r2.applied],
+                                 r2.applied, removes))
+            res.applied.update(r2.applied)
+            res.notes += [n for n in r2.notes if n not in res.notes]
+            after = r2.after
+            rel = relate(before_held, after, maps)
+            record["outcome"] = (f"{len(r2.kept)} of {len(follow.schemas)} schema(s) kept for "
+                                 f"{', '.join(record['problems'])}; now " + rel.describe())
+        if not rel.new or not res.kept:
+            break
+        # new problems the rounds could not treat: which of the plan's schemas create them?
+        left = {(p.kind, p.site.module) for p in rel.new}
+        kept = s.kept()
+        healed = bool(res.healing.get("healed"))
+
+        def creates(group: list[Schema], left: set[tuple[str, str]] = left,
+                    healed: bool = healed) -> bool:
+            nonlocal diagnoses
+            applied = s.build(group, measure=False)
+            if healed:
+                s.heal(applied)
+            d = diagnose_on(s.a, s.held, s.cfg, s.loss_fn)
+            diagnoses += 1
+            rel_g = relate(before_held, d, [unit_map(group, applied,
+                                                     removes)])
+            return any((p.kind, p.site.module) in left for p in rel_g.new)
+
+        bad = culprits(kept, creates, known_failing=True)
+        if not bad:
+            res.notes.append("new problems remain that no single schema creates on its own "
+                             "(measurement noise or an interaction): nothing was rolled back")
+            break
+        for sch in bad:
+            what = [describe_problem(p) for p in rel.new]
+            created[sch.index] = what
+            v = s.verif[sch.index]
+            v.created = what
+            v.fail(f"created {', '.join(what)}; {len(rounds)} follow-up round(s) could not "
+                   "treat them (found by bisection)" if len(kept) > 1 else
+                   f"created {', '.join(what)}; {len(rounds)} follow-up round(s) could not "
+                   "treat them")
+            s.dropped.add(sch.index)
+        res = s.run(before)
+        for d in rounds:
+            d["outcome"] = d.get("outcome", "") + " (discarded: its base was rolled back)"
+        extra_verif = []
+        if not res.kept:
+            break
+    res.verification = list(res.verification) + extra_verif
+    res.rounds = history
+    res.rolled_back = [{"index": v.index, "replacement": v.replacement, "site": v.site,
+                        "reason": "; ".join(v.reasons), "round": v.round}
+                       for v in res.verification if not v.kept]
+    if not res.kept and created:
+        untreated = []
+        for sch in s.plan.schemas:
+            if sch.index in created:
+                untreated.append((sch.problem, f"tried {sch.replacement}: created "
+                                  + ", ".join(created[sch.index])))
+        raise SurgeryFailed(
+            "nothing could be treated without creating problems: " + "; ".join(
+                f"{p.kind} at {p.site.address}: {why}" for p, why in untreated), untreated)
+    final_after = after if res.kept else before_held
+    res.after = final_after if res.kept else res.after
+    rel = relate(before_held, final_after, maps) if res.kept else relate(before_held,
+                                                                          before_held)
+    res.guarantee = {"checked": True, **rel.to_dict()}
+    res.diagnoses = diagnoses
+    if history and res.kept and s.trainable and s.loss_fn is not None:
+        res.healing["final_loss"] = mean_loss(s.a.model, s.held, s.loss_fn,
+                                              input_fn=s.input_fn)
+        res.healing["input_loss"] = s.input_loss()
+    return res
+
+
+def _left_at_treated(rel: ProblemRelation, res: SurgeryResult, s: _Surgery) -> list[Problem]:
+    """Problems still present at a site a kept schema treated (the treatment did not resolve
+    them, e.g. a factored rank collapse that is now a narrow layer): the follow-up rounds try
+    them too."""
+    treated = {(sch.problem.kind, sch.site.module) for sch in s.kept() if sch.index in res.applied}
+    um = UnitMap(split={m: m for _, m in treated})
+    return [p for p in rel.remaining if (p.kind, um.module(p.site.module)) in treated]
 
 
 # -- the steps -------------------------------------------------------------------------------
@@ -365,7 +568,8 @@ class _Surgery:
     def __init__(self, adapter: IRAdapter, surgery_plan: SurgeryPlan, lib: Library,
                  cert: Certificates, cfg: DiagnoseConfig, train: list[Any], held: list[Any],
                  *, loss_fn: LossFn | None, seed: int, heal_steps: int, heal_mode: str,
-                 optimizer: OptimizerFactory | None, rediagnose: bool) -> None:
+                 optimizer: OptimizerFactory | None, rediagnose: bool, round_no: int = 0,
+                 input_loss: float | None = None) -> None:
         self.a, self.plan, self.lib, self.cert, self.cfg = adapter, surgery_plan, lib, cert, cfg
         self.train, self.held, self.calib = train, held, train[:2]
         self.loss_fn, self.seed, self.optimizer = loss_fn, seed, optimizer
@@ -376,8 +580,9 @@ class _Surgery:
         self.ref_calib = adapter.run(self.calib) if self.calib else []
         self.ref_held = adapter.run(held) if held else []
         self.verif = {s.index: SchemaVerification(s.index, s.replacement, s.site.address,
-                                                  exact=s.exact)
+                                                  exact=s.exact, round=round_no)
                       for s in surgery_plan.schemas}
+        self._input_loss = input_loss
         self.variant: dict[int, dict[str, Any]] = {}
         self.dropped: set[int] = set()
         self.notes: list[str] = []
@@ -392,6 +597,18 @@ class _Surgery:
 
     def kept(self) -> list[Schema]:
         return [s for s in self.plan.schemas if s.index not in self.dropped]
+
+    def input_loss(self) -> float | None:
+        """L(f): the input model's held-out loss (the base's in round 0; a follow-up round is
+        given the original input's), computed once."""
+        if self._input_loss is None and self.trainable and self.held:
+            assert self.loss_fn is not None
+            work = self.a.snapshot()
+            self.a.restore(self.base)
+            self._input_loss = mean_loss(self.a.model, self.held, self.loss_fn,
+                                         input_fn=self.input_fn)
+            self.a.restore(work)
+        return self._input_loss
 
     def run(self, before: Diagnosis) -> SurgeryResult:
         applied: dict[int, Applied] = {}
@@ -614,32 +831,40 @@ class _Surgery:
 
     def verify_loss(self, applied: dict[int, Applied], untreated: Any,
                     healing: dict[str, Any], failed: list[int]) -> list[int]:
-        """The loss certificate (trainable adapters with a loss): held-out loss within
-        ``max_loss_increase`` of the equally fine-tuned untreated model's. It judges the whole
-        model: a failure rolls back the last bounded (or judged-after-healing) schema."""
+        """The loss certificates (trainable adapters with a loss), on the held-out batches:
+        L(f') <= L(f) against the input (``require_loss_not_above_input``), and L(f') within
+        ``max_loss_increase`` / ``max_relative_loss_increase`` of the equally fine-tuned
+        untreated model's. They judge the whole model: a failure rolls back the last bounded
+        (or judged-after-healing) schema."""
         kept = [s for s in self.kept() if s.index in applied]
         if not (self.trainable and kept and self.held):
             return []
         assert self.loss_fn is not None
         lt = mean_loss(self.a.model, self.held, self.loss_fn, input_fn=self.input_fn)
-        if untreated is None:
-            work = self.a.snapshot()
-            self.a.restore(self.base)
-            lu = mean_loss(self.a.model, self.held, self.loss_fn, input_fn=self.input_fn)
-            self.a.restore(work)
-        else:
-            lu = mean_loss(untreated, self.held, self.loss_fn, input_fn=self.input_fn)
-        tol = self.cert.exact_tolerance * max(1.0, abs(lu)) if math.isfinite(lu) else 0.0
-        ok = math.isfinite(lt) and (not math.isfinite(lu)
-                                    or lt <= lu + self.cert.max_loss_increase + tol)
-        healing.update(treated_loss=lt, untreated_loss=lu, loss_ok=ok)
+        li = self.input_loss()
+        lu = li if untreated is None else mean_loss(untreated, self.held, self.loss_fn,
+                                                    input_fn=self.input_fn)
+        assert li is not None and lu is not None
+        rnd = self.cert.exact_tolerance
+        allow = max(self.cert.max_loss_increase,
+                    self.cert.max_relative_loss_increase * abs(lu)) if math.isfinite(lu) else 0.0
+        vs_untreated = math.isfinite(lt) and (
+            not math.isfinite(lu) or lt <= lu + allow + rnd * max(1.0, abs(lu)))
+        vs_input = math.isfinite(lt) and (
+            not math.isfinite(li) or lt <= li + rnd * max(1.0, abs(li)))
+        ok = vs_untreated and (vs_input or not self.cert.require_loss_not_above_input)
+        healing.update(treated_loss=lt, untreated_loss=lu, input_loss=li, loss_ok=ok,
+                       loss_vs_input_ok=vs_input, loss_vs_untreated_ok=vs_untreated)
         if ok or failed:
             return []
         blame = [s for s in kept if not applied[s.index].exact or s.judged_after_healing]
         victim = (blame or kept)[-1]
-        self.verif[victim.index].fail(
-            f"held-out loss {lt:.4g} > untreated {lu:.4g} + {self.cert.max_loss_increase}"
-            " (rolled back as the last bounded schema)")
+        why = (f"held-out loss {lt:.4g} > input model's {li:.4g} (L(f') <= L(f))"
+               if not vs_input and self.cert.require_loss_not_above_input else
+               f"held-out loss {lt:.4g} > untreated {lu:.4g} + {allow:.3g} (max of "
+               f"max_loss_increase {self.cert.max_loss_increase} and "
+               f"{self.cert.max_relative_loss_increase:.0%} of it)")
+        self.verif[victim.index].fail(why + " (rolled back as the last bounded schema)")
         return [victim.index]
 
 

@@ -13,8 +13,15 @@ The certificates, the same on every adapter (:class:`graphsurg._ir.IRAdapter`):
 * **no dead units at treated sites**: the treated units are not flagged again in the
   diagnosis of the operated model on held-out batches -- except for replacements that remove
   the units (``Replacement.removes_units``: they are gone, not revived);
-* **loss**, where there is a loss: the operated model's held-out loss is within
-  ``max_loss_increase`` of the equally fine-tuned untreated model's.
+* **loss**, where there is a loss: the operated model's held-out loss is not above the
+  input's (L(f') <= L(f)) and within ``max_loss_increase`` / ``max_relative_loss_increase``
+  of the equally fine-tuned untreated model's;
+* **the global certificate** (:func:`relate`): the whole diagnosis of f' on held-out batches
+  against f's on the same batches: issues(f') must be a strict subset of issues(f). Problems
+  are matched by kind, site and units through what surgery renamed: a site is its producer
+  module (a swap that renumbers graph nodes keeps it), a module split by an edit (``2`` ->
+  ``2.0``, ``2.1``) maps back to it, and an excised layer's remaining units map back through
+  the removed indices (:class:`UnitMap`).
 
 Rollback is per site: when a group of edits fails a certificate, :func:`culprits` finds the
 edits that broke it by bisection (subsets applied on restored snapshots) and the rest are
@@ -26,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -34,10 +41,12 @@ from torch import nn
 
 from ._data import InputFn, compute_loss, run_model
 from ._heal import LossFn
-from ._problems import Diagnosis
+from ._problems import Diagnosis, Problem
 
 #: problem kinds whose treatment must leave no flagged unit at the treated site
 UNIT_KINDS: tuple[str, ...] = ("DeadNeurons", "Saturation", "NonFinite")
+#: problem kinds that name a span of layers: matched when the spans share a layer
+SPAN_KINDS: tuple[str, ...] = ("VanishingGradient", "ExplodingGradient")
 
 E = TypeVar("E")
 
@@ -61,6 +70,8 @@ class SchemaVerification:
         grad_norms: gradient norm per touched module / new parameter after healing.
         problem_after: treated units still flagged in the diagnosis after surgery.
         details: the replacement's own numbers.
+        round: 0 for the plan's schemas, ``r`` for a follow-up round's (closed loop).
+        created: the new problems this schema was found to create (global certificate).
     """
 
     index: int
@@ -75,6 +86,8 @@ class SchemaVerification:
     grad_norms: dict[str, float] = field(default_factory=dict)
     problem_after: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    round: int = 0
+    created: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,3 +172,130 @@ def culprits(edits: Sequence[E], fails: Callable[[list[E]], bool], *,
         return bad_left + find(context + good_left, group[mid:], False)
 
     return find([], list(edits), known_failing)
+
+
+@dataclass
+class UnitMap:
+    """How one round of surgery renamed sites and units: ``split`` maps a module created by
+    splitting a layer (``"2.0"``) to it (``"2"``); ``kept`` maps a layer whose units were
+    removed to the old index of each remaining unit (new index ``j`` -> ``kept[m][j]``)."""
+
+    split: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, list[int]] = field(default_factory=dict)
+
+    def module(self, m: str) -> str:
+        for base in sorted(self.split.values(), key=len, reverse=True):
+            if m == base or m.startswith(base + "."):
+                return base
+        return m
+
+    def units(self, m: str, units: Sequence[int]) -> list[int]:
+        keep = self.kept.get(m)
+        if keep is None:
+            return [int(u) for u in units]
+        return [keep[u] if 0 <= u < len(keep) else -1 - u for u in units]
+
+
+def unit_map(schemas: Sequence[Any], applied: dict[int, Any], removes_units: Callable[[str], bool]
+             ) -> UnitMap:
+    """The :class:`UnitMap` of one round: ``schemas`` (with ``index``, ``replacement``,
+    ``site``), their ``Applied`` records, and ``removes_units(replacement)`` from the
+    library (a removal's ``Applied.units`` are the removed indices, ``details["width_before"]``
+    the layer's width before)."""
+    um = UnitMap()
+    for s in schemas:
+        a = applied.get(s.index)
+        if a is None:
+            continue
+        m = s.site.module
+        um.split[m] = m
+        width = a.details.get("width_before")
+        if removes_units(s.replacement) and isinstance(width, int) and a.units:
+            prev = um.kept.get(m, list(range(width)))
+            gone = {int(u) for u in a.units}
+            um.kept[m] = [old for j, old in enumerate(prev) if j not in gone]
+    return um
+
+
+@dataclass
+class ProblemRelation:
+    """issues(f') against issues(f), both diagnosed on the held-out batches.
+
+    Attributes:
+        resolved: problems of f with no counterpart in f'.
+        remaining: problems of f' that were already problems of f (same kind, same site after
+            renames, units among f's).
+        new: problems of f' that f did not have -- a problem whose units are partly new is
+            split: the new units are listed here, in f'\'s numbering.
+        before / after: how many problems f and f' have.
+    """
+
+    resolved: list[Problem] = field(default_factory=list)
+    remaining: list[Problem] = field(default_factory=list)
+    new: list[Problem] = field(default_factory=list)
+    before: int = 0
+    after: int = 0
+
+    @property
+    def strict_subset(self) -> bool:
+        """issues(f') is a strict subset of issues(f): nothing new, at least one gone."""
+        return not self.new and bool(self.resolved)
+
+    def to_dict(self) -> dict[str, Any]:
+        def short(ps: list[Problem]) -> list[dict[str, Any]]:
+            return [{"kind": p.kind, "site": p.site.address, "units": list(p.units)}
+                    for p in ps]
+        return {"before": self.before, "after": self.after, "strict_subset": self.strict_subset,
+                "resolved": short(self.resolved), "remaining": short(self.remaining),
+                "new": short(self.new)}
+
+    def describe(self) -> str:
+        return (f"{self.before} -> {self.after} problem(s): {len(self.resolved)} resolved, "
+                f"{len(self.remaining)} remaining, {len(self.new)} new; issues(f') "
+                + ("is a strict subset of issues(f)" if self.strict_subset
+                   else "is NOT a strict subset of issues(f)"))
+
+
+def describe_problem(p: Problem) -> str:
+    """``Kind at site (n units)``: a problem in one short phrase."""
+    units = f" ({len(p.units)} unit(s))" if p.units else ""
+    return f"{p.kind} at {p.site.module or p.site.address}{units}"
+
+
+def relate(before: Diagnosis, after: Diagnosis, maps: Sequence[UnitMap] = ()) -> ProblemRelation:
+    """Match the problems of ``after`` (f') with ``before``'s (f) through ``maps`` (one
+    :class:`UnitMap` per round of surgery, in order).
+
+    A problem of f' is *remaining* when f has a problem of the same kind at the same site
+    (module, mapped back through the rounds) whose units include its units (mapped back); a
+    span problem (vanishing/exploding gradient) when the spans share a layer. Units of f' not
+    among f's make a *new* problem (in f'\'s numbering); a problem of f that nothing in f'
+    matches is *resolved*.
+    """
+    rel = ProblemRelation(before=len(before.problems), after=len(after.problems))
+    matched: set[int] = set()
+    for q in after.problems:
+        module, units = q.site.module, list(q.units)
+        span = list(q.span)
+        for um in reversed(list(maps)):
+            units = um.units(module, units)
+            span = [um.module(m) for m in span]
+            module = um.module(module)
+        hits = [i for i, p in enumerate(before.problems) if p.kind == q.kind and (
+            p.site.module == module or (q.kind in SPAN_KINDS and set(p.span or (p.site.module,))
+                                        & set(span or (module,))))]
+        if not hits:
+            rel.new.append(q)
+            continue
+        matched |= set(hits)
+        if not q.units or any(not before.problems[i].units for i in hits):
+            rel.remaining.append(q)
+            continue
+        old = set().union(*(set(before.problems[i].units) for i in hits))
+        extra = [u for u, m in zip(q.units, units, strict=True) if m not in old]
+        if len(extra) < len(q.units):
+            rel.remaining.append(replace(q, units=tuple(u for u in q.units if u not in extra)))
+        if extra:
+            rel.new.append(replace(q, units=tuple(extra)))
+    rel.resolved = [p for i, p in enumerate(before.problems) if i not in matched]
+    return rel

@@ -33,3 +33,11 @@ def detect_all(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
              "Bottleneck", "Overfitting", "LostPlasticity", "MixingCollapse"]
     problems.sort(key=lambda p: (order.get(p.site.module, -1), kinds.index(p.kind)))
     return problems
+
+
+def detect_notes(m: Measurements, config: DiagnoseConfig) -> list[str]:
+    """What the detectors could not judge and why (for the diagnosis notes): sites with too
+    few observations per unit for dormancy."""
+    from .dead import too_few_samples
+
+    return too_few_samples(m, config)

@@ -1,13 +1,31 @@
-"""Bottleneck: collapsed weights and narrow layers.
+"""Bottleneck: collapsed weights and narrow layers that lose information.
 
 * ``reason="rank"``: the weight's numerical rank (singular values above ``rtol x sigma_max``,
   ``rtol = max(d_in, d_out) x eps(float32)`` by default) is below ``rank_fraction x
   min(d_in, d_out)``. The stable rank ``||W||_F^2 / sigma_max^2`` and the effective rank of the
   layer's activations (the number of singular values holding ``effective_rank_energy`` of a
   sample's spectral energy) are reported as evidence.
-* ``reason="narrow"``: the layer's width is below ``rank_fraction x`` the narrower of its own
-  input width and its next layers' output widths (Net2Net's case: a thin layer between wide
-  ones).
+* ``reason="narrow"``: a thin layer between wide ones (Net2Net's case) *that measurably loses
+  information*. Narrow by shape alone is design (an inverted-residual or ResNet bottleneck,
+  a squeeze-excite reduction, one key/value head, a 4h->h projection), so all four must hold:
+
+  1. shape: the width is below ``rank_fraction x`` the narrower of its own input width and
+     its next layers' widths;
+  2. no parallel path: the layer is not *bypassed* (``LayerMeasure.bypassed``: no residual
+     add, gate/excite multiply, concat or sibling branch joins its output with data that does
+     not pass through it -- information flows around such a layer);
+  3. information arrives: the *input information* is at least ``narrow_input_factor x`` the
+     width. It is measured, not read from shapes: each layer's *information* is the
+     effective rank of its output sample, capped by its input information (data processing:
+     a layer cannot create information); the input information of a layer is the largest
+     information among the layers feeding it (the first layer: its input's dimension, for a
+     Linear ``d_in``). A projection fed, through an expansion, by a stream narrower than
+     itself (MobileNetV2's linear bottleneck) receives no more than that stream carried;
+  4. the layer is full: its output's effective rank is at least ``narrow_saturation x`` its
+     width (a narrow layer whose own output does not use its width is not what limits it).
+
+  A narrow layer without an output sample (hooks capture) is not judged. Evidence adds
+  ``input_rank`` (input information), ``output_rank`` and ``bypassed``.
 
 Layers narrower than ``min_rank_dim`` are not rank-checked (a 4x4 weight is what it is).
 The SVD runs only where two cheaper certificates fail: the stable rank (a lower bound on the
@@ -98,22 +116,58 @@ def rank_certified(w: torch.Tensor, k: int, rtol: float | None) -> bool:
 
 def detect_bottlenecks(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
     out: list[Problem] = []
-    widths = {lm.module: lm.d_out for lm in m.layers}
+    layers = sorted(m.layers, key=lambda lm: lm.order)
     sample_of: dict[str, torch.Tensor | None] = {
         s.module: s.sample for s in m.sites if s.sample is not None
     }
-    for lm in sorted(m.layers, key=lambda lm: lm.order):
+    flow = _Flow(layers, config, sample_of)
+    for lm in layers:
         problem = (_rank_problem(lm, config, sample_of, m.ir)
-                   or _narrow_problem(lm, widths, config, sample_of, m.ir))
+                   or _narrow_problem(lm, flow, config, m.ir))
         if problem is not None:
             out.append(problem)
     return out
 
 
+class _Flow:
+    """Per layer: its output's effective rank and the information reaching it (see the module
+    docstring, narrow rule 3). Layers are visited in forward order, so a layer's feeders are
+    known before it (a feeder found later, in a loop, is ignored)."""
+
+    def __init__(self, layers: list[LayerMeasure], config: DiagnoseConfig,
+                 sample_of: dict[str, torch.Tensor | None]) -> None:
+        self.width = {lm.module: lm.d_out for lm in layers}
+        self.feeders: dict[str, list[str]] = {lm.module: [] for lm in layers}
+        for lm in layers:
+            for n in lm.next_modules:
+                if n in self.feeders and lm.module not in self.feeders[n]:
+                    self.feeders[n].append(lm.module)
+        self.output_rank: dict[str, int | None] = {}
+        self.input_info: dict[str, int] = {}
+        info: dict[str, int] = {}
+        for lm in layers:
+            s = sample_of.get(lm.module)
+            r = (effective_rank(s, config.effective_rank_energy)
+                 if s is not None and s.dim() == 2 and s.shape[0] >= 2
+                 and bool(torch.isfinite(s).all()) else None)
+            self.output_rank[lm.module] = r
+            fed = [info[f] for f in self.feeders[lm.module] if f in info]
+            if fed:
+                inp = max(fed)
+            elif lm.weight is not None:
+                inp = int(lm.weight[0].numel())
+            else:
+                inp = lm.d_in
+            if lm.kind == "linear":
+                inp = min(inp, lm.d_in)
+            self.input_info[lm.module] = inp
+            info[lm.module] = min(inp, r if r is not None else lm.d_out)
+
+
 def _activation_rank(lm: LayerMeasure, config: DiagnoseConfig,
                      sample_of: dict[str, torch.Tensor | None]) -> int | None:
     s = sample_of.get(lm.module)
-    if s is None or s.shape[0] < 2:
+    if s is None or s.shape[0] < 2 or not bool(torch.isfinite(s).all()):
         return None
     return effective_rank(s, config.effective_rank_energy)
 
@@ -147,21 +201,30 @@ def _rank_problem(lm: LayerMeasure, config: DiagnoseConfig,
     )
 
 
-def _narrow_problem(lm: LayerMeasure, widths: dict[str, int], config: DiagnoseConfig,
-                    sample_of: dict[str, torch.Tensor | None], ir: str) -> Problem | None:
-    nxt = [widths[n] for n in lm.next_modules if n in widths]
+def _narrow_problem(lm: LayerMeasure, flow: _Flow, config: DiagnoseConfig,
+                    ir: str) -> Problem | None:
+    nxt = [flow.width[n] for n in lm.next_modules if n in flow.width]
     if not nxt:
         return None
     around = min(lm.d_in, min(nxt))
     if lm.d_out >= config.rank_fraction * around:
-        return None
+        return None  # 1. not narrow by shape
+    if lm.bypassed:
+        return None  # 2. information flows around it
+    input_rank = flow.input_info[lm.module]
+    if input_rank < config.narrow_input_factor * lm.d_out:
+        return None  # 3. no more information arrives than it can pass
+    output_rank = flow.output_rank[lm.module]
+    if output_rank is None or output_rank < config.narrow_saturation * lm.d_out:
+        return None  # 4. not measured, or its own width is not used
     return Problem(
         "Bottleneck",
         Site(lm.module, "", lm.kind, ir=ir),
         severity=1.0 - lm.d_out / around,
         evidence={
             "reason": "narrow", "rank": lm.d_out, "max_rank": around, "width": lm.d_out,
-            "stable_rank": None, "effective_rank": _activation_rank(lm, config, sample_of),
+            "stable_rank": None, "effective_rank": output_rank, "output_rank": output_rank,
+            "input_rank": input_rank, "bypassed": lm.bypassed,
             "d_in": lm.d_in, "d_out": lm.d_out, "neighbour_width": around,
             "threshold": config.rank_fraction * around,
         },

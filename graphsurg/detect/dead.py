@@ -8,6 +8,11 @@ a dead unit or when at least ``min_dormant_fraction`` of its units are dormant: 
 rarely-firing units are normal in a healthy network. Constant tanh/sigmoid units are
 Saturation's to report.
 
+A site is judged only when its units were each observed at least ``min_unit_samples`` times
+(``NeuronStats.count``): a squeeze-excite reduction sees one pooled vector per image, and four
+units seen on sixteen images cannot be told dormant from unlucky. :func:`too_few_samples`
+names the sites skipped, for the diagnosis notes.
+
 Evidence (the same keys for both IRs, read by the excision appliers): ``width``,
 ``fraction``, ``n_dead``, ``dead`` (unit indices), ``constant`` (units constant on the data,
 dead ones included) and ``constant_values`` (their mean outputs, same order: what an excision
@@ -44,6 +49,21 @@ def unit_flags(s: SiteMeasure, config: DiagnoseConfig) -> tuple[torch.Tensor, to
     return dormant, dead, constant, score
 
 
+def _observations(s: SiteMeasure) -> int:
+    """How many times each unit of the site was observed (finite values)."""
+    return int(s.stats.count.max()) if s.stats.count.numel() else 0
+
+
+def too_few_samples(m: Measurements, config: DiagnoseConfig) -> list[str]:
+    """Notes naming the ReLU-family sites not judged for dormancy: fewer than
+    ``config.min_unit_samples`` observations per unit."""
+    return [f"site {Site(s.module, s.node, s.op, ir=m.ir).address}: dormancy not judged, "
+            f"{_observations(s)} observation(s) per unit < min_unit_samples="
+            f"{config.min_unit_samples}"
+            for s in m.sites
+            if s.family == "relu" and 0 < _observations(s) < config.min_unit_samples]
+
+
 def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
     out: list[Problem] = []
     for s in m.sites:
@@ -51,6 +71,8 @@ def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
             continue  # saturating units are Saturation's; layer outputs are not activations
         if int((s.stats.count > 0).sum()) == 0:
             continue  # all values non-finite: NonFinite reports it
+        if _observations(s) < config.min_unit_samples:
+            continue  # too few observations per unit to judge (too_few_samples notes it)
         dormant, dead, constant, score = unit_flags(s, config)
         units = torch.nonzero(dormant).flatten().tolist()
         n_dead = int(dead.sum())

@@ -41,6 +41,7 @@ from graphsurg._measurements import Measurements
 
 from .capture import capture, find_sites, layer_kind_of_module
 from .instrument import LayerEntry, Observer, hook_observers, instrument, measurements_from
+from .structure import bypassed_layers, layer_nodes_of
 from .target import Target
 
 Batch = Any
@@ -245,6 +246,7 @@ class _Observation:
         self.param_layer: dict[str, str] = {}
         self.grad_sq: dict[str, float] = {}
         self.grad_nonfinite: set[str] = set()
+        self.bypassed: dict[str, bool] = {}  # layers with a parallel path (passes.fx.structure)
 
     def run(self, batches: Iterable[Batch]) -> Measurements:
         n = 0
@@ -266,10 +268,13 @@ class _Observation:
         if self.handles:  # hooks: layers in forward (first-call) order, as a graph gives them
             rank = {path: k for k, path in enumerate(self.call_order)}
             self.layers.sort(key=lambda lm: rank.get(lm[0], len(rank)))
-        return measurements_from(
+        m = measurements_from(
             self.observers, self.layers, grad_sq=self.grad_sq,
             grad_nonfinite=self.grad_nonfinite, n_batches=n, gradients=self.loss_fn is not None,
             input_nonfinite=input_nonfinite, capture=self.method, notes=self.notes)
+        for lm in m.layers:
+            lm.bypassed = self.bypassed.get(lm.module)
+        return m
 
     def _capture(self, batch: Batch) -> None:
         cfg = self.config
@@ -281,6 +286,7 @@ class _Observation:
         self.notes.extend(cap.notes)
         if cap.gm is not None:
             layer_sites, sites = find_sites(cap.gm)
+            self.bypassed = bypassed_layers(cap.gm, layer_nodes_of(layer_sites))
             self.observers = instrument(cap.gm, sites, saturation_margin=cfg.saturation_margin,
                                         sample_rows=cfg.rank_sample)
             self.runner = cap.gm
