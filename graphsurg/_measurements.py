@@ -31,6 +31,8 @@ class SiteMeasure:
             family only).
         sample: up to ``DiagnoseConfig.rank_sample`` rows, units last (for effective rank).
         channel_dim: the unit axis the statistics were taken along.
+        partner: for a gated unit (``act(gate(x)) * up(x)``, op ``"swiglu"``/``"geglu"``...),
+            the up projection (``module`` is the gate projection); ``""`` otherwise.
     """
 
     module: str
@@ -42,6 +44,7 @@ class SiteMeasure:
     saturated_fraction: torch.Tensor | None = None
     sample: torch.Tensor | None = None
     channel_dim: int = -1
+    partner: str = ""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from graphsurg.kernels import grad_sq_norms
-from torch import fx, nn
+from torch import nn
 
 from graphsurg._config import DiagnoseConfig
 from graphsurg._data import (
@@ -39,7 +39,7 @@ from graphsurg._files import atomic_outputs
 from graphsurg._ir import Capabilities
 from graphsurg._measurements import Measurements
 
-from .capture import capture, find_sites, layer_kind_of_module
+from .capture import capture, find_sites, layer_kind_of_module, layer_weight
 from .instrument import LayerEntry, Observer, hook_observers, instrument, measurements_from
 from .structure import bypassed_layers, layer_nodes_of
 from .target import Target
@@ -292,7 +292,7 @@ class _Observation:
             self.runner = cap.gm
             by_name = {nd.name: nd for nd in cap.gm.graph.nodes}
             for ls in layer_sites:
-                w = _layer_weight(cap.gm, by_name[ls.node])
+                w = layer_weight(cap.gm, by_name[ls.node])
                 if w is not None:
                     self.layers.append((ls.module, ls.kind, w, ls.next_modules))
             owner: nn.Module = cap.gm
@@ -339,21 +339,6 @@ class _Observation:
             if v != v or v == float("inf"):
                 self.grad_nonfinite.add(layer)
             self.grad_sq[layer] = self.grad_sq.get(layer, 0.0) + v
-
-
-def _layer_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The weight of a layer node: a ``call_module``'s ``.weight`` or a ``get_attr`` arg."""
-    if node.op == "call_module":
-        w = getattr(gm.get_submodule(str(node.target)), "weight", None)
-        return w if isinstance(w, torch.Tensor) else None
-    if len(node.args) > 1 and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
-        name = str(node.args[1].target)
-        for get in (gm.get_parameter, gm.get_buffer):
-            try:
-                return get(name)
-            except AttributeError:
-                continue
-    return None
 
 
 class _Progress:

@@ -5,9 +5,23 @@
 then ``torch.fx.symbolic_trace`` (``call_module`` nodes), and reports which one worked.
 When neither can capture the model, the caller falls back to module hooks.
 
-``find_sites`` walks the graph once and returns, in forward order, the parametrised layers
-(Linear/Conv) and the activation sites (outputs of ReLU/GELU/.../Tanh/Sigmoid, and of
-Linear/Conv layers that no activation follows), each linked to its producer layer.
+``find_sites`` walks the graph and returns, in forward order, the parametrised layers and the
+activation sites, each linked to its producer layer:
+
+* **layers**: every linear-like op with a parameter weight: Linear/Conv modules, ``linear``,
+  ``conv*`` (string padding included), ``addmm`` (GPT-2's Conv1D, weight ``(d_in, d_out)``),
+  ``mm``/``matmul`` with a parameter operand (``x @ W`` and ``x @ W.T``) and two-operand
+  ``einsum`` with a 2-D parameter; :func:`layer_weight` gives the weight oriented like
+  torch's Linear, ``(d_out, d_in[, k...])``.
+* **activation sites**: an activation op's output, or the output of a *pointwise region*
+  identified by :func:`graphsurg._activations.match_regions` (tanh/erf GELU, QuickGELU,
+  x*sigmoid(x), decomposed HardSwish... as authors wrote them: the inner tanh/sigmoid are no
+  sites); a gated unit ``act(gate(x)) * up(x)`` is one site, the product, with the gate as
+  producer and the up projection as ``partner``; a layer output no activation follows is
+  observed as family ``"linear"``.
+* **unit axis**: taken from the producer (1 after a convolution, the last axis after a
+  linear-like op) and carried through transparent ops (norms, dropout, bias adds) and layout
+  ops (permute, transpose, view/reshape/flatten) to the observed value.
 """
 
 from __future__ import annotations
@@ -19,12 +33,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from graphsurg._activations import ACTIVATIONS, CLASS_NAME_HINTS, Activation, bounded
+from graphsurg._activations import (
+    ACTIVATIONS,
+    CLASS_NAME_HINTS,
+    GRID,
+    Activation,
+    Region,
+    bounded,
+    gated,
+    match_regions,
+    pointwise_regions,
+)
 from graphsurg._errors import first_line
 
 aten = torch.ops.aten
@@ -59,6 +84,7 @@ _MOD_ACT: dict[type[nn.Module], str] = {
 _ATEN_LAYER = {
     aten.linear.default: "linear", aten.conv1d.default: "conv", aten.conv2d.default: "conv",
     aten.conv3d.default: "conv", aten.convolution.default: "conv",
+    aten.conv1d.padding: "conv", aten.conv2d.padding: "conv", aten.conv3d.padding: "conv",
     aten.conv_transpose2d.input: "conv_transpose", aten.conv_transpose1d.default: "conv_transpose",
 }
 _FN_LAYER = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
@@ -68,7 +94,7 @@ _MOD_LAYER: dict[type[nn.Module], str] = {
 }
 # ops a unit's identity passes through between its producer layer and its activation
 _TRANSPARENT_ATEN = {
-    aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+    aten._to_copy.default, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
     aten._native_batch_norm_legit_functional.default, aten.native_batch_norm.default,
     aten.layer_norm.default, aten.group_norm.default, aten.dropout.default,
     aten.contiguous.default, aten.clone.default, operator.getitem,
@@ -244,18 +270,25 @@ def _arg_names(model: nn.Module, n: int) -> list[str]:
 
 @dataclass
 class LayerSite:
-    """A parametrised layer (Linear/Conv) in forward order."""
+    """A parametrised layer (linear-like or conv) in forward order.
+
+    ``unit_axis``: the axis of the layer's output that holds its units (1 for a conv, -1 for
+    a linear-like op; an einsum's from its equation)."""
 
     module: str
     kind: str  # "linear" | "conv" | "conv_transpose"
     node: str
     order: int
     next_modules: list[str] = field(default_factory=list)
+    unit_axis: int = -1
 
 
 @dataclass
 class ActSite:
-    """An observed value: an activation's output, or a layer's output no activation follows."""
+    """An observed value: an activation's output, or a layer's output no activation follows.
+
+    ``partner``: for a gated unit (``act(gate(x)) * up(x)``), the up projection's module
+    path (``producer`` is the gate's)."""
 
     node: str
     op: str  # activation name, or "linear"/"conv"
@@ -265,42 +298,296 @@ class ActSite:
     order: int
     module: str  # module path owning the node (for messages)
     activation: Activation | None = None  # family and bounds (None for a bare layer output)
+    partner: str = ""
+
+
+# transposes a weight goes through in `x @ W.T` (aten, torch functions, methods)
+_TRANSPOSE_FN = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default,
+                 torch.t, torch.transpose, torch.permute}
+_TRANSPOSE_METHOD = {"t", "transpose", "permute"}
+_ADDMM = {aten.addmm.default, torch.addmm}
+_MATMUL = {aten.mm.default, aten.matmul.default, torch.mm, torch.matmul, operator.matmul}
+_EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
+
+
+def _param(w: Any) -> tuple[fx.Node, bool] | None:
+    """``(get_attr node, transposed)`` when ``w`` is a parameter or one transpose of it."""
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "get_attr":
+        return w, False
+    inner = w.args[0] if w.args else None
+    if not (isinstance(inner, fx.Node) and inner.op == "get_attr"):
+        return None
+    if w.op == "call_function" and w.target is getattr and w.args[1:] in (("T",), ("mT",)):
+        return inner, True
+    if (w.op == "call_function" and w.target in _TRANSPOSE_FN) or (
+            w.op == "call_method" and w.target in _TRANSPOSE_METHOD):
+        rest = [a for a in w.args[1:]]
+        if len(rest) == 1 and isinstance(rest[0], list | tuple):
+            rest = list(rest[0])
+        if rest and [int(r) % 2 for r in rest] not in ([1, 0], [0, 1]):
+            return None
+        if rest and [int(r) % 2 for r in rest] == [0, 1] and len(rest) == 2 and w.target in (
+                aten.permute.default, torch.permute, "permute"):
+            return None  # the identity permutation
+        return inner, True
+    return None
+
+
+@dataclass(frozen=True)
+class _LayerOp:
+    kind: str
+    weight: fx.Node | None  # the get_attr (None: a call_module)
+    transposed: bool  # the stored weight is (d_in, d_out)
+    unit_axis: int
+
+
+def _einsum_layer(node: fx.Node) -> _LayerOp | None:
+    eq = node.args[0] if node.args else None
+    ops = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(eq, str) or not isinstance(ops, list | tuple) or len(ops) != 2:
+        return None
+    eq = eq.replace(" ", "")
+    if "->" not in eq:
+        return None
+    ins, outs = eq.split("->")
+    specs = ins.split(",")
+    for k in (0, 1):
+        p = _param(ops[k])
+        if p is None or p[1] or len(specs[k]) != 2 or "." in specs[k]:
+            continue
+        other = specs[1 - k]
+        a, b = specs[k]
+        if a in outs and b in other and b not in outs:
+            unit, transposed = a, False
+        elif b in outs and a in other and a not in outs:
+            unit, transposed = b, True
+        else:
+            return None
+        if "..." in outs and outs.index(unit) < outs.index("..."):
+            axis = outs.index(unit)
+        else:
+            tail = outs.split("...")[-1]
+            axis = tail.index(unit) - len(tail)
+        return _LayerOp("linear", p[0], transposed, axis)
+    return None
+
+
+def layer_op(gm: fx.GraphModule, node: fx.Node) -> _LayerOp | None:
+    """How ``node`` is a layer: kind, weight node, orientation and output unit axis."""
+    if node.op == "call_module":
+        k = layer_kind_of_module(gm.get_submodule(str(node.target)))
+        return _LayerOp(k, None, False, -1 if k == "linear" else 1) if k else None
+    if node.op != "call_function":
+        return None
+    t: Any = node.target
+    if t in _ATEN_LAYER or t in _FN_LAYER:
+        kind = _ATEN_LAYER.get(t) or _FN_LAYER[t]
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        p = _param(w)
+        if p is None or p[1]:
+            return None
+        return _LayerOp(kind, p[0], False, -1 if kind == "linear" else 1)
+    if t in _ADDMM:
+        p = _param(node.args[2] if len(node.args) > 2 else None)
+        return _LayerOp("linear", p[0], not p[1], -1) if p else None
+    if t in _MATMUL:
+        p = _param(node.args[1] if len(node.args) > 1 else None)
+        return _LayerOp("linear", p[0], not p[1], -1) if p else None
+    if t in _EINSUM:
+        return _einsum_layer(node)
+    return None
+
+
+def layer_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """A layer node's weight oriented like torch's Linear/Conv, ``(d_out, d_in[, k...])``
+    (GPT-2's Conv1D ``addmm`` weight and ``x @ W``'s are transposed), or None."""
+    lo = layer_op(gm, node)
+    if lo is None:
+        return None
+    if lo.weight is None:
+        w = getattr(gm.get_submodule(str(node.target)), "weight", None)
+        return w if isinstance(w, torch.Tensor) else None
+    name = str(lo.weight.target)
+    for get in (gm.get_parameter, gm.get_buffer):
+        try:
+            t = get(name)
+        except AttributeError:
+            continue
+        if t.dim() < 2 or not t.is_floating_point():
+            return None
+        return t.t() if lo.transposed else t
+    return None
 
 
 def _weight_module(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Module path of a layer node's weight (export: get_attr; symbolic: call_module)."""
     if node.op == "call_module":
         return str(node.target)
-    if len(node.args) > 1 and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
-        target = str(node.args[1].target)
-        return target.rsplit(".", 1)[0] if "." in target else target
+    lo = layer_op(gm, node)
+    if lo is None or lo.weight is None:
+        return None
+    target = str(lo.weight.target)
+    return target.rsplit(".", 1)[0] if "." in target else target
+
+
+# pointwise ops a decomposed activation is made of (aten, torch functions, operators,
+# methods): regions of them are identified against graphsurg._activations.REFERENCES
+_POINTWISE = {
+    aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor,
+    aten.sub.Scalar, aten.rsub.Scalar, aten.div.Tensor, aten.div.Scalar,
+    aten.pow.Tensor_Scalar, aten.neg.default, aten.exp.default, aten.log1p.default,
+    aten.log.default, aten.erf.default, aten.reciprocal.default, aten.sqrt.default,
+    aten.rsqrt.default, aten.abs.default, aten.clamp_max.default, aten.softplus.default,
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.pow, operator.neg,
+    torch.mul, torch.add, torch.sub, torch.div, torch.pow, torch.erf, torch.exp, torch.neg,
+    torch.log1p, torch.abs, torch.rsqrt, torch.sqrt, torch.reciprocal,
+}
+_POINTWISE_METHOD = {"mul", "add", "sub", "div", "pow", "neg", "exp", "erf", "tanh", "sigmoid",
+                     "relu", "clamp", "clip", "abs", "sqrt", "rsqrt", "reciprocal",
+                     "__mul__", "__add__", "__sub__", "__truediv__", "__rmul__", "__radd__"}
+
+
+def _scalar_const(gm: fx.GraphModule, a: fx.Node) -> torch.Tensor | None:
+    """A one-element constant tensor (a lifted ``_tensor_constant``), else None."""
+    if a.op != "get_attr":
+        return None
+    try:
+        t = gm.get_buffer(str(a.target))
+    except AttributeError:
+        t = getattr(gm, str(a.target), None)
+    if isinstance(t, torch.Tensor) and t.numel() == 1 and not isinstance(t, nn.Parameter):
+        return t
     return None
 
 
-def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
-    """('act', canonical name) | ('layer', kind) | ('transparent', '') | None."""
+def _pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        if node.target not in _POINTWISE and activation_of_node(gm, node) is None:
+            return False
+    elif node.op == "call_method":
+        if node.target not in _POINTWISE_METHOD:
+            return False
+    elif node.op == "call_module":
+        if activation_of_node(gm, node) is None:
+            return False
+    else:
+        return False
+    leaves, _ = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
+    return all(isinstance(a, fx.Node | int | float | bool | str | type(None)) for a in leaves)
+
+
+def _tensor_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if _scalar_const(gm, a) is None]
+
+
+def _evaluate(gm: fx.GraphModule, reg: Region[fx.Node, fx.Node]) -> dict[fx.Node, np.ndarray] | None:
+    """Every op of a region on GRID (float64), run in the graph's own ops; None when an op
+    cannot run on a 1-D float64 tensor (a per-channel PReLU, ...)."""
+    vals: dict[fx.Node, torch.Tensor] = {reg.root: torch.from_numpy(GRID.copy())}
+
+    def arg(a: fx.Node) -> Any:
+        if a in vals:
+            return vals[a]
+        c = _scalar_const(gm, a)
+        return c.double().reshape(()) if c is not None else a
+
+    out: dict[fx.Node, np.ndarray] = {}
+    try:
+        for n in reg.ops:
+            args = fx.node.map_arg(n.args, arg)
+            kwargs = fx.node.map_arg(n.kwargs, arg)
+            if n.op == "call_function":
+                v = n.target(*args, **kwargs)  # type: ignore[operator]
+            elif n.op == "call_method":
+                v = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+            else:
+                v = gm.get_submodule(str(n.target))(*args, **kwargs)
+            if not isinstance(v, torch.Tensor) or v.shape != GRID.shape:
+                return None
+            vals[n] = v
+            out[n] = v.detach().double().numpy()
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None
+    return out
+
+
+def recognise(gm: fx.GraphModule) -> dict[fx.Node, Activation | None]:
+    """Decomposed activations of a graph: ``{site node: activation}`` for each identified
+    pointwise region's output, and ``{inner node: None}`` for the ops it absorbed."""
+    order = list(gm.graph.nodes)
+    regions = pointwise_regions(order, pointwise=lambda n: _pointwise(gm, n),
+                                tensor_inputs=lambda n: _tensor_inputs(gm, n),
+                                output=lambda n: n)
+    matched = match_regions(regions, evaluate=lambda r: _evaluate(gm, r),
+                            tensor_inputs=lambda n: _tensor_inputs(gm, n),
+                            output=lambda n: n, users=lambda v: list(v.users))
+    out: dict[fx.Node, Activation | None] = {}
+    for r in matched:
+        for n in r.inner:
+            out[n] = None
+        assert r.site is not None
+        out[r.site] = r.activation
+    return out
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node,
+              recognised: dict[fx.Node, Activation | None] | None = None
+              ) -> tuple[str, str] | None:
+    """('act', canonical name) | ('layer', kind) | ('transparent', '') | ('layout', '') |
+    ('inner', '') (a piece of a recognised activation) | None."""
+    if recognised is not None and node in recognised:
+        a = recognised[node]
+        return ("act", a.name) if a is not None else ("inner", "")
     act = activation_of_node(gm, node)
     if act is not None:
         return "act", act.name
+    lo = layer_op(gm, node)
+    if lo is not None:
+        return "layer", lo.kind
     if node.op == "call_function":
         t = node.target
-        if t in _ATEN_LAYER:
-            return "layer", _ATEN_LAYER[t]  # type: ignore[index]
-        if t in _FN_LAYER:
-            return "layer", _FN_LAYER[t]  # type: ignore[index]
         if t in _TRANSPARENT_ATEN or t in _TRANSPARENT_FN:
+            return "transparent", ""
+        if t in _LAYOUT_FN:
+            return "layout", ""
+        if t in (aten.add.Tensor, operator.add, torch.add) and _bias_input(gm, node) is not None:
             return "transparent", ""
     elif node.op == "call_method":
         if node.target in ("contiguous",):
             return "transparent", ""
+        if node.target in _LAYOUT_METHOD:
+            return "layout", ""
     elif node.op == "call_module":
         m = gm.get_submodule(str(node.target))
-        k = layer_kind_of_module(m)
-        if k:
-            return "layer", k
         if isinstance(m, _TRANSPARENT_MOD):
             return "transparent", ""
+        if isinstance(m, nn.Flatten):
+            return "layout", ""
     return None
+
+
+def _bias_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """For ``y = x + b`` with ``b`` a parameter/buffer (a bias): ``x``."""
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    a, b = node.args
+    assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+    if b.op == "get_attr" and a.op != "get_attr":
+        return a
+    if a.op == "get_attr" and b.op != "get_attr":
+        return b
+    return None
+
+
+_LAYOUT_FN = {
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.numpy_T.default,
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, torch.permute,
+    torch.transpose, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+}
+_LAYOUT_METHOD = {"permute", "transpose", "view", "reshape", "flatten", "squeeze", "unsqueeze"}
 
 
 def _owner(node: fx.Node) -> str:
@@ -313,13 +600,107 @@ def _owner(node: fx.Node) -> str:
     return ""
 
 
+def _shape(node: Any) -> list[Any] | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if v is None:
+        v = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(v, "shape", None)
+    if shape is None:
+        return None
+    return [int(d) if isinstance(d, int) else str(d) for d in shape]
+
+
+def _trailing(dims: list[Any]) -> tuple[int, tuple[str, ...]]:
+    """A product of dims as (integer part, sorted symbolic factors)."""
+    p = 1
+    syms: list[str] = []
+    for d in dims:
+        if isinstance(d, int):
+            p *= d
+        else:
+            syms.append(d)
+    return p, tuple(sorted(syms))
+
+
+def _map_axis(node: fx.Node, src: fx.Node, axis: int) -> int | None:
+    """The unit axis after the layout op ``node`` (input ``src``, unit axis ``axis``)."""
+    ins, outs = _shape(src), _shape(node)
+    if ins is None or outs is None:
+        return None
+    a = axis % len(ins)
+    t = node.target
+    if t in (aten.permute.default, torch.permute, "permute"):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) \
+            else node.args[1:]
+        perm = [int(d) % len(ins) for d in dims]  # type: ignore[union-attr]
+        return perm.index(a) if a in perm else None
+    if t in (aten.transpose.int, torch.transpose, "transpose"):
+        d0, d1 = (int(d) % len(ins) for d in node.args[1:3])  # type: ignore[call-overload]
+        return d1 if a == d0 else d0 if a == d1 else a
+    if t in (aten.t.default, aten.numpy_T.default):
+        return len(ins) - 1 - a
+    # reshapes: the unit dim survives when some output dim has its size and the same
+    # trailing product (the batch dim may be symbolic)
+    size, tail = ins[a], _trailing(ins[a + 1:])
+    for j, d in enumerate(outs):
+        if d == size and _trailing(outs[j + 1:]) == tail:
+            return j
+    return None
+
+
+def _walk_back(start: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None],
+               gm: fx.GraphModule) -> tuple[fx.Node | None, list[fx.Node]]:
+    """From a value back through transparent and layout ops to the layer producing it:
+    ``(layer node or None, the ops walked through, nearest first)``."""
+    chain: list[fx.Node] = []
+    cur: Any = start
+    for _ in range(_WALK):
+        if not isinstance(cur, fx.Node):
+            return None, chain
+        c = kinds.get(cur)
+        if c and c[0] == "layer":
+            return cur, chain
+        if c and c[0] in ("transparent", "layout"):
+            chain.append(cur)
+            bias_of = _bias_input(gm, cur) if cur.op == "call_function" and cur.target in (
+                aten.add.Tensor, operator.add, torch.add) else None
+            cur = bias_of if bias_of is not None else (cur.args[0] if cur.args else None)
+            continue
+        return None, chain
+    return None, chain
+
+
+#: how far a producer / consumer walk goes through transparent and layout ops
+_WALK = 12
+
+
+def _unit_axis(layer: fx.Node, axis: int, chain: list[fx.Node]) -> int | None:
+    """The producer's unit axis carried forward through ``chain`` (nearest first) to the value
+    at its head; -1 when it is the last axis, None when a layout op loses it."""
+    prev = layer
+    shape = _shape(layer)
+    cur = axis % len(shape) if shape else axis
+    for n in reversed(chain):
+        if n.op == "call_module" or (n.target not in _LAYOUT_FN and n.target not in _LAYOUT_METHOD):
+            prev = n
+            continue
+        nxt = _map_axis(n, prev, cur)
+        if nxt is None:
+            return None
+        cur, prev = nxt, n
+    out = _shape(prev)
+    if out is None:
+        return -1 if cur < 0 or not chain else None
+    return -1 if cur % len(out) == len(out) - 1 else cur % len(out)
+
+
 def find_sites(
     gm: fx.GraphModule,
     *,
     weight_module: Callable[[fx.GraphModule, fx.Node], str | None] | None = None,
     owner: Callable[[fx.Node], str] | None = None,
 ) -> tuple[list[LayerSite], list[ActSite]]:
-    """Layers and observed sites of a captured graph, in forward order.
+    """Layers and observed sites of a captured graph, in forward order (module doc).
 
     ``weight_module(gm, node)`` names a layer node's module (default: from a ``get_attr``
     weight or a ``call_module`` target) and ``owner(node)`` the module owning a node (default:
@@ -328,69 +709,127 @@ def find_sites(
     """
     weight_module = weight_module or _weight_module
     owner = owner or _owner
+    recognised = recognise(gm)
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    kinds: dict[fx.Node, tuple[str, str] | None] = {n: _classify(gm, n, recognised)
+                                                     for n in nodes}
     layers: list[LayerSite] = []
-    acts: list[ActSite] = []
     layer_of_node: dict[fx.Node, str] = {}
-    kinds: dict[fx.Node, tuple[str, str] | None] = {}
-    for node in gm.graph.nodes:
-        kinds[node] = _classify(gm, node)
-    for i, node in enumerate(gm.graph.nodes):
+    axis_of_layer: dict[fx.Node, int] = {}
+    for node in nodes:
         c = kinds[node]
-        if c is None:
+        if c is None or c[0] != "layer":
             continue
-        what, name = c
-        if what == "layer":
-            mod = weight_module(gm, node)
-            if mod is None:
-                continue
-            layer_of_node[node] = mod
-            if not any(ls.module == mod for ls in layers):
-                layers.append(LayerSite(mod, name, node.name, len(layers)))
-            # a layer output that no activation follows is observed itself
-            if not _follows_activation(node, kinds):
-                acts.append(ActSite(node.name, name, "linear", mod, 1 if name != "linear" else -1,
-                                    i, mod))
-        elif what == "act":
-            producer_node = _producer(node, kinds)
-            producer = layer_of_node.get(producer_node, "") if producer_node is not None else ""
-            pc = kinds.get(producer_node) if producer_node is not None else None
-            pkind = pc[1] if pc else ""
-            cd = 1 if pkind.startswith("conv") else -1
-            act = activation_of_node(gm, node) or ACTIVATIONS[name]
-            acts.append(ActSite(node.name, act.name, act.family, producer, cd, i,
-                                owner(node) or producer, act))
+        mod = weight_module(gm, node)
+        lo = layer_op(gm, node)
+        if mod is None:
+            kinds[node] = None
+            continue
+        layer_of_node[node] = mod
+        axis_of_layer[node] = lo.unit_axis if lo is not None else (-1 if c[1] == "linear" else 1)
+        if not any(ls.module == mod for ls in layers):
+            layers.append(LayerSite(mod, c[1], node.name, len(layers),
+                                    unit_axis=axis_of_layer[node]))
+
+    def producer_of(value: Any) -> tuple[str, int]:
+        layer, chain = _walk_back(value, kinds, gm)
+        if layer is None or layer not in layer_of_node:
+            return "", -1
+        axis = _unit_axis(layer, axis_of_layer[layer], chain)
+        if axis is None:
+            return "", -1
+        return layer_of_node[layer], axis
+
+    acts: list[ActSite] = []
+    for node in nodes:
+        c = kinds[node]
+        if c is None or c[0] != "act":
+            continue
+        act = recognised.get(node) or activation_of_node(gm, node) or ACTIVATIONS[c[1]]
+        region_root = _root_of(node, recognised, gm)
+        producer, cd = producer_of(region_root)
+        site = ActSite(node.name, act.name, act.family, producer, cd, index[node],
+                       owner(node) or producer, act)
+        gate = _gated_product(node, site, kinds, gm, producer_of) if producer else None
+        if gate is not None:
+            mul, partner = gate
+            g = gated(act.name)
+            kinds[mul] = ("act", g.name)
+            site = ActSite(mul.name, g.name, g.family, producer, cd, index[mul],
+                           owner(mul) or producer, g, partner)
+        acts.append(site)
+    for node, mod in layer_of_node.items():
+        # a layer output that no activation follows is observed itself
+        if not _follows_activation(node, kinds):
+            kind = kinds[node][1]  # type: ignore[index]
+            ax = _unit_axis(node, axis_of_layer[node], [])
+            acts.append(ActSite(node.name, kind, "linear", mod, -1 if ax is None else ax,
+                                index[node], mod))
+    acts.sort(key=lambda s: s.order)
     # next layers of each layer (through non-layer nodes), for the "narrow layer" check
-    by_name = {n.name: n for n in gm.graph.nodes}
+    by_name = {n.name: n for n in nodes}
     for ls in layers:
         ls.next_modules = _next_layers(by_name[ls.node], kinds, layer_of_node)
     return layers, acts
 
 
-def _producer(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None]) -> fx.Node | None:
-    cur: Any = node.args[0] if node.args else None
-    for _ in range(8):
-        if not isinstance(cur, fx.Node):
-            return None
-        c = kinds.get(cur)
-        if c and c[0] == "layer":
-            return cur
-        if c and c[0] == "transparent":
-            cur = cur.args[0] if cur.args else None
-            continue
+def _root_of(node: fx.Node, recognised: dict[fx.Node, Activation | None],
+             gm: fx.GraphModule) -> Any:
+    """The value an activation site is a function of: a recognised region's root (its first
+    tensor input from outside the region), else the activation's input."""
+    if node in recognised:
+        seen = {node}
+        todo = [node]
+        while todo:
+            for a in _tensor_inputs(gm, todo.pop()):
+                if a in seen:
+                    continue
+                if recognised.get(a, 0) is None:  # an inner op
+                    seen.add(a)
+                    todo.append(a)
+                else:
+                    return a
+    ins = _tensor_inputs(gm, node)
+    return ins[0] if ins else None
+
+
+_MUL = {aten.mul.Tensor, operator.mul, torch.mul}
+
+
+def _gated_product(node: fx.Node, site: ActSite, kinds: dict[fx.Node, tuple[str, str] | None],
+                   gm: fx.GraphModule, producer_of: Callable[[Any], tuple[str, int]]
+                   ) -> tuple[fx.Node, str] | None:
+    """``(product node, up projection)`` when the activation's only use is a product with
+    another layer's output of the same shape (``act(gate(x)) * up(x)``), else None."""
+    if site.family != "relu" or len(node.users) != 1:
         return None
-    return None
+    (mul,) = node.users
+    if not ((mul.op == "call_function" and mul.target in _MUL) or
+            (mul.op == "call_method" and mul.target == "mul")):
+        return None
+    others = [a for a in mul.args if isinstance(a, fx.Node) and a is not node]
+    if len(others) != 1 or len(mul.args) != 2:
+        return None
+    partner, axis = producer_of(others[0])
+    if not partner or partner == site.producer or axis != site.channel_dim:
+        return None
+    if _shape(others[0]) != _shape(node):
+        return None
+    return mul, partner
 
 
 def _follows_activation(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None]) -> bool:
-    """True when the layer's output flows (through transparent ops) into an activation."""
+    """True when the layer's output flows (through transparent, layout and recognised
+    pieces) into an activation."""
     frontier = list(node.users)
-    for _ in range(8):
+    for _ in range(_WALK):
         nxt: list[fx.Node] = []
         for u in frontier:
             c = kinds.get(u)
             if c and c[0] == "act":
                 return True
-            if c and c[0] == "transparent":
+            if c and c[0] in ("transparent", "layout", "inner"):
                 nxt.extend(u.users)
         if not nxt:
             return False

@@ -170,7 +170,7 @@ def measurements_from(observers: Sequence[Observer], layers: Sequence[LayerEntry
             module=o.site.producer or o.site.module, node=o.site.node, op=o.site.op,
             family=o.site.family, order=k, stats=o.stats,
             saturated_fraction=o.saturated_fraction(), sample=o.sample(),
-            channel_dim=o.site.channel_dim))
+            channel_dim=o.site.channel_dim, partner=o.site.partner))
     out_layers = []
     for k, (path, kind, w, nxt) in enumerate(layers):
         g = grad_sq.get(path)
@@ -180,6 +180,9 @@ def measurements_from(observers: Sequence[Observer], layers: Sequence[LayerEntry
             grad_sq=(g / n_batches) if (g is not None and n_batches) else None,
             grad_nonfinite=path in grad_nonfinite, next_modules=list(nxt)))
     all_notes = list(notes) + [f"site {o.site.node}: {o.error}" for o in observers if o.error]
+    if gradients and not out_layers:
+        all_notes.append("gradients measured on no layer: no parametrised layer (linear, conv, "
+                         "addmm/matmul/einsum with a parameter) was recognised in the graph")
     return Measurements(sites=sites, layers=out_layers, gradients=gradients,
                         input_nonfinite=input_nonfinite, ir="torch", batches=n_batches,
                         capture=capture, notes=all_notes)

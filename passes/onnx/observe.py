@@ -6,16 +6,22 @@ export alike.
 
 * **Sites** (observed values), in graph order: the output of every activation node (op types
   of :data:`graphsurg._activations.ONNX_OPS`; ``Clip`` is read from its bounds with
-  :func:`graphsurg._activations.bounded`), and the output of every layer (Gemm / MatMul /
-  Conv with a constant weight, through its bias ``Add``) that no activation follows, as
-  family ``"linear"`` (op ``"linear"``/``"conv"``) like torch's bare layer outputs.
+  :func:`graphsurg._activations.bounded`); the output of every *pointwise region* the one
+  pattern table names (:func:`graphsurg._activations.match_regions`: Erf- and Tanh-form
+  GELU, x*Sigmoid(x), x*HardSigmoid(x), Clip/Div/Mul HardSwish...; the region is evaluated
+  on the table's grid by a small numpy interpreter of its ops, and its inner Erf/Tanh/Sigmoid
+  are no sites); a gated unit ``act(gate) * up`` as one site, the product (``partner``: the
+  up projection); and the output of every layer (Gemm / MatMul / Conv / Einsum with a
+  constant weight, through its bias ``Add``) that no activation follows, as family
+  ``"linear"`` (op ``"linear"``/``"conv"``) like torch's bare layer outputs.
   ``Site.module`` is the *producer* layer's node name (found by walking back through bias
   ``Add``, normalisation, Dropout and Identity, as torch walks through its transparent ops),
   or the activation node's own name when no layer produces its units; ``Site.node`` is the
-  observed value's name. Units are along axis 1 after a convolution or a
-  BatchNormalization, else along the last axis.
-* **Layers**: one :class:`LayerMeasure` per Gemm / MatMul / Conv / ConvTranspose whose weight
-  is a constant, with the weight oriented like torch's (``(d_out, d_in[, k...])``: a Gemm
+  observed value's name. The unit axis is the producer's (1 after a convolution, the last
+  after Gemm/MatMul, -2 after a MatMul with its constant first), carried through Transpose,
+  Reshape, Flatten, Squeeze and Unsqueeze to the observed value.
+* **Layers**: one :class:`LayerMeasure` per Gemm / MatMul (constant on either side) / Conv /
+  ConvTranspose / two-operand Einsum whose weight is a constant, with the weight oriented like torch's (``(d_out, d_in[, k...])``: a Gemm
   with ``transB=0`` and a MatMul's ``(K, N)`` weight are transposed), so the one rank routine
   in ``graphsurg.detect.bottleneck`` judges it; ``next_modules`` are the next layers in the
   graph (shape computations are not followed).
@@ -28,7 +34,8 @@ whatever the model's float type) and dropped, except a bounded row sample per si
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +44,17 @@ import onnx_ir as ir
 import torch
 from graphsurg.kernels import NeuronStats, neuron_stats
 
-from graphsurg._activations import ACTIVATIONS, ONNX_OPS, Activation, bounded
+from graphsurg._activations import (
+    ACTIVATIONS,
+    GRID,
+    ONNX_OPS,
+    Activation,
+    Region,
+    bounded,
+    gated,
+    match_regions,
+    pointwise_regions,
+)
 from graphsurg._config import DiagnoseConfig
 from graphsurg._measurements import LayerMeasure, Measurements, SiteMeasure
 
@@ -46,14 +63,16 @@ from ._pass import const_array
 
 #: layer op type -> layer kind (torch's names)
 LAYER_OPS: dict[str, str] = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv",
-                             "ConvTranspose": "conv_transpose"}
+                             "ConvTranspose": "conv_transpose", "Einsum": "linear"}
+#: ops that move a unit axis without mixing units (followed with their shapes / perm)
+LAYOUT = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 #: ops a unit's identity passes through between its layer and its activation (torch's
 #: transparent ops: normalisation, dropout, identity); a bias Add is transparent too
 TRANSPARENT = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization",
                          "Dropout", "Identity"})
 _CHANNEL_FIRST = frozenset({"Conv", "ConvTranspose", "BatchNormalization"})
 _SHAPE_OPS = frozenset({"Shape", "Size"})
-_WALK = 8  # like torch's producer walk
+_WALK = 12  # like torch's producer walk
 
 
 def _default_domain(node: ir.Node) -> bool:
@@ -98,26 +117,86 @@ def _is_bias_add(node: ir.Node, through: ir.Value) -> bool:
     return other is not through and const_array(other) is not None
 
 
-def layer_weight(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
-    """A layer node's constant float weight as ``(value, array oriented like torch's weight:
-    (d_out, d_in[, k...]))``, or None when the node is not a layer with a constant weight."""
+@dataclass(frozen=True)
+class LayerOp:
+    """How a node is a layer: its constant weight (value, array oriented like torch's
+    ``(d_out, d_in[, k...])``) and the axis of its output that holds the units."""
+
+    value: ir.Value
+    weight: np.ndarray
+    unit_axis: int
+
+
+def _float_weight(v: ir.Value | None) -> np.ndarray | None:
+    arr = const_array(v) if v is not None else None
+    if arr is None or arr.ndim < 2 or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    return arr
+
+
+def _einsum_op(node: ir.Node) -> LayerOp | None:
+    eq = node.attributes["equation"].as_string() if "equation" in node.attributes else ""
+    eq = eq.replace(" ", "")
+    if "->" not in eq or len(node.inputs) != 2:
+        return None
+    ins, outs = eq.split("->")
+    specs = ins.split(",")
+    for k in (0, 1):
+        w = node.inputs[k]
+        arr = _float_weight(w)
+        if w is None or arr is None or arr.ndim != 2 or len(specs[k]) != 2:
+            continue
+        a, b = specs[k]
+        other = specs[1 - k]
+        if a in outs and b in other and b not in outs:
+            unit, oriented = a, arr
+        elif b in outs and a in other and a not in outs:
+            unit, oriented = b, arr.T
+        else:
+            return None
+        if "..." in outs and outs.index(unit) < outs.index("..."):
+            axis = outs.index(unit)
+        else:
+            tail = outs.split("...")[-1]
+            axis = tail.index(unit) - len(tail)
+        return LayerOp(w, oriented, axis)
+    return None
+
+
+def layer_op(node: ir.Node) -> LayerOp | None:
+    """How ``node`` is a layer with a constant weight (see :class:`LayerOp`), or None."""
     if node.op_type not in LAYER_OPS or not _default_domain(node) or len(node.inputs) < 2:
         return None
+    if node.op_type == "Einsum":
+        return _einsum_op(node)
     w = node.inputs[1]
-    arr = const_array(w)
-    if w is None or arr is None or arr.ndim < 2 or not np.issubdtype(arr.dtype, np.floating):
+    arr = _float_weight(w)
+    if node.op_type == "MatMul" and arr is None:  # W @ x: the constant first, units at -2
+        w0 = node.inputs[0]
+        a0 = _float_weight(w0)
+        if w0 is not None and a0 is not None and a0.ndim == 2:
+            return LayerOp(w0, a0, -2)
+        return None
+    if w is None or arr is None:
         return None
     if node.op_type == "Gemm":
         trans_b = node.attributes["transB"].as_int() if "transB" in node.attributes else 0
-        return w, (arr if trans_b else arr.T)
+        return LayerOp(w, arr if trans_b else arr.T, -1)
     if node.op_type == "MatMul":
-        return (w, arr.T) if arr.ndim == 2 else None
-    return w, arr
+        return LayerOp(w, arr.T, -1) if arr.ndim == 2 else None
+    return LayerOp(w, arr, 1)
+
+
+def layer_weight(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
+    """A layer node's constant float weight as ``(value, array oriented like torch's weight:
+    (d_out, d_in[, k...]))``, or None when the node is not a layer with a constant weight."""
+    lo = layer_op(node)
+    return (lo.value, lo.weight) if lo is not None else None
 
 
 def find_producer(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
     """Walk back from an activation's input through bias Add / normalisation / Dropout /
-    Identity to the layer that produces its units. Returns the layer node (or None) and the
+    Identity / layout ops (:data:`LAYOUT`) to the layer that produces its units. Returns the layer node (or None) and the
     nodes walked through, nearest first."""
     chain: list[ir.Node] = []
     v: ir.Value | None = value
@@ -127,7 +206,7 @@ def find_producer(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
             return None, chain
         if layer_weight(p) is not None:
             return p, chain
-        if p.op_type in TRANSPARENT and p.inputs:
+        if (p.op_type in TRANSPARENT or p.op_type in LAYOUT) and p.inputs:
             chain.append(p)
             v = p.inputs[0]
             continue
@@ -145,15 +224,18 @@ def find_producer(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
     return None, chain
 
 
-def _follows_activation(node: ir.Node) -> bool:
-    """True when a layer's output flows (through transparent ops) into an activation."""
+def _follows_activation(node: ir.Node, recognised: dict[ir.Node, Activation | None]) -> bool:
+    """True when a layer's output flows (through transparent and layout ops, and the pieces
+    of recognised activations) into an activation."""
     frontier = [(u, v) for v in node.outputs for u, _ in v.uses()]
     for _ in range(_WALK):
         nxt: list[tuple[ir.Node, ir.Value]] = []
         for u, via in frontier:
-            if activation_of(u) is not None:
+            if recognised.get(u) is not None or (u not in recognised
+                                                 and activation_of(u) is not None):
                 return True
-            if (u.op_type in TRANSPARENT and _default_domain(u)) or _is_bias_add(u, via):
+            if ((u.op_type in TRANSPARENT or u.op_type in LAYOUT) and _default_domain(u)
+                    or _is_bias_add(u, via) or u in recognised):
                 nxt.extend((c, o) for o in u.outputs for c, _ in o.uses())
         if not nxt:
             return False
@@ -199,6 +281,198 @@ def node_label(node: ir.Node, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+# -- decomposed activations: pointwise regions named by the one pattern table -------------
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+_np_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _attr_f(node: ir.Node, name: str, default: float) -> float:
+    return float(node.attributes[name].as_float()) if name in node.attributes else default
+
+
+def _clip(node: ir.Node, x: np.ndarray, c: list[np.ndarray | None]) -> np.ndarray:
+    lo = c[1] if len(c) > 1 and c[1] is not None else None
+    hi = c[2] if len(c) > 2 and c[2] is not None else None
+    lo = np.float64(_attr_f(node, "min", -np.inf)) if lo is None else lo
+    hi = np.float64(_attr_f(node, "max", np.inf)) if hi is None else hi
+    return np.minimum(np.maximum(x, lo), hi)
+
+
+def _gelu(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    approx = node.attributes["approximate"].as_string() if "approximate" in node.attributes \
+        else "none"
+    if approx == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + _np_erf(x / math.sqrt(2.0)))
+
+
+#: the numpy interpreter of the ops a decomposed activation is made of: op type ->
+#: f(node, [input arrays]) (float64; an absent optional input is None)
+_POINTWISE: dict[str, Callable[[ir.Node, list[np.ndarray | None]], np.ndarray]] = {
+    "Add": lambda n, a: a[0] + a[1], "Sub": lambda n, a: a[0] - a[1],  # type: ignore[operator]
+    "Mul": lambda n, a: a[0] * a[1], "Div": lambda n, a: a[0] / a[1],  # type: ignore[operator]
+    "Pow": lambda n, a: np.power(a[0], a[1]), "Neg": lambda n, a: -a[0],  # type: ignore[operator]
+    "Exp": lambda n, a: np.exp(a[0]), "Log": lambda n, a: np.log(a[0]),
+    "Sqrt": lambda n, a: np.sqrt(a[0]), "Abs": lambda n, a: np.abs(a[0]),
+    "Reciprocal": lambda n, a: 1.0 / a[0],  # type: ignore[operator]
+    "Tanh": lambda n, a: np.tanh(a[0]), "Sigmoid": lambda n, a: _sigmoid(a[0]),  # type: ignore[arg-type]
+    "Erf": lambda n, a: _np_erf(a[0]), "Relu": lambda n, a: np.maximum(a[0], 0.0),
+    "Clip": lambda n, a: _clip(n, a[0], a),  # type: ignore[arg-type]
+    "HardSigmoid": lambda n, a: np.clip(_attr_f(n, "alpha", 0.2) * a[0]  # type: ignore[operator]
+                                        + _attr_f(n, "beta", 0.5), 0.0, 1.0),
+    "HardSwish": lambda n, a: a[0] * np.clip(a[0] / 6.0 + 0.5, 0.0, 1.0),  # type: ignore[operator]
+    "Gelu": lambda n, a: _gelu(n, a[0]),  # type: ignore[arg-type]
+    "Softplus": lambda n, a: np.logaddexp(0.0, a[0]),  # type: ignore[arg-type]
+    "LeakyRelu": lambda n, a: np.where(a[0] > 0, a[0], _attr_f(n, "alpha", 0.01) * a[0]),  # type: ignore[operator]
+    "Elu": lambda n, a: np.where(a[0] > 0, a[0], _attr_f(n, "alpha", 1.0)  # type: ignore[operator]
+                                 * np.expm1(np.minimum(a[0], 0.0))),  # type: ignore[arg-type]
+}
+
+
+def _scalar(v: ir.Value | None) -> np.ndarray | None:
+    a = const_array(v) if v is not None else None
+    if a is None or a.size != 1 or not (np.issubdtype(a.dtype, np.floating)
+                                        or np.issubdtype(a.dtype, np.integer)):
+        return None
+    return np.float64(a.reshape(()))  # type: ignore[return-value]
+
+
+def _tensor_inputs(node: ir.Node) -> list[ir.Value]:
+    return [v for v in node.inputs if v is not None and _scalar(v) is None]
+
+
+def _pointwise(node: ir.Node) -> bool:
+    return (_default_domain(node) and node.op_type in _POINTWISE and len(node.outputs) == 1
+            and bool(_tensor_inputs(node)))
+
+
+def _evaluate(reg: Region[ir.Value, ir.Node]) -> dict[ir.Node, np.ndarray] | None:
+    vals: dict[ir.Value, np.ndarray] = {reg.root: GRID.copy()}
+    out: dict[ir.Node, np.ndarray] = {}
+    with np.errstate(all="ignore"):
+        for n in reg.ops:
+            args: list[np.ndarray | None] = []
+            for v in n.inputs:
+                if v is None:
+                    args.append(None)
+                elif v in vals:
+                    args.append(vals[v])
+                else:
+                    c = _scalar(v)
+                    if c is None:
+                        return None
+                    args.append(c)
+            y = np.asarray(_POINTWISE[n.op_type](n, args), dtype=np.float64)
+            if y.shape != GRID.shape:
+                return None
+            vals[n.outputs[0]] = out[n] = y
+    return out
+
+
+def recognise(nodes: list[ir.Node]) -> tuple[dict[ir.Node, Activation | None],
+                                              dict[ir.Node, ir.Value]]:
+    """Decomposed activations among ``nodes``: ``{site node: activation, inner node: None}``
+    and ``{site node: the value the region is a function of}``."""
+    regions = pointwise_regions(nodes, pointwise=_pointwise, tensor_inputs=_tensor_inputs,
+                                output=lambda n: n.outputs[0])
+    matched = match_regions(regions, evaluate=_evaluate, tensor_inputs=_tensor_inputs,
+                            output=lambda n: n.outputs[0],
+                            users=lambda v: [u for u, _ in v.uses()])
+    acts: dict[ir.Node, Activation | None] = {}
+    roots: dict[ir.Node, ir.Value] = {}
+    for r in matched:
+        for n in r.inner:
+            acts[n] = None
+        assert r.site is not None
+        acts[r.site] = r.activation
+        roots[r.site] = r.root
+    return acts, roots
+
+
+def _dims(v: ir.Value | None) -> list[object] | None:
+    shape = v.shape if v is not None else None
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) else str(d) for d in shape]
+
+
+def _trailing(dims: list[object]) -> tuple[int, tuple[str, ...]]:
+    p, syms = 1, []
+    for d in dims:
+        if isinstance(d, int):
+            p *= d
+        else:
+            syms.append(str(d))
+    return p, tuple(sorted(syms))
+
+
+def _map_axis(node: ir.Node, axis: int) -> int | None:
+    """The unit axis after the layout op ``node`` given the axis in its first input."""
+    ins, outs = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if node.op_type == "Transpose":
+        rank = len(ins) if ins is not None else (len(outs) if outs is not None else None)
+        if rank is None:
+            return None
+        a = axis % rank
+        perm = (list(node.attributes["perm"].as_ints()) if "perm" in node.attributes
+                else list(range(rank))[::-1])
+        return perm.index(a) if a in perm else None
+    if ins is None or outs is None:
+        return None
+    a = axis % len(ins)
+    size, tail = ins[a], _trailing(ins[a + 1:])
+    for j, d in enumerate(outs):
+        if d == size and _trailing(outs[j + 1:]) == tail:
+            return j
+    return None
+
+
+def unit_axis(producer: ir.Node, chain: list[ir.Node]) -> int | None:
+    """The producer's unit axis carried through ``chain`` (nearest first) to the value at its
+    head: -1 when it is the last axis, None when a layout op loses it."""
+    lo = layer_op(producer)
+    axis = lo.unit_axis if lo is not None else (1 if producer.op_type in _CHANNEL_FIRST else -1)
+    rank_v: ir.Value | None = producer.outputs[0]
+    for n in reversed(chain):
+        if n.op_type in LAYOUT:
+            nxt = _map_axis(n, axis)
+            if nxt is None:
+                return None
+            axis = nxt
+        rank_v = n.outputs[0]
+    dims = _dims(rank_v)
+    if dims is None:
+        return axis
+    a = axis % len(dims)
+    return -1 if a == len(dims) - 1 else a
+
+
+def _gate(site_node: ir.Node, producer: ir.Node, axis: int
+          ) -> tuple[ir.Node, ir.Node] | None:
+    """``(product node, up projection)`` when the activation's output is used only by a Mul
+    with another layer's output (same unit axis and shape): a gated unit."""
+    out = site_node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out in _graph_outputs(site_node):
+        return None
+    mul = uses[0][0]
+    if mul.op_type != "Mul" or not _default_domain(mul) or len(mul.inputs) != 2:
+        return None
+    other = mul.inputs[1] if mul.inputs[0] is out else mul.inputs[0]
+    if other is None or other is out:
+        return None
+    up, chain = find_producer(other)
+    if up is None or up is producer or unit_axis(up, chain) != axis:
+        return None
+    a, b = _dims(other), _dims(out)
+    if a is not None and b is not None and a != b:
+        return None
+    return mul, up
+
+
 @dataclass
 class ObservedSite:
     """One value to observe (see the module documentation)."""
@@ -210,6 +484,7 @@ class ObservedSite:
     activation: Activation | None
     channel_dim: int
     order: int
+    partner: str = ""  # a gated unit's up projection
 
 
 @dataclass
@@ -228,46 +503,69 @@ def find_sites(model: ir.Model) -> tuple[list[LayerSite], list[ObservedSite]]:
     """Layers and observed sites of the main graph, in graph order."""
     nodes = list(model.graph)
     label = {n: node_label(n, i) for i, n in enumerate(nodes)}
+    index = {n: i for i, n in enumerate(nodes)}
+    recognised, roots = recognise(nodes)
     layers: list[LayerSite] = []
     layer_nodes: set[ir.Node] = set()
     seen_weights: set[str] = set()
-    sites: list[ObservedSite] = []
+    found: list[tuple[int, ObservedSite]] = []
     observed: set[str] = set()
+    gated_muls: dict[ir.Node, Activation] = {}
+
+    def add(at: ir.Node, s: ObservedSite) -> None:
+        if s.value and s.value not in observed:
+            observed.add(s.value)
+            found.append((index[at], s))
+
     for n in nodes:
-        lw = layer_weight(n)
-        if lw is not None:
+        lo = layer_op(n)
+        if lo is not None:
             layer_nodes.add(n)
-            w, arr = lw
-            wname = w.name or label[n]
+            wname = lo.value.name or label[n]
             if wname not in seen_weights:  # a shared weight is one layer, as in torch
                 seen_weights.add(wname)
-                layers.append(LayerSite(n, label[n], LAYER_OPS[n.op_type], wname, arr))
-            if not _follows_activation(n):
-                v = _layer_output(n)
-                kind = LAYER_OPS[n.op_type]
-                if v.name and v.name not in observed:
-                    observed.add(v.name)
-                    sites.append(ObservedSite(v.name, label[n], kind, "linear", None,
-                                              1 if kind != "linear" else -1, len(sites)))
+                layers.append(LayerSite(n, label[n], LAYER_OPS[n.op_type], wname, lo.weight))
             continue
-        act = activation_of(n)
+        act = recognised.get(n) if n in recognised else activation_of(n)
         if act is None:
             continue
-        inp = n.inputs[0]
+        inp = roots.get(n) or n.inputs[0]
         assert inp is not None
         producer, chain = find_producer(inp)
-        ops = {c.op_type for c in chain} | ({producer.op_type} if producer is not None else set())
-        name = n.outputs[0].name
-        assert name is not None
-        if name in observed:
-            continue
-        observed.add(name)
+        axis = unit_axis(producer, chain) if producer is not None else None
+        if axis is None:  # no producer, or a layout op lost its units
+            ops = {c.op_type for c in chain}
+            producer, axis = None, 1 if ops & {"BatchNormalization"} else -1
         module = label[producer] if producer is not None else label[n]
-        sites.append(ObservedSite(name, module, act.name, act.family, act,
-                                  1 if ops & _CHANNEL_FIRST else -1, len(sites)))
+        g = _gate(n, producer, axis) if producer is not None and act.family == "relu" else None
+        if g is not None:
+            mul, up = g
+            ga = gated(act.name)
+            gated_muls[mul] = ga
+            add(mul, ObservedSite(mul.outputs[0].name or "", module, ga.name, ga.family, ga,
+                                  axis, 0, label[up]))
+            continue
+        add(n, ObservedSite(n.outputs[0].name or "", module, act.name, act.family, act, axis, 0))
+    follows = {**recognised, **gated_muls}
+    for n in layers_in_order(nodes, layer_nodes):
+        if not _follows_activation(n, follows):
+            v = _layer_output(n)
+            kind = LAYER_OPS[n.op_type]
+            lo = layer_op(n)
+            axis = unit_axis(n, []) if lo is not None else -1
+            add(n, ObservedSite(v.name or "", label[n], kind, "linear", None,
+                                -1 if axis is None else axis, 0))
+    found.sort(key=lambda t: t[0])
+    sites = [s for _, s in found]
+    for k, s in enumerate(sites):
+        s.order = k
     for ls in layers:
         ls.next_modules = [label[u] for u in _next_layers(ls.node, layer_nodes)]
     return layers, sites
+
+
+def layers_in_order(nodes: list[ir.Node], layer_nodes: set[ir.Node]) -> list[ir.Node]:
+    return [n for n in nodes if n in layer_nodes]
 
 
 # -- observation ----------------------------------------------------------------------------
@@ -346,7 +644,7 @@ class _Accumulator:
             module=self.site.module, node=self.site.value, op=self.site.op,
             family=self.site.family, order=self.site.order, stats=self.stats,
             saturated_fraction=satf, sample=torch.cat(self._sample) if self._sample else None,
-            channel_dim=self.site.channel_dim)
+            channel_dim=self.site.channel_dim, partner=self.site.partner)
 
 
 def observe_model(model: ir.Model, batches: Iterable[Feed], config: DiagnoseConfig, *,
