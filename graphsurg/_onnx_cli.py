@@ -31,8 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="diagnose a model on calibration data")
     a.add_argument("model", help="input .onnx model")
-    a.add_argument("--data", required=True, help="calibration data (.npz, one array per input)")
-    a.add_argument("--batch-size", type=int, default=64, help="rows per batch (default 64)")
+    _calibration_args(a)
     a.add_argument("--max-batches", type=int, default=None, help="measure at most N batches")
     a.add_argument("--json", dest="json_out", default=None, help="write the diagnosis JSON here")
 
@@ -41,12 +40,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                        "default)")
     b.add_argument("model", help="input .onnx model (never modified)")
     b.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
-    b.add_argument("--data", required=True, help="calibration data (.npz); a quarter is held out")
+    _calibration_args(b)
     b.add_argument("-p", "--passes", default=None,
                    help="comma-separated replacement names (default: every exact one; see "
                         "list-passes)")  # fmt: skip
     b.add_argument("--diagnosis", default=None, help="use this diagnosis JSON instead of analysing")
-    b.add_argument("--batch-size", type=int, default=64, help="rows per batch (default 64)")
     b.add_argument("--max-output-change", type=float, default=None,
                    help="bound on ||f'-f||/||f|| for edits that are not exact; with -p it "
                         "also allows them")  # fmt: skip
@@ -65,6 +63,54 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    """The calibration options of ``analyze`` and ``apply`` (formats:
+    :mod:`graphsurg.passes.onnx.inputs`); exactly one source is required."""
+    p.add_argument("--data", default=None,
+                   help="calibration data: an .npz (one array per input, split along each "
+                        "input's batch axis) or a folder of .npz files (one feed dict each)")
+    p.add_argument("--load-inputs", default=None, metavar="INPUTS.json",
+                   help="feed dicts saved by polygraphy run --save-inputs")
+    p.add_argument("--data-loader-script", default=None, metavar="FILE.py[:FUNC]",
+                   help="a script whose FUNC (default load_data) yields feed dicts; this RUNS "
+                        "the script (every other input is only read)")
+    p.add_argument("--batch-axis", action="append", default=[], metavar="NAME:AXIS",
+                   help="the batch axis of input NAME (NAME:none: fed whole to every batch); "
+                        "default: read from the model")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per batch (default 64)")
+
+
+def _calibration(args: argparse.Namespace, gso: Any) -> tuple[Any, dict[str, Any]]:
+    """``(data, keyword arguments)`` for gso.analyze / gso.apply from the options."""
+    from graphsurg.passes.onnx.inputs import parse_batch_axes
+
+    given = [o for o, v in (("--data", args.data), ("--load-inputs", args.load_inputs),
+                            ("--data-loader-script", args.data_loader_script)) if v]
+    if len(given) != 1:
+        raise gso.OnnxInputError(
+            "pass exactly one of --data, --load-inputs, --data-loader-script"
+            + (f" (got {', '.join(given)})" if given else ""))
+    kw = {"batch_size": args.batch_size, "batch_axes": parse_batch_axes(args.batch_axis),
+          "data_loader_script": args.data_loader_script}
+    return (args.data or args.load_inputs or []), kw
+
+
+def _no_collision(args: argparse.Namespace, gso: Any, outputs: list[tuple[str, Any]]) -> None:
+    """Refuse an output path that is the model, its calibration data or another output."""
+    from graphsurg._errors import BadInputError
+    from graphsurg._files import check_no_collision
+
+    script = (args.data_loader_script.rpartition(":")[0] or args.data_loader_script
+              if args.data_loader_script else None)
+    data = [args.model, args.data, args.load_inputs, script, getattr(args, "diagnosis", None)]
+    if args.data and Path(args.data).is_dir():
+        data += sorted(Path(args.data).glob("*.npz"))
+    try:
+        check_no_collision(data, outputs)
+    except BadInputError as e:
+        raise gso.OnnxInputError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``onnx`` subcommand; returns the exit code (0, 1 or 2)."""
     from graphsurg import onnx as gso
@@ -77,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
         if args.onnx_command == "analyze":
             from graphsurg import DiagnoseConfig
 
+            _no_collision(args, gso, [("--json", args.json_out)])
+            data, kw = _calibration(args, gso)
             cfg = DiagnoseConfig(max_batches=args.max_batches)
-            d = gso.analyze(args.model, args.data, config=cfg, batch_size=args.batch_size)
+            d = gso.analyze(args.model, data, config=cfg, **kw)
             print(d.summary())
             if args.json_out:
                 _write_text(args.json_out, d.to_json(indent=2))
@@ -103,15 +151,19 @@ def _apply(args: argparse.Namespace, gso: Any) -> int:
     except ValueError as e:
         raise gso.OnnxInputError(str(e)) from None
     passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
+    out_data = args.output + ".data" if args.output else None
+    _no_collision(args, gso, [("-o", args.output), ("-o's data file", out_data),
+                              ("--report", args.report)])
+    calib, kw = _calibration(args, gso)
     if args.diagnosis:
         try:
             diag = Diagnosis.from_json(Path(args.diagnosis).read_text())
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise gso.OnnxInputError(f"diagnosis '{args.diagnosis}' is unreadable: {e}") from None
         first: Any = diag
-        data = args.data
+        data = calib
     else:
-        first, data = args.data, None
+        first, data = calib, None
     _, result = gso.apply(
         args.model,
         first,
@@ -123,7 +175,7 @@ def _apply(args: argparse.Namespace, gso: Any) -> int:
         output=args.output,
         save_external_data=args.save_external_data,
         external_data_size_threshold=args.external_data_size_threshold,
-        batch_size=args.batch_size,
+        **kw,
     )
     print(result.summary())
     if args.report:

@@ -7,6 +7,7 @@ naming the problem and the fix (:class:`OnnxInputError`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -181,10 +182,11 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
             missing or outside the model's folder.
     """
     if isinstance(model, ir.Model):
-        return model.clone(), "ir"
+        return _initializers_apart(model.clone()), "ir"
     if isinstance(model, onnx.ModelProto):
         _check_proto(model, "the ModelProto")
-        return ir.serde.deserialize_model(_densify_sparse(model, "the ModelProto")), "proto"
+        loaded = ir.serde.deserialize_model(_densify_sparse(model, "the ModelProto"))
+        return _initializers_apart(loaded), "proto"
     if not isinstance(model, str | os.PathLike):
         raise OnnxInputError(
             f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}"
@@ -204,7 +206,17 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
     _check_proto(proto, where, path)
     loaded = ir.serde.deserialize_model(_densify_sparse(proto, where))
     ir.external_data.set_base_dir(loaded.graph, path.parent)
-    return loaded, "path"
+    return _initializers_apart(loaded), "path"
+
+
+def _initializers_apart(model: ir.Model) -> ir.Model:
+    """An IR < 4 model lists its initializers among the graph inputs; the working copy keeps
+    them apart (they are weights, not inputs to feed) and :func:`initializers_as_inputs`
+    lists them again when it is written."""
+    if model.ir_version < _IR_INITIALIZERS_FREE:
+        for v in [v for v in model.graph.inputs if v.is_initializer()]:
+            model.graph.inputs.remove(v)
+    return model
 
 
 def has_external_tensors(model: ir.Model) -> bool:
@@ -240,10 +252,9 @@ def save_model_files(
     model and its data file are written together. Returns every file written.
     """
     out = Path(path)
-    initializers_as_inputs(model)
     external = save_external_data or has_external_tensors(model)
     if not external:
-        with atomic_outputs(out) as (tmp,):
+        with atomic_outputs(out) as (tmp,), initializers_as_inputs(model):
             ir.save(model, tmp)
         return [out]
     data = out.with_name(out.name + ".data")
@@ -253,7 +264,7 @@ def save_model_files(
         t = v.const_value
         if isinstance(t, ir.ExternalTensor) and Path(t.path).resolve() == data.resolve():
             v.const_value = ir.tensor(t.numpy(), name=t.name)
-    with atomic_outputs(out, data) as (tmp, _tmp_data):
+    with atomic_outputs(out, data) as (tmp, _tmp_data), initializers_as_inputs(model):
         ir.save(model, tmp, external_data=data.name,
                 size_threshold_bytes=external_data_size_threshold)
     return [out, data] if data.exists() else [out]
@@ -265,27 +276,31 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    initializers_as_inputs(model)
-    return ir.serde.serialize_model(model)
+    with initializers_as_inputs(model):
+        return ir.serde.serialize_model(model)
 
 
 #: the first IR version whose initializers need not be graph inputs
 _IR_INITIALIZERS_FREE = 4
 
 
-def initializers_as_inputs(model: ir.Model) -> int:
-    """For an IR < 4 model (opset <= 8 era), make every initializer of the main graph a graph
-    input too, as that IR requires (new ones from an edit or from lifted Constants included).
-    Returns how many were added; a no-op for IR >= 4."""
+@contextlib.contextmanager
+def initializers_as_inputs(model: ir.Model) -> Iterator[None]:
+    """While serializing an IR < 4 model (opset <= 8 era), make every initializer of the main
+    graph a graph input too, as that IR requires (new ones from an edit included). The working
+    model keeps them apart -- :func:`load_model` takes them out of the inputs -- so edits can
+    change and drop them. A no-op for IR >= 4."""
     if model.ir_version >= _IR_INITIALIZERS_FREE:
-        return 0
+        yield
+        return
     present = {v.name for v in model.graph.inputs}
-    added = 0
-    for name, v in model.graph.initializers.items():
-        if name not in present:
-            model.graph.inputs.append(v)
-            added += 1
-    return added
+    added = [v for name, v in model.graph.initializers.items() if name not in present]
+    model.graph.inputs.extend(added)
+    try:
+        yield
+    finally:
+        for v in added:
+            model.graph.inputs.remove(v)
 
 
 _CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
@@ -419,10 +434,9 @@ def ort_session(model: ir.Model, *, threads: int | None = None) -> OrtSession:
     so.log_severity_level = 3
     if threads is not None:
         so.intra_op_num_threads = threads
-    initializers_as_inputs(model)
     try:
         if has_external_tensors(model):
-            with tempfile.TemporaryDirectory() as d:
+            with tempfile.TemporaryDirectory() as d, initializers_as_inputs(model):
                 p = Path(d) / "model.onnx"
                 ir.save(model, p, external_data="model.onnx.data")
                 return OrtSession(ort.InferenceSession(str(p), so,

@@ -259,7 +259,17 @@ def check_feed(specs: Sequence[InputSpec], feed: Mapping[str, Any], where: str) 
         a = _to_array(feed[s.name], f"{where}: input '{s.name}'")
         check_shape(s, tuple(a.shape), where)
         out[s.name] = _cast(s, a, where)
+    check_finite(out, where)
     return out
+
+
+def check_finite(feed: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse a batch whose every floating-point input is entirely NaN/inf: nothing in it can
+    be measured or verified. (Some non-finite values are measured and reported.)"""
+    floats = [a for a in feed.values() if np.issubdtype(a.dtype, np.floating) and a.size]
+    if floats and not any(np.isfinite(a).any() for a in floats):
+        raise OnnxInputError(f"{where}: every floating-point input is entirely NaN/inf; "
+                             "nothing can be measured or verified on it -- check the data")
 
 
 def _to_array(v: Any, what: str) -> np.ndarray:
@@ -391,6 +401,7 @@ class _Source:
             return self._cached[1]
         self._cached = None
         feed = self._read(i)
+        check_finite(feed, f"calibration {self.describe(i)}")
         self._cached = (i, feed)
         return feed
 

@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphsurg.passes.onnx._base import const_array
 from graphsurg.passes.onnx._common import parameter_count
 from graphsurg.passes.onnx.adapter import OnnxAdapter
 from graphsurg.passes.onnx.inputs import input_specs, parse_batch_axes
+from graphsurg.passes.onnx.observe import const_array
 from onnx import TensorProto, helper, numpy_helper
 
 from graphsurg import onnx as gso
