@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,6 +147,8 @@ def apply(
     save_external_data: bool = False,
     external_data_size_threshold: int = 1024,
     batch_size: int = 64,
+    batch_axes: Mapping[str, int | None] | None = None,
+    data_loader_script: str | None = None,
     full_check: bool = True,
     allow_inexact: bool = False,
     max_output_change: float | None = None,
@@ -176,6 +178,11 @@ def apply(
             it); written atomically.
         save_external_data / external_data_size_threshold: write tensors larger than the
             threshold (bytes) to ``<output>.data`` (models that hold external data always do).
+        batch_size / batch_axes: rows per batch when an ``.npz`` is split, and
+            ``{input name: axis or None}`` overriding the batch axes read from the model
+            (see :mod:`graphsurg.passes.onnx.inputs` for every calibration format).
+        data_loader_script: ``"file.py:load_data"``: run that function for the calibration
+            feed dicts (this executes the user's code; pass ``[]`` as the data).
         full_check: run ``onnx.checker.check_model(full_check=True)`` on the result.
 
     Returns:
@@ -195,15 +202,23 @@ def apply(
     names, cleanup = selection(passes, inexact=inexact, library=library)
     adapter, kind = OnnxAdapter.open(model)
     out_path = _out_path(model, kind, output)
+    for d in (diagnosis_or_data, data):  # the calibration data is an input too
+        if out_path is not None and isinstance(d, str | os.PathLike) \
+                and Path(d).resolve() == out_path.resolve():
+            raise OnnxInputError(f"output '{out_path}' is the calibration data; graphsurg never "
+                                 "overwrites its inputs -- pass another -o/output path")
     nodes_before, params_before = _size(adapter.model)
     notes = _custom_ops(adapter.model)
     diagnosis: Diagnosis | None = None
     if isinstance(diagnosis_or_data, Diagnosis):
         diagnosis = diagnosis_or_data
-        held = adapter.batches(data, batch_size=batch_size) if data is not None else []
+        held = (adapter.batches(data, batch_size=batch_size, batch_axes=batch_axes)
+                if data is not None else [])
         batches, held_out = held, held
     else:
-        batches, held_out = adapter.batches(diagnosis_or_data, batch_size=batch_size), None
+        batches = adapter.batches(diagnosis_or_data, batch_size=batch_size,
+                                  batch_axes=batch_axes, loader=data_loader_script)
+        held_out = None
     result = _operate(adapter, batches, held_out, diagnosis, names, cert, config, seed, library)
     if diagnosis is not None and not held_out:
         result.verified_on = "not verified: a diagnosis was given without data"
