@@ -126,8 +126,27 @@ def _check(model: nn.Module, meta: Meta) -> None:
                               "(transformers changed its module names?)")
 
 
+@torch.no_grad()
+def calibrate_norms(model: nn.Module, batches: list[Batch]) -> None:
+    """Set BatchNorm running statistics to the batches' (a cumulative average), as training
+    would: freshly initialised ones (mean 0, variance 1) do not normalise, and in eval mode
+    a random net then has channels that never fire on the data -- not a healthy network."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for b in batches:
+        model(**{k: v for k, v in b.items() if k != "labels"})
+    for m in norms:
+        m.momentum = 0.1
+
+
 def _built(model: nn.Module, batches: list[Batch], meta: Meta,
            loss_fn: LossFn | None = hf_loss) -> Built:
+    calibrate_norms(model, batches)
     model.eval()
     _check(model, meta)
     return Built(model, batches, loss_fn, meta)
