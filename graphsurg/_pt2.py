@@ -125,7 +125,7 @@ def load_exported(path: str | os.PathLike[str], spec: str | None = None) -> Any:
 
     spec = spec or str(path)
     if not zipfile.is_zipfile(path):
-        raise BadInputError(f"model {spec!r} is not a torch.export archive (not a zip file); "
+        raise BadInputError(f"model {spec!r} is not a readable torch.export archive (not a zip file); "
                             "save it with torch.export.save")
     try:
         reader_cm = pkg.PT2ArchiveReader(str(Path(path)))
@@ -140,7 +140,7 @@ def load_exported(path: str | os.PathLike[str], spec: str | None = None) -> Any:
                                     "ExecuTorch), which graphsurg does not load")
         version_path = pkg.ARCHIVE_VERSION_PATH
         if version_path not in names:
-            raise BadInputError(f"model {spec!r} is not a torch.export archive ({version_path!r}"
+            raise BadInputError(f"model {spec!r} is not a readable torch.export archive ({version_path!r}"
                                 " missing); save it with torch.export.save")
         version = reader.read_string(version_path)
         if version != pkg.ARCHIVE_VERSION_VALUE:

@@ -148,9 +148,9 @@ CASES: list[tuple[str, list[str], str]] = [
      "compiled code"),
     # unreadable archives
     ("truncated .pt2", ["diagnose", "{truncated.pt2}", "--data", "{d.npz}"],
-     "not a torch.export archive"),
+     "not a readable torch.export archive"),
     ("random bytes .pt2", ["operate", "{random.pt2}", "--data", "{d.npz}", "-o", "o.pt2"],
-     "not a torch.export archive"),
+     "not a readable torch.export archive"),
     # outputs onto inputs
     ("--report is the model", ["diagnose", "{m.pt2}", "--data", "{d.npz}", "--report",
                                "{m.pt2}"], "is the input"),
