@@ -413,12 +413,12 @@ def _map_axis(node: ir.Node, axis: int) -> int | None:
     """The unit axis after the layout op ``node`` given the axis in its first input."""
     ins, outs = _dims(node.inputs[0]), _dims(node.outputs[0])
     if node.op_type == "Transpose":
-        rank = len(ins) if ins is not None else (len(outs) if outs is not None else None)
+        perm = list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else None
+        rank = len(perm) if perm is not None else len(ins) if ins is not None else None
         if rank is None:
             return None
         a = axis % rank
-        perm = (list(node.attributes["perm"].as_ints()) if "perm" in node.attributes
-                else list(range(rank))[::-1])
+        perm = perm if perm is not None else list(range(rank))[::-1]
         return perm.index(a) if a in perm else None
     if ins is None or outs is None:
         return None
@@ -436,15 +436,20 @@ def unit_axis(producer: ir.Node, chain: list[ir.Node]) -> int | None:
     lo = layer_op(producer)
     axis = lo.unit_axis if lo is not None else (1 if producer.op_type in _CHANNEL_FIRST else -1)
     rank_v: ir.Value | None = producer.outputs[0]
+    rank: int | None = None  # known from a Transpose's perm when shapes are not
     for n in reversed(chain):
         if n.op_type in LAYOUT:
             nxt = _map_axis(n, axis)
             if nxt is None:
                 return None
             axis = nxt
+            rank = len(n.attributes["perm"].as_ints()) if (
+                n.op_type == "Transpose" and "perm" in n.attributes) else None
         rank_v = n.outputs[0]
     dims = _dims(rank_v)
     if dims is None:
+        if rank is not None:
+            return -1 if axis % rank == rank - 1 else axis % rank
         return axis
     a = axis % len(dims)
     return -1 if a == len(dims) - 1 else a
