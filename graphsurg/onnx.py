@@ -8,7 +8,7 @@ batches with onnxruntime, and a site that breaks a certificate is rolled back al
 (bisection). Deployment defaults are exact: without ``allow_inexact=True`` (or
 ``max_output_change=`` with an explicit pass list) only function-preserving replacements run.
 ``rules`` gives the local rewrites as an onnxscript ``RewriteRuleSet``. Olive surgeons live
-in ``graphsurg.passes.onnx.olive``.
+in :mod:`graphsurg.olive`.
 
 Example:
     >>> from graphsurg import onnx as gso
@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from onnxscript.rewriter import RewriteRuleSet
@@ -38,13 +37,20 @@ from graphsurg._operate import SurgeryResult, operate_adapter
 from graphsurg._plan import SurgeryFailed, SurgeryPlan
 from graphsurg._problems import Diagnosis
 from graphsurg.library import Library
-from graphsurg.passes.onnx._common import KNOWN_DOMAINS, has_external_tensors, to_proto
+from graphsurg.passes.onnx._common import (
+    KNOWN_DOMAINS,
+    Feed,
+    ModelLike,
+    has_external_tensors,
+    parameter_count,
+    to_proto,
+)
 from graphsurg.passes.onnx._common import OnnxInputError as OnnxInputError
 from graphsurg.passes.onnx._common import load_model as load_model
 from graphsurg.passes.onnx._common import save_model as save_model
 from graphsurg.passes.onnx.adapter import DataLike, OnnxAdapter
-from graphsurg.passes.onnx.adapter import analyze as analyze
 from graphsurg.passes.onnx.cleanup import Cleanup
+from graphsurg.passes.onnx.inputs import BatchAxes, check_batch_options
 
 M = TypeVar("M", str, os.PathLike, onnx.ModelProto, ir.Model)
 
@@ -60,6 +66,64 @@ def _library(library: Library | None) -> Library:
     from graphsurg.library import default_library
 
     return default_library()
+
+
+def diagnose_onnx(adapter: OnnxAdapter, batches: Sequence[Feed], *,
+                  config: DiagnoseConfig | None = None) -> Diagnosis:
+    """The one diagnosis (``graphsurg._diagnose.diagnose_adapter``) over the ONNX adapter,
+    its sites marked ``ir="onnx"``."""
+    from graphsurg._diagnose import diagnose_adapter
+
+    d = diagnose_adapter(adapter, batches, config=config)
+    # graphsurg.detect builds sites without an IR: mark them (a no-op once it does)
+    d.problems = [p if p.site.ir == adapter.ir else replace(p, site=replace(p.site, ir=adapter.ir))
+                  for p in d.problems]
+    return d
+
+
+def analyze(model: ModelLike, data: DataLike | None = None, *,
+            config: DiagnoseConfig | None = None, batch_size: int = 64,
+            batch_axes: BatchAxes | None = None, data_loader_script: str | None = None
+            ) -> Diagnosis:
+    """Diagnose an ONNX model on calibration data with onnxruntime: ``gs.diagnose``'s rules
+    and thresholds over :class:`OnnxAdapter` (no gradient checks: ONNX has no gradients).
+
+    Args:
+        model: a path (external data is memory-mapped), an ``onnx.ModelProto`` or an
+            ``onnx_ir.Model``. It is not modified.
+        data: calibration data: an ``.npz`` (batched inputs split along their batch axis
+            into batches of ``batch_size``, read lazily), a folder of ``.npz`` files (one feed
+            dict each), a Polygraphy ``--save-inputs`` ``.json``, a feed dict, an iterable of
+            feed dicts, or a callable returning them (see :mod:`graphsurg.passes.onnx.inputs`).
+        config: thresholds (:class:`graphsurg.DiagnoseConfig`); ``max_batches`` caps the
+            batches measured.
+        batch_axes: ``{input name: axis or None}`` overriding the batch axes read from the
+            model (None: fed whole to every batch).
+        data_loader_script: ``"file.py:load_data"`` -- runs that script's function for the
+            feed dicts (this executes the user's code; ``data`` is then not needed).
+
+    Returns:
+        A :class:`graphsurg.Diagnosis` with ``capture="onnxruntime"``; sites carry
+        ``ir="onnx"``, canonical activation names (``"relu"``...) and the producer layer's
+        node name as ``module``.
+
+    Raises:
+        OnnxInputError: the model, the data or an option is bad (one-line message).
+
+    Example:
+        >>> d = gso.analyze("model.onnx", "calib.npz", batch_axes={"state": 1})
+        >>> print(d.summary())
+    """
+    cfg = config or DiagnoseConfig()
+    check_batch_options(batch_size, cfg.max_batches)
+    if data is None and data_loader_script is None:
+        raise OnnxInputError("no calibration data: pass data= (or --data / --load-inputs) or "
+                             "data_loader_script= (--data-loader-script)")
+    adapter, _ = OnnxAdapter.open(model)
+    batches = adapter.batches(data if data is not None else [], batch_size=batch_size,
+                              batch_axes=batch_axes, max_batches=cfg.max_batches,
+                              loader=data_loader_script)
+    return diagnose_onnx(adapter, batches, config=cfg)
 
 
 def get_available_passes(library: Library | None = None) -> list[str]:
@@ -117,11 +181,9 @@ def selection(passes: Sequence[str] | None, *, inexact: bool,
 
 
 def _size(model: ir.Model) -> tuple[int, int]:
-    params = 0
-    for v in model.graph.initializers.values():
-        if v.const_value is not None:
-            params += int(np.prod(v.const_value.shape.numpy())) if v.const_value.shape else 1
-    return model.graph.num_nodes(), params
+    """Nodes of the main graph and floating-point parameters (initializers and Constant
+    tensors, subgraphs included)."""
+    return model.graph.num_nodes(), parameter_count(model)
 
 
 def _out_path(model: Any, kind: str, output: str | os.PathLike[str] | None) -> Path | None:
@@ -333,6 +395,7 @@ __all__ = [
     "analyze",
     "apply",
     "describe_passes",
+    "diagnose_onnx",
     "get_available_passes",
     "load_model",
     "rules",

@@ -20,7 +20,8 @@ save           the model (and its external data, kept beside it) written atomica
 capabilities   no gradients, not trainable: exact edits only, no healing
 =============  ===========================================================================
 
-``analyze`` (``graphsurg.onnx.analyze``) is the one diagnosis over this adapter.
+``graphsurg.onnx.analyze`` is the one diagnosis over this adapter (it lives above the spine,
+with the facade).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -40,7 +41,6 @@ from graphsurg._measurements import Measurements
 from ._common import (
     Feed,
     ModelLike,
-    OnnxInputError,
     lift_constants,
     load_model,
     ort_session,
@@ -51,9 +51,6 @@ from .inputs import BatchAxes, InputSpec, halve_feed, input_specs, load_feeds
 from .inputs import DataLike as DataLike
 from .observe import observe_model
 from .target import OnnxTarget
-
-if TYPE_CHECKING:
-    from graphsurg._problems import Diagnosis
 
 
 class OnnxAdapter:
@@ -158,66 +155,4 @@ class OnnxAdapter:
                           external_data_size_threshold=external_data_size_threshold)
 
 
-def diagnose_onnx(adapter: OnnxAdapter, batches: Sequence[Feed], *,
-                  config: DiagnoseConfig | None = None) -> Diagnosis:
-    """The one diagnosis (``graphsurg._diagnose.diagnose_adapter``) over the ONNX adapter,
-    its sites marked ``ir="onnx"``."""
-    from dataclasses import replace
-
-    from graphsurg._diagnose import diagnose_adapter  # the spine, above the adapters
-
-    d = diagnose_adapter(adapter, batches, config=config)
-    # graphsurg.detect builds sites without an IR: mark them (a no-op once it does)
-    d.problems = [p if p.site.ir == adapter.ir else replace(p, site=replace(p.site, ir=adapter.ir))
-                  for p in d.problems]
-    return d
-
-
-def analyze(model: ModelLike, data: DataLike | None = None, *,
-            config: DiagnoseConfig | None = None, batch_size: int = 64,
-            batch_axes: BatchAxes | None = None, data_loader_script: str | None = None
-            ) -> Diagnosis:
-    """Diagnose an ONNX model on calibration data with onnxruntime: ``gs.diagnose``'s rules
-    and thresholds over :class:`OnnxAdapter` (no gradient checks: ONNX has no gradients).
-
-    Args:
-        model: a path (external data is memory-mapped), an ``onnx.ModelProto`` or an
-            ``onnx_ir.Model``. It is not modified.
-        data: calibration data: an ``.npz`` (batched inputs split along their batch axis
-            into batches of ``batch_size``, read lazily), a folder of ``.npz`` files (one feed
-            dict each), a Polygraphy ``--save-inputs`` ``.json``, a feed dict, an iterable of
-            feed dicts, or a callable returning them (see :mod:`graphsurg.passes.onnx.inputs`).
-        config: thresholds (:class:`graphsurg.DiagnoseConfig`); ``max_batches`` caps the
-            batches measured.
-        batch_axes: ``{input name: axis or None}`` overriding the batch axes read from the
-            model (None: fed whole to every batch).
-        data_loader_script: ``"file.py:load_data"`` -- runs that script's function for the
-            feed dicts (this executes the user's code; ``data`` is then not needed).
-
-    Returns:
-        A :class:`graphsurg.Diagnosis` with ``capture="onnxruntime"``; sites carry
-        ``ir="onnx"``, canonical activation names (``"relu"``...) and the producer layer's
-        node name as ``module``.
-
-    Raises:
-        OnnxInputError: the model, the data or an option is bad (one-line message).
-
-    Example:
-        >>> d = gso.analyze("model.onnx", "calib.npz", batch_axes={"state": 1})
-        >>> print(d.summary())
-    """
-    from .inputs import check_batch_options
-
-    cfg = config or DiagnoseConfig()
-    check_batch_options(batch_size, cfg.max_batches)
-    if data is None and data_loader_script is None:
-        raise OnnxInputError("no calibration data: pass data= (or --data / --load-inputs) or "
-                             "data_loader_script= (--data-loader-script)")
-    adapter, _ = OnnxAdapter.open(model)
-    batches = adapter.batches(data if data is not None else [], batch_size=batch_size,
-                              batch_axes=batch_axes, max_batches=cfg.max_batches,
-                              loader=data_loader_script)
-    return diagnose_onnx(adapter, batches, config=cfg)
-
-
-__all__ = ["OnnxAdapter", "analyze", "diagnose_onnx"]
+__all__ = ["OnnxAdapter"]

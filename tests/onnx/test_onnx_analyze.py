@@ -10,12 +10,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 from _onnx_helpers import feeds, run_ort
-from graphsurg.passes.onnx.adapter import OnnxAdapter, analyze
+from graphsurg.passes.onnx.adapter import OnnxAdapter
 from graphsurg.passes.onnx.target import OnnxTarget
 from onnx import TensorProto, helper, numpy_helper
 
 from graphsurg._config import DiagnoseConfig
 from graphsurg._ir import IRAdapter
+from graphsurg.onnx import analyze
 
 STATS_RTOL = 1e-5  # float32 streaming statistics against a float64 reference
 

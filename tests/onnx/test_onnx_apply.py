@@ -29,6 +29,12 @@ from graphsurg import onnx as gso
 EXACT_RTOL = 1e-5  # float32 summation-order round-off (see test_onnx_passes)
 
 
+def _ops(model: object) -> list[str]:
+    """Op types without ``Constant`` nodes (the adapter writes their tensors back as
+    initializers)."""
+    return [t for t in op_types(model) if t != "Constant"]  # type: ignore[arg-type]
+
+
 def test_public_surface() -> None:
     names = gso.get_available_passes()
     assert set(names) == {"excise_dead", "factor_low_rank", "activation_swap", "cleanup"}
@@ -180,7 +186,7 @@ def test_hf_bert_excision(tmp_path) -> None:
     [v] = res.kept_at("excise_dead")
     assert res.ok and "intermediate" in v.site
     assert res.size["params_after"] == res.size["params_before"] - 16 * (32 + 1 + 32)
-    assert op_types(out) == op_types(path)
+    assert _ops(out) == _ops(path)
     full_check(out)
     assert_same_outputs(path, out, data[0], EXACT_RTOL)
 
@@ -218,7 +224,8 @@ def test_hf_vision_models(tmp_path, arch: str) -> None:
     assert_same_outputs(path, out, data[0], EXACT_RTOL)
     refusals = [r for _, r in res.plan.untreated] + [r["reason"] for r in res.rolled_back]
     if arch == "vit":  # GELU MLPs on random weights: nothing dormant, the graph passes unchanged
-        assert res.ok and op_types(out) == op_types(path) and n_params(out) == n_params(path)
+        assert res.ok and _ops(out) == _ops(path)
+        assert res.size["params_after"] == res.size["params_before"]
     else:  # units constant on calibration data: refused (not constant) or rolled back (they
         # fire on held-out data) -- each with its reason, never kept inexact
         assert refusals and all(refusals), res.summary()
@@ -226,8 +233,9 @@ def test_hf_vision_models(tmp_path, arch: str) -> None:
 
 def test_olive_workflow_with_graphsurg_surgeon(exported, tmp_path) -> None:
     pytest.importorskip("olive")
-    import graphsurg.passes.onnx.olive  # noqa: F401  (registers the surgeons)
     from olive.workflows import run as olive_run
+
+    import graphsurg.olive  # noqa: F401  (registers the surgeons)
 
     rng = np.random.default_rng(0)
     calib = tmp_path / "calib.npz"

@@ -26,11 +26,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from graphsurg.passes.onnx.adapter import OnnxAdapter, analyze
+from graphsurg.passes.onnx.adapter import OnnxAdapter
 from graphsurg.passes.onnx.observe import layer_weight, node_label
 
 import graphsurg as gs
 from graphsurg import _zoo
+from graphsurg.onnx import analyze
 
 
 def export_legacy(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:

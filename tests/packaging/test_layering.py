@@ -36,12 +36,7 @@ ABOVE = ("graphsurg._plan", "graphsurg._operate", "graphsurg._verify", "graphsur
 
 #: upward imports still in the tree when this test was written, and where they should go
 #: (strict xfail: the test fails as soon as one is gone, so its entry goes with it)
-KNOWN: dict[str, str] = {
-    "passes/onnx/adapter.py": "diagnose_onnx calls graphsurg._diagnose (the spine) from the "
-                              "adapter; it belongs in graphsurg/onnx.py (the ONNX facade)",
-    "passes/onnx/olive.py": "the Olive surgeon runs graphsurg.onnx.apply (the facade) from "
-                            "under passes/; it is an integration above the spine",
-}
+KNOWN: dict[str, str] = {}
 #: module names still shared when this test was written (same rule as KNOWN)
 KNOWN_TWINS: dict[str, str] = {}
 
