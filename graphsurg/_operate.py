@@ -462,7 +462,9 @@ def _close_loop(s: _Surgery, res: SurgeryResult, before: Diagnosis, before_held:
                    "treat them (found by bisection)" if len(kept) > 1 else
                    f"created {', '.join(what)}; {len(rounds)} follow-up round(s) could not "
                    "treat them")
-            s.dropped.add(sch.index)
+        # the schemas rolled back for other reasons get another chance without the culprits
+        # (a culprit's new problem may have failed them: dead units kept dead downstream)
+        s.dropped = set(created)
         res = s.run(before)
         for d in rounds:
             d["outcome"] = d.get("outcome", "") + " (discarded: its base was rolled back)"
@@ -858,14 +860,38 @@ class _Surgery:
         if ok or failed:
             return []
         blame = [s for s in kept if not applied[s.index].exact or s.judged_after_healing]
-        victim = (blame or kept)[-1]
+        victims = self._loss_culprits(kept, blame, li, lu, allow)
         why = (f"held-out loss {lt:.4g} > input model's {li:.4g} (L(f') <= L(f))"
                if not vs_input and self.cert.require_loss_not_above_input else
                f"held-out loss {lt:.4g} > untreated {lu:.4g} + {allow:.3g} (max of "
                f"max_loss_increase {self.cert.max_loss_increase} and "
                f"{self.cert.max_relative_loss_increase:.0%} of it)")
-        self.verif[victim.index].fail(why + " (rolled back as the last bounded schema)")
-        return [victim.index]
+        for victim in victims:
+            self.verif[victim.index].fail(why + (" (found by bisection)" if len(blame) > 1
+                                                 else ""))
+        return [v.index for v in victims]
+
+    def _loss_culprits(self, kept: list[Schema], blame: list[Schema], li: float, lu: float,
+                       allow: float) -> list[Schema]:
+        """The bounded (or judged-after-healing) schemas that break the loss certificates,
+        by bisection: each subset is rebuilt over the exact edits, healed and its held-out
+        loss judged. Falls back to the last of them when no subset fails on its own."""
+        group = blame or kept
+        if len(group) == 1:
+            return group
+        assert self.loss_fn is not None
+        fixed = [s for s in kept if s not in group]
+        rnd = self.cert.exact_tolerance
+
+        def fails(sub: list[Schema]) -> bool:
+            applied = self.build([s for s in kept if s in fixed or s in sub], measure=False)
+            self.heal(applied)
+            lt = mean_loss(self.a.model, self.held, self.loss_fn, input_fn=self.input_fn)
+            return not (math.isfinite(lt) and lt <= lu + allow + rnd * max(1.0, abs(lu)) and (
+                not self.cert.require_loss_not_above_input
+                or lt <= li + rnd * max(1.0, abs(li))))
+
+        return culprits(group, fails, known_failing=True) or [group[-1]]
 
 
 def _escalating(model: nn.Module, data: Iterable[Any], *, rounds: int, **kw: Any
