@@ -344,10 +344,23 @@ class NpzArrays:
                 return a if rows is None or not m.shape else a[rows].copy()
             start, stop, _ = rows.indices(m.shape[0])
             row = int(np.prod(m.shape[1:], dtype=np.int64)) * m.dtype.itemsize
-            f.seek(f.tell() + start * row)
+            _skip(f, start * row)
             n = max(0, stop - start)
             a = np.frombuffer(_read_exact(f, n * row, m), dtype=m.dtype)
             return a.reshape((n, *m.shape[1:]))
+
+
+_SKIP_CHUNK = 1 << 18
+
+
+def _skip(f: Any, nbytes: int) -> None:
+    """Read past ``nbytes`` of a zip member in 256 KiB steps (``ZipExtFile.seek`` reads up to
+    16 MiB at once)."""
+    while nbytes > 0:
+        k = len(f.read(min(nbytes, _SKIP_CHUNK)))
+        if not k:
+            return
+        nbytes -= k
 
 
 def _read_exact(f: Any, nbytes: int, m: _Member) -> bytearray:

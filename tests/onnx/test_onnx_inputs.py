@@ -351,3 +351,28 @@ def test_real_silero_state_on_axis_1(tmp_path: Path) -> None:
     assert [b["state"].shape for b in batches] == [(2, 4, 128), (2, 2, 128)]
     probs = a.run(batches)
     assert probs[0].shape == (4, 1) and np.all((probs[0] >= 0) & (probs[0] <= 1))
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_batches_are_read_without_the_rest(tmp_path: Path, save) -> None:  # type: ignore[no-untyped-def]
+    import tracemalloc
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
+    a, _ = OnnxAdapter.open(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]))
+    x = np.arange(2**20 * 8, dtype=np.float32).reshape(-1, 8)  # 32 MiB
+    save(tmp_path / "big.npz", x=x)
+    del x
+    tracemalloc.start()
+    try:
+        batches = a.batches(tmp_path / "big.npz", batch_size=1024)
+        got = batches[300]["x"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(batches) == 1024
+    np.testing.assert_array_equal(got[0], np.arange(300 * 1024 * 8, 300 * 1024 * 8 + 8,
+                                                    dtype=np.float32))
+    # one 32 KiB batch plus zip/zlib buffers (a few MiB), never the 32 MiB array
+    assert peak < 6 * 2**20
