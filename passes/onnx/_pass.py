@@ -50,27 +50,72 @@ class GraphsurgPass(ir.passes.InPlacePass):
         self.refusals.append(Refusal(site, reason))
 
 
-def const_array(v: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of a constant -- an initializer, a Constant node's output (``value``,
-    ``value_float(s)``, ``value_int(s)``), or either through Identity nodes (as the legacy exporter writes shared weights) -- or None."""
-    for _ in range(8):
-        if v is None:
-            return None
-        if v.const_value is not None:
-            return np.asarray(v.const_value.numpy())
-        node = v.producer()
-        if node is None or node.domain not in ("", "ai.onnx"):
-            return None
-        if node.op_type == "Identity":
-            v = node.inputs[0]
-            continue
-        if node.op_type == "Constant":  # value, value_float(s), value_int(s)
-            from ._common import constant_tensor  # sparse values are made dense on load
+#: ops that turn constants into constants without arithmetic (exporters write biases as
+#: ``Reshape(bias, [1, C, 1, 1])``, Paddle2ONNX and tf2onnx most of all)
+_CONST_LAYOUT = frozenset({"Identity", "Reshape", "Unsqueeze", "Squeeze", "Cast"})
+#: how many such ops ``const_array`` follows back from a value
+CONST_DEPTH = 8
 
-            t = constant_tensor(node)
-            return None if t is None else np.asarray(t.numpy())
+
+def const_array(v: ir.Value | None, _depth: int = CONST_DEPTH) -> np.ndarray | None:
+    """The numpy value of a constant -- an initializer, a Constant node's output (``value``,
+    ``value_float(s)``, ``value_int(s)``), or either through Identity, Reshape, Unsqueeze,
+    Squeeze and Cast of constants (the legacy exporter shares weights through Identity;
+    Paddle2ONNX reshapes biases to ``[1, C, 1, 1]``) -- or None. Nothing is changed."""
+    if v is None or _depth <= 0:
         return None
-    return None
+    if v.const_value is not None:
+        return np.asarray(v.const_value.numpy())
+    node = v.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Constant":  # value, value_float(s), value_int(s)
+        from ._common import constant_tensor  # sparse values are made dense on load
+
+        t = constant_tensor(node)
+        return None if t is None else np.asarray(t.numpy())
+    if node.op_type not in _CONST_LAYOUT or not node.inputs:
+        return None
+    x = const_array(node.inputs[0], _depth - 1)
+    if x is None:
+        return None
+    return _fold_layout(node, x, _depth)
+
+
+def _fold_layout(node: ir.Node, x: np.ndarray, depth: int) -> np.ndarray | None:
+    op = node.op_type
+    if op == "Identity":
+        return x
+    if op == "Cast":
+        to = node.attributes.get("to")
+        return None if to is None else x.astype(ir.DataType(to.as_int()).numpy())
+    second = const_array(node.inputs[1], depth - 1) if len(node.inputs) > 1 else None
+    if len(node.inputs) > 1 and node.inputs[1] is not None and second is None:
+        return None
+    if op == "Reshape":
+        if second is None:
+            return None
+        zero_copies = not int_attr(node, "allowzero", 0)
+        shape = [x.shape[i] if d == 0 and zero_copies and i < x.ndim else int(d)
+                 for i, d in enumerate(second.reshape(-1).tolist())]
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            return None
+    axes = second.reshape(-1).tolist() if second is not None else ints_attr(node, "axes")
+    if op == "Unsqueeze":
+        if axes is None:
+            return None
+        rank = x.ndim + len(axes)
+        for a in sorted(int(a) % rank for a in axes):
+            x = np.expand_dims(x, a)
+        return x
+    if axes is None:  # Squeeze without axes: every dimension of size 1
+        return np.squeeze(x)
+    try:
+        return np.squeeze(x, axis=tuple(int(a) % max(x.ndim, 1) for a in axes))
+    except ValueError:
+        return None
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
