@@ -323,7 +323,7 @@ def _param(w: Any) -> tuple[fx.Node, bool] | None:
         return inner, True
     if (w.op == "call_function" and w.target in _TRANSPOSE_FN) or (
             w.op == "call_method" and w.target in _TRANSPOSE_METHOD):
-        rest = [a for a in w.args[1:]]
+        rest: list[Any] = list(w.args[1:])
         if len(rest) == 1 and isinstance(rest[0], list | tuple):
             rest = list(rest[0])
         if rest and [int(r) % 2 for r in rest] not in ([1, 0], [0, 1]):
@@ -358,7 +358,7 @@ def _einsum_layer(node: fx.Node) -> _LayerOp | None:
         if p is None or p[1] or len(specs[k]) != 2 or "." in specs[k]:
             continue
         other = specs[1 - k]
-        a, b = specs[k]
+        a, b = specs[k][0], specs[k][1]
         if a in outs and b in other and b not in outs:
             unit, transposed = a, False
         elif b in outs and a in other and a not in outs:
@@ -453,6 +453,7 @@ def _scalar_const(gm: fx.GraphModule, a: fx.Node) -> torch.Tensor | None:
     """A one-element constant tensor (a lifted ``_tensor_constant``), else None."""
     if a.op != "get_attr":
         return None
+    t: Any
     try:
         t = gm.get_buffer(str(a.target))
     except AttributeError:
@@ -630,12 +631,12 @@ def _map_axis(node: fx.Node, src: fx.Node, axis: int) -> int | None:
     a = axis % len(ins)
     t = node.target
     if t in (aten.permute.default, torch.permute, "permute"):
-        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) \
+        dims: Any = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) \
             else node.args[1:]
         perm = [int(d) % len(ins) for d in dims]  # type: ignore[union-attr]
         return perm.index(a) if a in perm else None
     if t in (aten.transpose.int, torch.transpose, "transpose"):
-        d0, d1 = (int(d) % len(ins) for d in node.args[1:3])  # type: ignore[call-overload]
+        d0, d1 = (int(d) % len(ins) for d in node.args[1:3])  # type: ignore[arg-type]
         return d1 if a == d0 else d0 if a == d1 else a
     if t in (aten.t.default, aten.numpy_T.default):
         return len(ins) - 1 - a

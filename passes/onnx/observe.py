@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -146,7 +147,7 @@ def _einsum_op(node: ir.Node) -> LayerOp | None:
         arr = _float_weight(w)
         if w is None or arr is None or arr.ndim != 2 or len(specs[k]) != 2:
             continue
-        a, b = specs[k]
+        a, b = specs[k][0], specs[k][1]
         other = specs[1 - k]
         if a in outs and b in other and b not in outs:
             unit, oriented = a, arr
@@ -293,7 +294,7 @@ def _attr_f(node: ir.Node, name: str, default: float) -> float:
     return float(node.attributes[name].as_float()) if name in node.attributes else default
 
 
-def _clip(node: ir.Node, x: np.ndarray, c: list[np.ndarray | None]) -> np.ndarray:
+def _clip(node: ir.Node, x: np.ndarray, c: list[Any]) -> np.ndarray:
     lo = c[1] if len(c) > 1 and c[1] is not None else None
     hi = c[2] if len(c) > 2 and c[2] is not None else None
     lo = np.float64(_attr_f(node, "min", -np.inf)) if lo is None else lo
@@ -311,24 +312,24 @@ def _gelu(node: ir.Node, x: np.ndarray) -> np.ndarray:
 
 #: the numpy interpreter of the ops a decomposed activation is made of: op type ->
 #: f(node, [input arrays]) (float64; an absent optional input is None)
-_POINTWISE: dict[str, Callable[[ir.Node, list[np.ndarray | None]], np.ndarray]] = {
-    "Add": lambda n, a: a[0] + a[1], "Sub": lambda n, a: a[0] - a[1],  # type: ignore[operator]
-    "Mul": lambda n, a: a[0] * a[1], "Div": lambda n, a: a[0] / a[1],  # type: ignore[operator]
-    "Pow": lambda n, a: np.power(a[0], a[1]), "Neg": lambda n, a: -a[0],  # type: ignore[operator]
+_POINTWISE: dict[str, Callable[[ir.Node, list[Any]], np.ndarray]] = {
+    "Add": lambda n, a: a[0] + a[1], "Sub": lambda n, a: a[0] - a[1],
+    "Mul": lambda n, a: a[0] * a[1], "Div": lambda n, a: a[0] / a[1],
+    "Pow": lambda n, a: np.power(a[0], a[1]), "Neg": lambda n, a: -a[0],
     "Exp": lambda n, a: np.exp(a[0]), "Log": lambda n, a: np.log(a[0]),
     "Sqrt": lambda n, a: np.sqrt(a[0]), "Abs": lambda n, a: np.abs(a[0]),
-    "Reciprocal": lambda n, a: 1.0 / a[0],  # type: ignore[operator]
-    "Tanh": lambda n, a: np.tanh(a[0]), "Sigmoid": lambda n, a: _sigmoid(a[0]),  # type: ignore[arg-type]
+    "Reciprocal": lambda n, a: 1.0 / a[0],
+    "Tanh": lambda n, a: np.tanh(a[0]), "Sigmoid": lambda n, a: _sigmoid(a[0]),
     "Erf": lambda n, a: _np_erf(a[0]), "Relu": lambda n, a: np.maximum(a[0], 0.0),
-    "Clip": lambda n, a: _clip(n, a[0], a),  # type: ignore[arg-type]
-    "HardSigmoid": lambda n, a: np.clip(_attr_f(n, "alpha", 0.2) * a[0]  # type: ignore[operator]
+    "Clip": lambda n, a: _clip(n, a[0], a),
+    "HardSigmoid": lambda n, a: np.clip(_attr_f(n, "alpha", 0.2) * a[0]
                                         + _attr_f(n, "beta", 0.5), 0.0, 1.0),
-    "HardSwish": lambda n, a: a[0] * np.clip(a[0] / 6.0 + 0.5, 0.0, 1.0),  # type: ignore[operator]
-    "Gelu": lambda n, a: _gelu(n, a[0]),  # type: ignore[arg-type]
-    "Softplus": lambda n, a: np.logaddexp(0.0, a[0]),  # type: ignore[arg-type]
-    "LeakyRelu": lambda n, a: np.where(a[0] > 0, a[0], _attr_f(n, "alpha", 0.01) * a[0]),  # type: ignore[operator]
-    "Elu": lambda n, a: np.where(a[0] > 0, a[0], _attr_f(n, "alpha", 1.0)  # type: ignore[operator]
-                                 * np.expm1(np.minimum(a[0], 0.0))),  # type: ignore[arg-type]
+    "HardSwish": lambda n, a: a[0] * np.clip(a[0] / 6.0 + 0.5, 0.0, 1.0),
+    "Gelu": lambda n, a: _gelu(n, a[0]),
+    "Softplus": lambda n, a: np.logaddexp(0.0, a[0]),
+    "LeakyRelu": lambda n, a: np.where(a[0] > 0, a[0], _attr_f(n, "alpha", 0.01) * a[0]),
+    "Elu": lambda n, a: np.where(a[0] > 0, a[0], _attr_f(n, "alpha", 1.0)
+                                 * np.expm1(np.minimum(a[0], 0.0))),
 }
 
 
@@ -611,6 +612,8 @@ class _Accumulator:
         self.site = site
         sat = (site.activation.saturation(margin)
                if site.activation is not None and site.family == "saturating" else None)
+        self.centre: float
+        self.threshold: float | None
         self.centre, self.threshold = sat if sat is not None else (0.0, None)
         self.stats: NeuronStats | None = None
         self.sat_stats: NeuronStats | None = None
