@@ -45,8 +45,13 @@ from . import LayerMeasure, Measurements
 
 
 def effective_rank(sample: torch.Tensor, energy: float) -> int:
-    """Number of singular values of the centred sample holding ``energy`` of the energy."""
+    """Number of singular values of the centred sample holding ``energy`` of the energy.
+
+    Rows with a non-finite value are left out (NonFinite reports them); no finite row: 0."""
     x = sample.double()
+    x = x[torch.isfinite(x).all(dim=1)] if x.dim() == 2 else x
+    if x.numel() == 0:
+        return 0
     x = x - x.mean(0, keepdim=True)
     s2 = torch.linalg.svdvals(x).pow(2)
     total = float(s2.sum())

@@ -221,3 +221,15 @@ def test_onnx_nonfinite_output_is_reported() -> None:
     (p,) = d.of_kind("NonFinite")
     assert p.evidence["where"] == "output" and p.evidence["count"] == 2 * 64 * 16
     assert p.site.ir == "onnx"
+
+
+def test_effective_rank_ignores_non_finite_rows() -> None:
+    """A sample with NaN rows (a model whose activations go NaN on finite inputs) used to
+    crash the SVD (exit 3); NaN rows are left out, an all-NaN sample has rank 0."""
+    from graphsurg.detect.bottleneck import effective_rank
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    clean = effective_rank(x[1:], 0.99)
+    x[0, 3] = float("nan")
+    assert effective_rank(x, 0.99) == clean
+    assert effective_rank(torch.full((5, 4), float("nan")), 0.99) == 0
