@@ -332,6 +332,11 @@ def _img(b64: str | None, alt: str, cls: str = "small") -> str:
 
 def _badge(m: ModelReport) -> str:
     n0 = len(m.before.problems)
+    g = (m.surgery or {}).get("guarantee") or {}
+    if g.get("strict_subset") is not None:  # the global certificate, on held-out batches
+        ok = bool(g["strict_subset"])
+        return (f'<span class="badge {"good" if ok else "bad"}">{g["before"]} → {g["after"]} '
+                f'problem(s), {"strict subset" if ok else "NOT a strict subset"}</span>')
     if m.after is not None:
         n1 = len(m.after.problems)
         cls = "good" if n1 < n0 or n0 == 0 else "bad"

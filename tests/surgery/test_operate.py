@@ -56,7 +56,11 @@ def test_dead_units_are_treated_exactly(dead: Any) -> None:
 def test_result_serialises_and_summarises(dead: Any) -> None:
     _, res, _ = dead
     d = json.loads(res.to_json())
-    assert d["format"] == "graphsurg.surgery/1" and len(d["verification"]) == 2
+    assert d["format"] == "graphsurg.surgery/1"
+    assert len([v for v in d["verification"] if v["round"] == 0]) == 2  # the plan's schemas
+    # follow-up rounds (closed loop) are listed with their round and recorded in "rounds"
+    assert len(d["verification"]) == 2 + sum(len(r.get("schemas", [])) for r in d["rounds"])
+    assert d["guarantee"]["strict_subset"] is True
     assert "reinit_dead" in res.summary()
 
 
