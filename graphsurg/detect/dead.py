@@ -18,7 +18,8 @@ Evidence (the same keys for both IRs, read by the excision appliers): ``width``,
 dead ones included) and ``constant_values`` (their mean outputs, same order: what an excision
 folds into the next layer's bias), ``dormant``, ``scores``, ``firing_rate`` (of the dormant
 units), ``activation``, ``tau``, ``samples`` and ``channel_dim`` (the unit axis of the
-observed value: 1 for a conv's NCHW output, -1 for a linear layer's).
+observed value: 1 for a conv's NCHW output, -1 for a linear layer's), and for a gated unit
+(``act(gate) * up``) ``partner``, the up projection whose units pair with the gate's.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
                     "tau": config.dormant_tau,
                     "samples": int(s.stats.count.max()),
                     "channel_dim": s.channel_dim,
+                    **({"partner": s.partner} if s.partner else {}),
                 },
             )
         )

@@ -129,6 +129,8 @@ def test_llama_gated_unit_is_the_product_with_its_partner() -> None:
     d = gs.diagnose(model, data)
     found = {p.site.module: p.units for p in _dead(d)}
     assert found.get("layers.0.mlp.gate_proj") == dead, d.summary()
+    (p,) = [p for p in _dead(d) if p.site.module == "layers.0.mlp.gate_proj"]
+    assert p.evidence["partner"] == "layers.0.mlp.up_proj"  # surgery edits both projections
 
 
 class SameConv(nn.Module):
