@@ -225,17 +225,43 @@ def float_leaves(out: Any) -> list[torch.Tensor]:
     return [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def _without_cache(model: nn.Module, input_fn: InputFn | None) -> InputFn | None:
+    """``input_fn`` that also passes ``use_cache=False`` when ``model.forward`` takes it and
+    the batch does not set it: Hugging Face decoders otherwise return a ``DynamicCache``
+    that torch.export cannot capture, and observation falls back to module hooks."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return input_fn
+    if "use_cache" not in params:
+        return input_fn
+    base = input_fn or default_input_fn
+
+    def fn(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = base(batch)
+        if "use_cache" not in kwargs:
+            kwargs = {**kwargs, "use_cache": False}
+        return args, kwargs
+
+    return fn
+
+
 class _Observation:
     """One streaming pass of ``observe``: capture on the first batch, then measure each."""
 
     def __init__(self, model: nn.Module, input_fn: InputFn | None, config: DiagnoseConfig,
                  loss_fn: LossFn | None) -> None:
         self.model = model
-        self.input_fn = input_fn
+        self.input_fn = _without_cache(model, input_fn)
         self.config = config
         self.loss_fn = loss_fn
         self.notes = [f"measured in {'training' if model.training else 'eval'} mode "
                       "(the model's own)"]
+        if self.input_fn is not input_fn:
+            self.notes.append("observed with use_cache=False (a key/value cache is not "
+                              "part of the network's function and blocks torch.export)")
         self.method = ""
         self.observers: list[Observer] = []
         self.handles: list[Any] = []
