@@ -110,6 +110,27 @@ def test_gpt2_conv1d_addmm_is_a_layer_with_its_dead_units() -> None:
     assert found.get("h.0.mlp.c_fc") == dead, d.summary()
 
 
+def test_decoder_with_its_default_cache_is_exported() -> None:
+    """A Hugging Face decoder as configured by default (use_cache=True) returns a
+    DynamicCache; observation passes use_cache=False so torch.export captures it. Before:
+    capture fell back to module hooks and the gelu_new units were not one site."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    dead = (1, 5, 9)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[:, list(dead)] = 0.0
+        model.transformer.h[0].mlp.c_fc.bias[list(dead)] = -6.0
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 50, (4, 16), generator=g) for _ in range(3)]
+    d = gs.diagnose(model, data)
+    assert d.capture == "export", d.notes
+    assert model.config.use_cache  # the user's model is untouched
+    found = {p.site.module: p.units for p in _dead(d)}
+    assert found.get("transformer.h.0.mlp.c_fc") == dead, d.summary()
+
+
 def test_llama_gated_unit_is_the_product_with_its_partner() -> None:
     """SwiGLU: ``silu(gate_proj(x)) * up_proj(x)`` is one site, the product, with the gate
     as producer and up_proj as partner. Before: the site was silu(gate) alone (no partner)."""
