@@ -10,8 +10,9 @@ the planted truth: the problem kind, the module path of its site and its units.
   the same Frobenius norm (a collapsed, rank-deficient weight: ``Bottleneck``).
 - ``saturated``: the producer of a tanh/sigmoid site scaled by ``SATURATING_GAIN`` so most
   units sit in the flat tails (``Saturation``); not applicable without such a site.
-- ``vanishing``: not planted: every architecture of the corpus has residual or normalised
-  paths, so no span of layers can be made to vanish without changing the architecture.
+- ``vanishing``: not planted yet: the transformers and CNNs of the corpus carry gradients
+  through residual or normalised paths (no span can vanish without changing the
+  architecture); the one plain stack (``same_pad_cnn``) is too shallow for a span.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def plant_saturated(built: Built) -> Planted | Inapplicable:
 
 
 def plant_vanishing(built: Built) -> Planted | Inapplicable:
-    return Inapplicable("residual/normalised paths: no plain span to make vanish")
+    return Inapplicable("not planted: residual/normalised paths or too shallow a plain stack")
 
 
 PLANTERS = {
