@@ -21,25 +21,44 @@ Layer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def get_layer(target: Target, path: str) -> Layer:
-    """The Linear/Conv module at ``path`` or :class:`Refused`."""
+def get_layer(target: Target, path: str, *, grouped: bool = False) -> Layer:
+    """The Linear/Conv module at ``path`` or :class:`Refused` (a grouped conv only with
+    ``grouped=True``: as a consumer, whose columns are edited per group)."""
     try:
         m = target.model.get_submodule(path)
     except AttributeError:
         raise Refused(f"the model has no module {path!r} (the site is gone)") from None
     if not isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
         raise Refused(f"{path!r} is a {type(m).__name__}, not a Linear or Conv layer")
-    if isinstance(m, _CONV) and m.groups != 1:
+    if isinstance(m, _CONV) and m.groups != 1 and not grouped:
         raise Refused(f"{path!r} is a grouped conv (groups={m.groups}); not supported")
     return m
 
 
-def coupled(target: Target, producer: str) -> CouplingGroup:
-    """The producer's coupling group, or :class:`Refused` with the analysis's reason."""
-    g = target.coupling(producer)
+def coupled(target: Target, producer: str, units: Sequence[int] = (), *,
+            changes_width: bool = False) -> CouplingGroup:
+    """The producer's coupling group, proven at ``units`` (the units the edit touches), or
+    :class:`Refused` with the analysis's reason; with ``changes_width`` also refused where
+    the width cannot change with the consumers alone (a residual add, a gate, a grouped
+    conv consumer)."""
+    g = target.coupling(producer, units)
     if not g.ok:
         raise Refused(f"coupling of {producer!r} not understood: {g.reason()}")
+    if changes_width and g.width_change_refusal():
+        raise Refused(f"cannot change the width of {producer!r}: {g.width_change_refusal()}")
     return g
+
+
+def zero_columns(layer: Layer, consumer: Consumer, units: Sequence[int]) -> list[int]:
+    """Zero the consumer's weights reading ``units`` (per group for a grouped conv); returns
+    the weight columns touched."""
+    touched: list[int] = []
+    with torch.no_grad():
+        for u in units:
+            rows, cols = consumer.weight_index(u, layer.weight.shape)
+            layer.weight[rows, cols] = 0.0
+            touched += cols
+    return sorted(set(touched))
 
 
 def column_stats(target: Target, consumer: Consumer, units: Sequence[int]
@@ -78,11 +97,11 @@ def fold_constant(consumer_mod: Layer, consumer: Consumer, units: Sequence[int],
     with torch.no_grad():
         add = torch.zeros(w.shape[0], dtype=torch.float64)
         for i, u in enumerate(units):
-            cols = consumer.columns(u)
-            wc = w[:, cols].to(torch.float64)
+            rows, cols = consumer.weight_index(u, w.shape)
+            wc = w[rows, cols].to(torch.float64)
             if wc.dim() > 2:
                 wc = wc.flatten(2).sum(2)
-            add += wc @ means[i]
+            add[rows] += wc @ means[i]
         consumer_mod.bias.add_(add.to(consumer_mod.bias.dtype))
     return True
 

@@ -48,11 +48,11 @@ class ExciseDead(Replacement):
 
     def _dead_units(self, problem: Problem, target: Target) -> list[int]:
         layer = get_layer(target, problem.site.module)
-        group = coupled(target, problem.site.module)
         width = layer.weight.shape[0]
         units = sorted({int(u) for u in problem.units if 0 <= int(u) < width})
         if not units:
             return []
+        group = coupled(target, problem.site.module, units, changes_width=True)
         keep = torch.ones(len(units), dtype=torch.bool)
         for c in group.consumers:
             mean, var = column_stats(target, c, units)
@@ -103,10 +103,10 @@ class ExciseDead(Replacement):
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
         layer = get_layer(target, path)
-        group = coupled(target, path)
         units = sorted(int(u) for u in params.get("units") or self._dead_units(problem, target))
         if not units:
             raise Refused(f"no constant units to excise at {path!r}")
+        group = coupled(target, path, units, changes_width=True)
         width = int(layer.weight.shape[0])
         keep = [u for u in range(width) if u not in set(units)]
         kidx = torch.tensor(keep, dtype=torch.long)

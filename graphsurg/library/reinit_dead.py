@@ -25,8 +25,17 @@ from typing import Any
 import torch
 
 from .._problems import Problem
+from ..passes.fx.coupling import CouplingGroup
 from ._base import Applied, Refused, Replacement, Target
-from ._edit import column_stats, coupled, draw_rows, fold_constant, get_layer, is_constant
+from ._edit import (
+    column_stats,
+    coupled,
+    draw_rows,
+    fold_constant,
+    get_layer,
+    is_constant,
+    zero_columns,
+)
 
 
 class ReinitDead(Replacement):
@@ -46,13 +55,29 @@ class ReinitDead(Replacement):
             return why
         try:
             get_layer(target, problem.site.module)
-            coupled(target, problem.site.module)
             units = self._units(problem, target)
+            self._group(problem, target, units)
         except Refused as e:
             return str(e)
         if not units:
             return f"no units to reset at {problem.site.module!r}"
         return None
+
+    @staticmethod
+    def _group(problem: Problem, target: Target, units: list[int]) -> CouplingGroup:
+        """The coupling group proven at ``units``; where a consumer reads the units together
+        with another tensor (a residual add, a gate) zeroing its columns cuts that tensor too,
+        so the edit is allowed only where those columns are constant on the data (the fold
+        then restores them exactly)."""
+        path = problem.site.module
+        group = coupled(target, path, units)
+        if group.mixed:
+            for c in group.consumers:
+                mean, var = column_stats(target, c, units)
+                if not bool(is_constant(mean, var).all()):
+                    raise Refused(f"cannot reset units of {path!r}: {'; '.join(group.mixed)}; "
+                                  f"zeroing {c.module!r}'s columns would cut the other tensor")
+        return group
 
     def _units(self, problem: Problem, target: Target) -> list[int]:
         layer = get_layer(target, problem.site.module)
@@ -77,7 +102,7 @@ class ReinitDead(Replacement):
     def propose(self, problem: Problem, target: Target, *, exact: bool = False
                 ) -> dict[str, Any]:
         units = self._units(problem, target)
-        group = coupled(target, problem.site.module)
+        group = self._group(problem, target, units)
         constant = problem.kind != "NonFinite"
         if constant:
             for c in group.consumers:
@@ -88,22 +113,20 @@ class ReinitDead(Replacement):
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
         layer = get_layer(target, path)
-        group = coupled(target, path)
         units = [int(u) for u in params.get("units") or self._units(problem, target)]
+        group = self._group(problem, target, units)
         idx = torch.tensor(units, dtype=torch.long)
         applied = Applied(exact=self.is_exact(params), modules=[path], units=units)
         # 1) fold the units' mean contribution into each consumer's bias, zero their columns
         folded = True
         for c in group.consumers:
-            cm = get_layer(target, c.module)
+            cm = get_layer(target, c.module, grouped=True)
             if problem.kind == "NonFinite":
                 means = torch.zeros(len(units), c.stride, dtype=torch.float64)
             else:
                 means, _ = column_stats(target, c, units)
             folded = fold_constant(cm, c, units, means) and folded
-            cols = [col for u in units for col in c.columns(u)]
-            with torch.no_grad():
-                cm.weight[:, cols] = 0.0
+            cols = zero_columns(cm, c, units)
             applied.touch(f"{c.module}.weight", 1, cols)
             if cm.bias is not None:
                 applied.touch(f"{c.module}.bias", 0, range(cm.bias.shape[0]))

@@ -41,7 +41,7 @@ class Widen(Replacement):
             return why
         try:
             get_layer(target, problem.site.module)
-            coupled(target, problem.site.module)
+            coupled(target, problem.site.module, changes_width=True)
         except Refused as e:
             return str(e)
         return None
@@ -49,7 +49,7 @@ class Widen(Replacement):
     def propose(self, problem: Problem, target: Target, *, exact: bool = False
                 ) -> dict[str, Any]:
         layer = get_layer(target, problem.site.module)
-        group = coupled(target, problem.site.module)
+        group = coupled(target, problem.site.module, changes_width=True)
         width = int(layer.weight.shape[0])
         neighbours = [int(layer.weight.shape[1])] + [
             int(get_layer(target, c.module).weight.shape[0]) for c in group.consumers]
@@ -59,7 +59,7 @@ class Widen(Replacement):
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
         layer = get_layer(target, path)
-        group = coupled(target, path)
+        group = coupled(target, path, changes_width=True)
         width = int(layer.weight.shape[0])
         new_width = int(params["new_width"])
         if new_width <= width:

@@ -97,9 +97,24 @@ class Consumer:
     kind: str  # "linear" | "conv"
     start: int = 0
     stride: int = 1
+    groups: int = 1  # a grouped conv reads input channel c with the rows of c's group only
 
     def columns(self, unit: int) -> list[int]:
         return list(range(self.start + unit * self.stride, self.start + (unit + 1) * self.stride))
+
+    def weight_index(self, unit: int, weight_shape: Sequence[int]) -> tuple[slice, list[int]]:
+        """``(rows, cols)`` of the consumer's weight that read ``unit``: every row and the
+        unit's input columns, or for a grouped conv the rows of the unit's group and its
+        columns within the group."""
+        cols = self.columns(unit)
+        if self.groups == 1:
+            return slice(None), cols
+        per_in = int(weight_shape[1])
+        per_out = int(weight_shape[0]) // self.groups
+        g = cols[0] // per_in
+        if any(c // per_in != g for c in cols):
+            raise ValueError(f"unit {unit} spans two groups of {self.module!r}")
+        return slice(g * per_out, (g + 1) * per_out), [c - g * per_in for c in cols]
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,12 @@ class CouplingGroup:
         consumers: layers whose input columns read the units.
         chain: channel-local operations between producer and consumers, in forward order.
         refusals: reasons the coupling is not fully understood (empty when it is).
+        mixed: where the units meet another tensor on their way to a consumer (a residual
+            add, a gate's product): the consumer's columns read more than the producer, so a
+            width change of the producer alone cannot be made, and zeroing the columns cuts
+            the other tensor as well (exact only where the columns are constant).
+        probed: the units the probe perturbed (empty for the FX analysis, which is
+            structural and holds for every unit).
         source: ``"fx"`` or ``"probe"``.
     """
 
@@ -132,6 +153,8 @@ class CouplingGroup:
     consumers: list[Consumer] = field(default_factory=list)
     chain: list[ChannelOp] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    mixed: list[str] = field(default_factory=list)
+    probed: tuple[int, ...] = ()
     source: str = "fx"
 
     @property
@@ -145,6 +168,14 @@ class CouplingGroup:
         if not self.consumers:
             return f"no layer consumes the output units of {self.producer!r}"
         return ""
+
+    def width_change_refusal(self) -> str:
+        """Why the producer's width cannot change with its consumers ('' when it can)."""
+        why = [f"the units meet another tensor ({m}); its width would have to change too"
+               for m in self.mixed]
+        why += [f"grouped conv {c.module!r} (groups={c.groups}) reads the units; its own width "
+                "would change" for c in self.consumers if c.groups != 1]
+        return "; ".join(why)
 
     def batchnorms(self) -> list[str]:
         return [op.module for op in self.chain if op.kind == "batchnorm"]
@@ -161,6 +192,8 @@ class CouplingGroup:
             "consumers": [c.__dict__ for c in self.consumers],
             "chain": [c.__dict__ for c in self.chain],
             "refusals": list(self.refusals),
+            "mixed": list(self.mixed),
+            "probed": list(self.probed),
             "source": self.source,
         }
 
@@ -314,12 +347,12 @@ def _linear(s: _Step) -> _Walk | None:
 
 
 def _conv(s: _Step) -> _Walk | None:
-    groups = getattr(s.module, "groups", 1)
-    if s.w.dim != 1 or s.w.stride != 1 or groups != 1:
+    groups = int(getattr(s.module, "groups", 1))
+    if s.w.dim != 1 or s.w.stride != 1:
         s.refuse(f"conv {s.op!r} (groups={groups}) does not read the units as plain input "
                  "channels")
     else:
-        s.consume("conv", 1)
+        s.group.consumers.append(Consumer(s.op, "conv", s.w.start, 1, groups))
     return None
 
 
@@ -573,32 +606,58 @@ def _float_leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _in_dim(m: nn.Module, x: torch.Tensor) -> int:
+def _in_dim(m: nn.Module, x: torch.Tensor, like: torch.Tensor | None = None,
+            channel_dim: int = -1) -> int:
+    """The dim of ``m``'s input ``x`` that holds features: 1 for Conv/BatchNorm, the last for
+    Linear; for any other module the producer's unit dim when ``x`` has the producer's output
+    shape (``like``), else the last."""
     if isinstance(m, _CONV) or isinstance(m, _BN):
         return 1
+    if like is not None and not isinstance(m, nn.Linear) and x.shape == like.shape:
+        return channel_dim % x.dim()
     return x.dim() - 1
 
 
+#: perturbations tried per probed unit, as multiples of the base size (see
+#: :func:`_probe_delta`): a unit held dead by a large negative pre-activation needs a large
+#: positive push, one behind a negative BatchNorm scale a negative one
+_PROBE_SCALES = (1.0, -1.0, 1e3, -1e3)
+
+
 def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
-                   *, tol: float = 1e-6) -> CouplingGroup:
+                   *, units: Iterable[int] = (), tol: float = 1e-6) -> CouplingGroup:
     """The coupling group of ``producer`` measured by perturbing its units (no graph needed).
 
     Args:
-        model: the model (its mode is switched to eval during the probe and restored).
+        model: the model (its mode is switched to eval during the probe and restored; its
+            parameters are restored bit for bit).
         producer: module path of a Linear/Conv layer.
         run: ``run(model)`` runs the model on one calibration batch and returns its output.
+        units: the units that will be edited. Each is probed, together with units 0 and
+            ``width - 1`` (which fix the index map): coupling is measured where the edit
+            happens, not extrapolated from two samples.
         tol: a column changed when some element moved by more than ``tol`` (relative).
+
+    A perturbation that a zero BatchNorm scale would stop (a channel killed through its norm)
+    is let through: while probing, BatchNorm scales that are exactly 0 read as 1. A unit whose
+    perturbation reaches no layer, or reaches a layer the other probed units do not, is a
+    refusal naming the units.
 
     The group is proven, not assumed: with every consumer's columns of a probed unit zeroed,
     perturbing that unit must leave the model output unchanged; otherwise a refusal says the
-    unit reaches the output some other way.
+    unit reaches the output some other way. Whether the consumers read the units *alone* is
+    measured too: with the producer's output held at a per-unit constant, a consumer whose
+    input still varies over the batch reads the units together with another tensor (a
+    residual add, a gate), recorded in ``mixed``.
     """
     mod = model.get_submodule(producer)
     group = CouplingGroup(producer, _width(mod), producer_channel_dim(mod), source="probe")
+    probes = sorted({0, group.width - 1} | {int(u) for u in units if 0 <= int(u) < group.width})
+    group.probed = tuple(probes)
     leaves = {name: m for name, m in model.named_modules()
               if name != producer and not list(m.children())}
     records: dict[str, list[torch.Tensor]] = {}
-    pert: dict[str, Any] = {"unit": None, "delta": 0.0}
+    state: dict[str, Any] = {"mode": None, "unit": 0, "delta": 0.0, "calls": 0, "out": None}
 
     def pre_hook(name: str) -> Callable[..., None]:
         def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -607,122 +666,222 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
         return hook
 
     def fwd_hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        calls = pert.setdefault("calls", 0)
-        pert["calls"] = calls + 1
-        if pert["unit"] is None:
-            pert["out"] = out.detach()
+        state["calls"] += 1
+        cd = group.channel_dim % out.dim()
+        if state["mode"] is None:
+            state["out"] = out.detach()
             return out
+        if state["mode"] == "constant":
+            dims = [d for d in range(out.dim()) if d != cd]
+            return out.mean(dims, keepdim=True).expand_as(out).clone()
         out = out.clone()
-        idx = [slice(None)] * out.dim()
-        idx[group.channel_dim % out.dim()] = pert["unit"]
-        out[tuple(idx)] += pert["delta"]
+        idx: list[Any] = [slice(None)] * out.dim()
+        idx[cd] = state["unit"]
+        out[tuple(idx)] += state["delta"]
         return out
+
+    def perturbed(u: int | None, delta: float = 0.0, mode: str | None = "unit") -> Any:
+        records.clear()
+        state["mode"] = "constant" if mode == "constant" else (None if u is None else "unit")
+        state["unit"], state["delta"] = u, delta
+        try:
+            return run(model)
+        finally:
+            state["mode"] = None
 
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in leaves.items()]
     handles.append(mod.register_forward_hook(fwd_hook))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            run(model)
-            base = {k: v for k, v in records.items()}
-            if pert.get("calls", 0) != 1:
-                group.refusals.append(f"module {producer!r} is called {pert.get('calls', 0)} "
+        with torch.no_grad(), _open_zero_bn_scales(model):
+            perturbed(None)
+            base = dict(records)
+            if state["calls"] != 1:
+                group.refusals.append(f"module {producer!r} is called {state['calls']} "
                                       "times per forward (shared weights or unused)")
                 return group
-            probes = sorted({0, group.width - 1})
-            mod_out = pert["out"]
-            found: dict[str, list[tuple[int, int]]] = {}
-            chain: dict[str, str] = {}
-            for u in probes:
-                records.clear()
-                pert["unit"], pert["delta"] = u, _probe_delta(mod_out, group.channel_dim, u)
-                run(model)
-                pert["unit"] = None
-                for name, xs in records.items():
-                    m = leaves[name]
-                    for x, x0 in zip(xs, base.get(name, []), strict=False):
-                        if x.shape != x0.shape:
-                            continue
-                        diff = (x - x0).abs() > tol * (1.0 + x0.abs())
-                        if not diff.any():
-                            continue
-                        d = _in_dim(m, x)
-                        cols = diff.movedim(d, 0).reshape(x.shape[d], -1).any(1).nonzero()
-                        cols_l = [int(c) for c in cols.flatten()]
-                        lo, hi = cols_l[0], cols_l[-1]
-                        contiguous = hi - lo + 1 == len(cols_l)
-                        if isinstance(m, (nn.Linear, *_CONV)) and contiguous and \
-                                len(cols_l) < x.shape[d]:
-                            found.setdefault(name, []).append((lo, hi - lo + 1))
-                        elif len(cols_l) == 1 and lo == u:
-                            chain[name] = type(m).__name__
-            for name, spans in found.items():
-                m = leaves[name]
-                if len(spans) != len(probes):
-                    continue
-                stride = spans[0][1]
-                start = spans[0][0]
-                if any(s[1] != stride for s in spans) or (
-                    len(probes) > 1 and spans[-1][0] != start + (group.width - 1) * stride
-                ):
-                    group.refusals.append(f"layer {name!r} reads the units through an index map "
-                                          "the probe does not understand")
-                    continue
-                if isinstance(m, _CONV) and (stride != 1 or m.groups != 1):
-                    group.refusals.append(f"conv {name!r} (groups={m.groups}) does not read the "
-                                          "units as plain input channels")
-                    continue
-                group.consumers.append(
-                    Consumer(name, "conv" if isinstance(m, _CONV) else "linear", start, stride))
-            order = list(leaves)
-            for name in sorted(chain, key=order.index):
-                m = leaves[name]
-                if name in found:
-                    continue
-                if isinstance(m, _BN):
-                    group.chain.append(ChannelOp("batchnorm", type(m).__name__, name))
-                elif isinstance(m, _MIXING_NORMS):
-                    group.refusals.append(
-                        f"{type(m).__name__} {name!r} normalises across the units of "
-                        f"{producer!r} (changing one unit changes them all)")
-                elif "Dropout" in type(m).__name__:
-                    group.chain.append(ChannelOp("dropout", type(m).__name__.lower(), name))
-                elif not any(True for _ in m.parameters()) or isinstance(m, nn.PReLU):
-                    group.chain.append(ChannelOp("activation", _act_name(m), name))
-                else:
-                    group.refusals.append(f"module {name!r} ({type(m).__name__}) reads the units;"
-                                          " the probe does not know it")
-            # proof: with the consumers' columns zeroed the perturbation must not reach the output
+            found, chain, deltas = _probe_units(group, probes, leaves, base, records,
+                                                perturbed, state["out"], tol)
+            _consumers_from_spans(group, probes, leaves, found)
+            _chain_from_probe(group, leaves, chain, found)
             if group.consumers and not group.refusals:
-                saved = {c.module: _weight(model, c.module).detach().clone()
-                         for c in group.consumers}
-                try:
-                    for u in probes:
-                        for c in group.consumers:
-                            wt = _weight(model, c.module)
-                            wt[:, c.columns(u)] = 0.0
-                        ref = _float_leaves(run(model))
-                        pert["unit"] = u
-                        got = _float_leaves(run(model))
-                        pert["unit"] = None
-                        for a, b in zip(ref, got, strict=False):
-                            if a.shape == b.shape and not torch.allclose(a, b, rtol=1e-5,
-                                                                         atol=1e-6):
-                                group.refusals.append(
-                                    f"unit {u} of {producer!r} reaches the output through a path "
-                                    "the probe does not understand (e.g. a residual add)")
-                                break
-                        for c in group.consumers:
-                            _weight(model, c.module).copy_(saved[c.module])
-                finally:
-                    for c in group.consumers:
-                        _weight(model, c.module).copy_(saved[c.module])
+                perturbed(None, mode="constant")
+                _mixed_from_constant(group, leaves, records, tol)
+                _prove(group, model, probes, deltas, perturbed)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return group
+
+
+class _open_zero_bn_scales:
+    """While active, BatchNorm scales that are exactly 0 are 1 (restored on exit)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, _BN) and isinstance(w, torch.Tensor) and bool((w == 0).any()):
+                self.saved.append((w, w.detach().clone()))
+
+    def __enter__(self) -> None:
+        with torch.no_grad():
+            for w, _ in self.saved:
+                w.masked_fill_(w == 0, 1.0)
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for w, old in self.saved:
+                w.copy_(old)
+
+
+def _probe_units(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.Module],
+                 base: dict[str, list[torch.Tensor]], records: dict[str, list[torch.Tensor]],
+                 perturbed: Callable[..., Any], out: torch.Tensor, tol: float
+                 ) -> tuple[dict[str, dict[int, tuple[int, int]]], dict[str, str],
+                            dict[int, float]]:
+    """Perturb each probed unit; return, per leaf, the changed column span per unit (layers),
+    the leaves that saw only the unit's own column (the channel-local chain) and the delta
+    that got through per unit. A unit that reaches no leaf is a refusal."""
+    found: dict[str, dict[int, tuple[int, int]]] = {}
+    chain: dict[str, str] = {}
+    deltas: dict[int, float] = {}
+    blocked: list[int] = []
+    for u in probes:
+        size = _probe_delta(out, group.channel_dim, u)
+        for scale in _PROBE_SCALES:
+            perturbed(u, scale * size)
+            hit = False
+            for name, xs in records.items():
+                m = leaves[name]
+                for x, x0 in zip(xs, base.get(name, []), strict=False):
+                    if x.shape != x0.shape:
+                        continue
+                    diff = (x - x0).abs() > tol * (1.0 + x0.abs())
+                    if not diff.any():
+                        continue
+                    d = _in_dim(m, x, out, group.channel_dim)
+                    cols = [int(c) for c in
+                            diff.movedim(d, 0).reshape(x.shape[d], -1).any(1).nonzero().flatten()]
+                    lo, hi = cols[0], cols[-1]
+                    local = len(cols) == 1 and lo == u and not isinstance(m, (nn.Linear, *_CONV))
+                    hit = hit or not local  # past the channel-local chain
+                    if isinstance(m, (nn.Linear, *_CONV)) and hi - lo + 1 == len(cols) and \
+                            len(cols) < x.shape[d]:
+                        found.setdefault(name, {})[u] = (lo, len(cols))
+                    elif local:
+                        chain[name] = type(m).__name__
+            if hit:
+                deltas[u] = scale * size
+                break
+        else:
+            blocked.append(u)
+    if blocked:
+        group.refusals.append(f"perturbing units {blocked} of {group.producer!r} changed no "
+                              "layer's input (the units are cut off, or read by something the "
+                              "probe cannot see)")
+    return found, chain, deltas
+
+
+def _consumers_from_spans(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.Module],
+                          found: dict[str, dict[int, tuple[int, int]]]) -> None:
+    """Consumers from the column spans each probed unit changed: every probed unit must hit
+    the layer, with one stride and ``start + u * stride`` as the first column."""
+    for name, spans in found.items():
+        m = leaves[name]
+        missing = [u for u in probes if u not in spans]
+        if missing:
+            group.refusals.append(
+                f"layer {name!r} reads units {sorted(spans)} of {group.producer!r} but not "
+                f"units {missing} (a slice or a gather of the units)")
+            continue
+        stride = spans[probes[0]][1]
+        start = spans[probes[0]][0] - probes[0] * stride
+        if any(n != stride or lo != start + u * stride for u, (lo, n) in spans.items()):
+            group.refusals.append(f"layer {name!r} reads the units through an index map the "
+                                  "probe does not understand")
+            continue
+        groups = int(getattr(m, "groups", 1)) if isinstance(m, _CONV) else 1
+        if isinstance(m, _CONV) and stride != 1:
+            group.refusals.append(f"conv {name!r} (groups={groups}) does not read the units "
+                                  "as plain input channels")
+            continue
+        group.consumers.append(
+            Consumer(name, "conv" if isinstance(m, _CONV) else "linear", start, stride, groups))
+
+
+def _chain_from_probe(group: CouplingGroup, leaves: dict[str, nn.Module], chain: dict[str, str],
+                      found: dict[str, dict[int, tuple[int, int]]]) -> None:
+    order = list(leaves)
+    for name in sorted(chain, key=order.index):
+        m = leaves[name]
+        if name in found:
+            continue
+        if isinstance(m, _BN):
+            group.chain.append(ChannelOp("batchnorm", type(m).__name__, name))
+        elif isinstance(m, _MIXING_NORMS):
+            group.refusals.append(
+                f"{type(m).__name__} {name!r} normalises across the units of "
+                f"{group.producer!r} (changing one unit changes them all)")
+        elif "Dropout" in type(m).__name__:
+            group.chain.append(ChannelOp("dropout", type(m).__name__.lower(), name))
+        elif not any(True for _ in m.parameters()) or isinstance(m, nn.PReLU):
+            group.chain.append(ChannelOp("activation", _act_name(m), name))
+        else:
+            group.refusals.append(f"module {name!r} ({type(m).__name__}) reads the units;"
+                                  " the probe does not know it")
+
+
+def _mixed_from_constant(group: CouplingGroup, leaves: dict[str, nn.Module],
+                         records: dict[str, list[torch.Tensor]], tol: float) -> None:
+    """After a run with the producer's output held at its per-unit mean: a consumer whose
+    columns for the units still vary over the batch reads them with another tensor."""
+    for c in group.consumers:
+        xs = records.get(c.module)
+        if not xs:
+            continue
+        x = xs[0]
+        d = _in_dim(leaves[c.module], x)
+        block = x.movedim(d, -1)[..., c.start: c.start + group.width * c.stride]
+        if block.shape[0] < 2:
+            group.mixed.append(f"{c.module!r}: a batch of one cannot show whether the units "
+                               "are read alone")
+            continue
+        vary = (block - block[:1]).abs() > tol * (1.0 + block[:1].abs())
+        if bool(vary.any()):
+            group.mixed.append(
+                f"{c.module!r} reads the units of {group.producer!r} together with another "
+                "tensor (its input varies over the batch with the producer's output held "
+                "constant: a residual add or a gate)")
+
+
+def _prove(group: CouplingGroup, model: nn.Module, probes: list[int], deltas: dict[int, float],
+           perturbed: Callable[..., Any]) -> None:
+    """With the consumers' weights for a probed unit zeroed, perturbing the unit must leave
+    the output unchanged."""
+    saved = {c.module: _weight(model, c.module).detach().clone() for c in group.consumers}
+    try:
+        for u in probes:
+            for c in group.consumers:
+                wt = _weight(model, c.module)
+                rows, cols = c.weight_index(u, wt.shape)
+                wt[rows, cols] = 0.0
+            ref = _float_leaves(perturbed(None))
+            got = _float_leaves(perturbed(u, deltas[u]))
+            for a, b in zip(ref, got, strict=False):
+                if a.shape == b.shape and not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                    group.refusals.append(
+                        f"unit {u} of {group.producer!r} reaches the output through a path "
+                        "the probe does not understand (e.g. a residual add)")
+                    break
+            for c in group.consumers:
+                _weight(model, c.module).copy_(saved[c.module])
+    finally:
+        for c in group.consumers:
+            _weight(model, c.module).copy_(saved[c.module])
+
 
 
 def _weight(model: nn.Module, path: str) -> torch.Tensor:
@@ -746,7 +905,8 @@ def _act_name(m: nn.Module) -> str:
 
 
 def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
-            example: tuple[tuple[Any, ...], dict[str, Any]]) -> CouplingGroup:
+            example: tuple[tuple[Any, ...], dict[str, Any]], *, units: Iterable[int] = ()
+            ) -> CouplingGroup:
     """The coupling group of ``producer``: the FX analysis when the model traces, else the probe.
 
     Args:
@@ -754,6 +914,8 @@ def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
         producer: module path of a Linear or Conv layer.
         run: ``run(model)`` runs one calibration batch (for the probe).
         example: ``(args, kwargs)`` of one calibration batch (for shape propagation).
+        units: the units that will be edited (the probe perturbs each of them; the FX
+            analysis is structural and holds for every unit).
     """
     try:
         mod = model.get_submodule(producer)
@@ -765,14 +927,13 @@ def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
         g = CouplingGroup(producer, 0, -1)
         g.refusals.append(f"{producer!r} is a {type(mod).__name__}, not a Linear or Conv layer")
         return g
-    gm, why = trace(model)
+    gm, _ = trace(model)
     if gm is not None:
         was_training = model.training
         gm.eval()
         try:
             propagate_shapes(gm, *example)
-        except Exception as e:  # fall back to the probe, which explains itself
-            why = f"shape propagation failed ({type(e).__name__})"
+        except Exception:  # fall back to the probe, which explains itself
             gm = None
         finally:
             model.train(was_training)
@@ -780,7 +941,4 @@ def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
                 gm.train(was_training)
     if gm is not None:
         return analyze_fx(gm, producer)
-    group = probe_coupling(model, producer, run)
-    if why:
-        group.chain = list(group.chain)
-    return group
+    return probe_coupling(model, producer, run, units=units)

@@ -7,7 +7,7 @@ A private copy of the user's model, its calibration batches and the structural h
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ class Target:
         self.batches = list(batches)
         self.input_fn = input_fn or default_input_fn
         self.seed = seed
-        self._groups: dict[str, _coupling.CouplingGroup] = {}
+        self._groups: dict[tuple[str, tuple[int, ...]], _coupling.CouplingGroup] = {}
         self._gm: tuple[fx.GraphModule | None, str] | None = None
 
     # -- running ---------------------------------------------------------------------------
@@ -80,12 +80,14 @@ class Target:
         return torch.cat(got, 0)
 
     # -- structure -------------------------------------------------------------------------
-    def coupling(self, producer: str) -> _coupling.CouplingGroup:
-        """The channel-coupling group of ``producer`` in the current model (cached)."""
-        if producer not in self._groups:
-            self._groups[producer] = _coupling.analyze(
-                self.model, producer, lambda m: self.run(m), self.example())
-        return self._groups[producer]
+    def coupling(self, producer: str, units: Iterable[int] = ()) -> _coupling.CouplingGroup:
+        """The channel-coupling group of ``producer`` in the current model (cached), proven at
+        ``units`` (the units an edit will touch) when it has to be measured."""
+        key = (producer, tuple(sorted({int(u) for u in units})))
+        if key not in self._groups:
+            self._groups[key] = _coupling.analyze(
+                self.model, producer, lambda m: self.run(m), self.example(), units=key[1])
+        return self._groups[key]
 
     def graph_module(self) -> tuple[fx.GraphModule | None, str]:
         """The current model as a shape-propagated GraphModule, or ``(None, reason)``.
