@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import zoo
 from graphsurg.passes.fx.coupling import analyze, probe_coupling
@@ -131,3 +132,140 @@ def test_handlers_follow_subclasses_and_shared_slopes() -> None:
         [("activation", "_myrelu", "tail")]
     g = _group(Unknown(nn.PReLU(1)), "a", x)
     assert g.ok and [c.module for c in g.consumers] == ["head"]
+
+
+# --------------------------------------------------------------------------------------------
+# issue 14 class 5: coupling proven at the edited units, residual adds followed
+
+
+class _DeadEnds(nn.Module):
+    """``layer -> BatchNorm -> ReLU -> head`` that ``symbolic_trace`` cannot capture (control
+    flow on a tensor), so coupling must be measured by the probe. Units 0 and width-1 are
+    killed through the BatchNorm: scale 0, shift -50."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = conv
+        self.layer: nn.Module = nn.Conv2d(3, 6, 3, padding=1) if conv else nn.Linear(8, 6)
+        self.bn: nn.Module = nn.BatchNorm2d(6) if conv else nn.BatchNorm1d(6)
+        self.head: nn.Module = nn.Conv2d(6, 4, 1) if conv else nn.Linear(6, 4)
+        with torch.no_grad():
+            self.bn.weight[[0, 5]] = 0.0
+            self.bn.bias[[0, 5]] = -50.0
+            self.bn.running_var.uniform_(0.5, 2.0)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.layer(x)))
+        if bool(h.sum() > -1.0):  # data-dependent branch: not symbolically traceable
+            h = h * 1.0
+        return self.head(h)
+
+
+def _dead_problem(path: str, units: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    import graphsurg as gs
+
+    return gs.Problem("DeadNeurons", gs.Site(path, "", "relu"), 0.3, units)
+
+
+def _f64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).double().eval()(x.double())
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+@pytest.mark.parametrize("name", ["reinit_dead", "excise_dead"])
+def test_dead_units_at_both_ends_through_batchnorm_are_treated(conv: bool, name: str) -> None:
+    """Units 0 and width-1 dead through a BatchNorm of an untraceable model: the probe used to
+    perturb exactly those two units, the zero scale stopped both perturbations, and the group
+    read "no layer consumes the output units" (reinit_dead and excise_dead refused). Now
+    every edited unit is probed, the zero scale is opened while probing, and the edit is
+    exact: within 1e-6 relative of the input's float64 output."""
+    import copy
+
+    from graphsurg.passes.fx.target import Target
+
+    from graphsurg.library import default_library
+
+    model = _DeadEnds(conv)
+    x = torch.randn(6, 3, 5, 5) if conv else torch.randn(6, 8)
+    with pytest.raises(Exception, match="control flow"):
+        torch.fx.symbolic_trace(model)
+    rep = default_library().get(name)
+    target = Target(copy.deepcopy(model), [x])
+    problem = _dead_problem("layer", (0, 5))
+    assert rep.check(problem, target) is None
+    params = rep.propose(problem, target)
+    assert params["units"] == [0, 5] and params["exact"]
+    applied = rep.apply(target, problem, params)
+    g = Target(copy.deepcopy(model), [x]).coupling("layer", (0, 5))
+    assert g.probed == (0, 5) and [c.module for c in g.consumers] == ["head"]
+    assert g.batchnorms() == ["bn"]
+    ref, got = _f64(model, x), _f64(target.model, x)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-6
+    if name == "excise_dead":
+        assert applied.details["width_after"] == 4
+        assert target.model.get_submodule("head").weight.shape[1] == 4
+
+
+class _ResidualConv(nn.Module):
+    """``relu(bn(conv1(x)) + x)`` read by a single conv: the residual add binds conv1's units
+    to the block input; untraceable, so the probe measures it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv1(x)) + x)
+        if bool(h.sum() > -1.0):
+            h = h * 1.0
+        return self.conv2(h)
+
+
+def test_residual_add_read_by_a_single_conv_is_followed() -> None:
+    """A residual add read only by conv2: the probe saw conv2 as the sole consumer and
+    planned a widening that crashed ("size of tensor a (16) must match ... (8)"). Now the
+    constant-producer run shows conv2 reads the units together with another tensor: widen
+    and excise_dead refuse with that reason; reinit_dead refuses where zeroing conv2's columns
+    would cut the residual stream (units 4, 5: relu(0 + x) varies) and is exact where the
+    columns are constant (units 2, 3: relu(-50 + x) = 0); nothing crashes."""
+    import copy
+
+    from graphsurg.passes.fx.target import Target
+
+    import graphsurg as gs
+    from graphsurg.library import default_library
+
+    model = _ResidualConv()
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        model.conv1.weight[[2, 3, 4, 5]] = 0.0
+        model.conv1.bias[[2, 3]] = -50.0
+        model.conv1.bias[[4, 5]] = 0.0
+    lib = default_library()
+    target = Target(copy.deepcopy(model), [x])
+    narrow = gs.Problem("Bottleneck", gs.Site("conv1", "", "conv"), 0.5)
+    why = lib.get("widen").check(narrow, target)
+    assert why is not None and "another tensor" in why
+    g = target.coupling("conv1", (2, 3))
+    assert g.ok and [c.module for c in g.consumers] == ["conv2"]
+    assert g.mixed and "another tensor" in g.mixed[0]
+    for units in ((2, 3), (4, 5)):
+        why = lib.get("excise_dead").check(_dead_problem("conv1", units), target)
+        assert why is not None and "another tensor" in why, why
+    why = lib.get("reinit_dead").check(_dead_problem("conv1", (4, 5)), target)
+    assert why is not None and "another tensor" in why, why
+    dead = _dead_problem("conv1", (2, 3))
+    rep = lib.get("reinit_dead")
+    assert rep.check(dead, target) is None
+    rep.apply(target, dead, rep.propose(dead, target))
+    ref, got = _f64(model, x), _f64(target.model, x)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-6
