@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from graphsurg._errors import BadInputError
 
-from .capture import _classify, _producer
+from .capture import classify_nodes, producer_of
 from .dynamo_sites import owner_path, placeholder_source, source_path
 
 if TYPE_CHECKING:
@@ -137,16 +137,10 @@ def _layer_module(node: fx.Node, param_names: dict[str, str]) -> str:
     return owner_path(node)
 
 
-def _act_producer(gm: fx.GraphModule | None, node: fx.Node, param_names: dict[str, str]) -> str:
+def _act_producer(gm: fx.GraphModule | None, node: fx.Node, param_names: dict[str, str],
+                  kinds: dict[fx.Node, Any] | None) -> str:
     """Producer module of an activation node (the layer whose units it activates)."""
-    kinds: dict[fx.Node, Any] = {}
-    cur: Any = node.args[0] if node.args else None
-    for _ in range(8):  # fill kinds along the producer chain only
-        if not isinstance(cur, fx.Node):
-            break
-        kinds[cur] = _classify(gm, cur) if gm is not None else None  # type: ignore[arg-type]
-        cur = cur.args[0] if cur.args else None
-    prod = _producer(node, kinds)
+    prod = producer_of(gm, node, kinds) if gm is not None else None
     if prod is not None:
         return _layer_module(prod, param_names)
     arg = node.args[0] if node.args else None
@@ -164,6 +158,7 @@ def rewrite_graph(graph: fx.Graph, swaps: list[Swap], *, gm: fx.GraphModule | No
     """
     names = param_names or {}
     by_module = {s.module: s for s in swaps}
+    kinds = classify_nodes(gm) if gm is not None else None
     applied: list[int] = []
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -171,7 +166,7 @@ def rewrite_graph(graph: fx.Graph, swaps: list[Swap], *, gm: fx.GraphModule | No
         is_aten = node.target in _ATEN_RELU
         if not (is_aten or node.target in _TORCH_RELU):
             continue
-        sw = by_module.get(_act_producer(gm, node, names))
+        sw = by_module.get(_act_producer(gm, node, names, kinds))
         if sw is None:
             continue
         x = node.args[0]

@@ -675,6 +675,23 @@ def _walk_back(start: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None],
 _WALK = 12
 
 
+def classify_nodes(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str] | None]:
+    """Every node's class (see :func:`_classify`), for :func:`producer_of`."""
+    return {n: _classify(gm, n) for n in gm.graph.nodes}
+
+
+def producer_of(gm: fx.GraphModule, node: fx.Node,
+                kinds: dict[fx.Node, tuple[str, str] | None] | None = None) -> fx.Node | None:
+    """The layer node whose units the activation ``node`` activates (walking back through
+    transparent and layout ops), or None. ``kinds``: :func:`classify_nodes` of ``gm``
+    (computed when not given)."""
+    kinds = classify_nodes(gm) if kinds is None else kinds
+    start = node.args[0] if node.args else None
+    if not isinstance(start, fx.Node):
+        return None
+    return _walk_back(start, kinds, gm)[0]
+
+
 def _unit_axis(layer: fx.Node, axis: int, chain: list[fx.Node]) -> int | None:
     """The producer's unit axis carried forward through ``chain`` (nearest first) to the value
     at its head; -1 when it is the last axis, None when a layout op loses it."""
