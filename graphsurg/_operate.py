@@ -197,9 +197,7 @@ class SurgeryResult:
                 lines.append(f"  round {r['round']}: {r['outcome']}")
         # by module, not graph node: a rewrite renames later nodes (relu_2 -> relu_1)
         before = {(p.kind, p.site.module) for p in self.before.problems}
-        if self.guarantee.get("strict_subset") is not None:
-            pass
-        elif self.after is not None:
+        if self.after is not None:
             after = {(p.kind, p.site.module) for p in self.after.problems}
             lines.append(f"problems: {len(before)} before, {len(after)} after "
                          f"({len(before - after)} resolved)")
