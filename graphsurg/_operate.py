@@ -193,8 +193,8 @@ class SurgeryResult:
         if self.rounds:
             lines.append(f"closed loop: {len(self.rounds)} follow-up round(s); "
                          f"{self.diagnoses} extra diagnosis run(s)")
-            for r in self.rounds:
-                lines.append(f"  round {r['round']}: {r['outcome']}")
+            for rd in self.rounds:
+                lines.append(f"  round {rd['round']}: {rd.get('outcome', '')}")
         # by module, not graph node: a rewrite renames later nodes (relu_2 -> relu_1)
         before = {(p.kind, p.site.module) for p in self.before.problems}
         if self.after is not None:
@@ -877,14 +877,15 @@ class _Surgery:
         group = blame or kept
         if len(group) == 1:
             return group
-        assert self.loss_fn is not None
+        loss_fn = self.loss_fn
+        assert loss_fn is not None
         fixed = [s for s in kept if s not in group]
         rnd = self.cert.exact_tolerance
 
         def fails(sub: list[Schema]) -> bool:
             applied = self.build([s for s in kept if s in fixed or s in sub], measure=False)
             self.heal(applied)
-            lt = mean_loss(self.a.model, self.held, self.loss_fn, input_fn=self.input_fn)
+            lt = mean_loss(self.a.model, self.held, loss_fn, input_fn=self.input_fn)
             return not (math.isfinite(lt) and lt <= lu + allow + rnd * max(1.0, abs(lu)) and (
                 not self.cert.require_loss_not_above_input
                 or lt <= li + rnd * max(1.0, abs(li))))
