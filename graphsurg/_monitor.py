@@ -15,8 +15,10 @@ judgement (``graphsurg._diagnose.diagnosis_from``) of what was accumulated, with
 pass over the data.
 
 A monitor is the backend's :class:`~graphsurg.passes.fx.observe_compiled.MonitorSink`: the
-compiled graphs report to its public ``add_graph``, ``observer``, ``add_layer``,
-``record_weight`` and ``record_grad`` methods.
+compiled graphs register with its public ``add_graph``, ``observer`` and ``add_layer``
+methods and accumulate, batched across sites, in their ``GraphRecord``; the monitor merges
+the records into per-site statistics when they are read. ``Monitor.compile`` also monitors
+models torch cannot compile (DDP / FSDP2 on CPU) eagerly, and says so once.
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ class Monitor:
         self.graphs: list[GraphRecord] = []
         self._observers: dict[tuple[str, ...], Observer] = {}
         self._layers: dict[str, _Layer] = {}
-        self._grad_sq: dict[str, torch.Tensor] = {}
-        self._grad_steps: dict[str, int] = {}
+        self.notes: list[str] = []  # said once, repeated in every diagnosis
 
     # -- the sink the backend reports to (graphsurg.passes.fx.observe_compiled.MonitorSink) --
     def add_graph(self, record: GraphRecord) -> int:
@@ -103,19 +104,23 @@ class Monitor:
         if module not in self._layers:
             self._layers[module] = _Layer(kind, list(next_modules))
 
-    def record_weight(self, module: str, weight: torch.Tensor) -> None:
-        """The current weight of a layer, read on sampled calls (sink interface)."""
-        layer = self._layers.get(module)
-        if layer is not None:
-            layer.weight = weight
+    def compile(self, model: torch.nn.Module, *, inner: str | Any = "inductor",
+                **compile_kwargs: Any) -> Any:
+        """``torch.compile(model, backend="graphsurg", options={"monitor": self, "inner":
+        inner}, **compile_kwargs)``, falling back to eager monitoring where torch compiles
+        no graph of the model.
 
-    def record_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None:
-        """Add a squared gradient norm of ``layer``; ``step`` counts a measured step (sink
-        interface)."""
-        prev = self._grad_sq.get(layer)
-        self._grad_sq[layer] = sq if prev is None else prev + sq
-        if step:
-            self._grad_steps[layer] = self._grad_steps.get(layer, 0) + 1
+        A DDP- or FSDP2-wrapped model on CPU/gloo compiles no graph today (Dynamo breaks
+        inside the wrapper's forward): after the first call finds that, the returned
+        callable runs the model eagerly with module hooks on sampled calls (statistics
+        batched as in the compiled path; gradients read after the wrapper's reduction) and
+        warns once. The first call, which found it out, is not measured.
+        """
+        from graphsurg.passes.fx.observe_eager import CompiledOrEager
+
+        compiled = torch.compile(model, backend="graphsurg",
+                                 options={"monitor": self, "inner": inner}, **compile_kwargs)
+        return CompiledOrEager(self, model, compiled)
 
     # -- public ----------------------------------------------------------------------------
     @property
@@ -138,6 +143,7 @@ class Monitor:
         """Accumulated activation statistics per site address (``module:node``)."""
         from ._problems import Site
 
+        self._sync()
         out = {}
         for o in self._observers.values():
             if o.stats is not None:
@@ -152,38 +158,73 @@ class Monitor:
     def reset(self) -> None:
         """Forget the statistics (the compiled graphs stay compiled)."""
         for o in self._observers.values():
-            o.stats = None
-            o.sat_stats = None
-            o._sample = []
-            o._sampled = 0
-            o.error = None
-            o.enabled = True
-        self._grad_sq.clear()
-        self._grad_steps.clear()
+            o.reset()
         for r in self.graphs:
-            r.sampled = 0
+            r.reset()
+
+    def _sync(self) -> None:
+        """Fill each observer from the packed statistics of every graph that measured it
+        (read time: one slice per site and graph, then an exact merge)."""
+        from graphsurg.kernels import merge_packed, packed_to_stats, stats_to_packed
+
+        merged: dict[int, tuple[list[NeuronStats], list[NeuronStats], list[torch.Tensor]]] = {}
+        for r in self.graphs:
+            for o, st, sat, rows in r.site_stats():
+                slot = merged.setdefault(id(o), ([], [], []))
+                if st is not None:
+                    slot[0].append(st)
+                if sat is not None:
+                    slot[1].append(sat)
+                if rows is not None:
+                    slot[2].append(rows)
+
+        def fold(parts: list[NeuronStats]) -> NeuronStats | None:
+            if len(parts) <= 1:
+                return parts[0] if parts else None
+            p = None
+            for st in parts:
+                p = merge_packed(p, stats_to_packed(st))
+            assert p is not None
+            return packed_to_stats(p, parts[0].mean.dtype, parts[0].sat_threshold)
+
+        for o in self._observers.values():
+            slot = merged.get(id(o), ([], [], []))
+            o.stats = fold(slot[0])
+            o.sat_stats = fold(slot[1])
+            o.set_sample(torch.cat(slot[2]) if slot[2] else None)
+        for r in self.graphs:
+            for module, w in r.weights.items():
+                layer = self._layers.get(module)
+                if layer is not None:
+                    layer.weight = w
+
+    def _grad_totals(self) -> dict[str, tuple[float, int, bool]]:
+        out: dict[str, tuple[float, int, bool]] = {}
+        for r in self.graphs:
+            for layer, (sq, n, sharded) in r.grad_totals().items():
+                v, k, sh = out.get(layer, (0.0, 0, False))
+                out[layer] = (v + float(sq), k + n, sh or sharded)
+        return out
 
     def _grad_means(self) -> dict[str, float]:
-        out = {}
-        for layer, v in self._grad_sq.items():
-            n = self._grad_steps.get(layer, 0)
-            if n:
-                out[layer] = float(v) / n
-        return out
+        return {k: v / n for k, (v, n, _) in self._grad_totals().items() if n}
 
     def diagnose(self, *, group: object | None = None) -> Diagnosis:
         """Run graphsurg's detectors on the statistics accumulated so far.
 
         No data is run through the model. Under an initialised ``torch.distributed`` process
-        group (``group``; default: the world), statistics are merged across ranks first
-        (:meth:`NeuronStats.all_reduce`; gradient norms averaged; the rank-0 row samples
-        broadcast), so every rank gets the same diagnosis. Collective: call it on every rank.
-        The monitor's own statistics are left as they were (call :meth:`reset` to restart).
+        group (``group``; default: the world), statistics are merged across ranks first (one
+        all-gather of every site's packed statistics, merged exactly; squared gradient norms
+        of sharded parameters summed across ranks -- the shards add up to the whole --, of
+        replicated ones averaged; the rank-0 row samples broadcast), so every rank gets the
+        same diagnosis. Collective: call it on every rank. The monitor's own statistics are
+        left as they were (call :meth:`reset` to restart).
         """
         from graphsurg.passes.fx.instrument import measurements_from
 
         from ._diagnose import diagnosis_from
 
+        self._sync()
         observers = list(self._observers.values())
         grad_means = self._grad_means()
         notes = [f"measured under torch.compile by the graphsurg backend: {self.sampled} of "
@@ -193,14 +234,18 @@ class Monitor:
                          "recompilations); the monitor observed all of them")
         for b in self.graph_breaks:
             notes.append(f"graph break: {b}")
+        notes.extend(self.notes)
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            observers, grad_means = _all_reduce(observers, grad_means, group)
+        layers_w = {m: lay.weight for m, lay in self._layers.items() if lay.weight is not None}
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            observers, grad_means = _all_reduce(observers, self._grad_totals(), group)
+            layers_w = {m: _full(w) for m, w in sorted(layers_w.items())}
             notes.append(f"statistics merged across {dist.get_world_size(group)} ranks")  # type: ignore[arg-type]
         nonfinite = {k for k, v in grad_means.items() if not math.isfinite(v)}
-        layers = [(m, lay.kind, lay.weight.detach(), lay.next_modules)
-                  for m, lay in self._layers.items() if lay.weight is not None]
+        layers = [(m, lay.kind, layers_w[m].detach(), lay.next_modules)
+                  for m, lay in self._layers.items() if m in layers_w]
         gradients = bool(grad_means)
         # grad_means are already means over measured steps: one "batch" each
         m = measurements_from(observers, layers, grad_sq=grad_means, grad_nonfinite=nonfinite,
@@ -216,34 +261,59 @@ class Monitor:
                 f"sites={len(self._observers)}, sampled={self.sampled}/{self.calls})")
 
 
-def _all_reduce(observers: list[Observer], grad_means: dict[str, float], group: object | None
-                ) -> tuple[list[Observer], dict[str, float]]:
-    """Copies of the observers with rank-merged statistics, and rank-averaged grad means."""
+def _full(w: torch.Tensor) -> torch.Tensor:
+    """A whole weight from a sharded one (a DTensor: all-gathered, collective)."""
+    full = getattr(w, "full_tensor", None)
+    return full() if callable(full) else w
+
+
+def _all_reduce(observers: list[Observer], grads: dict[str, tuple[float, int, bool]],
+                group: object | None) -> tuple[list[Observer], dict[str, float]]:
+    """Copies of the observers with rank-merged statistics (one all-gather for every site),
+    and rank-merged gradient means: sharded layers' squared norms summed over ranks,
+    replicated ones averaged."""
     import torch.distributed as dist
 
+    from graphsurg.kernels import all_reduce_packed, packed_to_stats, stats_to_packed
     from graphsurg.passes.fx.instrument import Observer
 
+    world = dist.get_world_size(group)  # type: ignore[arg-type]
+    # every rank must pack the same columns: widths agreed through the sites' keys
+    parts: list[tuple[int, str, NeuronStats]] = []
+    for i, o in enumerate(observers):
+        for kind, s in (("stats", o.stats), ("sat", o.sat_stats)):
+            if s is not None:
+                parts.append((i, kind, s))
     merged: list[Observer] = []
     for o in observers:
         c = Observer(o.site, saturation_margin=o.margin, sample_rows=o.sample_rows)
         c.error = o.error
-        if o.stats is not None:
-            c.stats = o.stats.to(o.stats.mean.device).all_reduce(group)
-        if o.sat_stats is not None:
-            c.sat_stats = o.sat_stats.to(o.sat_stats.mean.device).all_reduce(group)
-        sample = [o.sample()]
-        dist.broadcast_object_list(sample, src=0, group=group)  # type: ignore[arg-type]
-        if sample[0] is not None:
-            c._sample = [sample[0]]
-            c._sampled = int(sample[0].shape[0])
         merged.append(c)
-    keys = sorted(grad_means)
-    world = dist.get_world_size(group)  # type: ignore[arg-type]
+    if parts:
+        packed = torch.cat([stats_to_packed(s.to("cpu")) for _, _, s in parts], dim=1)
+        packed = all_reduce_packed(packed, group)
+        off = 0
+        for i, kind, s in parts:
+            cols = packed[:, off: off + s.channels]
+            off += s.channels
+            setattr(merged[i], "stats" if kind == "stats" else "sat_stats",
+                    packed_to_stats(cols, s.mean.dtype, s.sat_threshold))
+    samples = [[o.sample() for o in observers]]
+    dist.broadcast_object_list(samples, src=0, group=group)  # type: ignore[arg-type]
+    for c, rows in zip(merged, samples[0], strict=True):
+        c.set_sample(rows)
+    keys = sorted(grads)
+    means: dict[str, float] = {}
     if keys:
-        t = torch.tensor([grad_means[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([[grads[k][0], grads[k][1]] for k in keys], dtype=torch.float64)
         dist.all_reduce(t, group=group)  # type: ignore[arg-type]
-        grad_means = {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
-    return merged, grad_means
+        for k, (sq, n) in zip(keys, t.tolist(), strict=True):
+            steps = n / world  # every rank measures the same steps
+            if steps:
+                # sharded: the shards' squared norms add up to the parameter's; replicated
+                # (DDP): every rank holds the same reduced gradient, so average the ranks
+                means[k] = (sq if grads[k][2] else sq / world) / steps
+    return merged, means
 
 
 __all__ = ["Monitor"]

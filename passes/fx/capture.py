@@ -310,14 +310,27 @@ _MATMUL = {aten.mm.default, aten.matmul.default, torch.mm, torch.matmul, operato
 _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 
 
+def _is_param_node(n: fx.Node) -> bool:
+    """A ``get_attr`` node, or a Dynamo graph's parameter placeholder (its ``grapharg``
+    source reads ``..._parameters[...]``: Dynamo passes parameters as graph inputs)."""
+    if n.op == "get_attr":
+        return True
+    if n.op != "placeholder":
+        return False
+    src = getattr(n.meta.get("grapharg"), "source", None)
+    name = getattr(src, "name", None)
+    name = name() if callable(name) else name
+    return name is not None and "_parameters" in str(name)
+
+
 def _param(w: Any) -> tuple[fx.Node, bool] | None:
     """``(get_attr node, transposed)`` when ``w`` is a parameter or one transpose of it."""
     if not isinstance(w, fx.Node):
         return None
-    if w.op == "get_attr":
+    if _is_param_node(w):
         return w, False
     inner = w.args[0] if w.args else None
-    if not (isinstance(inner, fx.Node) and inner.op == "get_attr"):
+    if not (isinstance(inner, fx.Node) and _is_param_node(inner)):
         return None
     if w.op == "call_function" and w.target is getattr and w.args[1:] in (("T",), ("mT",)):
         return inner, True

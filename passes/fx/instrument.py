@@ -78,6 +78,23 @@ class Observer(nn.Module):
     def sample(self) -> torch.Tensor | None:
         return torch.cat(self._sample) if self._sample else None
 
+    def reset(self) -> None:
+        """Forget the statistics, the row sample and a stopping error (measure again)."""
+        self.stats = None
+        self.sat_stats = None
+        self._sample = []
+        self._sampled = 0
+        self.error = None
+        self.enabled = True
+
+    def set_sample(self, rows: torch.Tensor | None) -> None:
+        """Replace the row sample with ``rows`` (``(n, C)``; at most ``sample_rows`` kept)."""
+        if rows is None or rows.numel() == 0:
+            self._sample, self._sampled = [], 0
+            return
+        rows = rows[: self.sample_rows]
+        self._sample, self._sampled = [rows], int(rows.shape[0])
+
     def saturated_fraction(self) -> torch.Tensor | None:
         src = self.sat_stats if self._centre != 0.0 else self.stats
         if src is None or src.sat_threshold is None:

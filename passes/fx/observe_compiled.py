@@ -1,17 +1,24 @@
-"""Monitor one Dynamo graph: observed outputs in the forward, gradient norms in the backward.
+"""Monitor one Dynamo graph: statistics of every site in one batch, gradient norms in one call.
 
 The backend compiles two variants of each Dynamo graph with the inner backend:
 
 * the *plain* graph, unchanged -- what every skipped call runs, so a skipped call costs a
   counter increment and nothing else;
-* the *observed* graph, which returns, next to the real outputs, a detached alias of every
-  observed activation (no copy, no extra compute in the graph; the inner backend still fuses
-  everything as before). On a sampled call the wrapper feeds those tensors to graphsurg's
-  :class:`~graphsurg.passes.fx.instrument.Observer` -- the same observer ``gs.diagnose`` uses,
-  so the statistics are the same (``neuron_stats``: Triton on GPU, the C kernel on CPU) -- and
-  registers one-shot gradient hooks on the graph's parameter inputs; each hook reduces the
-  parameter's gradient with :func:`graphsurg.kernels.grad_sq_norms` when backward reaches it
-  and removes itself.
+* the *observed* graph. With ``inner="inductor"`` (or CUDA inputs) it computes every site's
+  raw sums *inside the graph* (:func:`graphsurg.kernels.partial_sums`, plain torch ops after
+  the producer, so inductor fuses them with it) and returns them for all sites as one extra
+  ``(9, sum of widths)`` output; with other inner backends on CPU it returns a detached alias
+  of each site (no copy) and the wrapper reduces all of them in one batched call of the C
+  kernel (:func:`graphsurg.kernels.partial_sums_many`).
+
+Either way a sampled call then folds the sums of every site into the graph's packed
+statistics with one exact Chan merge (:func:`graphsurg.kernels.merge_packed`), and arms one
+hook on the compiled function's backward node: when backward has produced the gradients of
+every parameter of the graph, the hook reduces them all in one multi-tensor call
+(:func:`graphsurg.kernels.multi_grad_sq_norms`) and adds them per layer with one
+``index_add``. (Where the inner backend leaves no such node -- ``inner="eager"`` -- one-shot
+gradient hooks per parameter do the same.) Per-site :class:`NeuronStats` are built only when
+someone reads them (:meth:`GraphRecord.site_stats`).
 
 Statistics stay on the device; nothing is synchronised with the host on a sampled step
 except the bounded row sample each site keeps for the effective rank.
@@ -25,7 +32,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
-from graphsurg.kernels import grad_sq_norms
+from graphsurg.kernels import (
+    NeuronStats,
+    merge_packed,
+    multi_grad_sq_norms,
+    packed_from_sums,
+    packed_to_stats,
+    partial_sums,
+    partial_sums_many,
+)
 
 from .dynamo_sites import DynamoSites, find_dynamo_sites
 from .instrument import Observer
@@ -40,8 +55,9 @@ class MonitorSink(Protocol):
     ``graphsurg.Monitor`` implements it; the backend accepts any object that does
     (``options={"monitor": sink}``). :func:`monitor_graph` calls, per compiled graph,
     :meth:`add_graph` once, :meth:`observer` per activation site and :meth:`add_layer` per
-    parametrised layer; on each sampled call the wrapper feeds the observers and calls
-    :meth:`record_weight`, and the backward calls :meth:`record_grad`.
+    parametrised layer. What the graph measures accumulates in its :class:`GraphRecord`
+    (on the device, batched across sites); read it with :meth:`GraphRecord.site_stats`,
+    :meth:`GraphRecord.grad_totals` and :attr:`GraphRecord.weights`.
 
     Attributes:
         every: measure one call in ``every`` of each graph (read on every call).
@@ -58,26 +74,38 @@ class MonitorSink(Protocol):
     def observer(self, key: tuple[str, ...], site: Any) -> Observer:
         """The :class:`Observer` of the activation site ``site`` (a ``DynamoSite``).
         ``key`` (:func:`site_key`) is the same for the site in every recompilation of the
-        graph: return the same observer for the same key so statistics accumulate."""
+        graph: return the same observer for the same key, so the records' statistics of one
+        site can be merged into it when read."""
         ...
 
     def add_layer(self, module: str, kind: str, next_modules: list[str]) -> None:
         """A parametrised layer (``kind`` "linear"/"conv") and the layers reading it."""
         ...
 
-    def record_weight(self, module: str, weight: torch.Tensor) -> None:
-        """The current weight of ``module`` (a live parameter: do not modify it)."""
-        ...
 
-    def record_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None:
-        """The squared gradient norm ``sq`` (0-d, on the device) of one parameter of
-        ``layer`` on a sampled step; ``step`` is True once per layer and step (its weight)."""
-        ...
+@dataclass
+class Segment:
+    """The columns of one site (or of its centred copy, for saturation) in packed statistics."""
+
+    observer: int  # index into GraphRecord.observers
+    sat: bool  # True: statistics of (x - centre), read only for the saturated fraction
+    offset: int
+    width: int
+    channel_dim: int
+    sat_threshold: float | None
+    centre: float
+    dtype: torch.dtype  # accumulation dtype of the site's statistics
 
 
 @dataclass
 class GraphRecord:
-    """One Dynamo graph the monitor watches."""
+    """One graph the monitor watches and what it accumulated (on the device).
+
+    ``stats`` is the packed ``(8, C_total)`` float64 statistics of every site
+    (:data:`graphsurg.kernels.PACKED_ROWS`, columns per :class:`Segment`); ``grad_sq`` /
+    ``grad_steps`` hold, per entry of ``layers``, the summed squared gradient norm and the
+    number of measured steps.
+    """
 
     index: int  # its place among the sink's graphs (set by MonitorSink.add_graph)
     sites: DynamoSites
@@ -86,12 +114,123 @@ class GraphRecord:
     calls: int = 0
     sampled: int = 0
     pending: list[Any] = field(default_factory=list)  # gradient hooks not fired yet
+    segments: list[Segment] = field(default_factory=list)
+    stats: torch.Tensor | None = None
+    rows: list[list[torch.Tensor]] = field(default_factory=list)
+    rows_taken: list[int] = field(default_factory=list)
+    rows_needed: bool = True
+    layers: list[str] = field(default_factory=list)
+    grad_sq: torch.Tensor | None = None
+    grad_steps: torch.Tensor | None = None
+    grad_sharded: list[bool] = field(default_factory=list)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def accumulate(self, sums: torch.Tensor) -> None:
+        """Fold the ``(9, C_total)`` raw sums of one call into :attr:`stats` (one merge)."""
+        self.stats = merge_packed(self.stats, packed_from_sums(sums))
+
+    def add_grads(self, sq: torch.Tensor, layer_index: torch.Tensor,
+                  step_mask: torch.Tensor) -> None:
+        """Add squared norms ``sq`` (one per gradient) to their layers ``layer_index``."""
+        n = len(self.layers)
+        if self.grad_sq is None or self.grad_sq.device != sq.device:
+            self.grad_sq = torch.zeros(n, dtype=torch.float64, device=sq.device)
+            self.grad_steps = torch.zeros(n, dtype=torch.int64, device=sq.device)
+        assert self.grad_steps is not None
+        self.grad_sq.index_add_(0, layer_index, sq)
+        self.grad_steps += step_mask
+
+    def take_rows(self, acts: Sequence[Any]) -> None:
+        """Keep up to ``sample_rows`` rows of each site (for the effective rank)."""
+        more = False
+        for i, (o, x) in enumerate(zip(self.observers, acts, strict=True)):
+            left = o.sample_rows - self.rows_taken[i]
+            if left <= 0 or not isinstance(x, torch.Tensor) or x.dim() < 1:
+                continue
+            cd = o.site.channel_dim if x.dim() > 1 else -1
+            r = x.detach().movedim(cd, -1).reshape(-1, x.shape[cd])[:left].float().cpu()
+            self.rows[i].append(r)
+            self.rows_taken[i] += int(r.shape[0])
+            more = more or self.rows_taken[i] < o.sample_rows
+        self.rows_needed = more
+
+    def site_stats(self) -> list[tuple[Observer, NeuronStats | None, NeuronStats | None,
+                                       torch.Tensor | None]]:
+        """Per observer: its statistics, the statistics of ``x - centre`` (saturating sites
+        off zero), and its row sample -- built from the packed statistics (read time)."""
+        out: dict[int, list[Any]] = {i: [o, None, None, None]
+                                     for i, o in enumerate(self.observers)}
+        if self.stats is not None:
+            for seg in self.segments:
+                cols = self.stats[:, seg.offset: seg.offset + seg.width]
+                s = packed_to_stats(cols, seg.dtype, seg.sat_threshold)
+                out[seg.observer][2 if seg.sat else 1] = s
+        for i, rows in enumerate(self.rows):
+            if rows:
+                out[i][3] = torch.cat(rows)
+        return [tuple(v) for v in out.values()]  # type: ignore[misc]
+
+    def grad_totals(self) -> dict[str, tuple[torch.Tensor, int, bool]]:
+        """Per layer: summed squared gradient norm (0-d float64), measured steps, and
+        whether its gradients were shards of a sharded parameter (sum across ranks)."""
+        if self.grad_sq is None or self.grad_steps is None:
+            return {}
+        steps = self.grad_steps.tolist()
+        sharded = self.grad_sharded or [False] * len(self.layers)
+        return {layer: (self.grad_sq[i], int(steps[i]), sharded[i])
+                for i, layer in enumerate(self.layers) if steps[i]}
+
+    def reset(self) -> None:
+        self.sampled = 0
+        self.stats = None
+        self.rows = [[] for _ in self.observers]
+        self.rows_taken = [0] * len(self.observers)
+        self.rows_needed = any(o.sample_rows > 0 for o in self.observers)
+        self.grad_sq = None
+        self.grad_steps = None
 
 
-def observed_graph(gm: fx.GraphModule, nodes: Sequence[str]) -> tuple[fx.GraphModule, int]:
+def site_segments(observers: Sequence[Observer], examples: Sequence[Any]
+                  ) -> tuple[list[Segment], list[int]]:
+    """The packed columns of each observed site, and the indices of the sites measured
+    (floating-point values with at least one dimension and a known width)."""
+    from graphsurg.kernels._stats import acc_dtype
+
+    segs: list[Segment] = []
+    used: list[int] = []
+    off = 0
+    for i, (o, ev) in enumerate(zip(observers, examples, strict=True)):
+        if not isinstance(ev, torch.Tensor) or not ev.is_floating_point() or ev.dim() == 0:
+            continue
+        cd = (o.site.channel_dim if ev.dim() > 1 else -1) % ev.dim()
+        width = ev.shape[cd]
+        if not isinstance(width, int) or width <= 0:
+            continue
+        centre, thr = o.saturation if o.saturation is not None else (0.0, None)
+        dt = acc_dtype(ev.dtype)
+        segs.append(Segment(i, False, off, width, cd, thr if centre == 0.0 else None, 0.0, dt))
+        off += width
+        if centre != 0.0 and thr is not None:
+            segs.append(Segment(i, True, off, width, cd, thr, centre, dt))
+            off += width
+        used.append(i)
+    return segs, used
+
+
+def _site_sums(x: torch.Tensor, centre: float, channel_dim: int, sat_threshold: float | None
+               ) -> torch.Tensor:
+    x = x.detach()
+    return partial_sums(x - centre if centre != 0.0 else x, channel_dim, sat_threshold)
+
+
+def observed_graph(gm: fx.GraphModule, nodes: Sequence[str],
+                   segments: Sequence[Segment] | None = None) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` that also returns a detached alias of each node in ``nodes``.
 
-    Returns the new graph module and the number of original outputs. ``gm`` is unchanged.
+    With ``segments``, it first returns one more output: the ``(9, C_total)`` raw sums of
+    every segment (:func:`graphsurg.kernels.partial_sums`, computed in the graph), then the
+    aliases. Returns the new graph module and the number of original outputs (-1: a single
+    non-tuple output). ``gm`` is unchanged.
     """
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
@@ -100,10 +239,14 @@ def observed_graph(gm: fx.GraphModule, nodes: Sequence[str]) -> tuple[fx.GraphMo
     orig = out[0]  # the copied output value; the output node itself is not copied
     by_name = {n.name: n for n in gm.graph.nodes}
     extra: list[fx.Node] = []
+    if segments:
+        parts = [graph.call_function(
+            _site_sums, (val_map[by_name[nodes[s.observer]]], s.centre if s.sat else 0.0,
+                         s.channel_dim, s.sat_threshold))
+                 for s in segments]
+        extra.append(graph.call_function(torch.cat, (parts,), {"dim": 1}))
     for name in nodes:
         src = val_map[by_name[name]]
-        # insert right before the output so the alias does not extend anything's lifetime
-        # inside the graph beyond the end of the forward
         d = graph.call_function(torch.ops.aten.detach.default, (src,))
         ev = src.meta.get("example_value")
         if isinstance(ev, torch.Tensor):
@@ -151,21 +294,46 @@ def site_key(site: Any) -> tuple[str, ...]:
     return (site.module, site.producer, site.op, site.node)
 
 
+def _backward_node(out: Any, n_args: int) -> Any:
+    """The autograd node of the compiled function that produced ``out``, when it takes the
+    graph's inputs one for one (aot_autograd's ``CompiledFunctionBackward``), else None."""
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+            node = t.grad_fn
+            if type(node).__name__ == "CompiledFunctionBackward" and \
+                    len(node.next_functions) == n_args:
+                return node
+            return None
+    return None
+
+
 class MonitoredCall:
     """The callable the backend hands back to Dynamo for one graph."""
 
     def __init__(self, sink: MonitorSink, record: GraphRecord, plain: CompiledFn | None,
                  observed: CompiledFn, n_out: int, n_extra: int, param_layer: dict[int, str],
-                 weight_index: dict[str, int]) -> None:
+                 weight_index: dict[str, int], *, in_graph: bool = False) -> None:
         self.sink = sink
         self.record = record
         self.plain = plain
         self.observed = observed
         self.n_out = n_out
         self.n_extra = n_extra
-        self.param_layer = param_layer
+        self.in_graph = in_graph
         self.weight_index = weight_index
-        self.weight_params = set(weight_index.values())
+        record.layers = sorted(set(param_layer.values()), key=list(param_layer.values()).index)
+        pos = {layer: i for i, layer in enumerate(record.layers)}
+        weight_params = set(weight_index.values())
+        self.param_idx = list(param_layer)
+        self.param_pos = torch.tensor([pos[param_layer[i]] for i in self.param_idx],
+                                      dtype=torch.int64)
+        steps = torch.zeros(len(record.layers), dtype=torch.int64)
+        for i in self.param_idx:
+            if i in weight_params:
+                steps[pos[param_layer[i]]] = 1
+        self.step_mask = steps
+        self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        record.reset()
 
     def __call__(self, *args: Any) -> Any:
         rec = self.record
@@ -180,46 +348,111 @@ class MonitoredCall:
         rec = self.record
         rec.sampled += 1
         out = _call(self.observed, args)
-        acts: Sequence[Any]
+        extra: Sequence[Any]
         if not self.n_extra:
-            real, acts = out, ()
+            real, extra = out, ()
         elif self.n_out < 0:
-            real, acts = out[0], out[1:]
+            real, extra = out[0], out[1:]
         else:
-            real, acts = out[: self.n_out], out[self.n_out:]
-        for obs, a in zip(rec.observers, acts, strict=True):
-            obs(a)
-        for module, i in self.weight_index.items():
-            self.sink.record_weight(module, args[i])
+            real, extra = out[: self.n_out], out[self.n_out:]
+        if rec.segments:
+            if self.in_graph:
+                rec.accumulate(extra[0])
+                acts = extra[1:]
+            else:
+                acts = extra
+                xs = [acts[s.observer].detach() - s.centre if s.sat else acts[s.observer]
+                      for s in rec.segments]
+                rec.accumulate(partial_sums_many(
+                    xs, [s.channel_dim for s in rec.segments],
+                    [s.sat_threshold for s in rec.segments]))
+            if rec.rows_needed:
+                rec.take_rows(acts)
+        rec.weights = {m: args[i] for m, i in self.weight_index.items()}
         for h in rec.pending:
             h.remove()
         rec.pending.clear()
-        if torch.is_grad_enabled():
-            for i, layer in self.param_layer.items():
-                p = args[i]
-                if isinstance(p, torch.Tensor) and p.requires_grad:
-                    rec.pending.append(self._arm(p, layer, i in self.weight_params))
+        if self.param_idx and torch.is_grad_enabled():
+            self._arm(real, args)
         return real
 
-    def _arm(self, p: torch.Tensor, layer: str, step: bool) -> Any:
-        sink = self.sink
-        box: list[Any] = []
+    def _layer_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._dev.get(device)
+        if t is None:
+            t = self._dev[device] = (self.param_pos.to(device), self.step_mask.to(device))
+        return t
 
-        def hook(g: torch.Tensor) -> None:
-            sink.record_grad(layer, grad_sq_norms([g.detach()])[0], step)
-            box[0].remove()  # one-shot: the next sampled call arms it again
-            return None
+    def _reduce(self, grads: Sequence[Any]) -> None:
+        """Squared norms of this step's parameter gradients (``grads[j]`` of parameter
+        ``param_idx[j]``, None where none arrived), in one multi-tensor call."""
+        have = [j for j, g in enumerate(grads) if g is not None]
+        if not have:
+            return
+        gs = [grads[j] for j in have]
+        sq = multi_grad_sq_norms(gs)
+        pos, steps = self._layer_tensors(sq.device)
+        if len(have) != len(grads):
+            sel = torch.tensor(have, dtype=torch.int64, device=sq.device)
+            pos = pos.index_select(0, sel)
+            steps = torch.zeros_like(steps)
+            steps[pos] = self.step_mask.to(sq.device).index_select(0, pos)
+        self.record.add_grads(sq, pos, steps)
 
-        h = p.register_hook(hook)
-        box.append(h)
-        return h
+    def _arm(self, out: Any, args: Sequence[Any]) -> None:
+        rec = self.record
+        if not any(isinstance(args[i], torch.Tensor) and args[i].requires_grad
+                   for i in self.param_idx):
+            return
+        node = _backward_node(out, len(args))
+        idx = self.param_idx
+        if node is not None:
+            box: list[Any] = []
+
+            def post(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+                box[0].remove()  # one-shot: the next sampled call arms it again
+                self._reduce([grad_inputs[i] for i in idx])
+
+            h = node.register_hook(post)
+            box.append(h)
+            rec.pending.append(h)
+            return
+        # no compiled backward node (inner="eager"): one-shot hooks, reduced when all fired
+        got: list[Any] = [None] * len(idx)
+        live = [j for j, i in enumerate(idx)
+                if isinstance(args[i], torch.Tensor) and args[i].requires_grad]
+        left = [len(live)]
+        for j in live:
+            p = args[idx[j]]
+            box2: list[Any] = []
+
+            def hook(g: torch.Tensor, j: int = j, box2: list[Any] = box2) -> None:
+                box2[0].remove()
+                got[j] = g.detach()
+                left[0] -= 1
+                if left[0] == 0:
+                    self._reduce(got)
+
+            h = p.register_hook(hook)
+            box2.append(h)
+            rec.pending.append(h)
+
+
+def _in_graph(inner: Any, example_inputs: Sequence[Any]) -> bool:
+    """Statistics inside the graph where a fusing compiler lowers it (inductor) or the data
+    is on a GPU; on CPU with other inner backends the batched C kernel reads the aliases."""
+    if inner is None or inner == "inductor" or getattr(inner, "__name__", "") == "inductor":
+        return True
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
 def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequence[Any],
-                  inner: Callable[[fx.GraphModule, Sequence[Any]], CompiledFn]
-                  ) -> tuple[CompiledFn, GraphRecord]:
+                  inner: Callable[[fx.GraphModule, Sequence[Any]], CompiledFn], *,
+                  in_graph: bool | None = None) -> tuple[CompiledFn, GraphRecord]:
     """Compile ``gm`` with ``inner`` twice (plain and observed), wrap both for ``sink`` and
-    register the graph with it (:meth:`MonitorSink.add_graph`). ``gm`` is not modified."""
+    register the graph with it (:meth:`MonitorSink.add_graph`). ``gm`` is not modified.
+
+    ``in_graph``: compute the statistics inside the observed graph (default: with inductor
+    or CUDA inputs, see :func:`_in_graph`)."""
     sites = find_dynamo_sites(gm)
     observers = [sink.observer(site_key(s), s) for s in sites.acts]
     for ls in sites.layers:
@@ -233,7 +466,10 @@ def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequenc
             fr = stack[-1]
             where = f" at {fr.filename}:{fr.lineno}"
         break_reason = f"{str(reason.reason).splitlines()[0]}{where}"
-    record = GraphRecord(-1, sites, observers, break_reason)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    examples = [by_name[s.node].meta.get("example_value") for s in sites.acts]
+    segments, _ = site_segments(observers, examples)
+    record = GraphRecord(-1, sites, observers, break_reason, segments=segments)
     layer_modules = {ls.module for ls in sites.layers}
     param_layer: dict[int, str] = {}
     for i, path in sites.params.items():
@@ -241,18 +477,22 @@ def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequenc
         if owner in layer_modules:
             param_layer[i] = owner
     weight_index = sites.weights
-    if not sites.acts:  # nothing to observe here: one compilation, hooks on sampled calls
+    graph_stats = _in_graph(inner, example_inputs) if in_graph is None else in_graph
+    if not sites.acts:  # nothing to observe here: one compilation, gradients on sampled calls
         fn = inner(gm, example_inputs)
         call = MonitoredCall(sink, record, fn, fn, 0, 0, param_layer, weight_index)
     else:
-        ogm, n_out = observed_graph(gm, [s.node for s in sites.acts])
+        nodes = [s.node for s in sites.acts]
+        use_graph = graph_stats and bool(segments)
+        ogm, n_out = observed_graph(gm, nodes, segments if use_graph else None)
         plain = inner(gm, example_inputs) if sink.every != 1 else None
         observed = inner(ogm, example_inputs)
-        call = MonitoredCall(sink, record, plain, observed, n_out, len(sites.acts),
-                             param_layer, weight_index)
+        call = MonitoredCall(sink, record, plain, observed, n_out,
+                             len(nodes) + (1 if use_graph else 0), param_layer, weight_index,
+                             in_graph=use_graph)
     record.index = sink.add_graph(record)
     return call, record
 
 
-__all__ = ["GraphRecord", "MonitorSink", "MonitoredCall", "monitor_graph", "observed_graph",
-           "site_key"]
+__all__ = ["GraphRecord", "MonitorSink", "MonitoredCall", "Segment", "monitor_graph",
+           "observed_graph", "site_key", "site_segments"]

@@ -116,6 +116,7 @@ def test_graph_break_both_graphs_observed_and_named() -> None:
         torch.testing.assert_close(c(x), model(x), atol=ATOL, rtol=RTOL)
         mse(c(x), (x, y)).backward()
     assert len(mon.graphs) == 2
+    mon.stats()  # per-site statistics are built from the graphs' packed ones when read
     ops = sorted(o.site.op for o in mon._observers.values() if o.stats is not None)
     assert ops == ["linear", "relu", "tanh"]  # relu before the break, tanh + head after
     assert set(mon.grad_norms()) == {"fc1", "fc2", "head"}
@@ -184,8 +185,6 @@ class RecordingSink:
         self.graphs: list[object] = []
         self.observers: dict[tuple[str, ...], Observer] = {}
         self.layers: dict[str, str] = {}
-        self.weights: dict[str, torch.Tensor] = {}
-        self.grads: dict[str, list[tuple[float, bool]]] = {}
 
     def add_graph(self, record: object) -> int:
         self.graphs.append(record)
@@ -198,12 +197,6 @@ class RecordingSink:
     def add_layer(self, module: str, kind: str, next_modules: list[str]) -> None:
         self.layers[module] = kind
 
-    def record_weight(self, module: str, weight: torch.Tensor) -> None:
-        self.weights[module] = weight
-
-    def record_grad(self, layer: str, sq: torch.Tensor, step: bool) -> None:
-        self.grads.setdefault(layer, []).append((float(sq), step))
-
 
 def test_a_sink_other_than_monitor_gets_the_public_reports() -> None:
     from graphsurg.passes.fx.observe_compiled import MonitorSink
@@ -214,18 +207,21 @@ def test_a_sink_other_than_monitor_gets_the_public_reports() -> None:
     c = torch.compile(model, backend="graphsurg", options={"monitor": sink, "inner": "eager"})
     x, y = batches(1)[0]
     mse(c(x), (x, y)).backward()
-    assert len(sink.graphs) == 1 and sink.graphs[0].index == 0  # type: ignore[attr-defined]
+    (rec,) = sink.graphs
+    assert rec.index == 0  # type: ignore[attr-defined]
     assert sink.layers == {"0": "linear", "2": "linear", "4": "linear"}
-    assert sorted(o.site.op for o in sink.observers.values()) == ["linear", "relu", "tanh"]
-    assert all(int(o.stats.count.max()) == 32 for o in sink.observers.values())
+    got = rec.site_stats()  # type: ignore[attr-defined]
+    assert sorted(o.site.op for o, *_ in got) == ["linear", "relu", "tanh"]
+    assert all(int(s.count.max()) == 32 for _, s, _, _ in got)
+    totals = rec.grad_totals()  # type: ignore[attr-defined]
     for path in ("0", "2", "4"):
         layer = model.get_submodule(path)
-        assert torch.equal(sink.weights[path], layer.weight)
-        # weight + bias, one step each; float32 sums of squares, so a float32 tolerance
+        assert rec.weights[path] is layer.weight  # type: ignore[attr-defined]
+        # weight + bias, one step; float32 sums of squares against float64: float32 tolerance
         want = sum(float(p.grad.double().square().sum()) for p in layer.parameters())
-        got = sink.grads[path]
-        assert sorted(s for _, s in got) == [False, True]
-        assert sum(v for v, _ in got) == pytest.approx(want, rel=1e-5)
+        sq, steps, sharded = totals[path]
+        assert steps == 1 and not sharded
+        assert float(sq) == pytest.approx(want, rel=1e-5)
 
 
 def test_an_object_that_is_not_a_sink_is_refused() -> None:

@@ -1,0 +1,267 @@
+"""Statistics of many activations at once, and their exact merge, as whole-tensor operations.
+
+What the compiled-graph monitor runs on a sampled call instead of one ``neuron_stats`` call,
+one Chan merge and one gradient reduction per site:
+
+* :func:`partial_sums` -- the raw per-channel sums of one activation (shifted by a pivot) as
+  plain torch ops, so it can be written *into* a graph: inductor fuses it with the producer,
+  and the sums of every site of a graph leave it as one ``(9, sum of widths)`` output;
+* :func:`partial_sums_many` -- the same sums for a list of CPU tensors in one batched call of
+  the C kernel (one thread-pool dispatch for every site, one reduction of the partial blocks);
+* :func:`packed_from_sums` and :func:`merge_packed` -- statistics of all sites packed side by
+  side in one ``(8, C_total)`` float64 tensor (rows :data:`PACKED_ROWS`), merged exactly
+  (Chan et al.) with a handful of tensor ops whatever the number of sites;
+* :func:`packed_to_stats` -- one site's :class:`NeuronStats` from its columns (read time);
+* :func:`all_reduce_packed` -- packed statistics merged across ranks with one all-gather;
+* :func:`multi_grad_sq_norms` -- squared norms of many tensors, one multi-tensor reduction
+  per dtype (the Triton multi-tensor kernel on CUDA, ``torch._foreach_norm`` on CPU).
+
+Sums rows (:func:`partial_sums`): sum d, sum d*d, sum|x|, max|x|, #(x <= 0), #(|x| >= thr),
+#non-finite, pivot, #finite, with ``d = x - pivot`` over finite values (the C kernel's seven
+rows plus the pivot and the count). Counts are exact in float64 below 2**53.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._stats import NeuronStats, acc_dtype
+
+#: rows of a packed statistics tensor (float64, one column per channel of every site)
+PACKED_ROWS = ("count", "mean", "m2", "abs_sum", "n_nonpos", "absmax", "n_nonfinite", "n_sat")
+SUM_ROWS = 9
+_MAX_ROW = 3
+_PART_ROWS = 256  # rows per C-kernel task at least (small inputs do not pay for threads)
+
+
+def partial_sums(x: torch.Tensor, channel_dim: int, sat_threshold: float | None
+                 ) -> torch.Tensor:
+    """The ``(9, C)`` float64 sums of ``x`` (see the module docstring), in torch ops only.
+
+    Traceable (make_fx / aot_autograd / inductor): the graph monitor inserts it into the
+    observed graph after each site. The pivot is the first reduced position of each channel
+    (0 where it is not finite); any pivot is exact, a close one keeps ``x + 1e4`` accurate.
+    """
+    cd = channel_dim % x.dim()
+    dims = [d for d in range(x.dim()) if d != cd]
+    acc = acc_dtype(x.dtype)
+    first = x
+    for d in sorted(dims, reverse=True):
+        first = first.select(d, 0)
+    first = first.to(acc)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    pivot = torch.where(torch.isfinite(first), first, zero)
+    shape = [1] * x.dim()
+    shape[cd] = -1
+    fin = torch.isfinite(x)
+    xa = x.to(acc)
+    d = torch.where(fin, xa - pivot.view(shape), zero)
+    a = torch.where(fin, xa.abs(), zero)
+    n_fin = fin.sum(dims)
+    n_nonfin = (~fin).sum(dims)
+    n_nonpos = (fin & (x <= 0)).sum(dims)
+    if sat_threshold is None:
+        n_sat = torch.zeros_like(n_fin)
+    else:
+        n_sat = (a >= sat_threshold).sum(dims)
+    f64 = torch.float64
+    return torch.stack([d.sum(dims).to(f64), (d * d).sum(dims).to(f64), a.sum(dims).to(f64),
+                        a.amax(dims).to(f64), n_nonpos.to(f64), n_sat.to(f64),
+                        n_nonfin.to(f64), pivot.to(f64), n_fin.to(f64)])
+
+
+def packed_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """``(9, C)`` sums -> ``(8, C)`` packed statistics (rows :data:`PACKED_ROWS`)."""
+    s1, s2, ab, mx, nonpos, sat, nonfin, pivot, count = sums.unbind(0)
+    c = count.clamp_min(1)
+    mean = pivot + s1 / c
+    m2 = (s2 - s1 * s1 / c).clamp_min(0)
+    return torch.stack([count, mean, m2, ab, nonpos, mx, nonfin, sat])
+
+
+def merge_packed(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """Exact (Chan) merge of two packed statistics tensors of the same columns."""
+    if a is None:
+        return b
+    na, nb = a[0], b[0]
+    n = na + nb
+    nn = n.clamp_min(1)
+    delta = b[1] - a[1]
+    out = a + b  # counts and sums add
+    out[1] = a[1] + delta * (nb / nn)
+    out[2] = a[2] + b[2] + delta * delta * (na * nb / nn)
+    out[5] = torch.maximum(a[5], b[5])
+    return out
+
+
+def packed_to_stats(p: torch.Tensor, dtype: torch.dtype, sat_threshold: float | None
+                    ) -> NeuronStats:
+    """One site's :class:`NeuronStats` from its ``(8, C)`` packed columns; moments in
+    ``dtype`` (the accumulation type), the float64 mean kept through ``mean_residual``."""
+    i64 = torch.int64
+    mean = p[1].to(dtype)
+    return NeuronStats(
+        count=p[0].to(i64), mean=mean, m2=p[2].to(dtype), abs_sum=p[3].to(dtype),
+        n_nonpos=p[4].to(i64), absmax=p[5].to(dtype), n_nonfinite=p[6].to(i64),
+        n_sat=p[7].to(i64) if sat_threshold is not None else torch.zeros_like(p[7], dtype=i64),
+        sat_threshold=sat_threshold, mean_residual=(p[1] - mean.to(torch.float64)).to(dtype))
+
+
+def stats_to_packed(s: NeuronStats) -> torch.Tensor:
+    """The ``(8, C)`` float64 packed form of ``s`` (exact mean through its residual)."""
+    f64 = torch.float64
+    return torch.stack([s.count.to(f64), s.exact_mean(), s.m2.to(f64), s.abs_sum.to(f64),
+                        s.n_nonpos.to(f64), s.absmax.to(f64), s.n_nonfinite.to(f64),
+                        s.n_sat.to(f64)])
+
+
+def all_reduce_packed(p: torch.Tensor, group: object | None = None) -> torch.Tensor:
+    """Packed statistics of the union of every rank's samples: one all-gather, merged in rank
+    order (every rank computes bit-identical results). Collective."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)  # type: ignore[arg-type]
+    gathered = [torch.empty_like(p) for _ in range(world)]
+    dist.all_gather(gathered, p.contiguous(), group=group)  # type: ignore[arg-type]
+    out: torch.Tensor | None = None
+    for g in gathered:
+        out = merge_packed(out, g)
+    assert out is not None
+    return out
+
+
+def _rows_view(x: torch.Tensor, cd: int) -> torch.Tensor | None:
+    """``x`` as ``(R, C)`` rows with unit channel stride, without a copy, or None."""
+    rows = x.movedim(cd, -1)
+    try:
+        v = rows.view(-1, x.shape[cd])
+    except RuntimeError:
+        return None
+    if v.stride(1) != 1 or v.shape[0] == 0:
+        return None
+    return v
+
+
+def partial_sums_many(xs: Sequence[torch.Tensor], channel_dims: Sequence[int],
+                      sat_thresholds: Sequence[float | None]) -> torch.Tensor:
+    """The ``(9, sum C)`` float64 sums of every tensor in ``xs`` side by side, in one batched
+    call of the CPU C kernel (every site's row blocks run as tasks of one thread-pool
+    dispatch) where every tensor is a float32 row layout; otherwise per tensor
+    (:func:`partial_sums`, or the C kernel's own layouts through ``raw_sums``)."""
+    from . import _neuron_stats_cpu as cpu
+
+    views = [_rows_view(x, cd % x.dim()) for x, cd in zip(xs, channel_dims, strict=True)]
+    lib = cpu._get_lib() if all(v is not None and v.dtype == torch.float32
+                                and v.device.type == "cpu" for v in views) else None
+    if lib is None or not views:
+        return torch.cat([_sums_one(x, cd, thr) for x, cd, thr
+                          in zip(xs, channel_dims, sat_thresholds, strict=True)], dim=1)
+    vs: list[torch.Tensor] = views  # type: ignore[assignment]
+    widths = [int(v.shape[1]) for v in vs]
+    total = sum(widths)
+    firsts = torch.cat([v[0] for v in vs])
+    pivot = torch.where(torch.isfinite(firsts), firsts, torch.zeros((), dtype=firsts.dtype))
+    nthreads = max(1, torch.get_num_threads())
+    parts = max(1, min(8 * nthreads, min(int(v.shape[0]) for v in vs) // _PART_ROWS))
+    buf = torch.zeros(parts, 7 * total, dtype=torch.float64)
+    fn = lib.stats_rows_f32
+    calls = []
+    off = 0
+    pp, bp, row_b = pivot.data_ptr(), buf.data_ptr(), 7 * total * 8
+    for v, c, thr in zip(vs, widths, sat_thresholds, strict=True):
+        r, sr = int(v.shape[0]), int(v.stride(0))
+        t = float("inf") if thr is None else float(thr)
+        for k in range(parts):
+            lo, hi = r * k // parts, r * (k + 1) // parts
+            calls.append((fn, (v.data_ptr() + lo * sr * 4, hi - lo, c, sr, pp + off * 4, t,
+                               bp + k * row_b + 7 * off * 8)))
+        off += c
+    cpu._run(calls, nthreads)
+    blocks = buf.sum(0) if parts > 1 else buf[0]
+    if parts > 1:
+        maxes = buf.amax(0)
+    layout = _layout(tuple(widths))
+    flat = torch.where(layout.is_max, maxes, blocks) if parts > 1 else blocks
+    sums7 = flat[layout.perm].view(7, total)
+    if not bool(torch.isfinite(sums7[:3]).all()):  # a float32 lane overflowed: exact per site
+        return torch.cat([_sums_one(x, cd, thr) for x, cd, thr
+                          in zip(xs, channel_dims, sat_thresholds, strict=True)], dim=1)
+    counts = torch.tensor([float(v.shape[0]) for v in vs], dtype=torch.float64)
+    n_fin = counts.repeat_interleave(layout.widths) - sums7[6]
+    return torch.cat([sums7, pivot.to(torch.float64)[None], n_fin[None]])
+
+
+class _Layout:
+    def __init__(self, widths: tuple[int, ...]) -> None:
+        total = sum(widths)
+        perm = torch.empty(7 * total, dtype=torch.int64)
+        is_max = torch.zeros(7 * total, dtype=torch.bool)
+        off = 0
+        for c in widths:
+            for r in range(7):
+                src = 7 * off + r * c + torch.arange(c)
+                perm[r * total + off: r * total + off + c] = src
+                if r == _MAX_ROW:
+                    is_max[src] = True
+            off += c
+        self.perm, self.is_max = perm, is_max
+        self.widths = torch.tensor(widths, dtype=torch.int64)
+
+
+_LAYOUTS: dict[tuple[int, ...], _Layout] = {}
+
+
+def _layout(widths: tuple[int, ...]) -> _Layout:
+    lay = _LAYOUTS.get(widths)
+    if lay is None:
+        lay = _LAYOUTS[widths] = _Layout(widths)
+    return lay
+
+
+def _sums_one(x: torch.Tensor, cd: int, thr: float | None) -> torch.Tensor:
+    from . import _neuron_stats_cpu as cpu
+
+    cd = cd % x.dim()
+    if cpu.supports(x) and cpu.available():
+        pivot, sums, per_channel = cpu.raw_sums(x, cd, thr)
+        count = per_channel - sums[6]
+        return torch.cat([sums, pivot.to(torch.float64)[None], count[None]])
+    with torch.no_grad():
+        return partial_sums(x, cd, thr)
+
+
+def multi_grad_sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of each tensor (float64, one value per tensor, on their device).
+
+    One multi-tensor reduction per dtype: on CUDA the Triton multi-tensor kernel
+    (:func:`graphsurg.kernels.grad_sq_norms`), on CPU ``torch._foreach_norm`` for float32 and
+    float64 groups (other dtypes are upcast by ``grad_sq_norms``).
+    """
+    from ._norms import grad_sq_norms
+
+    ts = [t.detach() for t in tensors]
+    if not ts:
+        return torch.zeros(0, dtype=torch.float64)
+    if ts[0].is_cuda:
+        return grad_sq_norms(ts).to(torch.float64)
+    out = torch.empty(len(ts), dtype=torch.float64)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(ts):
+        groups.setdefault(t.dtype, []).append(i)
+    for dt, idx in groups.items():
+        sub = [ts[i] for i in idx]
+        if dt in (torch.float32, torch.float64):
+            v = torch.stack(torch._foreach_norm(sub)).to(torch.float64).square()
+        else:
+            v = grad_sq_norms(sub).to(torch.float64)
+        if len(groups) == 1:
+            return v
+        out[torch.tensor(idx)] = v
+    return out
+
+
+__all__ = ["PACKED_ROWS", "SUM_ROWS", "all_reduce_packed", "merge_packed",
+           "multi_grad_sq_norms", "packed_from_sums", "packed_to_stats", "partial_sums",
+           "partial_sums_many", "stats_to_packed"]
