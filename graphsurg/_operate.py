@@ -205,9 +205,9 @@ class SurgeryResult:
             lines.append(f"problems: {len(before)} before (the result was not re-diagnosed)")
         for p, r in self.plan.untreated:
             lines.append(f"refused: {p.kind} at {p.site.address}: {r}")
-        for r in self.rolled_back:
-            lines.append(f"rolled back: #{r['index']} {r['replacement']} at {r['site']}: "
-                         f"{r['reason']}")
+        for rb in self.rolled_back:
+            lines.append(f"rolled back: #{rb['index']} {rb['replacement']} at {rb['site']}: "
+                         f"{rb['reason']}")
         if any(v.variant != "planned" for v in self.verification):
             lines.append("*: the exact fallback variant was applied")
         for e in self.escalations:
