@@ -13,25 +13,44 @@ constant (value ``c_u``)::
 where ``c'_u`` is the constant as it reaches the consumer. Exact on the calibration data up
 to float32 round-off; the model gets smaller and faster.
 
-Coupling is followed, never guessed: the producer is a Gemm/MatMul/Conv(group=1), optionally
-through a per-channel bias Add and BatchNormalization; from ``A`` every path is followed
-through element-wise activations, Identity/Dropout, BatchNormalization, pooling, Flatten,
-flattening Reshape and channel Concat to every consuming Gemm/MatMul/Conv, whose input rows or
-channels are removed and whose bias absorbs the constant. Anything else (a residual Add that
-couples the unit with another branch, a graph output, a value read twice, a padded Conv fed a
-non-zero constant, grouped convolutions) refuses the site with the reason; nothing is changed
-there.
+Coupling is followed, never guessed (one handler per op type, a dry run plans the whole edit
+before anything changes):
+
+* **Sources** (whose output rows are removed): Gemm / MatMul / Conv / ConvTranspose (grouped
+  when every group loses as many channels), through per-channel ``Add``/``Sub``/``Mul``/``Div``
+  by constants, BatchNormalization and element-wise ops -- a decomposed activation
+  (``x * HardSigmoid(x)``, Clip/Div/Mul HardSwish) and a sum of layers whose values nothing
+  else reads (``relu(conv1(x) + conv2(y))``) included.
+* **Pass-through** (the constants are carried): element-wise activations, Identity/Dropout,
+  per-channel constant arithmetic, BatchNormalization, pooling, Resize/Upsample that keep the
+  channel axis, Pad that leaves the channel axis alone (a constant pad value only equal to the
+  constant), Slice on other axes, Transpose, Reshape that keeps the channel dimension, depthwise
+  Conv/ConvTranspose (a channel whose input is constant 0 becomes its bias), Flatten and
+  flattening Reshape, channel Concat.
+* **Joins**: a residual ``Add``/``Sub`` is excised only where the unit is constant in *every*
+  branch (the constants summed): a branch that is not itself a flow of the site is measured on
+  the calibration ``batches`` and excised at its own source. A gating ``Mul`` (squeeze-and-
+  excitation: ``x * gate`` with ``gate`` ``[N, C, 1, 1]``) passes a unit only when its constant
+  is 0 (``0 * gate = 0``); the gate's source loses the same rows.
+* **Sinks** (columns removed, constant folded into the bias): Gemm / MatMul / Conv (grouped when
+  every group loses as many channels) / ConvTranspose (only a zero constant folds: a transposed
+  convolution spreads its input unevenly over the output).
+
+Anything else (a graph output, Shape/If/LSTM readers, a padded Conv fed a non-zero constant, a
+gate applied to a non-zero constant, a residual branch that varies) refuses the site with the
+node and the reason; nothing is changed there.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from graphsurg._config import DiagnoseConfig
 from graphsurg._errors import Refused
 from graphsurg._problems import Problem
 
@@ -100,12 +119,19 @@ _ACT_OPS = frozenset(
 _POOLS = frozenset({"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "AveragePool"})
 
 
+#: element-wise binary ops whose constants pass through (numpy, operand order kept)
+_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+}
+_LAYERS = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"})
+
+
 @dataclass
 class _Flow:
     """Removed indices along the channel axis of ``value`` and the constants there."""
 
     value: ir.Value
-    axis: int  # 1 (channels first) or -1 (channels last)
+    axis: int  # the channel position (>= 0), or -1 for the last axis when the rank is unknown
     rank: int | None
     rows: np.ndarray
     vals: np.ndarray
@@ -113,10 +139,33 @@ class _Flow:
 
 @dataclass
 class _Plan:
-    params: list[tuple[ir.Node, int, np.ndarray]] = field(default_factory=list)
-    shapes: list[tuple[ir.Value, int, int]] = field(default_factory=list)
+    """The planned edit: new constants per (node, input), attributes, value shapes."""
+
+    edits: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = field(default_factory=dict)
+    attrs: list[tuple[ir.Node, str, int]] = field(default_factory=list)
+    shapes: dict[int, tuple[ir.Value, int, int]] = field(default_factory=dict)
     add_bias_after: list[tuple[ir.Node, np.ndarray]] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
+
+    def arr(self, node: ir.Node, i: int) -> np.ndarray | None:
+        """Input ``i`` of ``node`` as planned so far (a constant), or None."""
+        e = self.edits.get((id(node), i))
+        if e is not None:
+            return e[2]
+        return const_array(node.inputs[i]) if i < len(node.inputs) else None
+
+    def set(self, node: ir.Node, i: int, a: np.ndarray) -> None:
+        self.edits[(id(node), i)] = (node, i, a)
+
+    def shape(self, v: ir.Value, axis: int, removed: int) -> None:
+        self.shapes.setdefault(id(v), (v, axis, removed))
+
+
+def _pos(axis: int, rank: int | None) -> int | None:
+    """The channel axis as a non-negative position (None when it cannot be known)."""
+    if axis >= 0:
+        return axis
+    return None if rank is None else rank + axis
 
 
 def _is_last(axis: int, rank: int | None) -> bool:
@@ -138,10 +187,11 @@ def _static(v: ir.Value) -> list[int] | None:
     return None if any(d is None for d in dims[1:]) else [d if d is not None else -1 for d in dims]
 
 
-def _per_channel_edit(c: np.ndarray, axis: int, rank: int | None, width: int, rows: np.ndarray,
-                      what: str) -> np.ndarray | None:  # fmt: skip
+def _per_channel_edit(c: np.ndarray, axis: int, rank: int | None, width: int,
+                      rows: np.ndarray, what: str) -> np.ndarray | None:  # fmt: skip
     """Delete ``rows`` from a broadcast constant aligned with the channel axis; None when the
-    constant does not vary along it; refuse when it broadcasts in a way not understood."""
+    constant does not vary along it; refuse when it broadcasts in a way not understood.
+    ``width`` <= 0: the channel width is not checked (only that the rows are in range)."""
     if c.ndim == 0 or c.size == 1:
         return None
     r = rank if rank is not None else c.ndim
@@ -150,7 +200,9 @@ def _per_channel_edit(c: np.ndarray, axis: int, rank: int | None, width: int, ro
     full = c.reshape((1,) * (r - c.ndim) + c.shape)
     pos = r - 1 if axis == -1 else axis
     others = [d for i, d in enumerate(full.shape) if i != pos]
-    if any(d != 1 for d in others) or full.shape[pos] not in (1, width):
+    n = full.shape[pos]
+    if any(d != 1 for d in others) or (width > 0 and n not in (1, width)) or (
+            n != 1 and len(rows) and int(rows.max()) >= n):  # fmt: skip
         raise Refused(f"{what} of shape {c.shape} is not a per-channel constant")
     if full.shape[pos] == 1:
         return None
@@ -207,7 +259,8 @@ def _needs_shapes(graph: ir.Graph) -> bool:
 
 
 def excise_site(model: ir.Model, problem: Problem,
-                excised: dict[str, set[int]] | None = None) -> Excision:
+                excised: dict[str, set[int]] | None = None, *,
+                batches: Sequence[Mapping[str, np.ndarray]] | None = None) -> Excision:
     """Remove the constant units of one ``DeadNeurons`` problem from ``model`` (in place).
 
     Reads the evidence keys ``constant`` (unit indices constant on the data),
@@ -220,6 +273,9 @@ def excise_site(model: ir.Model, problem: Problem,
         problem: a ``DeadNeurons`` problem whose ``site.node`` is the activation's output value.
         excised: site address -> units already removed (updated; a site excised before is
             refused: its unit indices no longer hold).
+        batches: calibration feed dicts; with them a residual ``Add`` whose other branch is
+            constant on the units is excised in both branches (measured on the batches),
+            without them it is refused.
 
     Raises:
         Refused: with the reason (coupling not understood, no constant unit, ...).
@@ -243,9 +299,10 @@ def excise_site(model: ir.Model, problem: Problem,
     v = _values(graph).get(problem.site.node)
     if v is None:
         raise Refused(f"value '{problem.site.node}' is not in the model")
-    plan, axis, rank, width, producer = _plan(graph, v, units, np.asarray(consts, np.float64))
+    plan, axis, rank, width, producer = _plan(model, v, units,
+                                               np.asarray(consts, np.float64), batches)
     dim = problem.evidence.get("channel_dim")
-    if dim is not None and rank is not None and int(dim) % rank != axis % rank:
+    if dim is not None and rank is not None and int(dim) % rank != _pos(axis, rank):
         raise Refused(f"the evidence measured units along axis {dim} of '{v.name}' but its "
                       f"producer's units are along axis {axis}")
     _execute(graph, plan)
@@ -280,216 +337,569 @@ class ExciseDeadUnits(GraphsurgPass):
 
 
 # -- planning (a dry run: nothing is changed until every check passed) --------------------
-def _plan(graph: ir.Graph, a: ir.Value, units: list[int], consts: np.ndarray
+def _plan(model: ir.Model, a: ir.Value, units: list[int], consts: np.ndarray,
+          batches: Sequence[Mapping[str, np.ndarray]] | None
           ) -> tuple[_Plan, int, int | None, int, str]:
-    """The whole edit for the units of activation output ``a`` (a dry run) and
-    ``(axis, rank, width, producer name)`` of the producing layer."""
+    """The whole edit for the units of the site value ``a`` (a dry run) and
+    ``(axis, rank, width, producer name)`` of its source."""
     plan = _Plan()
-    act = a.producer()
-    if act is None or act.domain not in _ONNX or act.op_type not in _ACT_OPS:
-        raise Refused(f"'{a.name}' is not the output of an element-wise activation")
+    if a.producer() is None:
+        raise Refused(f"'{a.name}' is a graph input: no layer produces its units")
     rows = np.asarray(sorted(units), dtype=np.int64)
-    order = np.argsort(np.asarray(units))
-    vals = consts[order]
-    axis, rank, width, producer = _plan_producer(act, rows, plan)
+    vals = consts[np.argsort(np.asarray(units))]
+    axis, rank, width, producer = _plan_source(a, rows, plan)
     if len(rows) >= width:
         raise Refused(
             f"all {width} units are constant: removing the whole layer is a module-scale "
             "edit, not done by this pass"
         )
-    if max(units) >= width:
-        raise Refused(f"unit {max(units)} is out of range for width {width}")
-    plan.shapes.append((a, axis, len(rows)))
-    _plan_consumers(graph, _Flow(a, axis, rank, rows, vals), plan, width, set())
+    _Forward(model, plan, batches).run(_Flow(a, axis, rank, rows, vals))
     return plan, axis, rank, width, producer
 
 
-def _plan_producer(act: ir.Node, rows: np.ndarray, plan: _Plan
-                   ) -> tuple[int, int | None, int, str]:
-    chain: list[ir.Node] = []
-    v = act.inputs[0]
-    node: ir.Node | None = None
-    while True:
-        if v is None:
-            raise Refused("the activation has no input")
-        if v.is_graph_output() or v.is_graph_input() or len(v.uses()) != 1:
-            users = ", ".join(sorted({n.name or n.op_type for n, _ in v.uses()}))
+def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
+                 ) -> tuple[int, int | None, int, str]:
+    """Remove output ``rows`` at every layer that produces ``a``: walk back through
+    element-wise ops, per-channel constant arithmetic and BatchNormalization to Gemm / MatMul /
+    Conv / ConvTranspose layers; every value on the way must be read only on the way."""
+    layers: dict[int, ir.Node] = {}
+    region: dict[int, ir.Node] = {}
+    walked: dict[int, ir.Value] = {}
+    stack = [a]
+    while stack:
+        v = stack.pop()
+        if id(v) in walked:
+            continue
+        walked[id(v)] = v
+        node = v.producer()
+        if node is None:
+            raise Refused(f"value '{v.name}' is a graph input: no layer produces its units")
+        op = node.op_type
+        if node.domain not in _ONNX:
+            raise Refused(f"the units are produced by custom op '{node.name}' "
+                          f"({node.domain}::{op})")
+        if op in _LAYERS:
+            layers[id(node)] = node
+            continue
+        if op == "BatchNormalization" or (op in (_ACT_OPS | {"Identity", "Dropout"})
+                                          and _unary(node) is not None):
+            region[id(node)] = node
+            stack.append(_input(node, 0))
+            continue
+        if op in _BINARY and len(node.inputs) == 2:
+            cs = [const_array(x) for x in node.inputs]
+            if cs[0] is not None and cs[1] is not None:
+                raise Refused(f"{op} '{node.name}' before the units combines two constants")
+            region[id(node)] = node
+            stack.extend(_input(node, i) for i in (0, 1) if cs[i] is None)
+            continue
+        raise Refused(
+            f"the units are produced by '{node.name}' (op {op}); only Gemm/MatMul/Conv/"
+            "ConvTranspose (+ bias Add, BatchNormalization, element-wise ops) producers are "
+            "understood"
+        )
+    for v in walked.values():
+        if v is a:
+            continue
+        others = [n for n, _ in v.uses() if id(n) not in region]
+        if v.is_graph_output() or others:
+            users = ", ".join(sorted({n.name or n.op_type for n in others}))
             raise Refused(
                 f"value '{v.name}' between the layer and the activation is also read by "
                 f"{users or 'the graph outputs'}: its units are coupled to another consumer"
             )
-        node = v.producer()
-        if node is None or node.domain not in _ONNX:
-            raise Refused(f"value '{v.name}' has no understood producer")
-        if node.op_type in ("Gemm", "MatMul", "Conv"):
-            break
-        if node.op_type in ("Add", "BatchNormalization", "Identity"):
-            chain.append(node)
-            if node.op_type == "Add":
-                c0, c1 = const_array(node.inputs[0]), const_array(node.inputs[1])
-                if (c0 is None) == (c1 is None):
-                    raise Refused(
-                        f"Add '{node.name}' before the activation adds two "
-                        f"{'constants' if c0 is not None else 'branches'}: coupling not understood"
-                    )
-                v = node.inputs[1] if c0 is not None else node.inputs[0]
-            else:
-                v = node.inputs[0]
-            continue
-        raise Refused(
-            f"the units are produced by '{node.name}' (op {node.op_type}); only "
-            "Gemm/MatMul/Conv (+ bias Add, BatchNormalization) producers are understood"
-        )
-    layer = node
-    assert layer is not None
+    found = [_source_layer(n, rows, plan) for n in layers.values()]
+    axis, rank, width = found[0]
+    if any((_pos(x, r), w) != (_pos(axis, rank), width) for x, r, w in found):
+        raise Refused("the layers summed into the units have different widths or unit axes: "
+                      + ", ".join(f"'{n.name}'" for n in layers.values()))
+    for node in region.values():
+        _source_region_node(node, axis, rank, width, rows, plan)
+    for v in walked.values():
+        d = _dim(v, axis, rank)
+        if d == 1 and width > 1:
+            raise Refused(f"value '{v.name}' broadcasts over the unit axis")
+        plan.shape(v, axis, len(rows))
+    return axis, rank, width, ", ".join(n.name or n.op_type for n in layers.values())
+
+
+def _input(node: ir.Node, i: int) -> ir.Value:
+    v = node.inputs[i] if i < len(node.inputs) else None
+    if v is None:
+        raise Refused(f"'{node.name}' ({node.op_type}) has no input {i}")
+    return v
+
+
+def _dim(v: ir.Value, axis: int, rank: int | None) -> int | None:
+    if v.shape is None:
+        return None
+    p = _pos(axis, len(v.shape) if rank is None else rank)
+    if p is None or p >= len(v.shape):
+        return None
+    d = v.shape[p]
+    return d if isinstance(d, int) else None
+
+
+def _source_region_node(node: ir.Node, axis: int, rank: int | None, width: int,
+                        rows: np.ndarray, plan: _Plan) -> None:
+    if node.op_type == "BatchNormalization":
+        if not _is_first(axis, rank):
+            raise Refused(f"BatchNormalization '{node.name}' normalises another axis")
+        for i in range(1, 5):
+            arr = plan.arr(node, i)
+            if arr is None:
+                raise Refused(f"BatchNormalization '{node.name}' has non-constant parameters")
+            plan.set(node, i, np.delete(arr, rows, axis=0))
+    elif node.op_type in _BINARY:
+        for i in (0, 1):
+            c = plan.arr(node, i)
+            if c is None:
+                continue
+            e = _per_channel_edit(c, axis, rank, width, rows,
+                                  f"constant of {node.op_type} '{node.name}'")
+            if e is not None:
+                plan.set(node, i, e)
+
+
+def _groups_even(rows: np.ndarray, per: int, groups: int, what: str) -> np.ndarray:
+    """Which group each row is in; refuse unless every group loses as many rows (fewer than
+    it has)."""
+    g = rows // per
+    counts = np.bincount(g, minlength=groups)
+    if len(set(counts.tolist())) != 1 or counts[0] >= per:
+        raise Refused(f"{what} is grouped (group={groups}): removing units "
+                      f"{rows.tolist()} leaves the groups uneven or empty")
+    return g
+
+
+def _source_layer(layer: ir.Node, rows: np.ndarray, plan: _Plan
+                  ) -> tuple[int, int | None, int]:
+    """Plan removing output ``rows`` of one layer; ``(axis, rank, width)``."""
+    op, name = layer.op_type, layer.name
+    w = plan.arr(layer, 1) if len(layer.inputs) > 1 else None
+    if w is None or const_array(layer.inputs[0]) is not None:
+        raise Refused(f"'{name}' ({op}) has no constant weight")
     rank: int | None
-    w = const_array(layer.inputs[1]) if len(layer.inputs) > 1 else None
-    if w is None:
-        raise Refused(f"'{layer.name}' ({layer.op_type}) has no constant weight")
-    if layer.op_type == "Gemm":
+    if op == "Gemm":
         if int_attr(layer, "transA", 0):
-            raise Refused(f"Gemm '{layer.name}' has transA=1")
+            raise Refused(f"Gemm '{name}' has transA=1")
         trans_b = int_attr(layer, "transB", 0)
         width = w.shape[0] if trans_b else w.shape[1]
         _check_rows(rows, width)
-        plan.params.append((layer, 1, np.delete(w, rows, axis=0 if trans_b else 1)))
-        c = const_array(layer.inputs[2]) if len(layer.inputs) > 2 and layer.inputs[2] else None
-        if len(layer.inputs) > 2 and layer.inputs[2] is not None and c is None:
-            raise Refused(f"Gemm '{layer.name}' has a non-constant C input")
+        plan.set(layer, 1, np.delete(w, rows, axis=0 if trans_b else 1))
+        has_c = len(layer.inputs) > 2 and layer.inputs[2] is not None
+        c = plan.arr(layer, 2) if has_c else None
+        if has_c and c is None:
+            raise Refused(f"Gemm '{name}' has a non-constant C input")
         if c is not None:
-            e = _per_channel_edit(c, -1, 2, width, rows, f"Gemm '{layer.name}' bias")
+            e = _per_channel_edit(c, 1, 2, width, rows, f"Gemm '{name}' bias")
             if e is not None:
-                plan.params.append((layer, 2, e))
-        axis, rank = -1, 2
-    elif layer.op_type == "MatMul":
-        if w.ndim != 2 or const_array(layer.inputs[0]) is not None:
-            raise Refused(f"MatMul '{layer.name}' weight is not a 2-D constant right operand")
+                plan.set(layer, 2, e)
+        axis, rank = 1, 2
+    elif op == "MatMul":
+        if w.ndim != 2:
+            raise Refused(f"MatMul '{name}' weight is not a 2-D constant right operand")
         width = w.shape[1]
         _check_rows(rows, width)
-        plan.params.append((layer, 1, np.delete(w, rows, axis=1)))
-        axis, rank = -1, _rank(layer.outputs[0])
-    else:  # Conv
-        if int_attr(layer, "group", 1) != 1:
-            raise Refused(f"Conv '{layer.name}' is grouped (group={int_attr(layer, 'group', 1)})")
-        width = w.shape[0]
-        _check_rows(rows, width)
-        plan.params.append((layer, 1, np.delete(w, rows, axis=0)))
+        plan.set(layer, 1, np.delete(w, rows, axis=1))
+        rank = _rank(layer.outputs[0])
+        axis = -1 if rank is None else rank - 1
+    else:  # Conv: (C_out, C_in/g, k...); ConvTranspose: (C_in, C_out/g, k...)
+        g = int_attr(layer, "group", 1)
+        if op == "Conv":
+            width = w.shape[0]
+            _check_rows(rows, width)
+            if g > 1:
+                _groups_even(rows, width // g, g, f"Conv '{name}'")
+            plan.set(layer, 1, np.delete(w, rows, axis=0))
+        else:
+            per = w.shape[1]
+            width = per * g
+            _check_rows(rows, width)
+            if g == 1:
+                plan.set(layer, 1, np.delete(w, rows, axis=1))
+            else:
+                grp = _groups_even(rows, per, g, f"ConvTranspose '{name}'")
+                wg = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+                parts = [np.delete(wg[i], rows[grp == i] - i * per, axis=1) for i in range(g)]
+                plan.set(layer, 1, np.concatenate(parts, axis=0))
         if len(layer.inputs) > 2 and layer.inputs[2] is not None:
-            b = const_array(layer.inputs[2])
+            b = plan.arr(layer, 2)
             if b is None:
-                raise Refused(f"Conv '{layer.name}' has a non-constant bias")
-            plan.params.append((layer, 2, np.delete(b, rows, axis=0)))
+                raise Refused(f"{op} '{name}' has a non-constant bias")
+            plan.set(layer, 2, np.delete(b, rows, axis=0))
         axis, rank = 1, w.ndim
-    plan.shapes.append((layer.outputs[0], axis, len(rows)))
-    for node in reversed(chain):
-        if node.op_type == "Add":
-            ci = 0 if const_array(node.inputs[0]) is not None else 1
-            c = const_array(node.inputs[ci])
-            assert c is not None
-            e = _per_channel_edit(c, axis, rank, width, rows, f"bias of Add '{node.name}'")
-            if e is not None:
-                plan.params.append((node, ci, e))
-        elif node.op_type == "BatchNormalization":
-            if not _is_first(axis, rank):
-                raise Refused(f"BatchNormalization '{node.name}' normalises another axis")
-            for i in range(1, 5):
-                arr = const_array(node.inputs[i])
-                if arr is None:
-                    raise Refused(f"BatchNormalization '{node.name}' has non-constant parameters")
-                plan.params.append((node, i, np.delete(arr, rows, axis=0)))
-        plan.shapes.append((node.outputs[0], axis, len(rows)))
-    return axis, rank, width, layer.name or layer.op_type
+    plan.shape(layer.outputs[0], axis, len(rows))
+    return axis, rank, width
+
 
 def _check_rows(rows: np.ndarray, width: int) -> None:
     if len(rows) and int(rows.max()) >= width:
         raise Refused(f"unit {int(rows.max())} is out of range for width {width}")
 
-def _plan_consumers(graph: ir.Graph, f: _Flow, plan: _Plan, width: int,
-                    seen: set[int]) -> None:  # fmt: skip
-    v = f.value
-    if v.is_graph_output():
-        raise Refused(f"value '{v.name}' is a graph output: its units are visible to the caller")
-    if not v.uses():
-        return
-    for node, idx in list(v.uses()):
-        if id(node) in seen:
-            raise Refused(f"'{node.name}' is reached twice: coupling not understood")
-        seen.add(id(node))
-        _plan_use(graph, f, node, idx, plan, width, seen)
 
-def _plan_use(graph: ir.Graph, f: _Flow, node: ir.Node, idx: int, plan: _Plan,
-              width: int, seen: set[int]) -> None:  # fmt: skip
-    op, name = node.op_type, node.name
-    if node.domain not in _ONNX:
-        raise Refused(f"consumer '{name}' is a custom op ({node.domain}::{op})")
-    fn = _unary(node) if idx == 0 else None
-    if fn is not None and op in (_ACT_OPS | {"Identity", "Dropout"}):
-        if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
-            raise Refused(f"Dropout '{name}' has a training_mode input")
-        out = node.outputs[0]
-        plan.shapes.append((out, f.axis, len(f.rows)))
-        _plan_consumers(graph, _Flow(out, f.axis, f.rank, f.rows, fn(f.vals)), plan, width, seen)
-        return
-    if op in _POOLS and idx == 0:
-        if not _is_first(f.axis, f.rank):
-            raise Refused(f"{op} '{name}' pools over the channel axis")
-        if op == "AveragePool" and int_attr(node, "count_include_pad", 0) and any(
-            ints_attr(node, "pads") or [0]
-        ):
-            raise Refused(f"AveragePool '{name}' counts padding: constants do not pass exactly")
-        out = node.outputs[0]
-        plan.shapes.append((out, 1, len(f.rows)))
-        _plan_consumers(graph, _Flow(out, 1, f.rank, f.rows, f.vals), plan, width, seen)
-        return
-    if op == "BatchNormalization" and idx == 0:
-        if not _is_first(f.axis, f.rank):
-            raise Refused(f"BatchNormalization '{name}' normalises another axis")
-        ps = [const_array(node.inputs[i]) for i in range(1, 5)]
-        if any(x is None for x in ps):
-            raise Refused(f"BatchNormalization '{name}' has non-constant parameters")
-        scale, bias, mean, var = (np.asarray(x, np.float64) for x in ps)  # type: ignore[arg-type]
-        eps = float_attr(node, "epsilon", 1e-5)
-        r = f.rows
-        vals = (f.vals - mean[r]) / np.sqrt(var[r] + eps) * scale[r] + bias[r]
-        for i, x in zip(range(1, 5), ps, strict=True):
-            assert x is not None
-            plan.params.append((node, i, np.delete(x, r, axis=0)))
-        out = node.outputs[0]
-        plan.shapes.append((out, 1, len(r)))
-        _plan_consumers(graph, _Flow(out, 1, f.rank, r, vals), plan, width, seen)
-        return
-    if op in ("Flatten", "Reshape") and idx == 0:
-        _plan_flatten(graph, f, node, plan, width, seen)
-        return
-    if op == "Concat":
-        _plan_concat(graph, f, node, idx, plan, width, seen)
-        return
-    if op == "Gemm" and idx == 0:
-        _plan_gemm(f, node, plan)
-        return
-    if op == "MatMul" and idx == 0:
-        _plan_matmul(f, node, plan)
-        return
-    if op == "Conv" and idx == 0:
-        _plan_conv(f, node, plan)
-        return
-    if op in ("Add", "Sub", "Mul", "Div") and node.inputs[1 - idx] is not None:
-        other = node.inputs[1 - idx]
-        assert other is not None
-        if const_array(other) is None:
-            kind = "residual Add" if op == "Add" else f"{op}"
+class _Forward:
+    """Follow the removed units from the site to every sink (a dry run into ``plan``).
+
+    Nodes with two non-constant inputs (residual ``Add``, gating ``Mul``) wait until every
+    flow that reaches them has arrived; they are resolved in graph order."""
+
+    def __init__(self, model: ir.Model, plan: _Plan,
+                 batches: Sequence[Mapping[str, np.ndarray]] | None) -> None:
+        self.model, self.plan, self.batches = model, plan, batches
+        self.order = {id(n): i for i, n in enumerate(model.graph)}
+        self.seen: set[int] = set()
+        self.pending: dict[int, tuple[ir.Node, dict[int, _Flow]]] = {}
+
+    def run(self, f: _Flow) -> None:
+        self.flow(f)
+        while self.pending:
+            key = min(self.pending, key=lambda k: self.order.get(k, -1))
+            node, arrived = self.pending.pop(key)
+            self.seen.add(key)
+            self.join(node, arrived)
+
+    def flow(self, f: _Flow) -> None:
+        v = f.value
+        if v.is_graph_output():
+            raise Refused(f"value '{v.name}' is a graph output: its units are visible to the "
+                          "caller")
+        for node, idx in list(v.uses()):
+            if (node.op_type in _BINARY and node.domain in _ONNX and len(node.inputs) == 2
+                    and const_array(node.inputs[1 - idx]) is None):  # fmt: skip
+                node_, arrived = self.pending.setdefault(id(node), (node, {}))
+                if id(node) in self.seen or idx in arrived:
+                    raise Refused(f"'{node.name}' is reached twice: coupling not understood")
+                arrived[idx] = f
+                continue
+            if id(node) in self.seen:
+                raise Refused(f"'{node.name}' is reached twice: coupling not understood")
+            self.seen.add(id(node))
+            self.use(f, node, idx)
+
+    def carry(self, f: _Flow, out: ir.Value, *, axis: int | None = None,
+              rank: int | None = None, rows: np.ndarray | None = None,
+              vals: np.ndarray | None = None) -> None:
+        """Continue the flow at ``out`` (same units unless given)."""
+        f2 = _Flow(out, f.axis if axis is None else axis, f.rank if rank is None else rank,
+                   f.rows if rows is None else rows, f.vals if vals is None else vals)
+        self.plan.shape(out, f2.axis, len(f2.rows))
+        self.flow(f2)
+
+    # -- joins -------------------------------------------------------------------------
+    def join(self, node: ir.Node, arrived: dict[int, _Flow]) -> None:
+        op, name = node.op_type, node.name
+        if len(arrived) == 2:
+            f0, f1 = arrived[0], arrived[1]
+            if not np.array_equal(f0.rows, f1.rows) or (
+                    _pos(f0.axis, f0.rank) != _pos(f1.axis, f1.rank)):  # fmt: skip
+                raise Refused(f"{op} '{name}' joins different units of its two inputs")
+            self.carry(f0, node.outputs[0], vals=_BINARY[op](f0.vals, f1.vals))
+            return
+        ((idx, f),) = arrived.items()
+        other = _input(node, 1 - idx)
+        if op == "Mul":
+            self.gate(node, other, f)
+            return
+        if op in ("Add", "Sub"):
+            vals = self.measure(node, other, f)
+            _plan_source(other, f.rows, self.plan)
+            # wait for the other branch's flow to reach this node, then join the two
+            self.pending[id(node)] = (node, {idx: f})
+            self.seen.discard(id(node))
+            self.flow(_Flow(other, f.axis, f.rank, f.rows, vals))
+            return
+        raise Refused(f"{op} '{name}' divides the units by another branch ('{other.name}'): "
+                      "coupling through it is not understood")
+
+    def gate(self, node: ir.Node, gate: ir.Value, f: _Flow) -> None:
+        """``x * gate``: 0 * gate = 0 passes; the gate's source loses the same rows."""
+        if np.any(f.vals != 0):
             raise Refused(
-                f"{kind} '{name}' couples the units with another branch ('{other.name}') "
-                "that is not constant on them"
-            )
-    raise Refused(
-        f"units flow into '{name}' (op {op}, input {idx}): coupling through {op} is not understood"
-    )
+                f"Mul '{node.name}' gates the units by '{gate.name}', which is not constant: a "
+                "unit constant at a non-zero value is not constant after the gate (only "
+                "0 * gate = 0 passes)")
+        d = _dim(gate, f.axis, f.rank)
+        if d != 1:
+            if gate.is_graph_output() or len(gate.uses()) != 1:
+                raise Refused(f"gate '{gate.name}' of Mul '{node.name}' is also read elsewhere: "
+                              "its channels cannot be removed")
+            _plan_source(gate, f.rows, self.plan)
+        self.carry(f, node.outputs[0], vals=np.zeros_like(f.vals))
 
-def _plan_flatten(graph: ir.Graph, f: _Flow, node: ir.Node, plan: _Plan, width: int,
-                  seen: set[int]) -> None:  # fmt: skip
-    src = node.inputs[0]
-    assert src is not None
+    def measure(self, node: ir.Node, other: ir.Value, f: _Flow) -> np.ndarray:
+        """The constants of ``other`` at the flow's units on the calibration batches, or
+        refuse: a residual sum is excised only where every branch is constant."""
+        kind = "residual Add" if node.op_type == "Add" else f"{node.op_type}"
+        why = (f"{kind} '{node.name}' couples the units with another branch ('{other.name}') "
+               "that is not constant on them")
+        if not self.batches:
+            raise Refused(why + " (no calibration batches to measure it on)")
+        if not other.name:
+            raise Refused(why + " (the branch has no name to observe)")
+        values = _observe(self.model, other.name, self.batches)
+        pos = _pos(f.axis, values[0].ndim)
+        assert pos is not None
+        cols = [np.moveaxis(x.astype(np.float64), pos, -1).reshape(-1, x.shape[pos])
+                for x in values]
+        allv = np.concatenate(cols)[:, f.rows]
+        mean, var = allv.mean(0), allv.var(0)
+        tol = DiagnoseConfig().dead_var
+        varying = f.rows[var > tol * (1.0 + mean * mean)]
+        if len(varying):
+            raise Refused(why + f" (units {varying.tolist()[:8]} vary on the data)")
+        return mean
+
+    # -- one consumer --------------------------------------------------------------------
+    def use(self, f: _Flow, node: ir.Node, idx: int) -> None:
+        op, name = node.op_type, node.name
+        if node.domain not in _ONNX:
+            raise Refused(f"consumer '{name}' is a custom op ({node.domain}::{op})")
+        handler = _HANDLERS.get(op)
+        if handler is not None and (idx == 0 or op in ("Concat", *_BINARY)):
+            handler(self, f, node, idx)
+            return
+        raise Refused(
+            f"units flow into '{name}' (op {op}, input {idx}): coupling through {op} is not "
+            "understood"
+        )
+
+
+def _observe(model: ir.Model, name: str, batches: Sequence[Mapping[str, np.ndarray]]
+             ) -> list[np.ndarray]:
+    """The values of ``name`` on ``batches`` (a private copy of the model runs them)."""
+    from ._common import ort_session
+
+    copy = model.clone()
+    v = _values(copy.graph).get(name)
+    if v is None:
+        raise Refused(f"value '{name}' is not in the model")
+    if not v.is_graph_output():
+        copy.graph.outputs.append(v)
+    sess = ort_session(copy)
+    inputs = {i.name for i in sess.get_inputs()}
+    return [np.asarray(sess.run([name], {k: b[k] for k in b if k in inputs})[0])
+            for b in batches]
+
+
+def _use_unary(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    fn = _unary(node)
+    if fn is None:
+        raise Refused(f"{node.op_type} '{node.name}' has non-constant parameters")
+    if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        raise Refused(f"Dropout '{node.name}' has a training_mode input")
+    fw.carry(f, node.outputs[0], vals=fn(f.vals))
+
+
+def _use_binary_const(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """``x op c`` / ``c op x`` with a constant ``c``: per-channel constants lose the rows."""
+    c = fw.plan.arr(node, 1 - idx)
+    assert c is not None
+    rank = f.rank if f.rank is not None else _rank(node.outputs[0])
+    what = f"constant of {node.op_type} '{node.name}'"
+    e = _per_channel_edit(c, f.axis, rank, -1, f.rows, what)
+    cv = np.asarray(c, np.float64)
+    if e is None:
+        at = np.broadcast_to(cv.reshape(-1)[:1] if cv.size else cv, f.vals.shape)
+    else:
+        p = _pos(f.axis, rank)
+        assert p is not None and rank is not None
+        full = cv.reshape((1,) * (rank - cv.ndim) + cv.shape)
+        at = np.take(full, f.rows, axis=p).reshape(-1)
+        fw.plan.set(node, 1 - idx, e)
+    fn = _BINARY[node.op_type]
+    vals = fn(f.vals, at) if idx == 0 else fn(at, f.vals)
+    fw.carry(f, node.outputs[0], vals=np.asarray(vals, np.float64))
+
+
+def _use_pool(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    op, name = node.op_type, node.name
+    if not _is_first(f.axis, f.rank):
+        raise Refused(f"{op} '{name}' pools over the channel axis")
+    if op == "AveragePool" and int_attr(node, "count_include_pad", 0) and any(
+        ints_attr(node, "pads") or [0]
+    ):
+        raise Refused(f"AveragePool '{name}' counts padding: constants do not pass exactly")
+    fw.carry(f, node.outputs[0], axis=1)
+
+
+def _use_batchnorm(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    name = node.name
+    if not _is_first(f.axis, f.rank):
+        raise Refused(f"BatchNormalization '{name}' normalises another axis")
+    ps = [fw.plan.arr(node, i) for i in range(1, 5)]
+    if any(x is None for x in ps):
+        raise Refused(f"BatchNormalization '{name}' has non-constant parameters")
+    scale, bias, mean, var = (np.asarray(x, np.float64) for x in ps)  # type: ignore[arg-type]
+    eps = float_attr(node, "epsilon", 1e-5)
+    r = f.rows
+    vals = (f.vals - mean[r]) / np.sqrt(var[r] + eps) * scale[r] + bias[r]
+    for i, x in zip(range(1, 5), ps, strict=True):
+        assert x is not None
+        fw.plan.set(node, i, np.delete(x, r, axis=0))
+    fw.carry(f, node.outputs[0], axis=1, vals=vals)
+
+
+def _use_transpose(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    perm = ints_attr(node, "perm")
+    rank = len(perm) if perm is not None else f.rank
+    if rank is None:
+        raise Refused(f"Transpose '{node.name}': rank unknown")
+    perm = perm if perm is not None else list(range(rank))[::-1]
+    p = _pos(f.axis, rank)
+    assert p is not None
+    fw.carry(f, node.outputs[0], axis=perm.index(p), rank=rank)
+
+
+def _use_resize(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """Resize / Upsample that keep the channel axis (a constant image resizes to itself)."""
+    op, name = node.op_type, node.name
+    mode = node.attributes.get("coordinate_transformation_mode")
+    if mode is not None and mode.as_string() == "tf_crop_and_resize":
+        raise Refused(f"{op} '{name}' crops with an extrapolation value")
+    rank = f.rank if f.rank is not None else _rank(node.outputs[0])
+    p = _pos(f.axis, rank)
+    if p is None:
+        raise Refused(f"{op} '{name}': rank unknown")
+    axes = ints_attr(node, "axes")
+    k: int | None = p
+    if axes is not None:
+        norm = [a % rank if rank else a for a in axes]
+        k = norm.index(p) if p in norm else None
+    def present(i: int) -> bool:
+        return len(node.inputs) > i and node.inputs[i] is not None
+    if op == "Upsample" or len(node.inputs) == 2:  # Upsample / Resize-10: (X, scales)
+        scales = fw.plan.arr(node, 1) if present(1) else None
+        if scales is None and "scales" in node.attributes:
+            scales = np.asarray(node.attributes["scales"].as_floats())
+        sizes = None
+    else:
+        scales = fw.plan.arr(node, 2) if present(2) else None
+        sizes = fw.plan.arr(node, 3) if present(3) else None
+        if present(3) and sizes is None:
+            raise Refused(f"{op} '{name}' has non-constant sizes")
+    if scales is not None and scales.size and k is not None and float(scales.reshape(-1)[k]) != 1.0:
+        raise Refused(f"{op} '{name}' scales the channel axis")
+    if scales is None and sizes is None:
+        raise Refused(f"{op} '{name}' has non-constant scales")
+    if sizes is not None and sizes.size and k is not None:
+        new = sizes.copy()
+        new.reshape(-1)[k] -= len(f.rows)
+        fw.plan.set(node, 3, new)
+    fw.carry(f, node.outputs[0], rank=rank)
+
+
+def _use_pad(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """Pad that leaves the channel axis alone; a constant pad value must equal the units'
+    constants (0 for dead ReLU units), reflect/edge/wrap pad a constant with itself."""
+    name = node.name
+    pads = fw.plan.arr(node, 1) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if pads is None:
+        attr = ints_attr(node, "pads")
+        if attr is None:
+            raise Refused(f"Pad '{name}' has non-constant pads")
+        pads = np.asarray(attr)
+    pads = pads.reshape(-1)
+    n = len(pads) // 2
+    axes = fw.plan.arr(node, 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    rank = f.rank if f.rank is not None else (n if axes is None else None)
+    p = _pos(f.axis, rank)
+    if p is None:
+        raise Refused(f"Pad '{name}': rank unknown")
+    ax = list(range(n)) if axes is None else [int(a) % rank for a in axes.reshape(-1)]  # type: ignore[operator]
+    if p in ax and (pads[ax.index(p)] or pads[ax.index(p) + n]):
+        raise Refused(f"Pad '{name}' pads the channel axis")
+    mode = node.attributes.get("mode")
+    if (mode is None or mode.as_string() == "constant") and np.any(pads):
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            cv = fw.plan.arr(node, 2)
+            if cv is None:
+                raise Refused(f"Pad '{name}' has a non-constant pad value")
+            value = float(cv.reshape(-1)[0]) if cv.size else 0.0
+        else:
+            value = float_attr(node, "value", 0.0)
+        if np.any(f.vals != value):
+            raise Refused(f"Pad '{name}' pads with {value:g}, not the units' constant "
+                          f"{float(f.vals[f.vals != value][0]):g}: the border is not constant")
+    fw.carry(f, node.outputs[0], rank=rank)
+
+
+def _use_slice(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    name = node.name
+    if len(node.inputs) > 1:  # opset 10+: (data, starts, ends, axes, steps)
+        got = [fw.plan.arr(node, i) if len(node.inputs) > i and node.inputs[i] is not None
+               else None for i in range(1, 4)]
+        if got[0] is None or got[1] is None or (
+                len(node.inputs) > 3 and node.inputs[3] is not None and got[2] is None):  # fmt: skip
+            raise Refused(f"Slice '{name}' has non-constant starts/ends/axes")
+        n = got[0].size
+        axes = list(range(n)) if got[2] is None else [int(a) for a in got[2].reshape(-1)]
+    else:
+        starts = ints_attr(node, "starts") or []
+        axes = ints_attr(node, "axes") or list(range(len(starts)))
+    rank = f.rank if f.rank is not None else _rank(node.outputs[0])
+    p = _pos(f.axis, rank)
+    if p is None or (rank is None and any(a < 0 for a in axes)):
+        raise Refused(f"Slice '{name}': rank unknown")
+    if p in [a % rank if rank else a for a in axes]:
+        raise Refused(f"Slice '{name}' slices the channel axis")
+    fw.carry(f, node.outputs[0], rank=rank)
+
+
+def _use_reshape(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """A Reshape that keeps the channel dimension (the dims before it kept, the ones after it
+    regrouped) carries the units to their new position; else it must be a flatten."""
+    target = fw.plan.arr(node, 1) if node.op_type == "Reshape" else None
+    src = _input(node, 0)
+    keep = _reshape_keeps(src, target, f, node) if target is not None else None
+    if keep is None:
+        _use_flatten(fw, f, node, idx)
+        return
+    k, new_t = keep
+    if new_t is not None:
+        fw.plan.set(node, 1, new_t)
+    fw.carry(f, node.outputs[0], axis=k, rank=len(target))  # type: ignore[arg-type]
+
+
+def _reshape_keeps(src: ir.Value, target: np.ndarray, f: _Flow, node: ir.Node
+                   ) -> tuple[int, np.ndarray | None] | None:
+    if src.shape is None:
+        return None
+    dims = [d if isinstance(d, int) else None for d in src.shape]
+    p = _pos(f.axis, len(dims))
+    t = [int(x) for x in target.reshape(-1)]
+    allow_zero = int_attr(node, "allowzero", 0)
+    if p is None or p >= len(t) or dims[p] is None:
+        return None
+    for i in range(p):  # the dims before the channel axis are kept one by one
+        if not ((t[i] == 0 and not allow_zero) or (dims[i] is not None and t[i] == dims[i])
+                or (t[i] == -1 and i == 0 and -1 not in t[1:])):  # fmt: skip
+            return None
+    c = dims[p]
+    if t[p] not in (c, 0) or (t[p] == 0 and allow_zero):
+        return None
+    tail_in = dims[p + 1:]
+    tail_t = t[p + 1:]
+    if any(d is None for d in tail_in) or any(x == 0 for x in tail_t):
+        return None
+    n_in = int(np.prod(tail_in)) if tail_in else 1
+    if -1 in tail_t:
+        if -1 in t[:p] or tail_t.count(-1) > 1:
+            return None
+        rest = int(np.prod([x for x in tail_t if x != -1])) if len(tail_t) > 1 else 1
+        if n_in % rest:
+            return None
+    elif (int(np.prod(tail_t)) if tail_t else 1) != n_in:
+        return None
+    if t[p] == 0:
+        return p, None
+    new = target.copy()
+    new.reshape(-1)[p] = c - len(f.rows)
+    return p, new
+
+
+def _use_flatten(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    src = _input(node, 0)
     shape = _static(src)
     name = node.name
     if shape is None or len(shape) < 2 or not _is_first(f.axis, len(shape)):
@@ -500,55 +910,49 @@ def _plan_flatten(graph: ir.Graph, f: _Flow, node: ir.Node, plan: _Plan, width: 
         if int_attr(node, "axis", 1) != 1:
             raise Refused(f"Flatten '{name}' flattens at axis {int_attr(node, 'axis', 1)}")
     else:
-        target = const_array(node.inputs[1])
-        if target is None or target.shape != (2,) or int(target[1]) != total or int(target[0]) not in (-1, 0, shape[0]):
-            raise Refused(f"Reshape '{name}' is not a flatten to (N, {total})")
-        if int(target[0]) == -1 and shape[0] == -1:
-            pass
+        target = fw.plan.arr(node, 1)
+        if (target is None or target.shape != (2,) or int(target[1]) != total
+                or int(target[0]) not in (-1, 0, shape[0])):  # fmt: skip
+            raise Refused(f"Reshape '{name}' is not a flatten to (N, {total}) and does not "
+                          "keep the channel axis")
         new_t = target.copy()
         new_t[1] = total - len(f.rows) * inner
-        plan.params.append((node, 1, new_t))
+        fw.plan.set(node, 1, new_t)
     rows = (f.rows[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
-    vals = np.repeat(f.vals, inner)
-    out = node.outputs[0]
-    plan.shapes.append((out, -1, len(rows)))
-    _plan_consumers(graph, _Flow(out, -1, 2, rows, vals), plan, width, seen)
+    fw.carry(f, node.outputs[0], axis=1, rank=2, rows=rows, vals=np.repeat(f.vals, inner))
 
-def _plan_concat(graph: ir.Graph, f: _Flow, node: ir.Node, idx: int, plan: _Plan,
-                 width: int, seen: set[int]) -> None:  # fmt: skip
+
+def _use_concat(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     out = node.outputs[0]
     rank = _rank(out) or f.rank
     ax = int_attr(node, "axis", 0)
     if rank is None:
         raise Refused(f"Concat '{node.name}': rank unknown")
-    ax_n = ax % rank
-    own = (rank - 1) if f.axis == -1 else f.axis
-    if ax_n != own % rank:
+    own = _pos(f.axis, rank)
+    if ax % rank != own:
         raise Refused(f"Concat '{node.name}' joins along axis {ax}, not the units' axis")
     offset = 0
     for i in range(idx):
         s = node.inputs[i]
-        dims = None if s is None or s.shape is None else s.shape[ax_n]
-        if not isinstance(dims, int):
+        d = None if s is None or s.shape is None else s.shape[ax % rank]
+        if not isinstance(d, int):
             raise Refused(f"Concat '{node.name}': width of input {i} unknown")
-        offset += dims
-    plan.shapes.append((out, f.axis, len(f.rows)))
-    _plan_consumers(
-        graph, _Flow(out, f.axis, rank, f.rows + offset, f.vals), plan, width, seen
-    )
+        offset += d
+    fw.carry(f, out, rank=rank, rows=f.rows + offset)
 
-def _plan_gemm(f: _Flow, node: ir.Node, plan: _Plan) -> None:
-    name = node.name
+
+def _use_gemm(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    name, plan = node.name, fw.plan
     if int_attr(node, "transA", 0) or not _is_last(f.axis, 2):
         raise Refused(f"Gemm '{name}' reads the units transposed")
-    b = const_array(node.inputs[1])
+    b = plan.arr(node, 1)
     if b is None:
         raise Refused(f"Gemm '{name}' has no constant weight")
     tb = int_attr(node, "transB", 0)
     wk = b.T if tb else b
     alpha, beta = float_attr(node, "alpha", 1.0), float_attr(node, "beta", 1.0)
     fold = alpha * (f.vals @ wk[f.rows, :].astype(np.float64))
-    plan.params.append((node, 1, np.delete(b, f.rows, axis=1 if tb else 0)))
+    plan.set(node, 1, np.delete(b, f.rows, axis=1 if tb else 0))
     plan.sinks.append(f"Gemm '{name}'")
     if not np.any(fold):
         return
@@ -556,22 +960,23 @@ def _plan_gemm(f: _Flow, node: ir.Node, plan: _Plan) -> None:
     if beta == 0:
         raise Refused(f"Gemm '{name}' has beta=0: no bias to fold the constant into")
     if has_c:
-        c = const_array(node.inputs[2])
+        c = plan.arr(node, 2)
         if c is None:
             raise Refused(f"Gemm '{name}' has a non-constant C input")
-        plan.params.append((node, 2, (c + fold / beta).astype(c.dtype)))
+        plan.set(node, 2, (c + fold / beta).astype(c.dtype))
     else:
-        plan.params.append((node, 2, (fold / beta).astype(b.dtype)))
+        plan.set(node, 2, (fold / beta).astype(b.dtype))
 
-def _plan_matmul(f: _Flow, node: ir.Node, plan: _Plan) -> None:
-    name = node.name
-    w = const_array(node.inputs[1])
+
+def _use_matmul(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    name, plan = node.name, fw.plan
+    w = plan.arr(node, 1)
     if w is None or w.ndim != 2:
         raise Refused(f"MatMul '{name}' has no 2-D constant weight")
     if not _is_last(f.axis, f.rank):
         raise Refused(f"MatMul '{name}' reads the units along another axis")
     fold = f.vals @ w[f.rows, :].astype(np.float64)
-    plan.params.append((node, 1, np.delete(w, f.rows, axis=0)))
+    plan.set(node, 1, np.delete(w, f.rows, axis=0))
     plan.sinks.append(f"MatMul '{name}'")
     if not np.any(fold):
         return
@@ -579,59 +984,144 @@ def _plan_matmul(f: _Flow, node: ir.Node, plan: _Plan) -> None:
     uses = list(out.uses())
     if len(uses) == 1 and not out.is_graph_output():
         add, ai = uses[0]
-        c = const_array(add.inputs[1 - ai]) if add.op_type == "Add" and add.domain in _ONNX else None
+        c = plan.arr(add, 1 - ai) if add.op_type == "Add" and add.domain in _ONNX else None
         if c is not None and c.shape[-1:] == fold.shape and c.size == fold.size:
-            plan.params.append((add, 1 - ai, (c + fold.reshape(c.shape)).astype(c.dtype)))
+            plan.set(add, 1 - ai, (c + fold.reshape(c.shape)).astype(c.dtype))
             return
     if out.is_graph_output():
         raise Refused(f"MatMul '{name}' output is a graph output: no bias to fold into")
     plan.add_bias_after.append((node, fold.astype(w.dtype)))
 
-def _plan_conv(f: _Flow, node: ir.Node, plan: _Plan) -> None:
-    name = node.name
+
+def _padded(node: ir.Node) -> bool:
+    auto = node.attributes.get("auto_pad")
+    return any(ints_attr(node, "pads") or [0]) or (
+        auto is not None and auto.as_string() not in ("NOTSET", "VALID"))
+
+
+def _bias(plan: _Plan, node: ir.Node, width: int, dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    """A conv's bias as planned (zeros when it has none) and whether it has one."""
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = plan.arr(node, 2)
+        if b is None:
+            raise Refused(f"{node.op_type} '{node.name}' has a non-constant bias")
+        return b, True
+    return np.zeros(width, dtype), False
+
+
+def _use_conv(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """Conv (w: C_out, C_in/g, k...) and ConvTranspose (w: C_in, C_out/g, k...) reading the
+    units as input channels: a sink (columns removed, constant folded), or, depthwise, a
+    pass-through whose channels keep only their bias."""
+    op, name, plan = node.op_type, node.name, fw.plan
     if not _is_first(f.axis, f.rank):
-        raise Refused(f"Conv '{name}' reads the units along another axis")
-    if int_attr(node, "group", 1) != 1:
-        raise Refused(f"Conv '{name}' is grouped")
-    w = const_array(node.inputs[1])
+        raise Refused(f"{op} '{name}' reads the units along another axis")
+    w = plan.arr(node, 1)
     if w is None:
-        raise Refused(f"Conv '{name}' has no constant weight")
-    fold = np.einsum("j,mj->m", f.vals, w[:, f.rows].reshape(w.shape[0], len(f.rows), -1).sum(-1).astype(np.float64))
-    plan.params.append((node, 1, np.delete(w, f.rows, axis=1)))
+        raise Refused(f"{op} '{name}' has no constant weight")
+    g = int_attr(node, "group", 1)
+    rows, vals = f.rows, f.vals
+    nonzero = bool(np.any(vals != 0))
+    spatial = tuple(range(2, w.ndim))
+    if op == "ConvTranspose":
+        c_in, per_out = w.shape[0], w.shape[1]
+        if nonzero and np.any(w[rows]):
+            raise Refused(f"ConvTranspose '{name}' spreads its input unevenly over the output "
+                          "(strides, borders): only a zero constant folds")
+        if g > 1 and c_in == g:  # depthwise: channel j feeds outputs j*m .. j*m+m-1
+            _depthwise(fw, f, node, per_out, np.delete(w, rows, axis=0), np.zeros(0))
+            return
+        if g > 1:
+            _groups_even(rows, c_in // g, g, f"ConvTranspose '{name}'")
+        plan.set(node, 1, np.delete(w, rows, axis=0))
+        plan.sinks.append(f"ConvTranspose '{name}'")
+        return
+    c_out, per_in = w.shape[0], w.shape[1]
+    if g > 1 and per_in == 1:  # depthwise
+        m = c_out // g
+        out_rows = (rows[:, None] * m + np.arange(m)[None, :]).reshape(-1)
+        if nonzero and _padded(node):
+            raise Refused(f"Conv '{name}' pads its input: a non-zero constant channel is not "
+                          "foldable exactly")
+        through = np.repeat(vals, m) * w[out_rows].reshape(len(out_rows), -1).sum(1)
+        _depthwise(fw, f, node, m, np.delete(w, out_rows, axis=0), through)
+        return
+    per_out = c_out // g
+    grp = _groups_even(rows, per_in, g, f"Conv '{name}'") if g > 1 else np.zeros_like(rows)
+    local = rows - grp * per_in
+    wsum = w.astype(np.float64).sum(axis=spatial) if spatial else w.astype(np.float64)
+    fold = np.zeros(c_out)
+    parts = []
+    for i in range(g):
+        sl = slice(i * per_out, (i + 1) * per_out)
+        sel = grp == i
+        fold[sl] = wsum[sl][:, local[sel]] @ vals[sel]
+        parts.append(np.delete(w[sl], local[sel], axis=1))
+    plan.set(node, 1, np.concatenate(parts, axis=0))
     plan.sinks.append(f"Conv '{name}'")
     if not np.any(fold):
         return
-    auto = node.attributes.get("auto_pad")
-    padded = any(ints_attr(node, "pads") or [0]) or (
-        auto is not None and auto.as_string() not in ("NOTSET", "VALID")
-    )
-    if padded:
+    if _padded(node):
         raise Refused(
             f"Conv '{name}' pads its input: a non-zero constant channel is not foldable exactly"
         )
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        b = const_array(node.inputs[2])
-        if b is None:
-            raise Refused(f"Conv '{name}' has a non-constant bias")
-        plan.params.append((node, 2, (b + fold).astype(b.dtype)))
-    else:
-        plan.params.append((node, 2, fold.astype(w.dtype)))
+    b, has = _bias(plan, node, c_out, w.dtype)
+    plan.set(node, 2, (b + fold).astype(b.dtype if has else w.dtype))
+
+
+def _depthwise(fw: _Forward, f: _Flow, node: ir.Node, m: int, new_w: np.ndarray,
+               through: np.ndarray) -> None:
+    """A depthwise conv loses whole groups: their outputs were constant (bias + the folded
+    input), so the flow goes on from its output channels."""
+    out_rows = (f.rows[:, None] * m + np.arange(m)[None, :]).reshape(-1)
+    g = int_attr(node, "group", 1)
+    width = g * m
+    b, has = _bias(fw.plan, node, width, new_w.dtype)
+    vals = np.asarray(b, np.float64)[out_rows] + (through if through.size else 0.0)
+    fw.plan.set(node, 1, new_w)
+    if has:
+        fw.plan.set(node, 2, np.delete(b, out_rows, axis=0))
+    fw.plan.attrs.append((node, "group", g - len(f.rows)))
+    fw.carry(f, node.outputs[0], axis=1, rows=out_rows, vals=vals)
+
+
+_Handler = Callable[[_Forward, _Flow, ir.Node, int], None]
+_HANDLERS: dict[str, _Handler] = {
+    **{op: _use_unary for op in (*_ACT_OPS, "Identity", "Dropout")},
+    **{op: _use_binary_const for op in _BINARY},
+    **{op: _use_pool for op in _POOLS},
+    "BatchNormalization": _use_batchnorm,
+    "Flatten": _use_flatten,
+    "Reshape": _use_reshape,
+    "Transpose": _use_transpose,
+    "Resize": _use_resize,
+    "Upsample": _use_resize,
+    "Pad": _use_pad,
+    "Slice": _use_slice,
+    "Concat": _use_concat,
+    "Gemm": _use_gemm,
+    "MatMul": _use_matmul,
+    "Conv": _use_conv,
+    "ConvTranspose": _use_conv,
+}
 
 # -- execution ---------------------------------------------------------------------------
 def _execute(graph: ir.Graph, plan: _Plan) -> None:
-    for node, i, arr in plan.params:
+    for node, i, arr in plan.edits.values():
         if i >= len(node.inputs):
             node.resize_inputs(i + 1)
         if node.inputs[i] is None:
             node.replace_input_with(i, new_initializer(graph, f"{node.name or node.op_type}_bias", arr))
         else:
             set_const(graph, node, i, arr)
-    for v, axis, removed in plan.shapes:
+    for node, name, value in plan.attrs:
+        node.attributes[name] = ir.AttrInt64(name, value)
+    for v, axis, removed in plan.shapes.values():
         if v.shape is None:
             continue
         dims = list(v.shape)
-        pos = len(dims) - 1 if axis == -1 else axis
-        if pos < len(dims) and isinstance(dims[pos], int):
+        pos = _pos(axis, len(dims))
+        if pos is not None and pos < len(dims) and isinstance(dims[pos], int):
             dims[pos] = int(dims[pos]) - removed  # type: ignore[arg-type]
             v.shape = ir.Shape(dims)
     for node, fold in plan.add_bias_after:
