@@ -7,7 +7,11 @@ is exactly the identity at surgery (``variant="identity"``); in training mode it
 with batch statistics, which tames exploding activations and their gradients, and it learns
 its scale during healing. ``variant="standardize"`` (bounded) starts at weight 1, bias 0 --
 the pre-activations are standardised at once (for saturated units), and the output change
-is measured. Needs a ``torch.fx``-traceable model.
+is measured. On a ``torch.fx``-traceable model the norm is a node of the graph; on any
+other (every Hugging Face model) the ``torch.export`` graph checks that the layer is called
+once and the norm runs as a forward hook on the layer, registered as its child
+``gs_norm_<layer>``: the model stays an ordinary ``nn.Module`` and no existing parameter is
+renamed.
 """
 
 from __future__ import annotations
@@ -58,13 +62,14 @@ class NormInsert(Replacement):
         why = super().check(problem, target)
         if why:
             return why
-        gm, reason = target.graph_module()
-        if gm is None:
-            return f"norm_insert needs a torch.fx graph: {reason}"
+        gm, _ = target.graph_module()
         try:
             for layer in self._layers(problem):
                 get_layer(target, layer)
-                module_node(gm, layer)
+                if gm is not None:
+                    module_node(gm, layer)
+                else:
+                    target.module_block(layer)
         except (Refused, RewriteError) as e:
             return str(e)
         return None
@@ -93,9 +98,7 @@ class NormInsert(Replacement):
             dim = 1 if not isinstance(mod, nn.Linear) else out.dim() - 1
             flat = out.movedim(dim, 0).reshape(out.shape[dim], -1)
             stats[layer] = (flat.mean(1), flat.var(1, unbiased=False), dim, out.dim())
-        gm, reason = target.graph_module()
-        if gm is None:
-            raise Refused(f"norm_insert needs a torch.fx graph: {reason}")
+        gm, _ = target.graph_module()
         applied = Applied(exact=identity, modules=list(layers))
         for layer in layers:
             mean, var, dim, ndim = stats[layer]
@@ -109,13 +112,18 @@ class NormInsert(Replacement):
                 if identity:
                     bn.weight.copy_((var + bn.eps).sqrt())
                     bn.bias.copy_(mean)
-            try:
-                name = insert_after(gm, module_node(gm, layer), bn, f"gs_norm_{layer}")
-            except RewriteError as e:
-                raise Refused(str(e)) from None
+            if gm is None:  # the module tree, mapped by the exported graph
+                target.module_block(layer)
+                name = target.attach_after(layer, bn, "gs_norm")
+            else:
+                try:
+                    name = insert_after(gm, module_node(gm, layer), bn, f"gs_norm_{layer}")
+                except RewriteError as e:
+                    raise Refused(str(e)) from None
             applied.modules.append(name)
             applied.new_parameters += [f"{name}.weight", f"{name}.bias"]
-        target.set_model(gm)
+        if gm is not None:
+            target.set_model(gm)
         applied.details.update({"variant": "identity" if identity else "standardize",
                                 "layers": layers})
         return applied

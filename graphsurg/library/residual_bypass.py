@@ -23,7 +23,9 @@ With ``alpha = 0`` the gates had not opened after 100 Adam steps (first-layer gr
 1.3x the untreated copy's), while the residual conversion healed for 100 steps gave a
 first-layer gradient ~1e19x larger and a lower loss. The planner therefore picks
 ``residual`` unless the certificates demand exactness (or its output change breaks them, in
-which case ``gated`` is the fallback). Needs a ``torch.fx``-traceable model.
+which case ``gated`` is the fallback). On a model ``symbolic_trace`` cannot capture, the
+blocks are read from the ``torch.export`` graph and the skips are forward hooks on the
+user's modules (:meth:`Target.attach_skip`): no existing parameter is renamed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from .._problems import Problem
-from ..passes.fx.capture import activation_of_node
+from ..passes.fx.capture import activation_of_module, activation_of_node
 from ..passes.fx.rewrite import RewriteError, block_bounds, insert_bypass, module_node
 from ._base import Applied, Refused, Replacement, Target
 
@@ -108,13 +110,11 @@ class ResidualBypass(Replacement):
         why = super().check(problem, target)
         if why:
             return why
-        gm, reason = target.graph_module()
-        if gm is None:
-            return f"residual_bypass needs a torch.fx graph: {reason}"
+        gm, _ = target.graph_module()
         for layer in self._span(problem):
             try:
-                block_bounds(gm, layer)
-            except RewriteError as e:
+                block_bounds(gm, layer) if gm is not None else target.module_block(layer)
+            except (RewriteError, Refused) as e:
                 return str(e)
         return None
 
@@ -148,11 +148,10 @@ class ResidualBypass(Replacement):
         for layer in order[order.index(span[-1]) + 1: len(order) - 1]:
             if float(norms[layer]) >= 1e-2 * top:
                 break
-            if gm is not None:
-                try:
-                    block_bounds(gm, layer)
-                except RewriteError:
-                    break
+            try:
+                block_bounds(gm, layer) if gm is not None else target.module_block(layer)
+            except (RewriteError, Refused):
+                break
             span.append(layer)
         return span
 
@@ -165,13 +164,13 @@ class ResidualBypass(Replacement):
         return {**params, "variant": "gated", "exact": True}
 
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
-        gm, reason = target.graph_module()
-        if gm is None:
-            raise Refused(f"residual_bypass needs a torch.fx graph: {reason}")
+        gm, _ = target.graph_module()
         gated = params.get("variant", "residual") == "gated"
         span = [str(s) for s in params.get("span") or self._span(problem)]
         applied = Applied(exact=gated, modules=list(span))
         gen = target.generator(f"bypass:{span[0]}")
+        if gm is None:
+            return _apply_on_modules(target, span, gated, applied, gen)
         names: list[str] = []
         centres: list[float] = []
         for layer in span:
@@ -194,3 +193,32 @@ class ResidualBypass(Replacement):
         applied.details.update({"variant": "gated" if gated else "residual", "span": span,
                                 "bypasses": names, "centres": centres})
         return applied
+
+
+def _apply_on_modules(target: Target, span: list[str], gated: bool, applied: Applied,
+                      gen: torch.Generator) -> Applied:
+    """The bypasses as forward hooks on the module tree, blocks read from the exported
+    graph (all blocks first: each edit invalidates the graph)."""
+    blocks = [(layer, *target.module_block(layer)) for layer in span]
+    shapes = [target.io_shapes(layer, end) for layer, end, _ in blocks]
+    names, centres = [], []
+    for (layer, end, modules), (in_shape, out_shape) in zip(blocks, shapes, strict=True):
+        proj = _projection(target.model.get_submodule(layer), in_shape, out_shape, gen)
+        centre = 0.0
+        for path in modules[1:]:  # the last bounded activation; a BatchNorm re-centres
+            act = activation_of_module(target.model.get_submodule(path))
+            if act is not None:
+                centre = (act.low + act.high) / 2.0 if act.bounded else 0.0  # type: ignore[operator]
+            elif "BatchNorm" in type(target.model.get_submodule(path)).__name__:
+                centre = 0.0
+        centres.append(centre)
+        mod = Bypass(proj, gated, centre)
+        name = target.attach_skip(layer, end, mod, "gs_bypass")
+        names.append(name)
+        applied.new_parameters += [f"{name}.{n}" for n, _ in mod.named_parameters()]
+        if any(True for _ in mod.parameters()):
+            applied.modules.append(name)
+    applied.details.update({"variant": "gated" if gated else "residual", "span": span,
+                            "bypasses": names, "centres": centres, "blocks": {
+                                layer: end for layer, end, _ in blocks}})
+    return applied

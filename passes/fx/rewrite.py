@@ -284,3 +284,141 @@ def extract_block(gm: fx.GraphModule, x: fx.Node, end: fx.Node) -> fx.GraphModul
         env[n] = g.node_copy(n, lambda m: env[m])
     g.output(env[end])
     return fx.GraphModule(gm, g)
+
+
+# --------------------------------------------------------------------------------------------
+# surgery on the module tree, with a torch.export graph as the map (models symbolic_trace
+# cannot capture: every Hugging Face model). The edits are forward hooks on the user's own
+# modules, with the new module registered as a child of the hooked one: the result is an
+# ordinary nn.Module, every existing parameter keeps its name, and deepcopy / state_dict /
+# torch.export see the new modules.
+
+#: aten ops that act on each unit alone (the block of a layer runs through them)
+_LOCAL_ATEN = {
+    "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "tanh", "hardtanh",
+    "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "selu", "celu", "softplus", "mish",
+    "hardswish", "hardsigmoid", "relu6", "dropout", "dropout_", "feature_dropout", "clone",
+    "batch_norm", "_native_batch_norm_legit_no_training", "alias", "detach", "_to_copy",
+}
+
+
+def node_owner(node: fx.Node) -> str:
+    """The innermost module path of a node of an exported graph ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not isinstance(stack, dict) or not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    return path.split("@", 1)[0]
+
+
+def _aten_name(node: fx.Node) -> str:
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    return str(getattr(t, "_opname", getattr(t, "__name__", t)))
+
+
+def _within(owner: str, path: str) -> bool:
+    return owner == path or owner.startswith(path + ".")
+
+
+def exported_block(gm: fx.GraphModule, path: str) -> tuple[str, list[str]]:
+    """``(end, modules)`` of the block of layer ``path`` in an exported graph: the module whose
+    output ends the block (the layer itself, or the last channel-local module after it:
+    activation, dropout, BatchNorm) and the modules of the block in forward order.
+
+    The block follows the layer's single-user chain of unit-wise aten ops and ends at the last
+    node that is the whole output of a module made of that chain alone (a functional
+    activation inside a bigger module's forward cannot be bracketed by hooks, so the block
+    stops before it). Raises :class:`RewriteError` when the layer is not called exactly once.
+    """
+    own = [n for n in gm.graph.nodes if n.op == "call_function" and node_owner(n) == path]
+    outs = [n for n in own if any(node_owner(u) != path for u in n.users)]
+    if not outs:
+        raise RewriteError(f"module {path!r} is not called in the exported graph")
+    if len(outs) != 1:
+        raise RewriteError(f"module {path!r} is called {len(outs)} times in the exported graph "
+                           "(need exactly one)")
+    end, chain = outs[0], {n for n in own}
+    best, modules = path, [path]
+    node = end
+    while len(node.users) == 1:
+        nxt = next(iter(node.users))
+        name = _aten_name(nxt)
+        if nxt.op != "call_function" or not nxt.args or nxt.args[0] is not node:
+            break
+        if name == "getitem" and nxt.args[1] != 0:
+            break
+        if name not in _LOCAL_ATEN and name != "getitem":
+            break
+        chain.add(nxt)
+        node = nxt
+        owner = node_owner(node)
+        closes = owner and all(not _within(node_owner(u), owner) for u in node.users)
+        pure = all(n in chain for n in gm.graph.nodes
+                   if n.op == "call_function" and _within(node_owner(n), owner))
+        if closes and pure and not _within(path, owner):
+            best = owner
+            if owner not in modules:
+                modules.append(owner)
+    return best, modules
+
+
+class SkipHooks:
+    """Forward hooks adding ``branch(x)`` to a block's output, ``x`` the block's input: a
+    pre-hook on the block's first module remembers its input, a hook on the block's last
+    module adds ``branch(x)`` to its output (``x_{i+1} = g_i(x_i) + B(x_i)``)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        self.branch = branch
+        self.x: torch.Tensor | None = None
+
+    def remember(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.x = args[0]
+
+    def add(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        x, self.x = self.x, None
+        if x is None:
+            raise RuntimeError("graphsurg skip path: the block's end ran before its start")
+        return out + self.branch(x)
+
+
+class ThenHook:
+    """A forward hook running ``module`` on the hooked module's output."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, hooked: nn.Module, args: tuple[Any, ...], out: torch.Tensor
+                 ) -> torch.Tensor:
+        return self.module(out)
+
+
+def _child_name(parent: nn.Module, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 1
+    while hasattr(parent, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def attach_after(model: nn.Module, path: str, module: nn.Module, name: str) -> str:
+    """Run ``module`` on the output of the module at ``path`` (in place on ``model``); the
+    new module becomes a child of that module. Returns its path."""
+    host = model.get_submodule(path)
+    child = _child_name(host, name)
+    host.add_module(child, module)
+    host.register_forward_hook(ThenHook(module))
+    return f"{path}.{child}" if path else child
+
+
+def attach_skip(model: nn.Module, start: str, end: str, branch: nn.Module, name: str) -> str:
+    """``end``'s output + ``branch(start's input)`` (in place on ``model``); ``branch``
+    becomes a child of the module at ``end``. Returns its path."""
+    first, last = model.get_submodule(start), model.get_submodule(end)
+    child = _child_name(last, name)
+    last.add_module(child, branch)
+    hooks = SkipHooks(branch)
+    first.register_forward_pre_hook(hooks.remember)
+    last.register_forward_hook(hooks.add)
+    return f"{end}.{child}" if end else child

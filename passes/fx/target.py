@@ -40,6 +40,7 @@ class Target:
         self.seed = seed
         self._groups: dict[tuple[str, tuple[int, ...]], _coupling.CouplingGroup] = {}
         self._gm: tuple[fx.GraphModule | None, str] | None = None
+        self._ep: tuple[fx.GraphModule | None, str] | None = None
 
     # -- running ---------------------------------------------------------------------------
     def example(self, i: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -118,6 +119,83 @@ class Target:
     def invalidate(self) -> None:
         self._groups.clear()
         self._gm = None
+        self._ep = None
+
+    def exported(self) -> tuple[fx.GraphModule | None, str]:
+        """The current model's ``torch.export`` graph (eval mode, first calibration batch),
+        or ``(None, reason)``. It is a map of the module tree (``nn_module_stack``); edits
+        go to the modules (:meth:`attach_after`, :meth:`attach_skip`)."""
+        if self._ep is None:
+            args, kwargs = self.example()
+            was = self.model.training
+            self.model.eval()
+            try:
+                ep = torch.export.export(self.model, tuple(args), dict(kwargs), strict=False)
+                self._ep = (ep.graph_module, "")
+            except Exception as e:  # export failures are reported as the reason
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self._ep = (None, f"torch.export failed ({type(e).__name__}: {msg[:160]})")
+            finally:
+                self.model.train(was)
+        return self._ep
+
+    def module_block(self, path: str) -> tuple[str, list[str]]:
+        """``(end, modules)`` of the block of layer ``path`` read from the exported graph
+        (:func:`~graphsurg.passes.fx.rewrite.exported_block`), or :class:`Refused`."""
+        from .rewrite import RewriteError, exported_block
+
+        gm, reason = self.exported()
+        if gm is None:
+            raise Refused(f"no graph of the model: {reason}")
+        try:
+            return exported_block(gm, path)
+        except RewriteError as e:
+            raise Refused(str(e)) from None
+
+    @torch.no_grad()
+    def io_shapes(self, start: str, end: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of ``start``'s input and ``end``'s output on the first calibration batch."""
+        got: dict[str, tuple[int, ...]] = {}
+
+        def pre(m: nn.Module, a: tuple[Any, ...]) -> None:
+            got.setdefault("in", tuple(a[0].shape))
+
+        def post(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor) -> None:
+            got.setdefault("out", tuple(o.shape))
+
+        h1 = self.model.get_submodule(start).register_forward_pre_hook(pre)
+        h2 = self.model.get_submodule(end).register_forward_hook(post)
+        was = self.model.training
+        self.model.eval()
+        try:
+            self.run()
+        finally:
+            h1.remove()
+            h2.remove()
+            self.model.train(was)
+        if "in" not in got or "out" not in got:
+            raise Refused(f"modules {start!r} / {end!r} are not called when the model runs")
+        return got["in"], got["out"]
+
+    def attach_after(self, path: str, new: nn.Module, prefix: str) -> str:
+        """Run ``new`` on the output of module ``path`` (a forward hook; ``new`` becomes its
+        child, no existing parameter is renamed). Returns ``new``'s path."""
+        from .rewrite import attach_after
+
+        new.train(self.model.training)
+        name = attach_after(self.model, path, new, prefix)
+        self.invalidate()
+        return name
+
+    def attach_skip(self, start: str, end: str, branch: nn.Module, prefix: str) -> str:
+        """Add ``branch(start's input)`` to ``end``'s output (forward hooks; ``branch``
+        becomes a child of ``end``, no existing parameter is renamed). Returns its path."""
+        from .rewrite import attach_skip
+
+        branch.train(self.model.training)
+        name = attach_skip(self.model, start, end, branch, prefix)
+        self.invalidate()
+        return name
 
     def replace_module(self, path: str, new: nn.Module) -> None:
         """Put ``new`` at ``path`` (keeping the old module's training mode)."""
