@@ -146,6 +146,7 @@ class _Plan:
     shapes: dict[int, tuple[ir.Value, int, int]] = field(default_factory=dict)
     add_bias_after: list[tuple[ir.Node, np.ndarray]] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
+    joined: dict[str, list[int]] = field(default_factory=dict)
 
     def arr(self, node: ir.Node, i: int) -> np.ndarray | None:
         """Input ``i`` of ``node`` as planned so far (a constant), or None."""
@@ -229,6 +230,8 @@ class Excision:
         units: the units removed (indices in the width before the edit), ascending.
         width_before / width_after: the producer's width.
         sinks: the consumers the constants were folded into (``"Gemm 'fc2'"``...).
+        joined: other sites (address -> units) whose units went with these: the other
+            branches of a residual sum, constant there too.
     """
 
     site: str
@@ -237,6 +240,7 @@ class Excision:
     width_before: int
     width_after: int
     sinks: list[str]
+    joined: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -308,7 +312,10 @@ def excise_site(model: ir.Model, problem: Problem,
     _execute(graph, plan)
     if excised is not None:
         excised.setdefault(site, set()).update(units)
-    return Excision(site, producer, sorted(units), width, width - len(units), list(plan.sinks))
+        for other, rows in plan.joined.items():
+            excised.setdefault(other, set()).update(rows)
+    return Excision(site, producer, sorted(units), width, width - len(units), list(plan.sinks),
+                    dict(plan.joined))
 
 
 class ExciseDeadUnits(GraphsurgPass):
@@ -353,7 +360,9 @@ def _plan(model: ir.Model, a: ir.Value, units: list[int], consts: np.ndarray,
             f"all {width} units are constant: removing the whole layer is a module-scale "
             "edit, not done by this pass"
         )
-    _Forward(model, plan, batches).run(_Flow(a, axis, rank, rows, vals))
+    fw = _Forward(model, plan, batches)
+    fw.run(_Flow(a, axis, rank, rows, vals))
+    plan.joined = fw.joined
     return plan, axis, rank, width, producer
 
 
@@ -550,6 +559,8 @@ class _Forward:
         self.order = {id(n): i for i, n in enumerate(model.graph)}
         self.seen: set[int] = set()
         self.pending: dict[int, tuple[ir.Node, dict[int, _Flow]]] = {}
+        #: other sites whose units are removed with the site's (residual branches)
+        self.joined: dict[str, list[int]] = {}
 
     def run(self, f: _Flow) -> None:
         self.flow(f)
@@ -603,7 +614,8 @@ class _Forward:
             return
         if op in ("Add", "Sub"):
             vals = self.measure(node, other, f)
-            _plan_source(other, f.rows, self.plan)
+            producer = _plan_source(other, f.rows, self.plan)[3]
+            self.joined[f"{producer}:{other.name}"] = f.rows.tolist()
             # wait for the other branch's flow to reach this node, then join the two
             self.pending[id(node)] = (node, {idx: f})
             self.seen.discard(id(node))
