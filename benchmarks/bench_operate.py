@@ -35,12 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heal-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=20, help="batches of 512 (default 20)")
     ap.add_argument("--no-guarantee", action="store_true",
                     help="Certificates(require_strict_subset=False): the cost without the "
                          "global certificate and closed loop (issue 13's baseline)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, data = broken_model(), _data()
+    model, data = broken_model(), _data()[:args.batches]
     cert = gs.Certificates(require_strict_subset=not args.no_guarantee)
     times = []
     res = None
