@@ -80,15 +80,22 @@ class EagerWatch:
         order: list[str] = []
         last = [""]
 
+        calls: list[str] = []  # module calls in order, to find layer outputs no activation reads
+        layer_out: dict[str, torch.Tensor] = {}
+
         def layer_hook(path: str) -> Callable[..., None]:
             def hook(mod: nn.Module, inp: object, out: object) -> None:
                 last[0] = path
+                calls.append(path)
                 if path not in order:
                     order.append(path)
+                if isinstance(out, torch.Tensor) and path not in layer_out:
+                    layer_out[path] = out.detach()
             return hook
 
         def act_hook(path: str) -> Callable[..., None]:
             def hook(mod: nn.Module, inp: object, out: object) -> None:
+                calls.append(path)
                 if isinstance(out, torch.Tensor) and path not in seen:
                     seen[path] = (out.detach(), last[0])
             return hook
@@ -100,6 +107,12 @@ class EagerWatch:
         finally:
             for h in handles:
                 h.remove()
+        # a layer whose output no activation module reads next is observed itself (the
+        # compiled graphs' rule), under the address "<layer>:<layer>"
+        for j, path in enumerate(calls):
+            if path in self.layers and (j + 1 == len(calls) or calls[j + 1] not in self.acts) \
+                    and path in layer_out and path not in seen:
+                seen[path] = (layer_out[path], path)
         if not rec.observers and seen:
             self._setup(seen, order)
         xs = [seen.get(p, (None, ""))[0] for p in self.sites]
@@ -120,10 +133,15 @@ class EagerWatch:
         rec = self.record
         self.sites = list(seen)
         for i, path in enumerate(self.sites):
-            act = self.acts[path][0]
             x, prod = seen[path]
             conv = self.layers.get(prod, ("", None))[0].startswith("conv")
-            site = ActSite(path, act.name, act.family, prod, 1 if conv else -1, i, path, act)
+            if path in self.layers:  # a bare layer output
+                kind = self.layers[path][0]
+                site = ActSite(path, kind, "linear", path, 1 if conv else -1, i, path)
+            else:
+                act = self.acts[path][0]
+                site = ActSite(path, act.name, act.family, prod, 1 if conv else -1, i, path,
+                               act)
             rec.observers.append(self.sink.observer(site_key(site), site))
         rec.segments, _ = site_segments(rec.observers, [seen[p][0] for p in self.sites])
         for j, path in enumerate(order):
@@ -142,7 +160,9 @@ class EagerWatch:
             if w:
                 steps[pos[lay]] = 1
         self.step_mask = steps
-        rec.reset()
+        sampled = rec.sampled
+        rec.reset()  # sizes the row samples for the observers just added
+        rec.sampled = sampled
 
     def _arm(self, out: Any) -> None:
         t = next((o for o in (out if isinstance(out, (tuple, list)) else (out,))
