@@ -249,3 +249,82 @@ def test_monitor_diagnosis_is_the_one_diagnosis(monkeypatch: pytest.MonkeyPatch)
     (m,) = seen
     assert m.ir == "torch" and m.capture == d.capture == "torch.compile"
     assert m.batches == d.batches == 2 and d.gradients_checked
+
+
+def _sigmoid_mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                               torch.nn.Sigmoid(), torch.nn.Linear(16, 2))
+
+
+def _stats_via(in_graph: bool) -> tuple[dict, dict, list]:
+    from graphsurg.passes.fx.observe_compiled import monitor_graph
+    from torch._dynamo.backends.registry import lookup_backend
+
+    model = _sigmoid_mlp()
+    mon = gs.Monitor(every=1)
+    inner = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        return monitor_graph(mon, gm, example_inputs, inner, in_graph=in_graph)[0]
+
+    c = torch.compile(model, backend=backend)
+    _train(c, batches(3), model)
+    stats = mon.stats()  # builds the observers' statistics from the graph's packed ones
+    sat = [o.saturated_fraction() for o in mon._observers.values()]
+    return stats, mon.grad_norms(), sat
+
+
+def test_statistics_in_the_graph_equal_the_batched_kernel_and_float64() -> None:
+    """The observed graph computing every site's sums itself (what inductor fuses) gives the
+    statistics the batched C kernel gives, and both match a float64 reference."""
+    in_graph, g_in, sat_in = _stats_via(True)
+    kernel, g_k, sat_k = _stats_via(False)
+    assert in_graph.keys() == kernel.keys() and len(in_graph) == 3
+    model = _sigmoid_mlp()
+    xs = torch.cat([x for x, _ in batches(3)]).double()
+    h1 = torch.relu(model[0].double()(xs))
+    h2 = torch.sigmoid(model[2].double()(h1))
+    ref = {"0": h1, "2": h2, "4": model[4].double()(h2)}
+    for addr, s in in_graph.items():
+        k = kernel[addr]
+        assert torch.equal(s.count, k.count) and torch.equal(s.n_nonpos, k.n_nonpos)
+        r = ref[addr.split(":")[0]]
+        # float32 sums of 96 rows against float64: float32 rounding
+        torch.testing.assert_close(s.exact_mean(), r.mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(k.exact_mean(), r.mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s.var.double(), r.var(0, correction=0), atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(k.var.double(), r.var(0, correction=0), atol=1e-6, rtol=1e-4)
+    # the sigmoid site counts saturation around its centre 0.5 in both paths
+    assert sum(f is not None for f in sat_in) == 1
+    for a, b in zip(sat_in, sat_k, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    for k, v in g_in.items():
+        assert v == pytest.approx(g_k[k], rel=1e-6)
+
+
+def test_one_batched_call_per_sampled_step_whatever_the_sites(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sampled call reduces all sites in one call and all gradients in one call; a skipped
+    call runs the plain compiled graph and measures nothing."""
+    import graphsurg.passes.fx.observe_compiled as oc
+
+    counts = {"sites": 0, "grads": 0}
+    real_sites, real_grads = oc.partial_sums_many, oc.multi_grad_sq_norms
+
+    def sites(*a, **k):  # type: ignore[no-untyped-def]
+        counts["sites"] += 1
+        return real_sites(*a, **k)
+
+    def grads(*a, **k):  # type: ignore[no-untyped-def]
+        counts["grads"] += 1
+        return real_grads(*a, **k)
+
+    monkeypatch.setattr(oc, "partial_sums_many", sites)
+    monkeypatch.setattr(oc, "multi_grad_sq_norms", grads)
+    model = mlp()  # three sites, six parameters
+    mon = gs.Monitor(every=2)
+    c = torch.compile(model, backend="graphsurg", options={"monitor": mon, "inner": "aot_eager"})
+    _train(c, batches(4), model)
+    assert mon.sampled == 2
+    assert counts == {"sites": 2, "grads": 2}
