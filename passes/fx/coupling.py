@@ -703,12 +703,19 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
                 return group
             found, chain, deltas = _probe_units(group, probes, leaves, base, records,
                                                 perturbed, state["out"], tol)
-            _consumers_from_spans(group, probes, leaves, found)
-            _chain_from_probe(group, leaves, chain, found)
+            odd = _consumers_from_spans(group, probes, leaves, found)
+            proof = _Proof(group, model, probes, deltas, perturbed, records, tol)
+            if len(group.consumers) > 1 and not group.refusals:
+                proof.drop_downstream_consumers()
+            upstream = proof.run() if group.consumers and not group.refusals else set(leaves)
+            # a layer read through an odd index map matters only where the units reach it
+            # directly (not through a consumer: e.g. a squeeze-excite conv after a grouped one)
+            group.refusals += [why for name, why in odd.items() if name in upstream]
+            _chain_from_probe(group, leaves, {k: v for k, v in chain.items() if k in upstream},
+                              found)
             if group.consumers and not group.refusals:
                 perturbed(None, mode="constant")
                 _mixed_from_constant(group, leaves, records, tol)
-                _prove(group, model, probes, deltas, perturbed)
     finally:
         for h in handles:
             h.remove()
@@ -786,30 +793,34 @@ def _probe_units(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.M
 
 
 def _consumers_from_spans(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.Module],
-                          found: dict[str, dict[int, tuple[int, int]]]) -> None:
+                          found: dict[str, dict[int, tuple[int, int]]]) -> dict[str, str]:
     """Consumers from the column spans each probed unit changed: every probed unit must hit
-    the layer, with one stride and ``start + u * stride`` as the first column."""
+    the layer, with one stride and ``start + u * stride`` as the first column. Returns the
+    other layers the units changed, with why they are not consumers (a refusal where the
+    units reach them directly)."""
+    odd: dict[str, str] = {}
     for name, spans in found.items():
         m = leaves[name]
         missing = [u for u in probes if u not in spans]
         if missing:
-            group.refusals.append(
+            odd[name] = (
                 f"layer {name!r} reads units {sorted(spans)} of {group.producer!r} but not "
                 f"units {missing} (a slice or a gather of the units)")
             continue
         stride = spans[probes[0]][1]
         start = spans[probes[0]][0] - probes[0] * stride
         if any(n != stride or lo != start + u * stride for u, (lo, n) in spans.items()):
-            group.refusals.append(f"layer {name!r} reads the units through an index map the "
-                                  "probe does not understand")
+            odd[name] = (f"layer {name!r} reads the units through an index map the probe "
+                         "does not understand")
             continue
         groups = int(getattr(m, "groups", 1)) if isinstance(m, _CONV) else 1
         if isinstance(m, _CONV) and stride != 1:
-            group.refusals.append(f"conv {name!r} (groups={groups}) does not read the units "
-                                  "as plain input channels")
+            odd[name] = (f"conv {name!r} (groups={groups}) does not read the units as plain "
+                         "input channels")
             continue
         group.consumers.append(
             Consumer(name, "conv" if isinstance(m, _CONV) else "linear", start, stride, groups))
+    return odd
 
 
 def _chain_from_probe(group: CouplingGroup, leaves: dict[str, nn.Module], chain: dict[str, str],
@@ -857,31 +868,73 @@ def _mixed_from_constant(group: CouplingGroup, leaves: dict[str, nn.Module],
                 "constant: a residual add or a gate)")
 
 
-def _prove(group: CouplingGroup, model: nn.Module, probes: list[int], deltas: dict[int, float],
-           perturbed: Callable[..., Any]) -> None:
-    """With the consumers' weights for a probed unit zeroed, perturbing the unit must leave
-    the output unchanged."""
-    saved = {c.module: _weight(model, c.module).detach().clone() for c in group.consumers}
-    try:
-        for u in probes:
-            for c in group.consumers:
-                wt = _weight(model, c.module)
+def _changed(records: dict[str, list[torch.Tensor]], base: dict[str, list[torch.Tensor]],
+             tol: float) -> set[str]:
+    """The leaves whose recorded input differs from ``base``."""
+    out: set[str] = set()
+    for name, xs in records.items():
+        for x, x0 in zip(xs, base.get(name, []), strict=False):
+            if x.shape == x0.shape and bool(((x - x0).abs() > tol * (1.0 + x0.abs())).any()):
+                out.add(name)
+                break
+    return out
+
+
+class _Proof:
+    """Runs with consumers' weights for a probed unit zeroed (weights restored bit for bit)."""
+
+    def __init__(self, group: CouplingGroup, model: nn.Module, probes: list[int],
+                 deltas: dict[int, float], perturbed: Callable[..., Any],
+                 records: dict[str, list[torch.Tensor]], tol: float) -> None:
+        self.group, self.model, self.probes, self.deltas = group, model, probes, deltas
+        self.perturbed, self.records, self.tol = perturbed, records, tol
+
+    def _zeroed(self, consumers: list[Consumer], u: int
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], set[str]]:
+        """Outputs without / with the perturbation of ``u`` and the leaves it still reaches,
+        with ``consumers``' weights for ``u`` zeroed."""
+        saved = {c.module: _weight(self.model, c.module).detach().clone() for c in consumers}
+        try:
+            for c in consumers:
+                wt = _weight(self.model, c.module)
                 rows, cols = c.weight_index(u, wt.shape)
                 wt[rows, cols] = 0.0
-            ref = _float_leaves(perturbed(None))
-            got = _float_leaves(perturbed(u, deltas[u]))
+            ref = _float_leaves(self.perturbed(None))
+            ref_records = dict(self.records)
+            got = _float_leaves(self.perturbed(u, self.deltas[u]))
+            return ref, got, _changed(self.records, ref_records, self.tol)
+        finally:
+            for c in consumers:
+                _weight(self.model, c.module).copy_(saved[c.module])
+
+    def drop_downstream_consumers(self) -> None:
+        """A candidate that no probed unit reaches once another consumer's weights for the
+        unit are zeroed reads that consumer's output, not the units (e.g. the 1x1 conv after a
+        depthwise conv, which passes each channel on alone): it is not a consumer."""
+        for c in list(self.group.consumers):
+            if c not in self.group.consumers:
+                continue
+            reached: set[str] = set()
+            for u in self.probes:
+                reached |= self._zeroed([c], u)[2]
+            self.group.consumers = [d for d in self.group.consumers
+                                    if d is c or d.module in reached]
+
+    def run(self) -> set[str]:
+        """The proof: with every consumer's weights for a probed unit zeroed, perturbing the
+        unit must leave the output unchanged. Returns the leaves the perturbations still
+        reach (those between the producer and its consumers)."""
+        upstream: set[str] = set()
+        for u in self.probes:
+            ref, got, reached = self._zeroed(self.group.consumers, u)
+            upstream |= reached
             for a, b in zip(ref, got, strict=False):
                 if a.shape == b.shape and not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-                    group.refusals.append(
-                        f"unit {u} of {group.producer!r} reaches the output through a path "
-                        "the probe does not understand (e.g. a residual add)")
+                    self.group.refusals.append(
+                        f"unit {u} of {self.group.producer!r} reaches the output through a "
+                        "path the probe does not understand (e.g. a residual add)")
                     break
-            for c in group.consumers:
-                _weight(model, c.module).copy_(saved[c.module])
-    finally:
-        for c in group.consumers:
-            _weight(model, c.module).copy_(saved[c.module])
-
+        return upstream
 
 
 def _weight(model: nn.Module, path: str) -> torch.Tensor:

@@ -269,3 +269,58 @@ def test_residual_add_read_by_a_single_conv_is_followed() -> None:
     rep.apply(target, dead, rep.propose(dead, target))
     ref, got = _f64(model, x), _f64(target.model, x)
     assert float((got - ref).norm() / ref.norm()) <= 1e-6
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block without the skip: expand 1x1 -> BN -> ReLU6 -> depthwise 3x3 ->
+    BN -> ReLU6 -> reduce 1x1; untraceable, so the probe measures it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.expand = nn.Conv2d(4, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.reduce = nn.Conv2d(12, 4, 1)
+        with torch.no_grad():
+            self.bn1.weight[[0, 5, 11]] = 0.0
+            self.bn1.bias[[0, 5, 11]] = -50.0
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.relu6(self.bn1(self.expand(x)))
+        if bool(h.sum() > -1.0):
+            h = h * 1.0
+        return self.reduce(nn.functional.relu6(self.bn2(self.dw(h))))
+
+
+def test_depthwise_consumer_is_edited_per_group() -> None:
+    """Dead expansion channels read by a depthwise conv (MobileNetV2): the probe refused
+    ("groups=12 does not read the units as plain input channels"), and once grouped convs
+    were read, the 1x1 conv and BatchNorm after the depthwise one (which pass each channel on
+    alone) looked coupled too and reinit reset the wrong norm (output change 2.0 on the
+    corpus's MobileNetV2). Now the depthwise conv is the one consumer, edited per group,
+    reinit_dead is exact and width changes are refused with the reason."""
+    import copy
+
+    from graphsurg.passes.fx.target import Target
+
+    from graphsurg.library import default_library
+
+    model = _InvertedResidual()
+    x = torch.randn(4, 4, 6, 6)
+    target = Target(copy.deepcopy(model), [x])
+    dead = _dead_problem("expand", (0, 5, 11))
+    lib = default_library()
+    why = lib.get("excise_dead").check(dead, target)
+    assert why is not None and "grouped conv 'dw'" in why
+    rep = lib.get("reinit_dead")
+    assert rep.check(dead, target) is None
+    g = target.coupling("expand", (0, 5, 11))
+    assert [(c.module, c.groups) for c in g.consumers] == [("dw", 12)]
+    assert g.batchnorms() == ["bn1"]
+    rep.apply(target, dead, rep.propose(dead, target))
+    ref, got = _f64(model, x), _f64(target.model, x)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-6
+    assert not torch.equal(target.model.dw.weight, model.dw.weight)  # columns zeroed per group
