@@ -12,13 +12,14 @@ Nothing here knows torch.fx or ONNX.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._config import DiagnoseConfig
+from ._console import Progress, progress
 from ._data import InputFn, iter_batches
 from ._ir import IRAdapter
 from ._measurements import Measurements
@@ -104,7 +105,12 @@ def diagnose_adapter(
         # one-shot iterator)
         batches = list(iter_batches(batches, config.max_batches))
     # both adapters stream any iterable (one pass, nothing kept); IRAdapter says Sequence
-    m = adapter.observe(batches, config, loss_fn=loss_fn)  # type: ignore[arg-type]
+    total = len(batches) if isinstance(batches, Sized) else None
+    if config.max_batches is not None:
+        total = min(total, config.max_batches) if total is not None else config.max_batches
+    with progress(total, "measuring batches", enabled=config.progress) as bar:
+        m = adapter.observe(_advancing(batches, bar), config,  # type: ignore[arg-type]
+                            loss_fn=loss_fn)
     m.notes.extend(notes)
     if val_batches is not None and loss_fn is not None:
         val = list(iter_batches(val_batches, config.max_batches))
@@ -115,6 +121,14 @@ def diagnose_adapter(
                        if caps.gradients else
                        f"gradients not checked: the {adapter.ir} adapter has no gradients")
     return diagnosis_from(m, config)
+
+
+def _advancing(batches: Iterable[Any], bar: Progress) -> Iterator[Any]:
+    """``batches``, advancing ``bar`` once each batch has been measured (when the next one is
+    asked for)."""
+    for b in batches:
+        yield b
+        bar.advance()
 
 
 def diagnosis_from(m: Measurements, config: DiagnoseConfig | None = None) -> Diagnosis:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -277,7 +276,6 @@ class _Observation:
     def run(self, batches: Iterable[Batch]) -> Measurements:
         n = 0
         input_nonfinite = 0
-        progress = _Progress(self.config)
         try:
             for i, batch in enumerate(iter_batches(batches, self.config.max_batches)):
                 input_nonfinite += sum(int((~torch.isfinite(t)).sum())
@@ -286,9 +284,7 @@ class _Observation:
                     self._capture(batch)
                 self._step(batch, i)
                 n += 1
-                progress.tick(n)
         finally:
-            progress.close()
             for h in self.handles:
                 h.remove()
         if self.handles:  # hooks: layers in forward (first-call) order, as a graph gives them
@@ -365,28 +361,6 @@ class _Observation:
             if v != v or v == float("inf"):
                 self.grad_nonfinite.add(layer)
             self.grad_sq[layer] = self.grad_sq.get(layer, 0.0) + v
-
-
-class _Progress:
-    """A minimal progress line on stderr, only when it is a TTY (or config.progress)."""
-
-    def __init__(self, config: DiagnoseConfig) -> None:
-        self.on = config.progress if config.progress is not None else sys.stderr.isatty()
-        self.total = config.max_batches
-        self.shown = False
-
-    def tick(self, n: int) -> None:
-        if not self.on:
-            return
-        total = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"\rgraphsurg: measuring batch {n}{total}")
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 __all__ = ["TorchAdapter", "float_leaves"]

@@ -175,3 +175,15 @@ def test_hardtanh_keeps_its_bounds_for_saturation() -> None:
     d = gs.diagnose(model, [torch.randn(16, 4)])
     (p,) = d.of_kind("Saturation")
     assert p.units == (0, 1, 6) and p.site.op == "hardtanh"
+
+
+def test_diagnose_shows_progress_through_the_console_bar(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """diagnose reports measured batches through graphsurg._console.progress (one bar for
+    both IRs); with progress=False it is silent."""
+    case = zoo.dead_mlp(0)
+    gs.diagnose(case.model, case.batches, config=gs.DiagnoseConfig(progress=True))
+    err = capsys.readouterr().err
+    assert "measuring" in err and f"{len(case.batches)}" in err
+    gs.diagnose(case.model, case.batches, config=gs.DiagnoseConfig(progress=False))
+    assert capsys.readouterr().err == ""
