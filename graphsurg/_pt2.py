@@ -39,7 +39,7 @@ _PLAIN_TARGETS: frozenset[Any] = frozenset({
     operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
     operator.or_, operator.not_, math.trunc, math.ceil, math.floor, math.sqrt,
     torch.sym_not, torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min,
-    torch.sym_sqrt, torch.sym_ite, torch._sym_sqrt,
+    torch.sym_sqrt, torch.sym_ite, getattr(torch, "_sym_sqrt", torch.sym_sqrt),
 })
 
 

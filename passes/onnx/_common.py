@@ -349,7 +349,7 @@ def lift_constants(model: ir.Model) -> int:
         name = out.name
         if t.name != name:
             t = ir.Tensor(t.numpy(), name=name) if not isinstance(t, ir.ExternalTensor) else t
-        init = ir.Value(name=None, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype),
+        init = ir.Value(name=None, shape=ir.Shape(tuple(t.shape.numpy())), type=ir.TensorType(t.dtype),
                         const_value=t)
         out.replace_all_uses_with(init)
         graph.remove(node, safe=True)

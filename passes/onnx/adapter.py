@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir
 import onnx_ir as ir
 
 from graphsurg._config import DiagnoseConfig
@@ -64,7 +65,7 @@ class OnnxAdapter:
     ir = "onnx"
     capabilities = Capabilities(gradients=False, trainable=False)
 
-    def __init__(self, model: ir.Model, *, threads: int | None = None) -> None:
+    def __init__(self, model: onnx_ir.Model, *, threads: int | None = None) -> None:
         if not isinstance(model, ir.Model):
             raise TypeError(f"OnnxAdapter takes an onnx_ir.Model, got {type(model).__name__}; "
                             "use OnnxAdapter.open(path_or_proto_or_model)")
@@ -87,7 +88,7 @@ class OnnxAdapter:
         return cls(model, threads=threads), kind
 
     @property
-    def model(self) -> ir.Model:
+    def model(self) -> onnx_ir.Model:
         """The working ``onnx_ir.Model`` (edited in place by the library's ONNX appliers)."""
         return self._model
 
@@ -125,10 +126,10 @@ class OnnxAdapter:
                        if isinstance(r, np.ndarray) and np.issubdtype(r.dtype, np.floating))
         return out
 
-    def snapshot(self) -> ir.Model:
+    def snapshot(self) -> onnx_ir.Model:
         return self._model.clone()
 
-    def restore(self, snapshot: ir.Model) -> None:
+    def restore(self, snapshot: onnx_ir.Model) -> None:
         """Make the working model a copy of ``snapshot`` (which stays usable). The working
         model becomes a new object: take :attr:`model` / :meth:`target` again afterwards."""
         self._model = snapshot.clone()

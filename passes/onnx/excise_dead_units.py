@@ -894,7 +894,7 @@ def _reshape_keeps(src: ir.Value, target: np.ndarray, f: _Flow, node: ir.Node
     tail_t = t[p + 1:]
     if any(d is None for d in tail_in) or any(x == 0 for x in tail_t):
         return None
-    n_in = int(np.prod(tail_in)) if tail_in else 1
+    n_in = int(np.prod([int(d) for d in tail_in if d is not None])) if tail_in else 1
     if -1 in tail_t:
         if -1 in t[:p] or tail_t.count(-1) > 1:
             return None
@@ -905,6 +905,7 @@ def _reshape_keeps(src: ir.Value, target: np.ndarray, f: _Flow, node: ir.Node
         return None
     if t[p] == 0:
         return p, None
+    assert c is not None  # t[p] == c != 0 here
     new = target.copy()
     new.reshape(-1)[p] = c - len(f.rows)
     return p, new

@@ -321,12 +321,12 @@ class NpzArrays:
                                  "write it with numpy.savez(path, input_name=array, ...)") from None
         if not self.members:
             raise OnnxInputError(f"{where} holds no arrays")
-        for k, m in self.members.items():
-            if m.dtype.hasobject:
+        for k, mem in self.members.items():
+            if mem.dtype.hasobject:
                 raise OnnxInputError(f"{where}: array '{k}' holds Python objects (pickled); "
                                      "refused, not read -- save numeric arrays")
-            _check_size(int(np.prod(m.shape, dtype=np.int64)) * m.dtype.itemsize,
-                        f"{where}: array '{k}' {m.shape} {m.dtype}")
+            _check_size(int(np.prod(mem.shape, dtype=np.int64)) * mem.dtype.itemsize,
+                        f"{where}: array '{k}' {mem.shape} {mem.dtype}")
 
     def read(self, key: str, rows: slice | None = None) -> np.ndarray:
         """Array ``key`` (or its rows ``rows`` along axis 0), as a fresh array."""
@@ -472,7 +472,8 @@ class _NpzFiles(_Source):
         return f"'{self.files[i].path}'"
 
 
-def _split_npz(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list[LazyFeed]:
+def _split_npz(path: Path, specs: Sequence[InputSpec], batch_size: int
+               ) -> list[Mapping[str, np.ndarray]]:
     arrays = NpzArrays(path)
     where = f"calibration data '{path}'"
     names = [s.name for s in specs]
@@ -509,7 +510,8 @@ def _split_npz(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list[
     if total == 0:
         raise OnnxInputError(f"{where} holds 0 samples; pass at least one")
     fixed = {s.fixed_batch() for s in specs if axes[s.name] is not None} - {None}
-    step = fixed.pop() if len(fixed) == 1 else batch_size
+    fixed_step = fixed.pop() if len(fixed) == 1 else None
+    step = int(fixed_step) if fixed_step is not None else batch_size
     bounds = [slice(i, min(i + step, total)) for i in range(0, total, step)] if rows else [
         slice(0, 1)]
     for s in specs:
@@ -523,7 +525,7 @@ def _split_npz(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list[
     return [LazyFeed(source, i) for i in range(len(bounds))]
 
 
-def _npz_folder(folder: Path, specs: Sequence[InputSpec]) -> list[LazyFeed]:
+def _npz_folder(folder: Path, specs: Sequence[InputSpec]) -> list[Mapping[str, np.ndarray]]:
     files = sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
     if not files:
         raise OnnxInputError(f"calibration folder '{folder}' holds no .npz files; write one "
@@ -682,7 +684,7 @@ def load_feeds(model: ir.Model, data: DataLike, *, batch_size: int = 64,
     if loader is not None:
         raw = run_loader_script(loader, max_batches=max_batches)
     elif isinstance(data, str | os.PathLike):
-        p = Path(data)
+        p = Path(os.fspath(data))
         if p.is_dir():
             return _npz_folder(p, specs)
         if not p.is_file():
@@ -702,11 +704,13 @@ def load_feeds(model: ir.Model, data: DataLike, *, batch_size: int = 64,
     elif isinstance(data, Iterable) and not isinstance(data, bytes | np.ndarray):
         items = list(data)
         if items and all(isinstance(x, str | os.PathLike) for x in items):
-            files = [NpzArrays(Path(x)) for x in items]
+            files = [NpzArrays(Path(str(x))) for x in items]
             for a in files:
                 _check_members(specs, a)
             source = _NpzFiles(files, specs)
-            return [LazyFeed(source, i) for i in range(len(files))]
+            lazy: list[Mapping[str, np.ndarray]] = [LazyFeed(source, i)
+                                                    for i in range(len(files))]
+            return lazy
         if not all(isinstance(x, Mapping) for x in items):
             bad = next(type(x).__name__ for x in items if not isinstance(x, Mapping))
             raise OnnxInputError(f"calibration data holds a {bad}; pass feed dicts "
@@ -718,10 +722,11 @@ def load_feeds(model: ir.Model, data: DataLike, *, batch_size: int = 64,
                              f"callable, got {type(data).__name__}")
     if not raw:
         raise OnnxInputError("calibration data is empty; pass at least one batch")
-    feeds = [check_feed(specs, b, f"calibration batch {i}") for i, b in enumerate(raw)]
+    feeds: list[Mapping[str, np.ndarray]] = [
+        check_feed(specs, b, f"calibration batch {i}") for i, b in enumerate(raw)]
     for i, f in enumerate(feeds):
-        for k, a in f.items():
-            _check_size(a.nbytes, f"calibration batch {i} input '{k}'")
+        for k, arr in f.items():
+            _check_size(arr.nbytes, f"calibration batch {i} input '{k}'")
     return feeds
 
 

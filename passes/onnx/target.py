@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnx_ir
 import onnx_ir as ir
 
 
@@ -28,7 +29,7 @@ class OnnxTarget:
 
     ir = "onnx"
 
-    def __init__(self, model: ir.Model, batches: Sequence[dict[str, np.ndarray]], *,
+    def __init__(self, model: onnx_ir.Model, batches: Sequence[dict[str, np.ndarray]], *,
                  seed: int = 0) -> None:
         if not isinstance(model, ir.Model):
             raise TypeError(f"OnnxTarget takes an onnx_ir.Model, got {type(model).__name__}; "
