@@ -95,7 +95,7 @@ class ExciseDead(Replacement):
         records them in ``target.excised``."""
         from ..passes.onnx.excise_dead_units import excise_site
 
-        done = excise_site(target.model, problem, target.excised)
+        done = excise_site(target.model, problem, target.excised, batches=target.batches)
         return Applied(exact=True, modules=[done.producer], units=done.units,
                        details={"width_before": done.width_before,
                                 "width_after": done.width_after, "consumers": done.sinks})

@@ -265,6 +265,16 @@ def test_residual_add_constant_in_every_branch() -> None:
     assert_same_outputs(m, out, calib(X, n=1, seed=99)[0], EXACT_RTOL)
 
 
+def test_residual_add_through_apply() -> None:
+    """The same residual model through ``gso.apply``: the library applier hands the
+    calibration batches to the edit, so the units dead in both branches are removed (before:
+    refused, "no calibration batches")."""
+    m, _a, _bb = residual(Graph(), [1, 3])
+    out, res, removed = run_apply(m, X)
+    assert sum(removed.values()) == 2, res.summary()
+    assert shapes(out) == [(2, 4, 1, 1), (4, 4, 3, 3), (4, 4, 3, 3)]
+
+
 def test_residual_add_refuses_a_varying_branch() -> None:
     m, a, bb = residual(Graph(), [0])
     model, p = _site(m, a)
