@@ -33,30 +33,31 @@ INNER = "aot_eager"
 ROUNDS = 60  # interleaved steps per configuration
 
 
-def _model() -> nn.Module:
+def _model(width: int = WIDTH, depth: int = DEPTH) -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for _ in range(DEPTH):
-        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(WIDTH, WIDTH))
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, width))
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(width: int = WIDTH, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(BATCH, WIDTH, generator=g), torch.randn(BATCH, WIDTH, generator=g)
+    return torch.randn(batch, width, generator=g), torch.randn(batch, width, generator=g)
 
 
-def _stepper(config: str) -> tuple[Callable[[], None], gs.Monitor | None]:
-    model = _model()
+def _stepper(config: str, inner: str = INNER, width: int = WIDTH, depth: int = DEPTH,
+             batch: int = BATCH) -> tuple[Callable[[], None], gs.Monitor | None]:
+    model = _model(width, depth)
     monitor: gs.Monitor | None = None
     if config == "inner":
-        cm = torch.compile(model, backend=INNER)
+        cm = torch.compile(model, backend=inner)
     else:
         monitor = gs.Monitor(every=int(config.split("=")[1]))
         cm = torch.compile(model, backend="graphsurg",
-                           options={"monitor": monitor, "inner": INNER})
+                           options={"monitor": monitor, "inner": inner})
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = _batch()
+    x, y = _batch(width, batch)
 
     def step() -> None:
         F.mse_loss(cm(x), y).backward()
@@ -81,24 +82,73 @@ def test_step(benchmark, config: str) -> None:  # type: ignore[no-untyped-def]
         assert monitor.sampled >= 1
 
 
-def test_interleaved_ratios() -> None:
+def interleaved(inner: str = INNER, width: int = WIDTH, depth: int = DEPTH, batch: int = BATCH,
+                rounds: int = ROUNDS) -> dict[str, tuple[float, float]]:
+    """Per configuration: (min, median) step time in seconds, the configurations alternating
+    step by step so load from other processes hits them alike."""
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    steps = {c: _stepper(c)[0] for c in CONFIGS}
+    steps = {c: _stepper(c, inner, width, depth, batch)[0] for c in CONFIGS}
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for c in CONFIGS:
             t = time.perf_counter()
             steps[c]()
             times[c].append(time.perf_counter() - t)
-    med = {c: statistics.median(v) for c, v in times.items()}
-    low = {c: min(v) for c, v in times.items()}  # the least-disturbed step (shared machines)
-    print(f"\nbench_monitor: MLP {DEPTH}x{WIDTH}, batch {BATCH}, inner={INNER}, "
-          f"{torch.get_num_threads()} threads, {ROUNDS} interleaved steps per configuration")
+    return {c: (min(v), statistics.median(v)) for c, v in times.items()}
+
+
+def _print(title: str, r: dict[str, tuple[float, float]]) -> None:
+    print(f"\n{title}, {torch.get_num_threads()} threads")
     for c in CONFIGS:
-        print(f"  {c:>9}: min {low[c] * 1e3:8.2f} ms (x{low[c] / low['inner']:.3f})   "
-              f"median {med[c] * 1e3:8.2f} ms (x{med[c] / med['inner']:.3f})")
-    assert all(v > 0 for v in med.values())
+        lo, med = r[c]
+        print(f"  {c:>9}: min {lo * 1e3:8.2f} ms (x{lo / r['inner'][0]:.3f})   "
+              f"median {med * 1e3:8.2f} ms (x{med / r['inner'][1]:.3f})")
+
+
+def test_interleaved_ratios() -> None:
+    r = interleaved()
+    _print(f"bench_monitor: MLP {DEPTH}x{WIDTH}, batch {BATCH}, inner={INNER}, {ROUNDS} "
+           "interleaved steps per configuration", r)
+    assert all(v[1] > 0 for v in r.values())
+
+
+#: a model whose inductor compile (plain + observed graph, three configurations) fits the
+#: benchmark budget on 2 CPU cores
+INDUCTOR_MODEL = {"width": 256, "depth": 2, "batch": 256}
+
+
+def test_interleaved_ratios_inductor() -> None:
+    r = interleaved("inductor", rounds=ROUNDS, **INDUCTOR_MODEL)
+    _print(f"bench_monitor: MLP {INDUCTOR_MODEL['depth']}x{INDUCTOR_MODEL['width']}, batch "
+           f"{INDUCTOR_MODEL['batch']}, inner=inductor (statistics inside the graph)", r)
+    assert all(v[1] > 0 for v in r.values())
+
+
+#: (width, depth, interleaved rounds): the model grows 8x wider and 8x deeper
+GROWTH = [(512, 4, 30), (1024, 4, 20), (2048, 4, 10), (4096, 4, 6),
+          (512, 8, 30), (512, 16, 20), (512, 32, 12)]
+
+
+def growth(inner: str = INNER) -> list[tuple[int, int, float, float, float, float]]:
+    """(width, depth, inner min ms, every=1 ratio, every=16 ratio, every=1 median ratio)."""
+    rows = []
+    for width, depth, rounds in GROWTH:
+        r = interleaved(inner, width, depth, BATCH, rounds)
+        base = r["inner"][0]
+        rows.append((width, depth, base * 1e3, r["every=1"][0] / base, r["every=16"][0] / base,
+                     r["every=1"][1] / r["inner"][1]))
+    return rows
+
+
+def test_growth_table() -> None:
+    rows = growth()
+    print(f"\nbench_monitor growth: batch {BATCH}, inner={INNER} (ratios of min step times)")
+    print(f"  {'width':>6} {'depth':>5} {'inner ms':>9} {'every=1':>8} {'every=16':>9} "
+          f"{'every=1 median':>14}")
+    for w, d, ms, r1, r16, m1 in rows:
+        print(f"  {w:6d} {d:5d} {ms:9.2f} {r1:8.3f} {r16:9.3f} {m1:14.3f}")
+    assert all(r[2] > 0 for r in rows)
 
 
 def test_monitor_overhead_sane() -> None:
@@ -129,10 +179,8 @@ def _min_time(fn: Callable[[], object], n: int) -> float:
 def test_overhead_components() -> None:
     """What the monitor adds to a step, timed in isolation (min over repeats: robust to
     other processes on a shared machine), against the inner backend's minimum step time."""
-    from graphsurg.kernels import grad_sq_norms
-    from graphsurg.passes.fx.instrument import Observer
-    from graphsurg.passes.fx.observe_compiled import GraphRecord, MonitoredCall
     from graphsurg.passes.fx.dynamo_sites import DynamoSites
+    from graphsurg.passes.fx.observe_compiled import GraphRecord, MonitoredCall
 
     torch._dynamo.reset()
     base_step, _ = _stepper("inner")
@@ -149,7 +197,15 @@ def test_overhead_components() -> None:
         rec.calls = 1  # stay on a skipped call
         call(1)
     skipped = (time.perf_counter() - t) / n_calls - _min_time(lambda: plain(1), 2000)
-    # a sampled call: observers on every activation + gradient norms of every parameter
+    # a sampled call: every site's sums in one batched call, one packed merge, every
+    # parameter's gradient norm in one multi-tensor call (what MonitoredCall does)
+    from graphsurg.kernels import (
+        merge_packed,
+        multi_grad_sq_norms,
+        packed_from_sums,
+        partial_sums_many,
+    )
+
     model = _model()
     x, _ = _batch()
     acts: list[torch.Tensor] = []
@@ -158,17 +214,15 @@ def test_overhead_components() -> None:
         h = m(h)
         if isinstance(m, nn.ReLU) or m is model[-1]:
             acts.append(h.detach())
-    from graphsurg.passes.fx.capture import ActSite
-
-    obs = [Observer(ActSite(f"n{i}", "relu", "relu", str(i), -1, i, str(i)),
-                    saturation_margin=0.01, sample_rows=0) for i in range(len(acts))]
     grads = [p.detach().clone() for p in model.parameters()]
+    acc = [packed_from_sums(partial_sums_many(acts, [-1] * len(acts), [None] * len(acts)))]
+    layer = torch.arange(len(grads)) // 2
+    gsq = torch.zeros(len(grads) // 2, dtype=torch.float64)
 
     def sampled() -> None:
-        for o, a in zip(obs, acts, strict=True):
-            o(a)
-        for g in grads:
-            grad_sq_norms([g])
+        sums = partial_sums_many(acts, [-1] * len(acts), [None] * len(acts))
+        acc[0] = merge_packed(acc[0], packed_from_sums(sums))
+        gsq.index_add_(0, layer, multi_grad_sq_norms(grads))
 
     extra = _min_time(sampled, 30)
     print(f"\nbench_monitor components: inner step min {base * 1e3:.2f} ms; skipped-call "
@@ -176,3 +230,15 @@ def test_overhead_components() -> None:
     print(f"  estimated ratio every=1: x{(base + extra) / base:.3f}   every=16: "
           f"x{(base + extra / 16 + skipped) / base:.4f}")
     assert skipped < 1e-4 and extra > 0
+
+
+if __name__ == "__main__":  # python benchmarks/bench_monitor.py [aot_eager|inductor|growth]
+    import sys
+
+    what = sys.argv[1] if len(sys.argv) > 1 else "aot_eager"
+    if what == "growth":
+        test_growth_table()
+    elif what == "inductor":
+        test_interleaved_ratios_inductor()
+    else:
+        test_interleaved_ratios()

@@ -8,10 +8,17 @@ On a CUDA machine it
    the same tensor, and reports bytes read per second as a fraction of the copy's bandwidth
    (copy bandwidth counts bytes read + bytes written). Target: >= 80% for ``neuron_stats``
    and ``grad_sq_norms``.
-3. times a training step compiled with ``backend="graphsurg"`` and a ``gs.Monitor`` at
-   every=1 and every=16 against the same model compiled with the inner backend alone
-   (inductor), side by side (targets: <= 1.05x at every=1, <= 1.01x at every=16).
-It finishes in well under 5 minutes. Without a CUDA device it says so and exits 0.
+3. checks the monitor's batched statistics (``partial_sums`` as the observed graph computes
+   them, packed and Chan-merged across sites and batches; ``multi_grad_sq_norms``) against
+   float64 (:func:`check_batched`);
+4. times a training step compiled with ``backend="graphsurg"`` and a ``gs.Monitor`` at
+   every=1 and every=16 against the same model compiled with inductor alone, side by side
+   (targets: <= 1.05x at every=1, <= 1.01x at every=16; with inductor the statistics are
+   computed inside the compiled graph), then the same ratios as the model grows
+   (:data:`GROWTH`; the ratio should stay flat or fall), skipping rows once the time budget
+   is spent.
+It finishes within 10 minutes (inductor compiles included). Without a CUDA device it says
+so and exits 0.
 """
 
 from __future__ import annotations
@@ -90,6 +97,10 @@ def main() -> int:
             failures.append(f"row_sq_norms {tuple(w.shape)} mismatch")
     norm_fail = [m for m in failures if "norms" in m]
     print("  grad_sq_norms / row_sq_norms", "MISMATCH" if norm_fail else "ok")
+    batched = check_batched(dev)
+    failures += batched
+    print("  monitor batched statistics (partial_sums, packed merge, multi_grad_sq_norms)",
+          "MISMATCH" if batched else "ok")
 
     # ---------------------------------------------------------------- 2. timing
     def bench(fn) -> float:
@@ -178,12 +189,84 @@ def main() -> int:
                                             steps=50):
         print(f"  {name:10s} {ms:8.3f} ms  x{ratio:.3f}")
     print("  targets: every=1 <= 1.05x, every=16 <= 1.01x")
+    print("\ngrowth (inner=inductor, batch 4096; median step ratios to inductor alone):")
+    print(f"  {'width':>6} {'depth':>5} {'inner ms':>9} {'every=16':>9} {'every=1':>8}")
+    for width, depth in GROWTH:
+        if time.time() - t_start > BUDGET_S:
+            print(f"  {width:6d} {depth:5d}  skipped: the {BUDGET_S} s budget is spent")
+            continue
+        rows = monitor_overhead(dev, "inductor", width=width, depth=depth, batch=4096, steps=20)
+        r = {k: (ms, ratio) for k, ms, ratio in rows}
+        print(f"  {width:6d} {depth:5d} {r['inner'][0]:9.3f} {r['every=16'][1]:9.3f} "
+              f"{r['every=1'][1]:8.3f}")
+    print(f"finished in {time.time() - t_start:.0f} s")
 
     if failures:
         print("\nFAILED checks:\n  " + "\n  ".join(failures))
         return 1
     print("all checks passed")
     return 0
+
+
+#: (width, depth) of the growth rows, and the time after which rows are skipped
+GROWTH = [(1024, 4), (4096, 4), (1024, 16)]
+BUDGET_S = 420
+
+
+def check_batched(device: object) -> list[str]:
+    """The monitor's batched statistics against float64: three sites of different widths
+    and layouts (rows, NCHW, x + 1e4 with NaN/Inf) reduced with ``partial_sums`` (the ops
+    the observed graph runs), packed side by side, merged over two batches with
+    ``merge_packed``; and ``multi_grad_sq_norms`` of mixed dtypes. Returns the mismatches."""
+    import torch
+    from graphsurg.kernels import (
+        merge_packed,
+        multi_grad_sq_norms,
+        neuron_stats,
+        packed_from_sums,
+        packed_to_stats,
+        partial_sums,
+    )
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    failures: list[str] = []
+    batches = []
+    for _ in range(2):
+        x3 = torch.randn(300, 96, generator=g) * 0.5 + 1e4
+        x3[5, 7] = float("nan")
+        x3[9, 1] = float("inf")
+        batches.append([(torch.randn(257, 129, generator=g).relu(), -1, None),
+                        (torch.randn(6, 24, 5, 5, generator=g), 1, 1.5), (x3, -1, 2.0)])
+    acc = None
+    for sites in batches:
+        sums = torch.cat([partial_sums(x.to(device), cd, thr) for x, cd, thr in sites], dim=1)
+        acc = merge_packed(acc, packed_from_sums(sums))
+    assert acc is not None
+    acc = acc.cpu()
+    off = 0
+    for k, (_, cd, thr) in enumerate(batches[0]):
+        whole = torch.cat([b[k][0] for b in batches], dim=0).double()
+        ref = neuron_stats(whole, cd, sat_threshold=thr, backend="torch")
+        got = packed_to_stats(acc[:, off: off + ref.channels], torch.float32, thr)
+        off += ref.channels
+        for f in ("count", "n_nonpos", "n_nonfinite", "n_sat"):
+            if not torch.equal(getattr(got, f), getattr(ref, f)):
+                failures.append(f"batched stats site {k}: {f} differs")
+        if not torch.equal(got.absmax.double(), ref.absmax.float().double()):
+            failures.append(f"batched stats site {k}: absmax differs")
+        # float32 sums against float64: |mean| + std and m2 relative (as in tests/kernels)
+        if float(((got.exact_mean() - ref.mean).abs() / (ref.mean.abs() * 2e-6 + ref.std
+                                                           * 1e-5 + 1e-30)).max()) > 1:
+            failures.append(f"batched stats site {k}: mean off by more than the tolerance")
+        if float(((got.m2.double() - ref.m2).abs() / (ref.m2 * 1e-4 + 1e-30)).max()) > 1:
+            failures.append(f"batched stats site {k}: m2 off by more than the tolerance")
+    ts = [torch.randn(s, generator=g) for s in [(512, 300), (300,), (7, 3, 3, 3)]]
+    ts.append(torch.randn(64, 33, generator=g).half())
+    got_sq = multi_grad_sq_norms([t.to(device) for t in ts]).cpu()
+    want = torch.stack([t.double().square().sum() for t in ts])
+    if not torch.allclose(got_sq, want, rtol=1e-5, atol=0):
+        failures.append("multi_grad_sq_norms differs from float64 by more than 1e-5")
+    return failures
 
 
 def monitor_overhead(device: object, inner: str, *, width: int, depth: int, batch: int,
