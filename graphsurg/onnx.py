@@ -269,6 +269,8 @@ def apply(
                 and Path(d).resolve() == out_path.resolve():
             raise OnnxInputError(f"output '{out_path}' is the calibration data; graphsurg never "
                                  "overwrites its inputs -- pass another -o/output path")
+    if out_path is not None:
+        _no_collision_with_external_data(adapter, model, out_path)
     nodes_before, params_before = _size(adapter.model)
     notes = _custom_ops(adapter.model)
     diagnosis: Diagnosis | None = None
@@ -294,6 +296,33 @@ def apply(
     return _finish(adapter, kind, model, out_path, result, full_check=full_check,
                    save_external_data=save_external_data,
                    external_data_size_threshold=external_data_size_threshold)
+
+
+def _external_files(m: ir.Model) -> list[Path]:
+    """The external-data files the model's tensors live in (memory-mapped, read lazily)."""
+    files: set[Path] = set()
+    for g in (m.graph, *m.graph.subgraphs()):
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                files.add(Path(t.path))
+    return sorted(files)
+
+
+def _no_collision_with_external_data(adapter: OnnxAdapter, model: Any, out_path: Path) -> None:
+    """Refuse an output (the model or its ``.data`` file) that is one of the input's files:
+    writing ``out.onnx`` beside an input whose tensors live in ``out.onnx.data`` would
+    replace the data the input still reads."""
+    from graphsurg._files import check_no_collision
+
+    ext = _external_files(adapter.model)
+    outputs: list[tuple[str, Any]] = [("output", out_path)]
+    if ext:  # a model holding external data is written with external data
+        outputs.append(("output's external data", out_path.with_name(out_path.name + ".data")))
+    try:
+        check_no_collision([model, *ext], outputs)
+    except BadInputError as e:
+        raise OnnxInputError(str(e)) from None
 
 
 def _custom_ops(m: ir.Model) -> list[str]:

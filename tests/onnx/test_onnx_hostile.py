@@ -305,3 +305,24 @@ def test_contract_on_generated_inputs(tmp_path_factory: pytest.TempPathFactory,
         assert new <= {"out.onnx", "out.onnx.data", "nowhere/out.onnx"}, new
         if out is not None:
             onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_output_beside_an_input_whose_data_file_it_would_replace(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``m.onnx`` keeps its tensors in ``out.onnx.data``; writing ``-o out.onnx`` would
+    replace that file (an output's data file is ``<output>.data``) and leave the input
+    pointing at the new bytes. Before: exit 0 and the input's data replaced."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4))
+                                .astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                           helper.make_node("Relu", ["h"], ["y"])], "g", [x], [y], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="out.onnx.data", size_threshold=0)
+    _npz(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((32, 8))
+         .astype(np.float32))
+    bad_input(tmp_path, capsys, "apply", str(tmp_path / "m.onnx"), "--data",
+              str(tmp_path / "c.npz"), "-o", str(tmp_path / "out.onnx"),
+              match="out.onnx.data is the input")
