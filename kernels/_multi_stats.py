@@ -188,8 +188,7 @@ def partial_sums_many(xs: Sequence[torch.Tensor], channel_dims: Sequence[int],
     if not bool(torch.isfinite(sums7[:3]).all()):  # a float32 lane overflowed: exact per site
         return torch.cat([_sums_one(x, cd, thr) for x, cd, thr
                           in zip(xs, channel_dims, sat_thresholds, strict=True)], dim=1)
-    counts = torch.tensor([float(v.shape[0]) for v in vs], dtype=torch.float64)
-    n_fin = counts.repeat_interleave(layout.widths) - sums7[6]
+    n_fin = layout.rows_per_column(tuple(int(v.shape[0]) for v in vs)) - sums7[6]
     return torch.cat([sums7, pivot.to(torch.float64)[None], n_fin[None]])
 
 
@@ -207,7 +206,18 @@ class _Layout:
                     is_max[src] = True
             off += c
         self.perm, self.is_max = perm, is_max
-        self.widths = torch.tensor(widths, dtype=torch.int64)
+        self.widths = widths
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def rows_per_column(self, rows: tuple[int, ...]) -> torch.Tensor:
+        """Values per channel of every column (float64), cached per batch shape."""
+        t = self._rows.get(rows)
+        if t is None:
+            t = torch.cat([torch.full((c,), float(r), dtype=torch.float64)
+                           for c, r in zip(self.widths, rows, strict=True)])
+            if len(self._rows) < 64:
+                self._rows[rows] = t
+        return t
 
 
 _LAYOUTS: dict[tuple[int, ...], _Layout] = {}
