@@ -61,6 +61,7 @@ from graphsurg._measurements import LayerMeasure, Measurements, SiteMeasure
 
 from ._common import KNOWN_DOMAINS, Feed, ort_session
 from ._pass import const_array
+from .structure import bypassed_layers
 
 #: layer op type -> layer kind (torch's names)
 LAYER_OPS: dict[str, str] = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv",
@@ -605,6 +606,22 @@ def _type_of(v: ir.Value, inferred: dict[str, ir.DataType] | None) -> ir.DataTyp
     return None
 
 
+def _floating_of(model: ir.Model) -> Callable[[ir.Value], bool]:
+    """``floating(v)``: ``v`` may hold floating-point values (its declared type, else ONNX
+    shape inference's, run once and only when needed; unknown: True)."""
+    inferred: dict[str, ir.DataType] | None = None
+
+    def floating(v: ir.Value) -> bool:
+        nonlocal inferred
+        dt = v.dtype
+        if dt is None and v.name:
+            inferred = _inferred_types(model) if inferred is None else inferred
+            dt = inferred.get(v.name)
+        return dt is None or dt.is_floating_point()
+
+    return floating
+
+
 class _Accumulator:
     """Streams one site's values into NeuronStats (the ONNX twin of fx's Observer)."""
 
@@ -714,11 +731,14 @@ def observe_model(model: ir.Model, batches: Iterable[Feed], config: DiagnoseConf
         del res
     measures = [m for m in (acc.measure() for acc in accs) if m is not None]
     notes.extend(f"site {a.site.value}: {a.error}" for a in accs if a.error)
+    bypassed = bypassed_layers(model.graph, {ls.module: ls.node for ls in layers},
+                               _floating_of(model))
     layer_measures = [
         LayerMeasure(module=ls.module, kind=ls.kind, order=k, d_in=int(ls.weight.shape[1]),
                      d_out=int(ls.weight.shape[0]),
                      weight=torch.from_numpy(np.array(ls.weight, dtype=np.float32)),
-                     next_modules=ls.next_modules, node=ls.weight_name)
+                     next_modules=ls.next_modules, node=ls.weight_name,
+                     bypassed=bypassed.get(ls.module))
         for k, ls in enumerate(layers)
     ]
     return Measurements(sites=measures, layers=layer_measures, gradients=False,

@@ -13,6 +13,7 @@ import io
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from graphsurg.passes.onnx.adapter import OnnxAdapter
@@ -96,3 +97,82 @@ def test_gated_unit_and_matmul_weight_on_onnx() -> None:
     d = gso.analyze(proto, _feeds((64, 8)))
     (p,) = [p for p in d.problems if p.kind == "DeadNeurons"]
     assert (p.site.module, p.units) == ("/gate/MatMul", DEAD)
+
+
+# -- design is not disease on ONNX (issue 14 class 6): the parallel path read from the graph --
+class _Residual(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)  # type: ignore[no-any-return]
+
+
+def _bottleneck(residual: bool) -> nn.Module:
+    torch.manual_seed(0)
+    mid: nn.Module = nn.Sequential(nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 64))
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), _Residual(mid) if residual else mid,
+                         nn.Tanh(), nn.Linear(64, 16))
+
+
+def test_onnx_narrow_layer_with_a_residual_path_is_not_a_bottleneck() -> None:
+    """The width-4 layer has a residual add around it: information flows past it (was
+    "Bottleneck narrow" on ONNX, whose layers carried no ``bypassed``); without the add it is
+    found, with ``bypassed`` False in its evidence."""
+    feeds = _feeds((128, 32))
+    d = gso.analyze(_export(_bottleneck(True), torch.randn(4, 32)), feeds)
+    assert not [p for p in d.problems if p.kind == "Bottleneck"], d.summary()
+    d = gso.analyze(_export(_bottleneck(False), torch.randn(4, 32)), feeds)
+    (p,) = [p for p in d.problems if p.kind == "Bottleneck"]
+    assert p.evidence["reason"] == "narrow" and p.evidence["bypassed"] is False
+
+
+class _Attention(nn.Module):
+    """One query projection of 32, one key/value head of 8 (grouped-query attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(32, 32, bias=False)
+        self.k = nn.Linear(32, 8, bias=False)
+        self.v = nn.Linear(32, 8, bias=False)
+        self.o = nn.Linear(32, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 8).transpose(1, 2)
+        k = self.k(x).unsqueeze(1).expand(b, 4, t, 8)
+        v = self.v(x).unsqueeze(1).expand(b, 4, t, 8)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, t, 32))  # type: ignore[no-any-return]
+
+
+def test_onnx_bypassed_layers_match_torch() -> None:
+    """Key and value projections meet the query projection in attention's MatMuls; the
+    squeeze-excite reduce/expand convs meet ``h`` in the gate Mul. Shapes (Shape/Reshape) are
+    no parallel path."""
+    from graphsurg.passes.fx.capture import capture, find_sites
+    from graphsurg.passes.fx.structure import bypassed_layers as fx_bypassed
+    from graphsurg.passes.fx.structure import layer_nodes_of
+    from graphsurg.passes.onnx.observe import _floating_of
+    from graphsurg.passes.onnx.observe import find_sites as onnx_sites
+    from graphsurg.passes.onnx.structure import bypassed_layers
+
+    from tests.diagnose.test_detectors import SEBlock
+
+    for model, x, names in (
+        (_Attention(), torch.randn(2, 5, 32), {"q": "/q/MatMul", "k": "/k/MatMul",
+                                                "v": "/v/MatMul", "o": "/o/MatMul"}),
+        (SEBlock(), torch.randn(2, 3, 8, 8), {"conv": "/conv/Conv", "reduce": "/reduce/Conv",
+                                               "expand": "/expand/Conv", "head": "/head/Gemm"}),
+    ):
+        cap = capture(model, (x,), {})
+        assert cap.gm is not None
+        want = fx_bypassed(cap.gm, layer_nodes_of(find_sites(cap.gm)[0]))
+        buf = io.BytesIO()
+        torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=17,
+                          input_names=["x"])
+        m = ir.serde.deserialize_model(onnx.load_from_string(buf.getvalue()))
+        layers, _ = onnx_sites(m)
+        got = bypassed_layers(m.graph, {ls.module: ls.node for ls in layers}, _floating_of(m))
+        assert {t: got[o] for t, o in names.items()} == want, (got, want)
