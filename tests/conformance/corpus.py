@@ -452,6 +452,13 @@ def efficientnet() -> Built:
     m = tf.EfficientNetForImageClassification(tf.EfficientNetConfig(
         image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320,
         num_labels=N_LABELS))
+    # transformers' _init_weights draws BatchNorm scales from N(0, 0.02) like conv weights:
+    # each BN shrinks the signal ~50x, activations reach 1e-17 by block 3 and every gradient
+    # below the head underflows to 0.0 -- a vanishing network graphsurg rightly reports, not a
+    # healthy one. Scales of 1 (torch's and timm's init) make it the healthy model it stands for.
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            nn.init.ones_(bn.weight)
     p = "efficientnet.encoder.blocks.1.expansion"
     return _built(m, _images(), Meta("vision-cnn", f"{p}.expand_conv", "silu",
                                      ("pixel_values",), "logits", norm=f"{p}.expand_bn",

@@ -27,6 +27,10 @@ from .corpus import Built
 N_DEAD = 8
 DEAD_BIAS = -50.0
 SATURATING_GAIN = 200.0
+#: added to the saturating layer's bias (its sign) after the gain: a layer fed small inputs
+#: (EfficientNet's squeeze-excite expand sees pooled features, |pre-activation| ~1e-3) is not
+#: pushed into the flat region by the gain alone, and a fault that is not there tests nothing
+SATURATING_SHIFT = 20.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ def plant_saturated(built: Built) -> Planted | Inapplicable:
     layer.weight.mul_(SATURATING_GAIN)
     if getattr(layer, "bias", None) is not None:
         layer.bias.mul_(SATURATING_GAIN)
+        layer.bias.add_(torch.where(layer.bias < 0, -SATURATING_SHIFT, SATURATING_SHIFT))
     return Planted("Saturation", built.meta.saturating)
 
 
