@@ -1,12 +1,21 @@
 """Shared parameter edits for the neuron- and layer-scale replacements.
 
-All functions work on Linear and Conv weights alike: output units on dim 0, input columns on
-dim 1. Edits that change a width build a new module (same class, dtype and device) rather
-than mutating shapes in place, so modules and their parameters stay consistent.
+All functions work on Linear, Conv and Hugging Face ``Conv1D`` weights alike, through
+:func:`~graphsurg.passes.fx.coupling.weight_rows`: output units on dim 0 of the rows, input
+columns on dim 1 (a ``Conv1D`` stores the transpose, ``(in, out)``: its units are weight
+*columns* and bias entries, its input columns weight *rows*; ``touched`` records the dims of
+the stored weight). Edits that change a width build a new module (same class, dtype and
+device) rather than mutating shapes in place, so modules and their parameters stay
+consistent.
+
+A gated unit (``act(gate(x)) * up(x)``, the DeadNeurons evidence names the up projection
+``partner``) is one unit of two producers: :func:`gated` proves that the gate and its
+partners feed the same consumer columns, so an edit can treat the unit in all of them.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -14,34 +23,60 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..passes.fx.coupling import Consumer, CouplingGroup
+from .._problems import Problem
+from ..passes.fx.coupling import (
+    Consumer,
+    CouplingGroup,
+    is_conv1d,
+    is_layer,
+    weight_rows,
+)
+from ..passes.fx.coupling import (
+    column_dim as column_dim,
+)
+from ..passes.fx.coupling import (
+    unit_dim as unit_dim,
+)
 from ._base import Refused, Target
 
-Layer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+#: nn.Linear, nn.Conv1d/2d/3d or Hugging Face's Conv1D (recognised by
+#: :func:`~graphsurg.passes.fx.coupling.is_conv1d`; transformers is not imported)
+Layer = nn.Module
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def get_layer(target: Target, path: str, *, grouped: bool = False) -> Layer:
-    """The Linear/Conv module at ``path`` or :class:`Refused` (a grouped conv only with
-    ``grouped=True``: as a consumer, whose columns are edited per group)."""
+    """The Linear/Conv/``Conv1D`` module at ``path`` or :class:`Refused` (a grouped conv only
+    with ``grouped=True``: as a consumer, whose columns are edited per group)."""
     try:
         m = target.model.get_submodule(path)
     except AttributeError:
         raise Refused(f"the model has no module {path!r} (the site is gone)") from None
-    if not isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        raise Refused(f"{path!r} is a {type(m).__name__}, not a Linear or Conv layer")
+    if not is_layer(m):
+        raise Refused(f"{path!r} is a {type(m).__name__}, not a Linear, Conv or Conv1D layer")
     if isinstance(m, _CONV) and m.groups != 1 and not grouped:
         raise Refused(f"{path!r} is a grouped conv (groups={m.groups}); not supported")
     return m
 
 
+def width_of(layer: Layer) -> int:
+    """The layer's number of output units."""
+    return int(weight_rows(layer).shape[0])
+
+
+def in_features(layer: Layer) -> int:
+    """The layer's number of input columns (per group for a grouped conv)."""
+    return int(weight_rows(layer).shape[1])
+
+
 def coupled(target: Target, producer: str, units: Sequence[int] = (), *,
-            changes_width: bool = False) -> CouplingGroup:
+            changes_width: bool = False, partners: Sequence[str] = ()) -> CouplingGroup:
     """The producer's coupling group, proven at ``units`` (the units the edit touches), or
     :class:`Refused` with the analysis's reason; with ``changes_width`` also refused where
     the width cannot change with the consumers alone (a residual add, a gate, a grouped
-    conv consumer)."""
-    g = target.coupling(producer, units)
+    conv consumer). ``partners``: a gated unit's other projections (their product with the
+    producer is not mixing)."""
+    g = target.coupling(producer, units, partners)
     if not g.ok:
         raise Refused(f"coupling of {producer!r} not understood: {g.reason()}")
     if changes_width and g.width_change_refusal():
@@ -49,14 +84,48 @@ def coupled(target: Target, producer: str, units: Sequence[int] = (), *,
     return g
 
 
+def partners_of(problem: Problem) -> list[str]:
+    """A gated unit's up projection(s) from the problem's evidence (``partner``; torch
+    sites name modules), else ``[]``."""
+    p = problem.evidence.get("partner") if problem.site.ir == "torch" else None
+    if not p:
+        return []
+    return [str(x) for x in p] if isinstance(p, list | tuple) else [str(p)]
+
+
+def gated(target: Target, producer: str, partners: Sequence[str], units: Sequence[int], *,
+          changes_width: bool = False) -> tuple[CouplingGroup, dict[str, CouplingGroup]]:
+    """The coupling of a gated unit: the gate ``producer``'s group and each partner's, proven
+    at ``units``, each with the others held as partners. Refused unless every partner is a
+    layer of the producer's width whose units feed exactly the producer's consumer columns
+    (same layers, same index map): then the gated unit ``u`` is unit ``u`` of each."""
+    group = coupled(target, producer, units, changes_width=changes_width, partners=partners)
+    width = width_of(get_layer(target, producer))
+    others: dict[str, CouplingGroup] = {}
+    mine = sorted((c.module, c.start, c.stride, c.groups) for c in group.consumers)
+    for p in partners:
+        if width_of(get_layer(target, p)) != width:
+            raise Refused(f"partner {p!r} of {producer!r} has "
+                          f"{width_of(get_layer(target, p))} units, the gate {width}")
+        pg = coupled(target, p, units, changes_width=changes_width,
+                     partners=[producer, *[q for q in partners if q != p]])
+        theirs = sorted((c.module, c.start, c.stride, c.groups) for c in pg.consumers)
+        if theirs != mine:
+            raise Refused(f"partner {p!r} of {producer!r} feeds {[t[0] for t in theirs]}, the "
+                          f"gate {[m[0] for m in mine]}: not one gated unit")
+        others[p] = pg
+    return group, others
+
+
 def zero_columns(layer: Layer, consumer: Consumer, units: Sequence[int]) -> list[int]:
     """Zero the consumer's weights reading ``units`` (per group for a grouped conv); returns
-    the weight columns touched."""
+    the weight columns touched (indices on :func:`column_dim` of the stored weight)."""
     touched: list[int] = []
+    w = weight_rows(layer)
     with torch.no_grad():
         for u in units:
-            rows, cols = consumer.weight_index(u, layer.weight.shape)
-            layer.weight[rows, cols] = 0.0
+            rows, cols = consumer.weight_index(u, w.shape)
+            w[rows, cols] = 0.0
             touched += cols
     return sorted(set(touched))
 
@@ -93,7 +162,7 @@ def fold_constant(consumer_mod: Layer, consumer: Consumer, units: Sequence[int],
         return False
     if isinstance(consumer_mod, _CONV) and any(int(p) != 0 for p in _padding(consumer_mod)):
         return False
-    w = consumer_mod.weight.detach()
+    w = weight_rows(consumer_mod).detach()
     with torch.no_grad():
         add = torch.zeros(w.shape[0], dtype=torch.float64)
         for i, u in enumerate(units):
@@ -114,21 +183,37 @@ def _padding(conv: nn.Module) -> tuple[int, ...]:
 
 
 def draw_rows(layer: Layer, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` fresh incoming-weight rows drawn with the layer's default init (kaiming-uniform,
-    a=sqrt(5), as in ``reset_parameters``)."""
-    shape = (n, *layer.weight.shape[1:])
+    """``n`` fresh incoming-weight rows (shape ``(n, *weight_rows(layer).shape[1:])``) drawn
+    with nn.Linear's default init (kaiming-uniform, a=sqrt(5), as in ``reset_parameters``)."""
+    rows = weight_rows(layer)
+    shape = (n, *rows.shape[1:])
     w = torch.empty(shape, dtype=torch.float32)
-    fan_in = math.prod(layer.weight.shape[1:])
+    fan_in = math.prod(rows.shape[1:])
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     # kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     w.uniform_(-bound, bound, generator=gen)
-    return w.to(layer.weight.dtype)
+    return w.to(rows.dtype)
 
 
 def new_like(layer: Layer, out_units: int, in_units: int) -> Layer:
     """A module of the same class and settings with different widths (uninitialised)."""
     dev, dt = layer.weight.device, layer.weight.dtype
     bias = layer.bias is not None
+    if is_conv1d(layer):
+        # a copy without the parameters (its class's constructor is transformers' business)
+        saved = layer._parameters
+        layer._parameters = {}
+        try:
+            new: Any = copy.deepcopy(layer)
+        finally:
+            layer._parameters = saved
+        new.weight = nn.Parameter(torch.empty(in_units, out_units, device=dev, dtype=dt))
+        new.bias = (nn.Parameter(torch.empty(out_units, device=dev, dtype=dt)) if bias
+                    else None)
+        new.nf = out_units
+        if hasattr(new, "nx"):
+            new.nx = in_units
+        return new
     if isinstance(layer, nn.Linear):
         return nn.Linear(in_units, out_units, bias=bias, device=dev, dtype=dt)
     cls: Any = type(layer)
@@ -139,10 +224,11 @@ def new_like(layer: Layer, out_units: int, in_units: int) -> Layer:
 
 
 def resized(layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> Layer:
-    """A copy of ``layer`` holding ``weight`` and ``bias`` (widths taken from the weight)."""
+    """A copy of ``layer`` holding ``weight`` (as rows, see :func:`weight_rows`) and ``bias``
+    (widths taken from the weight)."""
     new = new_like(layer, int(weight.shape[0]), int(weight.shape[1]))
     with torch.no_grad():
-        new.weight.copy_(weight)
+        weight_rows(new).copy_(weight)
         if new.bias is not None and bias is not None:
             new.bias.copy_(bias)
     new.weight.requires_grad_(layer.weight.requires_grad)
@@ -181,7 +267,7 @@ def install_width_change(target: Target, applied: Any, group: CouplingGroup, pat
     new_mods = dict(consumers)
     for bn_path in group.batchnorms():
         new_mods[bn_path] = resized_bn(target.model.get_submodule(bn_path), index)
-    new_mods[path] = resized(layer, layer.weight.detach().index_select(0, index),
+    new_mods[path] = resized(layer, weight_rows(layer).detach().index_select(0, index),
                              None if layer.bias is None else layer.bias.detach()[index])
     for p, m in new_mods.items():
         target.replace_module(p, m)

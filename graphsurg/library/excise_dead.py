@@ -7,6 +7,10 @@ channel-coupling analysis, and folds ``W[:, u] * c`` into the consumer's bias. T
 smaller and faster; the function is unchanged on the data (exact). Units that only look
 dormant (small but varying) are left alone: removing them would change the function.
 
+A gated unit (``act(gate(x)) * up(x)``, the evidence names the up projection ``partner``)
+is removed from the gate, its partners and the consumers together; Hugging Face's ``Conv1D``
+(GPT-2) is a layer like a Linear (its units are weight columns).
+
 Appliers: ``apply_torch`` (torch.fx channel coupling) and ``apply_onnx``
 (:func:`graphsurg.passes.onnx.excise_dead_units.excise_site`: producer rows, consumer columns
 with constant folding, coupling through Concat/BatchNormalization/pooling/Flatten; it reads
@@ -25,12 +29,16 @@ from ._edit import (
     _padding,
     column_stats,
     consumer_index,
-    coupled,
     fold_constant,
+    gated,
     get_layer,
+    in_features,
     install_width_change,
     is_constant,
+    partners_of,
     resized,
+    weight_rows,
+    width_of,
 )
 
 
@@ -48,11 +56,12 @@ class ExciseDead(Replacement):
 
     def _dead_units(self, problem: Problem, target: Target) -> list[int]:
         layer = get_layer(target, problem.site.module)
-        width = layer.weight.shape[0]
+        width = width_of(layer)
         units = sorted({int(u) for u in problem.units if 0 <= int(u) < width})
         if not units:
             return []
-        group = coupled(target, problem.site.module, units, changes_width=True)
+        group, _ = gated(target, problem.site.module, partners_of(problem), units,
+                         changes_width=True)
         keep = torch.ones(len(units), dtype=torch.bool)
         for c in group.consumers:
             mean, var = column_stats(target, c, units)
@@ -106,8 +115,9 @@ class ExciseDead(Replacement):
         units = sorted(int(u) for u in params.get("units") or self._dead_units(problem, target))
         if not units:
             raise Refused(f"no constant units to excise at {path!r}")
-        group = coupled(target, path, units, changes_width=True)
-        width = int(layer.weight.shape[0])
+        partners = partners_of(problem)
+        group, pgroups = gated(target, path, partners, units, changes_width=True)
+        width = width_of(layer)
         keep = [u for u in range(width) if u not in set(units)]
         kidx = torch.tensor(keep, dtype=torch.long)
         applied = Applied(exact=True, modules=[path], units=units)
@@ -117,11 +127,20 @@ class ExciseDead(Replacement):
             means, _ = column_stats(target, c, units)
             if not fold_constant(cm, c, units, means):
                 raise Refused(f"cannot fold the constant units into {c.module!r}")
-            cidx = consumer_index(c, int(cm.weight.shape[1]), width, keep)
-            w = cm.weight.detach().index_select(1, cidx)
+            cidx = consumer_index(c, in_features(cm), width, keep)
+            w = weight_rows(cm).detach().index_select(1, cidx)
             new_mods[c.module] = resized(cm, w, None if cm.bias is None else cm.bias.detach())
+        for p, pg in pgroups.items():  # a gated unit's partners lose the same rows
+            pl = get_layer(target, p)
+            new_mods[p] = resized(pl, weight_rows(pl).detach().index_select(0, kidx),
+                                  None if pl.bias is None else pl.bias.detach()[kidx])
+            if pg.batchnorms():
+                raise Refused(f"partner {p!r} of {path!r} is followed by a BatchNorm "
+                              f"({pg.batchnorms()}); not supported")
         install_width_change(target, applied, group, path, layer, kidx, new_mods)
         applied.details.update({"width_before": width, "width_after": len(keep),
                                 "consumers": [c.module for c in group.consumers],
                                 "coupling": group.source})
+        if partners:
+            applied.details["partners"] = partners
         return applied

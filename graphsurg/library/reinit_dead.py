@@ -11,6 +11,12 @@ For each treated unit ``u`` of a producer layer:
 * every consumer's input columns for ``u`` (from the channel-coupling analysis) are zeroed,
   after folding the unit's mean contribution into the consumer's bias.
 
+A gated unit (``act(gate(x)) * up(x)``, the evidence names the up projection ``partner``)
+is reset in the gate *and* its partners (both rows re-drawn, their biases zeroed); its
+consumer columns are zeroed as above, so the reset unit starts contributing 0 whatever the
+new rows compute. Hugging Face's ``Conv1D`` (GPT-2) is a layer like a Linear (its units are
+weight columns).
+
 When the treated units are constant on the data (dead, not only dormant) the fold is exact
 and so is the edit. Dormant-but-varying units and saturated units are treated the same way
 and the (small) output change is measured. Units whose rows hold NaN/Inf (a ``NonFinite``
@@ -28,12 +34,17 @@ from .._problems import Problem
 from ..passes.fx.coupling import CouplingGroup
 from ._base import Applied, Refused, Replacement, Target
 from ._edit import (
+    column_dim,
     column_stats,
-    coupled,
     draw_rows,
     fold_constant,
+    gated,
     get_layer,
     is_constant,
+    partners_of,
+    unit_dim,
+    weight_rows,
+    width_of,
     zero_columns,
 )
 
@@ -70,7 +81,7 @@ class ReinitDead(Replacement):
         so the edit is allowed only where those columns are constant on the data (the fold
         then restores them exactly)."""
         path = problem.site.module
-        group = coupled(target, path, units)
+        group, _ = gated(target, path, partners_of(problem), units)
         if group.mixed:
             for c in group.consumers:
                 mean, var = column_stats(target, c, units)
@@ -82,7 +93,7 @@ class ReinitDead(Replacement):
     def _units(self, problem: Problem, target: Target) -> list[int]:
         layer = get_layer(target, problem.site.module)
         if problem.kind == "NonFinite":
-            bad = ~torch.isfinite(layer.weight.detach()).flatten(1).all(1)
+            bad = ~torch.isfinite(weight_rows(layer).detach()).flatten(1).all(1)
             if layer.bias is not None:
                 bad |= ~torch.isfinite(layer.bias.detach())
             units = [int(i) for i in bad.nonzero().flatten()]
@@ -90,7 +101,7 @@ class ReinitDead(Replacement):
                 raise Refused(f"{problem.site.module!r} has no non-finite weights: the "
                               "non-finite values come from its input")
             return units
-        width = layer.weight.shape[0]
+        width = width_of(layer)
         units = sorted({int(u) for u in problem.units})
         if any(u < 0 or u >= width for u in units):
             raise Refused(f"units {units} do not fit {problem.site.module!r} (width {width})")
@@ -112,7 +123,7 @@ class ReinitDead(Replacement):
 
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
-        layer = get_layer(target, path)
+        get_layer(target, path)
         units = [int(u) for u in params.get("units") or self._units(problem, target)]
         group = self._group(problem, target, units)
         idx = torch.tensor(units, dtype=torch.long)
@@ -127,30 +138,19 @@ class ReinitDead(Replacement):
                 means, _ = column_stats(target, c, units)
             folded = fold_constant(cm, c, units, means) and folded
             cols = zero_columns(cm, c, units)
-            applied.touch(f"{c.module}.weight", 1, cols)
+            applied.touch(f"{c.module}.weight", column_dim(cm), cols)
             if cm.bias is not None:
                 applied.touch(f"{c.module}.bias", 0, range(cm.bias.shape[0]))
             applied.modules.append(c.module)
         if not folded:
             applied.exact = False
             applied.details["fold"] = "partial: a consumer has padding or no bias"
-        # 2) redraw incoming rows, scaled to the live rows' median norm; zero the bias
-        w = layer.weight.detach()
-        live = torch.ones(w.shape[0], dtype=torch.bool)
-        live[idx] = False
-        live &= torch.isfinite(w.flatten(1)).all(1)
-        rows = draw_rows(layer, len(units), target.generator(f"reinit:{path}"))
-        if params.get("rescale", "median_live") == "median_live" and bool(live.any()):
-            ref = w[live].flatten(1).norm(dim=1).median()
-            rows = rows * (ref / rows.flatten(1).norm(dim=1).clamp_min(1e-12)).reshape(
-                -1, *([1] * (rows.dim() - 1)))
-        with torch.no_grad():
-            layer.weight[idx] = rows
-            if layer.bias is not None:
-                layer.bias[idx] = 0.0
-        applied.touch(f"{path}.weight", 0, units)
-        if layer.bias is not None:
-            applied.touch(f"{path}.bias", 0, units)
+        # 2) redraw incoming rows (the gate's and its partners'), scaled to the live rows'
+        #    median norm; zero the bias
+        partners = partners_of(problem)
+        for p in [path, *partners]:
+            self._redraw(target, p, idx, params, applied)
+        applied.modules += [p for p in partners if p not in applied.modules]
         # 3) reset per-channel BatchNorm between the layer and the activation
         bns = group.batchnorms()
         if bns:
@@ -172,5 +172,31 @@ class ReinitDead(Replacement):
         applied.details.update({"units": len(units), "consumers": [c.module for c in
                                                                    group.consumers],
                                 "batchnorms": bns, "coupling": group.source})
+        if partners:
+            applied.details["partners"] = partners
         target.invalidate()
         return applied
+
+    @staticmethod
+    def _redraw(target: Target, path: str, idx: torch.Tensor, params: dict[str, Any],
+                applied: Applied) -> None:
+        """Redraw the incoming rows ``idx`` of layer ``path`` (scaled to the median norm of
+        its live rows) and zero their bias entries."""
+        layer = get_layer(target, path)
+        w = weight_rows(layer).detach()
+        live = torch.ones(w.shape[0], dtype=torch.bool)
+        live[idx] = False
+        live &= torch.isfinite(w.flatten(1)).all(1)
+        rows = draw_rows(layer, len(idx), target.generator(f"reinit:{path}"))
+        if params.get("rescale", "median_live") == "median_live" and bool(live.any()):
+            ref = w[live].flatten(1).norm(dim=1).median()
+            rows = rows * (ref / rows.flatten(1).norm(dim=1).clamp_min(1e-12)).reshape(
+                -1, *([1] * (rows.dim() - 1)))
+        units = [int(u) for u in idx]
+        with torch.no_grad():
+            weight_rows(layer)[idx] = rows
+            if layer.bias is not None:
+                layer.bias[idx] = 0.0
+        applied.touch(f"{path}.weight", unit_dim(layer), units)
+        if layer.bias is not None:
+            applied.touch(f"{path}.bias", 0, units)

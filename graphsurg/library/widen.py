@@ -10,6 +10,7 @@ by noise added in function-preserving pairs on the outgoing columns: copy ``+eps
 
 Widening adds units; it does not make a rank-collapsed weight full rank at surgery (the new
 rows are copies) -- training after surgery uses the new capacity. It does not cure dormancy.
+Hugging Face's ``Conv1D`` (GPT-2) is a layer like a Linear (its units are weight columns).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import torch
 
 from .._problems import Problem
 from ._base import Applied, Refused, Replacement, Target
-from ._edit import consumer_index, coupled, get_layer, install_width_change, resized
+from ._edit import (
+    consumer_index,
+    coupled,
+    get_layer,
+    in_features,
+    install_width_change,
+    resized,
+    weight_rows,
+    width_of,
+)
 
 
 class Widen(Replacement):
@@ -50,9 +60,9 @@ class Widen(Replacement):
                 ) -> dict[str, Any]:
         layer = get_layer(target, problem.site.module)
         group = coupled(target, problem.site.module, changes_width=True)
-        width = int(layer.weight.shape[0])
-        neighbours = [int(layer.weight.shape[1])] + [
-            int(get_layer(target, c.module).weight.shape[0]) for c in group.consumers]
+        width = width_of(layer)
+        neighbours = [in_features(layer)] + [
+            width_of(get_layer(target, c.module)) for c in group.consumers]
         new_width = max(2 * width, min(neighbours) // 2)
         return {"new_width": int(new_width), "noise": 1e-2, "exact": True}
 
@@ -60,20 +70,20 @@ class Widen(Replacement):
         path = problem.site.module
         layer = get_layer(target, path)
         group = coupled(target, path, changes_width=True)
-        width = int(layer.weight.shape[0])
+        width = width_of(layer)
         new_width = int(params["new_width"])
         if new_width <= width:
             raise Refused(f"new_width={new_width} does not widen {path!r} (width {width})")
         src = list(range(width)) + [(k - width) % width for k in range(new_width - width)]
         sidx = torch.tensor(src, dtype=torch.long)
-        counts = torch.bincount(sidx, minlength=width).to(layer.weight.dtype)
+        counts = torch.bincount(sidx, minlength=width).to(weight_rows(layer).dtype)
         gen = target.generator(f"widen:{path}")
         applied = Applied(exact=True, modules=[path])
         new_mods: dict[str, torch.nn.Module] = {}
         for c in group.consumers:
             cm = get_layer(target, c.module)
-            cidx = consumer_index(c, int(cm.weight.shape[1]), width, src)
-            w = cm.weight.detach().index_select(1, cidx).clone()
+            cidx = consumer_index(c, in_features(cm), width, src)
+            w = weight_rows(cm).detach().index_select(1, cidx).clone()
             s = c.stride
             block = slice(c.start, c.start + new_width * s)
             scale = counts[sidx].repeat_interleave(s)

@@ -42,9 +42,14 @@ __all__ = [
     "CouplingGroup",
     "analyze",
     "analyze_fx",
+    "column_dim",
+    "is_conv1d",
+    "is_layer",
     "probe_coupling",
     "producer_channel_dim",
     "trace",
+    "unit_dim",
+    "weight_rows",
 ]
 
 _CHANNEL_LOCAL_MODULES: tuple[type[nn.Module], ...] = (
@@ -145,6 +150,10 @@ class CouplingGroup:
         probed: the units the probe perturbed (empty for the FX analysis, which is
             structural and holds for every unit).
         source: ``"fx"`` or ``"probe"``.
+        partners: layers whose units multiply the producer's unit by unit before the
+            consumers (a gated unit ``act(gate(x)) * up(x)``: the up projection is the gate's
+            partner and the other way round). A product with a partner is not ``mixed``: the
+            unit of the product is the gated unit, edited in producer and partners together.
     """
 
     producer: str
@@ -156,6 +165,7 @@ class CouplingGroup:
     mixed: list[str] = field(default_factory=list)
     probed: tuple[int, ...] = ()
     source: str = "fx"
+    partners: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -195,11 +205,46 @@ class CouplingGroup:
             "mixed": list(self.mixed),
             "probed": list(self.probed),
             "source": self.source,
+            "partners": list(self.partners),
         }
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2, GPT-J's ancestors...): ``y = x @ W + b`` with ``W``
+    of shape ``(in, out)`` -- a Linear with a transposed weight. Recognised by class name, its
+    ``nf`` (output width) and the weight's shape, so transformers is never imported here."""
+    w = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(nf, int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and int(w.shape[1]) == nf)
+
+
+def is_layer(module: nn.Module) -> bool:
+    """A layer whose output units and input columns graphsurg edits: Linear, Conv1d/2d/3d or
+    Hugging Face's ``Conv1D``."""
+    return isinstance(module, (nn.Linear, *_CONV)) or is_conv1d(module)
+
+
+def weight_rows(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``(out units, in columns, *kernel)``: the weight itself, or for a
+    ``Conv1D`` its transpose -- a view, so in-place edits of the rows edit the weight."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w.t() if is_conv1d(module) else w
+
+
+def unit_dim(module: nn.Module) -> int:
+    """The dim of the layer's ``weight`` that holds its output units (1 for ``Conv1D``)."""
+    return 1 if is_conv1d(module) else 0
+
+
+def column_dim(module: nn.Module) -> int:
+    """The dim of the layer's ``weight`` that holds its input columns (0 for ``Conv1D``)."""
+    return 0 if is_conv1d(module) else 1
+
+
 def producer_channel_dim(module: nn.Module) -> int:
-    """The dim of a producer's output that holds its units: -1 for Linear, 1 for Conv."""
+    """The dim of a producer's output that holds its units: -1 for Linear/Conv1D, 1 for Conv."""
     return 1 if isinstance(module, _CONV) else -1
 
 
@@ -208,6 +253,8 @@ def _width(module: nn.Module) -> int:
         return int(module.out_features)
     if isinstance(module, _CONV):
         return int(module.out_channels)
+    if is_conv1d(module):
+        return int(weight_rows(module).shape[0])
     raise TypeError(f"{type(module).__name__} is not a Linear or Conv layer")
 
 
@@ -259,13 +306,17 @@ class _Walk:
     stride: int
 
 
-def analyze_fx(gm: fx.GraphModule, producer: str) -> CouplingGroup:
+def analyze_fx(gm: fx.GraphModule, producer: str, partners: Iterable[str] = ()
+               ) -> CouplingGroup:
     """The coupling group of ``producer`` in a shape-propagated GraphModule.
 
-    ``gm`` must have ``tensor_meta`` on its nodes (see :func:`propagate_shapes`).
+    ``gm`` must have ``tensor_meta`` on its nodes (see :func:`propagate_shapes`). A product
+    with the output of one of ``partners`` (through channel-local ops) is a gated unit's
+    product, followed as part of the unit (see :attr:`CouplingGroup.partners`).
     """
     mod = gm.get_submodule(producer)
-    group = CouplingGroup(producer, _width(mod), producer_channel_dim(mod), source="fx")
+    group = CouplingGroup(producer, _width(mod), producer_channel_dim(mod), source="fx",
+                          partners=tuple(partners))
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == producer]
     if not nodes:
         group.refusals.append(f"module {producer!r} is not called in the traced graph")
@@ -413,9 +464,34 @@ def _binary(s: _Step) -> _Walk | None:
     others = [a for a in _tensor_args(s) if a is not s.w.node]
     if not others or all(_shape(a) in ((), (1,)) for a in others):  # a scalar operand
         return s.follow("other")
+    if (s.op in ("mul", "imul", "mul_") and len(others) == 1 and s.group.partners
+            and _shape(others[0]) == s.in_shape and s.out_shape == s.in_shape
+            and _partner_of(s.gm, others[0], s.group.partners)):
+        return s.follow("gate", "mul")
     s.refuse(f"residual {s.op} at {s.user.name!r} binds the units of {s.group.producer!r} "
              f"to {', '.join(repr(a.name) for a in others)} (a residual stream)")
     return None
+
+
+def _partner_of(gm: fx.GraphModule, node: fx.Node, partners: Sequence[str]) -> bool:
+    """True when ``node`` is a partner layer's output, directly or through channel-local
+    one-input ops (an activation, dropout, a dtype cast)."""
+    for _ in range(_PARTNER_WALK):
+        if node.op == "call_module" and node.target in partners:
+            return True
+        ins = [a for a in node.all_input_nodes if _shape(a) is not None]
+        local = (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCS) or (
+            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS) or (
+            node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
+                                                    _CHANNEL_LOCAL_MODULES))
+        if not local or len(ins) != 1 or _shape(ins[0]) != _shape(node):
+            return False
+        node = ins[0]
+    return False
+
+
+#: how many channel-local ops may sit between a partner layer and the gate's product
+_PARTNER_WALK = 8
 
 
 def _pool(s: _Step) -> _Walk | None:
@@ -559,6 +635,8 @@ _METHOD_HANDLERS = _table(
 
 
 def _module_handler(m: nn.Module) -> _Handler:
+    if is_conv1d(m):  # Hugging Face's Conv1D reads the last dim, as a Linear does
+        return _linear
     for cls in type(m).__mro__:  # a subclass of a known layer is handled as that layer
         handler = _MODULE_HANDLERS.get(cls)
         if handler is not None:
@@ -613,7 +691,7 @@ def _in_dim(m: nn.Module, x: torch.Tensor, like: torch.Tensor | None = None,
     shape (``like``), else the last."""
     if isinstance(m, _CONV) or isinstance(m, _BN):
         return 1
-    if like is not None and not isinstance(m, nn.Linear) and x.shape == like.shape:
+    if like is not None and not is_layer(m) and x.shape == like.shape:
         return channel_dim % x.dim()
     return x.dim() - 1
 
@@ -625,7 +703,8 @@ _PROBE_SCALES = (1.0, -1.0, 1e3, -1e3)
 
 
 def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
-                   *, units: Iterable[int] = (), tol: float = 1e-6) -> CouplingGroup:
+                   *, units: Iterable[int] = (), tol: float = 1e-6,
+                   partners: Iterable[str] = ()) -> CouplingGroup:
     """The coupling group of ``producer`` measured by perturbing its units (no graph needed).
 
     Args:
@@ -637,6 +716,11 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
             ``width - 1`` (which fix the index map): coupling is measured where the edit
             happens, not extrapolated from two samples.
         tol: a column changed when some element moved by more than ``tol`` (relative).
+        partners: layers whose units multiply the producer's (a gated unit's up projection
+            for its gate, see :attr:`CouplingGroup.partners`): a probed unit is perturbed in
+            them too (the gated unit is probed whole: a dead gate's zero would stop a
+            perturbation of the up projection alone), and they are held at their per-unit
+            mean too in the run that measures ``mixed``, so a product with them is not mixing.
 
     A perturbation that a zero BatchNorm scale would stop (a channel killed through its norm)
     is let through: while probing, BatchNorm scales that are exactly 0 read as 1. A unit whose
@@ -646,12 +730,14 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
     The group is proven, not assumed: with every consumer's columns of a probed unit zeroed,
     perturbing that unit must leave the model output unchanged; otherwise a refusal says the
     unit reaches the output some other way. Whether the consumers read the units *alone* is
-    measured too: with the producer's output held at a per-unit constant, a consumer whose
-    input still varies over the batch reads the units together with another tensor (a
-    residual add, a gate), recorded in ``mixed``.
+    measured too: with the producer's output (and the partners') held at a per-unit
+    constant, a consumer whose input still varies over the batch reads the units together
+    with another tensor (a residual add, a gate), recorded in ``mixed``.
     """
     mod = model.get_submodule(producer)
-    group = CouplingGroup(producer, _width(mod), producer_channel_dim(mod), source="probe")
+    partners = tuple(p for p in partners if p != producer)
+    group = CouplingGroup(producer, _width(mod), producer_channel_dim(mod), source="probe",
+                          partners=partners)
     probes = sorted({0, group.width - 1} | {int(u) for u in units if 0 <= int(u) < group.width})
     group.probed = tuple(probes)
     leaves = {name: m for name, m in model.named_modules()
@@ -689,8 +775,32 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
         finally:
             state["mode"] = None
 
+    def partner_hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        cd = producer_channel_dim(m) % out.dim()
+        if state["mode"] == "constant":
+            return out.mean([d for d in range(out.dim()) if d != cd], keepdim=True
+                            ).expand_as(out).clone()
+        if state["mode"] == "unit":  # the gated unit is probed whole: gate and up together
+            out = out.clone()
+            idx: list[Any] = [slice(None)] * out.dim()
+            idx[cd] = state["unit"]
+            out[tuple(idx)] += state["delta"]
+        return out
+
+    for p in partners:
+        try:
+            pm = model.get_submodule(p)
+        except AttributeError:
+            group.refusals.append(f"the model has no module {p!r} (the partner of "
+                                  f"{producer!r})")
+            return group
+        if not is_layer(pm):
+            group.refusals.append(f"partner {p!r} of {producer!r} is a {type(pm).__name__}, "
+                                  "not a Linear or Conv layer")
+            return group
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in leaves.items()]
     handles.append(mod.register_forward_hook(fwd_hook))
+    handles += [model.get_submodule(p).register_forward_hook(partner_hook) for p in partners]
     was_training = model.training
     model.eval()
     try:
@@ -773,9 +883,9 @@ def _probe_units(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.M
                     cols = [int(c) for c in
                             diff.movedim(d, 0).reshape(x.shape[d], -1).any(1).nonzero().flatten()]
                     lo, hi = cols[0], cols[-1]
-                    local = len(cols) == 1 and lo == u and not isinstance(m, (nn.Linear, *_CONV))
+                    local = len(cols) == 1 and lo == u and not is_layer(m)
                     hit = hit or not local  # past the channel-local chain
-                    if isinstance(m, (nn.Linear, *_CONV)) and hi - lo + 1 == len(cols) and \
+                    if is_layer(m) and hi - lo + 1 == len(cols) and \
                             len(cols) < x.shape[d]:
                         found.setdefault(name, {})[u] = (lo, len(cols))
                     elif local:
@@ -938,9 +1048,8 @@ class _Proof:
 
 
 def _weight(model: nn.Module, path: str) -> torch.Tensor:
-    w = model.get_submodule(path).weight
-    assert isinstance(w, torch.Tensor)
-    return w
+    """The weight of layer ``path`` as rows (a view; see :func:`weight_rows`)."""
+    return weight_rows(model.get_submodule(path))
 
 
 def _probe_delta(out: torch.Tensor, channel_dim: int, unit: int) -> float:
@@ -958,8 +1067,8 @@ def _act_name(m: nn.Module) -> str:
 
 
 def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
-            example: tuple[tuple[Any, ...], dict[str, Any]], *, units: Iterable[int] = ()
-            ) -> CouplingGroup:
+            example: tuple[tuple[Any, ...], dict[str, Any]], *, units: Iterable[int] = (),
+            partners: Iterable[str] = ()) -> CouplingGroup:
     """The coupling group of ``producer``: the FX analysis when the model traces, else the probe.
 
     Args:
@@ -969,6 +1078,7 @@ def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
         example: ``(args, kwargs)`` of one calibration batch (for shape propagation).
         units: the units that will be edited (the probe perturbs each of them; the FX
             analysis is structural and holds for every unit).
+        partners: a gated unit's other projections (:attr:`CouplingGroup.partners`).
     """
     try:
         mod = model.get_submodule(producer)
@@ -976,7 +1086,7 @@ def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
         g = CouplingGroup(producer, 0, -1)
         g.refusals.append(f"the model has no module {producer!r}")
         return g
-    if not isinstance(mod, (nn.Linear, *_CONV)):
+    if not is_layer(mod):
         g = CouplingGroup(producer, 0, -1)
         g.refusals.append(f"{producer!r} is a {type(mod).__name__}, not a Linear or Conv layer")
         return g
@@ -993,5 +1103,5 @@ def analyze(model: nn.Module, producer: str, run: Callable[[nn.Module], Any],
             if gm is not None:
                 gm.train(was_training)
     if gm is not None:
-        return analyze_fx(gm, producer)
-    return probe_coupling(model, producer, run, units=units)
+        return analyze_fx(gm, producer, partners)
+    return probe_coupling(model, producer, run, units=units, partners=partners)

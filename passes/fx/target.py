@@ -38,7 +38,8 @@ class Target:
         self.batches = list(batches)
         self.input_fn = input_fn or default_input_fn
         self.seed = seed
-        self._groups: dict[tuple[str, tuple[int, ...]], _coupling.CouplingGroup] = {}
+        self._groups: dict[tuple[str, tuple[int, ...], tuple[str, ...]],
+                           _coupling.CouplingGroup] = {}
         self._gm: tuple[fx.GraphModule | None, str] | None = None
         self._ep: tuple[fx.GraphModule | None, str] | None = None
 
@@ -81,13 +82,17 @@ class Target:
         return torch.cat(got, 0)
 
     # -- structure -------------------------------------------------------------------------
-    def coupling(self, producer: str, units: Iterable[int] = ()) -> _coupling.CouplingGroup:
+    def coupling(self, producer: str, units: Iterable[int] = (), partners: Iterable[str] = ()
+                 ) -> _coupling.CouplingGroup:
         """The channel-coupling group of ``producer`` in the current model (cached), proven at
-        ``units`` (the units an edit will touch) when it has to be measured."""
-        key = (producer, tuple(sorted({int(u) for u in units})))
+        ``units`` (the units an edit will touch) when it has to be measured; ``partners``: a
+        gated unit's other projections (see :class:`~.coupling.CouplingGroup`)."""
+        key = (producer, tuple(sorted({int(u) for u in units})),
+               tuple(sorted({str(p) for p in partners} - {producer})))
         if key not in self._groups:
             self._groups[key] = _coupling.analyze(
-                self.model, producer, lambda m: self.run(m), self.example(), units=key[1])
+                self.model, producer, lambda m: self.run(m), self.example(), units=key[1],
+                partners=key[2])
         return self._groups[key]
 
     def graph_module(self) -> tuple[fx.GraphModule | None, str]:
