@@ -583,6 +583,7 @@ class _Surgery:
                                                   exact=s.exact, round=round_no)
                       for s in surgery_plan.schemas}
         self._input_loss = input_loss
+        self._undos = 0
         self.variant: dict[int, dict[str, Any]] = {}
         self.dropped: set[int] = set()
         self.notes: list[str] = []
@@ -655,6 +656,7 @@ class _Surgery:
         self.a.restore(self.base)
         target = self.a.target(self.calib, seed=self.seed)
         applied: dict[int, Applied] = {}
+        undos = self._undos
         current = self.ref_calib
         for s in schemas:
             if not measure:
@@ -694,6 +696,10 @@ class _Surgery:
             else:
                 v.fail("; ".join(reasons))
                 self.dropped.add(s.index)
+        if undos != self._undos and any(a.on_step is not None for a in applied.values()):
+            # an undo restores a copy of the model: the healing hooks of edits applied before
+            # it (a slope ramp) would drive modules no longer in it -- replay on a fresh copy
+            return self.build([s for s in schemas if s.index in applied], measure=False)
         return applied
 
     def _finite_ref(self) -> bool:
@@ -714,6 +720,7 @@ class _Surgery:
         """Restore the snapshot taken before the last edit; a fresh target over it (the
         adapter's restore may install a new model object)."""
         snap, excised = self._last
+        self._undos += 1
         self.a.restore(snap)
         fresh = self.a.target(self.calib, seed=self.seed)
         if excised is not None:
