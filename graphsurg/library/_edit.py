@@ -99,14 +99,15 @@ def gated(target: Target, producer: str, partners: Sequence[str], units: Sequenc
     at ``units``, each with the others held as partners. Refused unless every partner is a
     layer of the producer's width whose units feed exactly the producer's consumer columns
     (same layers, same index map): then the gated unit ``u`` is unit ``u`` of each."""
-    group = coupled(target, producer, units, changes_width=changes_width, partners=partners)
     width = width_of(get_layer(target, producer))
-    others: dict[str, CouplingGroup] = {}
-    mine = sorted((c.module, c.start, c.stride, c.groups) for c in group.consumers)
     for p in partners:
         if width_of(get_layer(target, p)) != width:
             raise Refused(f"partner {p!r} of {producer!r} has "
                           f"{width_of(get_layer(target, p))} units, the gate {width}")
+    group = coupled(target, producer, units, changes_width=changes_width, partners=partners)
+    others: dict[str, CouplingGroup] = {}
+    mine = sorted((c.module, c.start, c.stride, c.groups) for c in group.consumers)
+    for p in partners:
         pg = coupled(target, p, units, changes_width=changes_width,
                      partners=[producer, *[q for q in partners if q != p]])
         theirs = sorted((c.module, c.start, c.stride, c.groups) for c in pg.consumers)

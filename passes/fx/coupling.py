@@ -794,9 +794,9 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
             group.refusals.append(f"the model has no module {p!r} (the partner of "
                                   f"{producer!r})")
             return group
-        if not is_layer(pm):
-            group.refusals.append(f"partner {p!r} of {producer!r} is a {type(pm).__name__}, "
-                                  "not a Linear or Conv layer")
+        if not is_layer(pm) or _width(pm) != group.width:
+            group.refusals.append(f"partner {p!r} of {producer!r} is not a layer of its width "
+                                  f"{group.width} ({type(pm).__name__})")
             return group
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in leaves.items()]
     handles.append(mod.register_forward_hook(fwd_hook))
