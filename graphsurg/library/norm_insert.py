@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._problems import Problem
+from ..passes.fx.coupling import producer_channel_dim
 from ..passes.fx.rewrite import RewriteError, insert_after, module_node
 from ._base import Applied, Refused, Replacement, Target
 from ._edit import get_layer
@@ -95,7 +95,7 @@ class NormInsert(Replacement):
         for layer in layers:
             mod = get_layer(target, layer)
             out = target.capture(layer, output=True).to(torch.float64)
-            dim = 1 if not isinstance(mod, nn.Linear) else out.dim() - 1
+            dim = producer_channel_dim(mod) % out.dim()  # Linear/Conv1D: last; conv: 1
             flat = out.movedim(dim, 0).reshape(out.shape[dim], -1)
             stats[layer] = (flat.mean(1), flat.var(1, unbiased=False), dim, out.dim())
         gm, _ = target.graph_module()
