@@ -656,21 +656,23 @@ class _Surgery:
         self.a.restore(self.base)
         target = self.a.target(self.calib, seed=self.seed)
         applied: dict[int, Applied] = {}
+        done: list[tuple[Schema, dict[str, Any]]] = []  # applied so far, for a replay
         undos = self._undos
         current = self.ref_calib
         for s in schemas:
             if not measure:
                 if s.index in self.variant:
-                    target, a, _ = self._try(target, s, self.variant[s.index])
+                    target, a, _ = self._try(target, s, self.variant[s.index], done, applied)
                     if a is not None:
                         applied[s.index] = a
+                        done.append((s, self.variant[s.index]))
                 continue
             v = self.verif[s.index]
             attempts = [("planned", s.params)] + (
                 [("fallback", s.fallback)] if s.fallback is not None else [])
             reasons: list[str] = []
             for variant, params in attempts:
-                target, a, why = self._try(target, s, params)
+                target, a, why = self._try(target, s, params, done, applied)
                 if a is None:
                     reasons.append(f"{variant}: {why}")
                     continue
@@ -682,7 +684,7 @@ class _Surgery:
                     snap_new = self.a.run(self.calib)
                     change = output_change(snap_new, current, self.ref_calib).rel
                     if not change <= self.cert.max_output_change:
-                        target = self._undo(target)
+                        target = self._replay(done, applied)
                         reasons.append(f"{variant}: output change {change:.3g} > "
                                        f"max_output_change {self.cert.max_output_change}")
                         continue
@@ -692,6 +694,7 @@ class _Surgery:
                 v.bound = self.cert.exact_tolerance if a.exact else self.cert.max_output_change
                 applied[s.index] = a
                 self.variant[s.index] = dict(params)
+                done.append((s, dict(params)))
                 break
             else:
                 v.fail("; ".join(reasons))
@@ -705,27 +708,30 @@ class _Surgery:
     def _finite_ref(self) -> bool:
         return all(bool(np.isfinite(_numpy(t)).all()) for t in self.ref_calib)
 
-    def _try(self, target: Any, s: Schema, params: dict[str, Any]
+    def _try(self, target: Any, s: Schema, params: dict[str, Any],
+             done: list[tuple[Schema, dict[str, Any]]], applied: dict[int, Applied]
              ) -> tuple[Any, Applied | None, str]:
-        """Apply one schema; on failure restore the model as it was and say why."""
-        self._last = (self.a.snapshot(), copy.deepcopy(getattr(target, "excised", None)))
+        """Apply one schema; on failure rebuild the model as it was and say why."""
         try:
             return target, self.lib.get(s.replacement).apply(target, s.problem, dict(params)), ""
         except Exception as e:  # a failing replacement is rolled back, with why
             why = str(e) if isinstance(e, Refused | KeyError) else \
                 f"{type(e).__name__}: {first_line(e)}"
-            return self._undo(target), None, why
+            return self._replay(done, applied), None, why
 
-    def _undo(self, target: Any) -> Any:
-        """Restore the snapshot taken before the last edit; a fresh target over it (the
-        adapter's restore may install a new model object)."""
-        snap, excised = self._last
+    def _replay(self, done: list[tuple[Schema, dict[str, Any]]],
+                applied: dict[int, Applied]) -> Any:
+        """The model as it was before the failed edit: the base restored and the edits
+        ``done`` so far re-applied (deterministic: seeded), their records refreshed in
+        ``applied``; returns a fresh target. No copy of the model is taken before each edit
+        (that made a build quadratic in model size): failures are rare, and a replay costs
+        only the edits kept so far."""
         self._undos += 1
-        self.a.restore(snap)
-        fresh = self.a.target(self.calib, seed=self.seed)
-        if excised is not None:
-            fresh.excised = excised
-        return fresh
+        self.a.restore(self.base)
+        target = self.a.target(self.calib, seed=self.seed)
+        for s, params in done:
+            applied[s.index] = self.lib.get(s.replacement).apply(target, s.problem, dict(params))
+        return target
 
     # -- verify ----------------------------------------------------------------------------
     def verify_exact_group(self, applied: dict[int, Applied]) -> list[int]:
