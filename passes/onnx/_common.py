@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -182,11 +181,11 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
             missing or outside the model's folder.
     """
     if isinstance(model, ir.Model):
-        return _initializers_apart(model.clone()), "ir"
+        return _initializers_apart(_tensors_in_arrays(model.clone())), "ir"
     if isinstance(model, onnx.ModelProto):
         _check_proto(model, "the ModelProto")
         loaded = ir.serde.deserialize_model(_densify_sparse(model, "the ModelProto"))
-        return _initializers_apart(loaded), "proto"
+        return _initializers_apart(_tensors_in_arrays(loaded)), "proto"
     if not isinstance(model, str | os.PathLike):
         raise OnnxInputError(
             f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}"
@@ -205,8 +204,30 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
     _check_external_data(proto, path.parent, where)
     _check_proto(proto, where, path)
     loaded = ir.serde.deserialize_model(_densify_sparse(proto, where))
+    del proto  # the tensors are read out of it once (below), then it is freed
     ir.external_data.set_base_dir(loaded.graph, path.parent)
-    return _initializers_apart(loaded), "path"
+    return _initializers_apart(_tensors_in_arrays(loaded)), "path"
+
+
+#: element types whose tensors are held as numpy arrays and handed to onnxruntime as
+#: buffers (others -- strings, 4-bit, float8, bfloat16 -- stay as they were read)
+_BUFFER_DTYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
+    ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.UINT8,
+    ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.BOOL,
+})
+
+
+def _tensors_in_arrays(model: ir.Model) -> ir.Model:
+    """Hold every initializer of the main graph that lives in the parsed protobuf as a numpy
+    array (one copy, read once) so the protobuf can be freed: onnx-ir's proto-backed tensors
+    copy their bytes on every ``numpy()``, and each onnxruntime session would hold another
+    copy. External-data tensors stay memory-mapped."""
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.TensorProtoTensor) and t.dtype in _BUFFER_DTYPES:
+            v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
+    return model
 
 
 def _initializers_apart(model: ir.Model) -> ir.Model:
@@ -406,6 +427,7 @@ class OrtSession:
         self._sess = sess
         self._errors = _ort_errors()
         self.runs = 0
+        self.buffers: Any = None
 
     def run(self, output_names: Any, feed: Mapping[str, Any], *args: Any) -> list[Any]:
         plain = feed if isinstance(feed, dict) else {k: feed[k] for k in feed}
@@ -424,9 +446,53 @@ class OrtSession:
         return getattr(self._sess, name)
 
 
+#: initializers of at least this many bytes are handed to onnxruntime as buffers
+#: (:func:`weights_apart`) instead of being serialized into the model it parses
+BUFFER_MIN_BYTES = 1024
+#: the external-data location of a weight handed over as a buffer (never a file)
+IN_MEMORY = "graphsurg-in-memory"
+
+
+@contextlib.contextmanager
+def weights_apart(model: ir.Model, min_bytes: int = BUFFER_MIN_BYTES
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """While the block runs, the main graph's initializers of at least ``min_bytes`` (of the
+    element types of :data:`_BUFFER_DTYPES`), and every external-data tensor, are
+    external-data placeholders (name, type and
+    shape, no data, location :data:`IN_MEMORY`), so serializing ``model`` copies no weight;
+    yields their arrays by name (numpy arrays, memory-mapped for external data: no copy;
+    an external tensor of another type is read into the model while the block runs).
+    The tensors are put back afterwards."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        for name, v in model.graph.initializers.items():
+            t = v.const_value
+            external = isinstance(t, ir.ExternalTensor)
+            if t is None or (t.dtype not in _BUFFER_DTYPES or t.nbytes < min_bytes) \
+                    and not external:
+                continue
+            if t.dtype not in _BUFFER_DTYPES:  # external, of a type numpy cannot hand over
+                v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=name)
+                swapped.append((v, t))
+                continue
+            arrays[name] = np.ascontiguousarray(t.numpy())
+            v.const_value = ir.ExternalTensor(IN_MEMORY, 0, t.nbytes, t.dtype, shape=t.shape,
+                                              name=name)
+            swapped.append((v, t))
+        yield arrays
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+
+
 def ort_session(model: ir.Model, *, threads: int | None = None) -> OrtSession:
     """An onnxruntime CPU session on ``model`` (basic graph optimisations only, so observed
-    intermediate values keep their names), wrapped in :class:`OrtSession`."""
+    intermediate values keep their names), wrapped in :class:`OrtSession`.
+
+    The weights are not serialized: onnxruntime parses the graph alone and uses the model's
+    own arrays as its initializers (``add_external_initializers``, no copy; memory-mapped
+    where the model holds external data), which the session keeps alive."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -435,14 +501,14 @@ def ort_session(model: ir.Model, *, threads: int | None = None) -> OrtSession:
     if threads is not None:
         so.intra_op_num_threads = threads
     try:
-        if has_external_tensors(model):
-            with tempfile.TemporaryDirectory() as d, initializers_as_inputs(model):
-                p = Path(d) / "model.onnx"
-                ir.save(model, p, external_data="model.onnx.data")
-                return OrtSession(ort.InferenceSession(str(p), so,
-                                                       providers=["CPUExecutionProvider"]))
-        data = to_proto(model).SerializeToString()
-        return OrtSession(ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]))
+        with weights_apart(model) as arrays, initializers_as_inputs(model):
+            data = ir.serde.serialize_model(model).SerializeToString()
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+        if values:
+            so.add_external_initializers(list(arrays), values)
+        sess = OrtSession(ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]))
+        sess.buffers = (arrays, values)  # onnxruntime reads them for the session's lifetime
+        return sess
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         custom = sorted(

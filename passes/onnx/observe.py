@@ -59,7 +59,7 @@ from graphsurg._activations import (
 from graphsurg._config import DiagnoseConfig
 from graphsurg._measurements import LayerMeasure, Measurements, SiteMeasure
 
-from ._common import KNOWN_DOMAINS, Feed, ort_session
+from ._common import KNOWN_DOMAINS, Feed, ort_session, weights_apart
 from ._pass import const_array
 from .structure import bypassed_layers
 
@@ -578,8 +578,10 @@ def layers_in_order(nodes: list[ir.Node], layer_nodes: set[ir.Node]) -> list[ir.
 # -- observation ----------------------------------------------------------------------------
 def _inferred_types(model: ir.Model) -> dict[str, ir.DataType]:
     """Element types of every value, from ONNX shape inference (no tensor data is read)."""
-    try:
-        proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model))
+    try:  # the weights stay out of it: inference needs their types and shapes only
+        with weights_apart(model):
+            bare = ir.serde.serialize_model(model)
+        proto = onnx.shape_inference.infer_shapes(bare)
     except Exception:  # inference is best effort: the walk below covers the common cases
         return {}
     out: dict[str, ir.DataType] = {}
@@ -656,7 +658,8 @@ class _Accumulator:
             return
         if self._sampled < self.sample_rows:
             rows = x.movedim(cd, -1).reshape(-1, x.shape[cd])
-            take = rows[: self.sample_rows - self._sampled]
+            # a copy of the rows: a view would keep the batch's whole activation alive
+            take = rows[: self.sample_rows - self._sampled].clone()
             self._sample.append(take)
             self._sampled += int(take.shape[0])
 
