@@ -353,8 +353,8 @@ def candidates(lib: Library, problem: Problem, *, ir: str = "torch",
         return (int(s < need), abs(s - need), r.priority, r.name)
 
     pool.sort(key=key)
-    for name in reversed(list(prefer)):
-        pool.sort(key=lambda r, n=name: r.name != n)  # stable: the preferred one first
+    rank = {n: i for i, n in enumerate(dict.fromkeys(prefer))}
+    pool.sort(key=lambda r: rank.get(r.name, len(rank)))  # stable: preferred first, in order
     reinit = next((r for r in pool if r.reinitialises_units), None)
     out: list[tuple[list[Replacement], str]] = []
     for r in pool:

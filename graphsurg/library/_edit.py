@@ -41,7 +41,7 @@ from ._base import Refused, Target
 
 #: nn.Linear, nn.Conv1d/2d/3d or Hugging Face's Conv1D (recognised by
 #: :func:`~graphsurg.passes.fx.coupling.is_conv1d`; transformers is not imported)
-Layer = nn.Module
+Layer = Any  # duck-typed: nn.Linear, nn.Conv*, HF Conv1D -- what matters is .weight and .bias
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import graphsurg as gs
-from graphsurg._problems import Diagnosis, Problem, Site
 from graphsurg._heal import heal, mean_loss
+from graphsurg._problems import Diagnosis, Problem, Site
 from graphsurg.library import Applied, Target, canonical_library
 from graphsurg.library.distill import Distill, build_replacement
 
