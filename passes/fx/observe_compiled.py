@@ -223,13 +223,24 @@ def _site_sums(x: torch.Tensor, centre: float, channel_dim: int, sat_threshold: 
     return partial_sums(x - centre if centre != 0.0 else x, channel_dim, sat_threshold)
 
 
+def _first_rows(x: torch.Tensor, channel_dim: int, n: int) -> torch.Tensor:
+    """A copy of the first ``n`` rows of ``x`` as ``(rows, C)`` (traceable)."""
+    x = x.detach()
+    if x.dim() < 1 or not x.is_floating_point():
+        return x.new_zeros((0, 1), dtype=torch.float32)
+    cd = channel_dim % x.dim() if x.dim() > 1 else 0
+    return x.movedim(cd, -1).reshape(-1, x.shape[cd])[:n].clone()
+
+
 def observed_graph(gm: fx.GraphModule, nodes: Sequence[str],
-                   segments: Sequence[Segment] | None = None) -> tuple[fx.GraphModule, int]:
+                   segments: Sequence[Segment] | None = None,
+                   sample_rows: int | None = None) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` that also returns a detached alias of each node in ``nodes``.
 
     With ``segments``, it first returns one more output: the ``(9, C_total)`` raw sums of
     every segment (:func:`graphsurg.kernels.partial_sums`, computed in the graph), then the
-    aliases. Returns the new graph module and the number of original outputs (-1: a single
+    aliases -- or, with ``sample_rows`` too, a copy of each site's first ``sample_rows`` rows
+    instead of an alias. Returns the new graph module and the number of original outputs (-1: a single
     non-tuple output). ``gm`` is unchanged.
     """
     graph = fx.Graph()
@@ -245,8 +256,14 @@ def observed_graph(gm: fx.GraphModule, nodes: Sequence[str],
                          s.channel_dim, s.sat_threshold))
                  for s in segments]
         extra.append(graph.call_function(torch.cat, (parts,), {"dim": 1}))
-    for name in nodes:
+    for k, name in enumerate(nodes):
         src = val_map[by_name[name]]
+        if segments and sample_rows is not None:
+            # no alias of an intermediate (aot_autograd regenerates those on every call):
+            # a copy of the first rows, for the row sample
+            cd = next((s.channel_dim for s in segments if s.observer == k), -1)
+            extra.append(graph.call_function(_first_rows, (src, cd, sample_rows)))
+            continue
         d = graph.call_function(torch.ops.aten.detach.default, (src,))
         ev = src.meta.get("example_value")
         if isinstance(ev, torch.Tensor):
@@ -484,7 +501,9 @@ def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequenc
     else:
         nodes = [s.node for s in sites.acts]
         use_graph = graph_stats and bool(segments)
-        ogm, n_out = observed_graph(gm, nodes, segments if use_graph else None)
+        rows = max((o.sample_rows for o in observers), default=0)
+        ogm, n_out = observed_graph(gm, nodes, segments if use_graph else None,
+                                    rows if use_graph else None)
         plain = inner(gm, example_inputs) if sink.every != 1 else None
         observed = inner(ogm, example_inputs)
         call = MonitoredCall(sink, record, plain, observed, n_out,
