@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._console import progress
 from ._data import InputFn, compute_loss, run_model
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -58,7 +59,8 @@ def heal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, steps: in
     was = model.training
     model.train()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), \
+                progress(steps, "healing (fine-tune steps)") as bar:
             torch.manual_seed(seed)
             for step in range(steps):
                 for cb in on_step:
@@ -73,6 +75,7 @@ def heal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, *, steps: in
                 opt.step()
                 log.losses.append(float(loss.detach()))
                 log.steps += 1
+                bar.advance()
     finally:
         opt.zero_grad(set_to_none=True)
         model.train(was)

@@ -148,3 +148,28 @@ def test_console_progress_follows_quiet(monkeypatch: pytest.MonkeyPatch) -> None
     with Console(quiet=False, stream=io.StringIO()).progress("training", 4) as bar:
         bar.advance(4)
     assert "training" in ANSI.sub("", err.getvalue())
+
+
+def test_healing_and_measuring_report_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    """operate's long steps (measuring batches in each diagnosis, the healing fine-tune) go
+    through the one progress helper; silent unless asked (off a terminal)."""
+    import torch
+
+    import graphsurg as gs
+    from graphsurg._heal import heal
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    batches = [(torch.randn(16, 4), torch.randn(16, 1)) for _ in range(2)]
+
+    def mse(out: torch.Tensor, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(out, b[1])
+
+    heal(model, batches, mse, steps=5)
+    gs.diagnose(model, batches)
+    assert capsys.readouterr().err == ""
+    with progress_enabled(True):
+        heal(model, batches, mse, steps=5)
+        gs.diagnose(model, batches)
+    err = capsys.readouterr().err
+    assert "healing (fine-tune steps) 5/5" in err and "measuring batches 2/2" in err, err
