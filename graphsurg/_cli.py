@@ -260,7 +260,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                      meta={"version": gs.__version__})
         html_path, _ = rep.write(args.report)
         console.result(f"report: {html_path.resolve()}")
+        _say_missing_figures(console)
     return EXIT_OK
+
+
+def _say_missing_figures(console: Any) -> None:
+    """Without the report extra the report has tables only: say how to get the figures."""
+    from ._report import missing_figures
+
+    missing = missing_figures()
+    if missing:
+        console.info(missing)
 
 
 def cmd_operate(args: argparse.Namespace) -> int:
@@ -324,6 +334,7 @@ def cmd_operate(args: argparse.Namespace) -> int:
             plan=_plan_rows(result), surgery=_json_of(result))], meta={"version": gs.__version__})
         html_path, _ = rep.write(args.report)
         console.result(f"report: {html_path.resolve()}")
+        _say_missing_figures(console)
     return EXIT_CERTIFICATES if getattr(result, "rolled_back", None) else EXIT_OK
 
 
