@@ -122,6 +122,7 @@ _POOLS = frozenset({"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "AveragePoo
 #: element-wise binary ops whose constants pass through (numpy, operand order kept)
 _BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+    "Pow": np.power,  # x**3 in tanh-form GELU (GPT-2, Phi, GPT-J as exported)
 }
 _LAYERS = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"})
 

@@ -398,3 +398,34 @@ def test_reshape_that_mixes_the_channel_axis_is_refused() -> None:
         g.op("Reshape", [h, g.const(np.array([0, 3, -1], np.int64), "shape")]),
         g.const(np.array([0, 6, 8, 8], np.int64), "back")]))
     assert "Reshape 'reshape_" in why and "does not keep the channel axis" in why
+
+
+def test_tanh_gelu_with_pow_is_an_elementwise_producer_region() -> None:
+    """tanh-form GELU as GPT-2/Phi/GPT-J export it computes x**3 with ``Pow``: the units
+    still come from the MatMul before it. Before: refused, "produced by ... (op Pow)"."""
+    import math
+
+    import torch
+
+    class TanhGeluMLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+            with torch.no_grad():
+                self.fc1.weight[[2, 5, 11]] = 0.0
+                self.fc1.bias[[2, 5, 11]] = -30.0  # gelu(-30) = 0: dead
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi)
+                                          * (h + 0.044715 * torch.pow(h, 3.0))))
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    buf = __import__("io").BytesIO()
+    torch.onnx.export(TanhGeluMLP(), (torch.randn(4, 8),), buf, dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    m = onnx.load_from_string(buf.getvalue())
+    assert "Pow" in op_types(m)
+    out, res, removed = run_apply(m, (32, 8))
+    assert sum(removed.values()) == 3, res.summary()
