@@ -44,8 +44,10 @@ node and the reason; nothing is changed there.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -253,6 +255,33 @@ def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
+#: per model: its values by name and whether shapes were made static, kept across the sites
+#: of one apply (scanning the whole graph at every site made apply quadratic in its size)
+_INDEX: weakref.WeakKeyDictionary[ir.Model, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _value_named(model: ir.Model, name: str) -> ir.Value | None:
+    """The value ``name`` of the main graph, from an index rebuilt only when the indexed
+    value is gone (its producer removed by an edit) or missing."""
+    idx = _INDEX.setdefault(model, {})
+    values = idx.get("values")
+    v = values.get(name) if values is not None else None
+    node = v.producer() if v is not None else None
+    if v is None or node is None or node.graph is not model.graph or v.name != name:
+        values = idx["values"] = _values(model.graph)
+        v = values.get(name)
+    return v
+
+
+def _shapes_ready(model: ir.Model) -> None:
+    """Infer shapes once per model when a Flatten/Reshape/Concat lacks static shapes (edits
+    keep the shapes they change up to date)."""
+    idx = _INDEX.setdefault(model, {})
+    if not idx.get("shapes") and _needs_shapes(model.graph):
+        _infer_shapes(model)
+    idx["shapes"] = True
+
+
 def _needs_shapes(graph: ir.Graph) -> bool:
     """Flatten/Reshape/Concat offsets need static shapes: is one of their inputs without?"""
     for n in graph:
@@ -299,9 +328,8 @@ def excise_site(model: ir.Model, problem: Problem,
     if excised is not None and excised.get(site):
         raise Refused(f"units were already excised at {site}: its unit indices changed")
     graph = model.graph
-    if _needs_shapes(graph):
-        _infer_shapes(model)
-    v = _values(graph).get(problem.site.node)
+    _shapes_ready(model)
+    v = _value_named(model, problem.site.node)
     if v is None:
         raise Refused(f"value '{problem.site.node}' is not in the model")
     plan, axis, rank, width, producer = _plan(model, v, units,
@@ -557,7 +585,7 @@ class _Forward:
     def __init__(self, model: ir.Model, plan: _Plan,
                  batches: Sequence[Mapping[str, np.ndarray]] | None) -> None:
         self.model, self.plan, self.batches = model, plan, batches
-        self.order = {id(n): i for i, n in enumerate(model.graph)}
+        self._order: dict[int, int] | None = None  # graph order, built when a join waits
         self.seen: set[int] = set()
         self.pending: dict[int, tuple[ir.Node, dict[int, _Flow]]] = {}
         #: other sites whose units are removed with the site's (residual branches)
@@ -566,7 +594,10 @@ class _Forward:
     def run(self, f: _Flow) -> None:
         self.flow(f)
         while self.pending:
-            key = min(self.pending, key=lambda k: self.order.get(k, -1))
+            if self._order is None:
+                self._order = {id(n): i for i, n in enumerate(self.model.graph)}
+            order = self._order
+            key = min(self.pending, key=lambda k: order.get(k, -1))
             node, arrived = self.pending.pop(key)
             self.seen.add(key)
             self.join(node, arrived)
