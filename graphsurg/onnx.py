@@ -339,6 +339,8 @@ def _operate(adapter: OnnxAdapter, batches: list[Any], held_out: list[Any] | Non
     as it is, with the reasons."""
     if not names:
         diagnosis = diagnosis or Diagnosis(capture="onnxruntime")
+    elif diagnosis is None:  # once: a model with nothing to treat is not diagnosed twice
+        diagnosis = _diagnosis_of(adapter, batches, config)
     try:
         if not names:
             raise SurgeryFailed("no replacement selected")
