@@ -104,13 +104,13 @@ def diagnose_adapter(
         # the train loss is measured on the observed batches: keep them (data may be a
         # one-shot iterator)
         batches = list(iter_batches(batches, config.max_batches))
-    # both adapters stream any iterable (one pass, nothing kept); IRAdapter says Sequence
+    # both adapters stream any iterable (one pass, nothing kept)
     total = len(batches) if isinstance(batches, Sized) else None
     if config.max_batches is not None:
         total = min(total, config.max_batches) if total is not None else config.max_batches
     with progress(total, "measuring batches", enabled=config.progress) as bar:
-        m = adapter.observe(_advancing(batches, bar), config,  # type: ignore[arg-type]
-                            loss_fn=loss_fn)
+        m = adapter.observe(_advancing(iter_batches(batches, config.max_batches), bar),
+                            config, loss_fn=loss_fn)
     m.notes.extend(notes)
     if val_batches is not None and loss_fn is not None:
         val = list(iter_batches(val_batches, config.max_batches))

@@ -21,7 +21,7 @@ capabilities   gradients, trainable                         neither (exact edits
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -59,10 +59,10 @@ class IRAdapter(Protocol):
         """The working model (``nn.Module`` / ``onnx_ir.Model``), edited in place."""
         ...
 
-    def observe(self, batches: Sequence[Batch], config: DiagnoseConfig, *,
+    def observe(self, batches: Iterable[Batch], config: DiagnoseConfig, *,
                 loss_fn: LossFn | None = None) -> Measurements:
-        """Stream ``batches`` through the working model (left unchanged) and return what
-        ``graphsurg.detect`` judges."""
+        """Stream ``batches`` (any iterable, read once) through the working model (left
+        unchanged) and return what ``graphsurg.detect`` judges."""
         ...
 
     def run(self, batches: Sequence[Batch]) -> list[Any]:

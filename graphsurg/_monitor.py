@@ -118,8 +118,8 @@ class Monitor:
         """
         from graphsurg.passes.fx.observe_eager import CompiledOrEager
 
-        compiled = torch.compile(model, backend="graphsurg",
-                                 options={"monitor": self, "inner": inner}, **compile_kwargs)
+        options: dict[str, Any] = {"monitor": self, "inner": inner}
+        compiled = torch.compile(model, backend="graphsurg", options=options, **compile_kwargs)
         return CompiledOrEager(self, model, compiled)
 
     # -- public ----------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def partial_sums(x: torch.Tensor, channel_dim: int, sat_threshold: float | None
     dims = [d for d in range(x.dim()) if d != cd]
     acc = acc_dtype(x.dtype)
     first = x
-    for d in sorted(dims, reverse=True):
-        first = first.select(d, 0)
+    for dim in sorted(dims, reverse=True):
+        first = first.select(dim, 0)
     first = first.to(acc)
     zero = torch.zeros((), dtype=acc, device=x.device)
     pivot = torch.where(torch.isfinite(first), first, zero)

@@ -117,14 +117,15 @@ class EagerWatch:
             self._setup(seen, order)
         xs = [seen.get(p, (None, ""))[0] for p in self.sites]
         if rec.segments and all(x is not None for x in xs):
-            seg_x = [xs[s.observer] - s.centre if s.sat else xs[s.observer]
+            present = [x for x in xs if x is not None]  # all of them (checked above)
+            seg_x = [present[s.observer] - s.centre if s.sat else present[s.observer]
                      for s in rec.segments]
             rec.accumulate(partial_sums_many(seg_x, [s.channel_dim for s in rec.segments],
                                              [s.sat_threshold for s in rec.segments]))
             if rec.rows_needed:
                 rec.take_rows(xs)
-        rec.weights = {p: m.weight for p, (_, m) in self.layers.items()
-                       if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        rec.weights = {p: w for p, (_, m) in self.layers.items()
+                       if isinstance(w := getattr(m, "weight", None), torch.Tensor)}
         if torch.is_grad_enabled() and self.params:
             self._arm(out)
         return out

@@ -477,8 +477,8 @@ def weights_apart(model: ir.Model, min_bytes: int = BUFFER_MIN_BYTES
                 swapped.append((v, t))
                 continue
             arrays[name] = np.ascontiguousarray(t.numpy())
-            v.const_value = ir.ExternalTensor(IN_MEMORY, 0, t.nbytes, t.dtype, shape=t.shape,
-                                              name=name)
+            v.const_value = ir.ExternalTensor(IN_MEMORY, 0, t.nbytes, t.dtype,
+                                              shape=ir.Shape(tuple(t.shape.numpy())), name=name)
             swapped.append((v, t))
         yield arrays
     finally:

@@ -27,7 +27,7 @@ with the facade).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ class OnnxAdapter:
         return load_feeds(self._model, data, batch_size=batch_size, batch_axes=batch_axes,
                           max_batches=max_batches, loader=loader)
 
-    def observe(self, batches: Sequence[Feed], config: DiagnoseConfig, *,
+    def observe(self, batches: Iterable[Feed], config: DiagnoseConfig, *,
                 loss_fn: LossFn | None = None) -> Measurements:
         """Stream ``batches`` through onnxruntime and return the measurements
         ``graphsurg.detect`` judges (no gradients: ``loss_fn`` is not used)."""
