@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint efficacy clean
+.PHONY: demo test bench lint efficacy conformance clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-enable --benchmark-only -p no:randomly
+
+conformance: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m tests.conformance.runner
 
 efficacy: $(STAMP)
 	$(BIN)/python -m benchmarks.efficacy
