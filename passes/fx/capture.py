@@ -51,6 +51,7 @@ from graphsurg._activations import (
     pointwise_regions,
 )
 from graphsurg._errors import first_line
+from graphsurg._layers import einsum_layer
 
 aten = torch.ops.aten
 
@@ -361,30 +362,14 @@ def _einsum_layer(node: fx.Node) -> _LayerOp | None:
     ops = node.args[1] if len(node.args) > 1 else None
     if not isinstance(eq, str) or not isinstance(ops, list | tuple) or len(ops) != 2:
         return None
-    eq = eq.replace(" ", "")
-    if "->" not in eq:
+    params = [_param(o) for o in ops]
+    found = einsum_layer(eq, [p is not None and not p[1] for p in params])
+    if found is None:
         return None
-    ins, outs = eq.split("->")
-    specs = ins.split(",")
-    for k in (0, 1):
-        p = _param(ops[k])
-        if p is None or p[1] or len(specs[k]) != 2 or "." in specs[k]:
-            continue
-        other = specs[1 - k]
-        a, b = specs[k][0], specs[k][1]
-        if a in outs and b in other and b not in outs:
-            unit, transposed = a, False
-        elif b in outs and a in other and a not in outs:
-            unit, transposed = b, True
-        else:
-            return None
-        if "..." in outs and outs.index(unit) < outs.index("..."):
-            axis = outs.index(unit)
-        else:
-            tail = outs.split("...")[-1]
-            axis = tail.index(unit) - len(tail)
-        return _LayerOp("linear", p[0], transposed, axis)
-    return None
+    k, transposed, axis = found
+    p = params[k]
+    assert p is not None
+    return _LayerOp("linear", p[0], transposed, axis)
 
 
 def layer_op(gm: fx.GraphModule, node: fx.Node) -> _LayerOp | None:

@@ -57,6 +57,7 @@ from graphsurg._activations import (
     pointwise_regions,
 )
 from graphsurg._config import DiagnoseConfig
+from graphsurg._layers import einsum_layer
 from graphsurg._measurements import LayerMeasure, Measurements, SiteMeasure
 
 from ._common import KNOWN_DOMAINS, Feed, ort_session, weights_apart
@@ -138,31 +139,16 @@ def _float_weight(v: ir.Value | None) -> np.ndarray | None:
 
 def _einsum_op(node: ir.Node) -> LayerOp | None:
     eq = node.attributes["equation"].as_string() if "equation" in node.attributes else ""
-    eq = eq.replace(" ", "")
-    if "->" not in eq or len(node.inputs) != 2:
+    if len(node.inputs) != 2:
         return None
-    ins, outs = eq.split("->")
-    specs = ins.split(",")
-    for k in (0, 1):
-        w = node.inputs[k]
-        arr = _float_weight(w)
-        if w is None or arr is None or arr.ndim != 2 or len(specs[k]) != 2:
-            continue
-        a, b = specs[k][0], specs[k][1]
-        other = specs[1 - k]
-        if a in outs and b in other and b not in outs:
-            unit, oriented = a, arr
-        elif b in outs and a in other and a not in outs:
-            unit, oriented = b, arr.T
-        else:
-            return None
-        if "..." in outs and outs.index(unit) < outs.index("..."):
-            axis = outs.index(unit)
-        else:
-            tail = outs.split("...")[-1]
-            axis = tail.index(unit) - len(tail)
-        return LayerOp(w, oriented, axis)
-    return None
+    arrs = [_float_weight(w) for w in node.inputs]
+    found = einsum_layer(eq, [a is not None and a.ndim == 2 for a in arrs])
+    if found is None:
+        return None
+    k, transposed, axis = found
+    w, arr = node.inputs[k], arrs[k]
+    assert w is not None and arr is not None
+    return LayerOp(w, arr.T if transposed else arr, axis)
 
 
 def layer_op(node: ir.Node) -> LayerOp | None:

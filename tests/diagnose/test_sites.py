@@ -233,3 +233,19 @@ def test_gradients_with_no_layer_say_so() -> None:
                                          loss_fn=lambda o, b: o.sum())
     assert meas.gradients and not meas.layers
     assert any("no parametrised layer" in n for n in meas.notes)
+
+
+@pytest.mark.parametrize(("eq", "weights", "want"), [
+    ("bi,oi->bo", (False, True), (1, False, -1)),     # x @ W.T (nn.Linear's layout)
+    ("bi,io->bo", (False, True), (1, True, -1)),      # x @ W (Conv1D's layout)
+    ("oi,bi->bo", (True, False), (0, False, -1)),
+    ("...i,oi->...o", (False, True), (1, False, -1)),
+    ("bij,jk->bik", (False, True), (1, True, -1)),
+    ("bi,bi->b", (False, True), None),                # no unit axis: not a layer
+    ("bi,oi->bo", (False, False), None),              # no weight operand
+])
+def test_einsum_layer_is_one_reading_for_both_irs(eq: str, weights: tuple[bool, bool],
+                                                  want: tuple[int, bool, int] | None) -> None:
+    from graphsurg._layers import einsum_layer
+
+    assert einsum_layer(eq, weights) == want

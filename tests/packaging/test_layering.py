@@ -26,7 +26,7 @@ FOLDERS = {"graphsurg": "graphsurg", "kernels": "graphsurg.kernels", "passes": "
 
 #: the data model (DESIGN.md): what the adapters may build on
 DATA_MODEL = frozenset({
-    "_problems", "_measurements", "_activations", "_compare", "_files", "_data", "_ir",
+    "_problems", "_measurements", "_activations", "_layers", "_compare", "_files", "_data", "_ir",
     "_config", "_certificates", "_errors",
 })
 #: named in the issue as the layers above the adapters (the allow-list below covers them and
