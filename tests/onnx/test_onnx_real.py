@@ -13,19 +13,15 @@ other seeds. Excision is exact: the outputs of the operated model equal the orig
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
 import time
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from _onnx_helpers import assert_same_outputs, full_check, run_ort
+from _wheels import WheelModel, fetch
+from _wheels import sha256 as _sha
 
 from graphsurg import _cli
 from graphsurg import onnx as gso
@@ -33,67 +29,11 @@ from graphsurg import onnx as gso
 EXACT_RTOL = 1e-5  # float32 round-off of folding constant channels into the next bias
 
 
-@dataclass(frozen=True)
-class WheelModel:
-    """A model file inside a pinned wheel, with the sha256 prefix of that file."""
-
-    package: str
-    version: str
-    member: str
-    sha256: str
-
-    @property
-    def wheel_glob(self) -> str:
-        return f"{self.package.replace('-', '_')}-{self.version}-*.whl"
-
-
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
 CLS = WheelModel(*RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                  "e47acedf663230f8")
 DET = WheelModel(*RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
                  "d2a7720d45a54257")
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("GRAPHSURG_MODEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "graphsurg" / "models"
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def fetch(model: WheelModel) -> Path:
-    """The model file, from the cache or fetched (skip with the reason when pip cannot)."""
-    root = cache_dir() / f"{model.package}-{model.version}"
-    dest = root / Path(model.member).name
-    if dest.exists() and _sha(dest).startswith(model.sha256):
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(root.glob(model.wheel_glob))
-    if not wheels:
-        try:
-            r = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--disable-pip-version-check", "-q", f"{model.package}=={model.version}",
-                 "-d", str(root)],
-                capture_output=True, text=True, timeout=300)  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"cannot fetch {model.package}=={model.version} with pip: {e}")
-        wheels = sorted(root.glob(model.wheel_glob))
-        if r.returncode != 0 or not wheels:
-            tail = (r.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            pytest.skip(f"cannot fetch {model.package}=={model.version} with pip: {tail}")
-    with zipfile.ZipFile(wheels[0]) as z:
-        data = z.read(model.member)
-    digest = hashlib.sha256(data).hexdigest()
-    assert digest.startswith(model.sha256), (
-        f"{model.member} in {wheels[0].name} has sha256 {digest[:16]}, pinned "
-        f"{model.sha256}: the wheel changed; delete {root} or update the pin")
-    tmp = dest.with_suffix(".part")
-    tmp.write_bytes(data)
-    tmp.replace(dest)
-    return dest
 
 
 # -- calibration data that looks like the input domain ----------------------------------------
