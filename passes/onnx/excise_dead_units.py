@@ -334,6 +334,10 @@ def excise_site(model: ir.Model, problem: Problem,
         raise Refused(f"value '{problem.site.node}' is not in the model")
     plan, axis, rank, width, producer = _plan(model, v, units,
                                                np.asarray(consts, np.float64), batches)
+    seen_w = problem.evidence.get("width")
+    if seen_w is not None and int(seen_w) != width:
+        raise Refused(f"the evidence measured {seen_w} units at '{v.name}' but its producer "
+                      f"{producer} has {width}")
     dim = problem.evidence.get("channel_dim")
     if dim is not None and rank is not None and int(dim) % rank != _pos(axis, rank):
         raise Refused(f"the evidence measured units along axis {dim} of '{v.name}' but its "
@@ -402,6 +406,7 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
     Conv / ConvTranspose layers; every value on the way must be read only on the way."""
     layers: dict[int, ir.Node] = {}
     region: dict[int, ir.Node] = {}
+    reshapes: list[ir.Node] = []
     walked: dict[int, ir.Value] = {}
     stack = [a]
     while stack:
@@ -419,6 +424,11 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
         if op in _LAYERS:
             layers[id(node)] = node
             continue
+        if op == "Reshape":  # Conv1D as exported: Reshape(x, [-1, d]) @ W + b -> Reshape
+            region[id(node)] = node
+            reshapes.append(node)
+            stack.append(_input(node, 0))
+            continue
         if op == "BatchNormalization" or (op in (_ACT_OPS | {"Identity", "Dropout"})
                                           and _unary(node) is not None):
             region[id(node)] = node
@@ -433,8 +443,8 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
             continue
         raise Refused(
             f"the units are produced by '{node.name}' (op {op}); only Gemm/MatMul/Conv/"
-            "ConvTranspose (+ bias Add, BatchNormalization, element-wise ops) producers are "
-            "understood"
+            "ConvTranspose (+ bias Add, BatchNormalization, element-wise ops, Reshape keeping "
+            "the last axis) producers are understood"
         )
     for v in walked.values():
         if v is a:
@@ -451,14 +461,143 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
     if any((_pos(x, r), w) != (_pos(axis, rank), width) for x, r, w in found):
         raise Refused("the layers summed into the units have different widths or unit axes: "
                       + ", ".join(f"'{n.name}'" for n in layers.values()))
+    if reshapes:  # the unit axis is the last one of every value, whatever its rank
+        if not _is_last(axis, rank):
+            raise Refused(f"Reshape '{reshapes[0].name}' between the layer and the units: "
+                          "only a layer whose units are on the last axis is understood there")
+        for node in reshapes:
+            _source_reshape(node, width, rows, walked, plan)
+        axis, rank = -1, None
     for node in region.values():
-        _source_region_node(node, axis, rank, width, rows, plan)
+        if node.op_type != "Reshape":
+            _source_region_node(node, axis, rank, width, rows, plan)
     for v in walked.values():
         d = _dim(v, axis, rank)
         if d == 1 and width > 1:
             raise Refused(f"value '{v.name}' broadcasts over the unit axis")
         plan.shape(v, axis, len(rows))
+    if reshapes:
+        rank = _rank(a)
+        axis = -1 if rank is None else rank - 1
     return axis, rank, width, ", ".join(n.name or n.op_type for n in layers.values())
+
+
+#: one entry of a Reshape's target shape: ("const", value, (node, input, index)) -- editable
+#: through the plan --, or ("dim", value, axis): a dimension read by Shape -> Gather
+_Entry = tuple[str, Any, Any]
+
+
+def _shape_entries(node: ir.Node, plan: _Plan) -> list[_Entry] | None:
+    """The entries of Reshape ``node``'s target: a constant, or a Concat (read only by this
+    Reshape) of constants and ``Unsqueeze(Gather(Shape(v), i))`` (as the legacy exporter
+    writes ``x.view(B, T, -1)``); None when not understood."""
+    t = plan.arr(node, 1) if len(node.inputs) > 1 else None
+    if t is not None:
+        return [("const", int(x), (node, 1, j)) for j, x in enumerate(t.reshape(-1))]
+    cat = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] else None
+    if (cat is None or cat.op_type != "Concat" or cat.domain not in _ONNX
+            or len(node.inputs[1].uses()) != 1 or node.inputs[1].is_graph_output()):  # fmt: skip
+        return None
+    out: list[_Entry] = []
+    for i, x in enumerate(cat.inputs):
+        c = plan.arr(cat, i)
+        if c is not None:
+            out.extend(("const", int(e), (cat, i, j)) for j, e in enumerate(c.reshape(-1)))
+            continue
+        d = _shape_dim(x)
+        if d is None:
+            return None
+        out.append(("dim", d[0], d[1]))
+    return out
+
+
+def _shape_dim(x: ir.Value | None) -> tuple[ir.Value, int] | None:
+    """``(v, i)`` when ``x`` is ``Unsqueeze(Gather(Shape(v), i))`` of a scalar index."""
+    un = x.producer() if x is not None else None
+    if un is None or un.op_type != "Unsqueeze" or not un.inputs:
+        return None
+    ga = un.inputs[0].producer() if un.inputs[0] is not None else None
+    if ga is None or ga.op_type != "Gather" or len(ga.inputs) < 2:
+        return None
+    idx = const_array(ga.inputs[1])
+    sh = ga.inputs[0].producer() if ga.inputs[0] is not None else None
+    if (idx is None or idx.size != 1 or idx.ndim > 1 or sh is None or sh.op_type != "Shape"
+            or sh.attributes.get("start") is not None or sh.attributes.get("end") is not None
+            or sh.inputs[0] is None):  # fmt: skip
+        return None
+    v = sh.inputs[0]
+    i = int(idx.reshape(-1)[0])
+    r = _rank(v)
+    if i < 0:
+        if r is None:
+            return None
+        i += r
+    return v, i
+
+
+def _reshape_last(node: ir.Node, src: ir.Value, width: int | None, rows: np.ndarray,
+                  moving: Callable[[ir.Value, int], bool], plan: _Plan,
+                  out_width: int | None) -> int | None:
+    """Plan a Reshape whose input and output both hold the units on their LAST axis, the
+    last dimension kept (``[..., W] -> [..., W]``); returns the output rank, or None when the
+    Reshape is not of that kind. ``moving(v, i)``: does dimension ``i`` of ``v`` lose the
+    units (it is the unit axis of a value on the flow)?"""
+    entries = _shape_entries(node, plan)
+    r_in = _rank(src)
+    if entries is None or r_in is None or not entries:
+        return None
+    allow_zero = int_attr(node, "allowzero", 0)
+    n = len(entries)
+    for j, (kind, val, _) in enumerate(entries[:-1]):  # the leading dims must not move
+        if kind == "dim" and moving(val, int(_)):
+            return None
+        if kind == "const" and val == 0 and not allow_zero and j >= r_in - 1:
+            return None
+    kind, val, where = entries[-1]
+    if kind == "dim":
+        if not moving(val, where):
+            return None  # the last dimension is read from a value that keeps its width
+        return n
+    if val == 0 and not allow_zero:
+        return n if n - 1 == r_in - 1 else None  # copies the input's last (unit) axis
+    if val == -1:
+        # inferred from the total: the last dim is the width iff it was (then it follows)
+        if out_width is None or width is None or out_width != width:
+            return None
+        return n
+    if width is None or val != width:
+        return None
+    at, i, j = where
+    new = plan.arr(at, i)
+    assert new is not None
+    new = new.copy()
+    new.reshape(-1)[j] = width - len(rows)
+    plan.set(at, i, new)
+    return n
+
+
+def _last_static(v: ir.Value) -> int | None:
+    if v.shape is None or not len(v.shape):
+        return None
+    d = v.shape[len(v.shape) - 1]
+    return d if isinstance(d, int) else None
+
+
+def _source_reshape(node: ir.Node, width: int, rows: np.ndarray,
+                    walked: dict[int, ir.Value], plan: _Plan) -> None:
+    """A Reshape between the layer and the units keeps the last (unit) axis, or refuse."""
+    src, out = _input(node, 0), node.outputs[0]
+    if _last_static(src) not in (None, width):
+        raise Refused(f"Reshape '{node.name}' before the units reads a value whose last axis "
+                      "is not the layer's units")
+    out_w = _last_static(out)
+    if out_w is None:  # the site's observed width is checked against the layer's after
+        out_w = width
+    def moving(v: ir.Value, i: int) -> bool:
+        return id(v) in walked and (_rank(v) is None or i == len(v.shape) - 1)  # type: ignore[arg-type]
+    if _reshape_last(node, src, width, rows, moving, plan, out_w) is None:
+        raise Refused(f"Reshape '{node.name}' between the layer and the units does not keep "
+                      "the units on the last axis (target shape not understood)")
 
 
 def _input(node: ir.Node, i: int) -> ir.Value:
@@ -896,6 +1035,13 @@ def _use_reshape(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     target = fw.plan.arr(node, 1) if node.op_type == "Reshape" else None
     src = _input(node, 0)
     keep = _reshape_keeps(src, target, f, node) if target is not None else None
+    if keep is None and node.op_type == "Reshape" and _is_last(f.axis, f.rank or _rank(src)):
+        def moving(v: ir.Value, i: int) -> bool:
+            return v is src and i == (f.rank or _rank(src) or 0) - 1
+        n = _reshape_last(node, src, _last_static(src), f.rows, moving, fw.plan, None)
+        if n is not None:
+            fw.carry(f, node.outputs[0], axis=n - 1, rank=n)
+            return
     if keep is None:
         _use_flatten(fw, f, node, idx)
         return
@@ -941,6 +1087,36 @@ def _reshape_keeps(src: ir.Value, target: np.ndarray, f: _Flow, node: ir.Node
     new = target.copy()
     new.reshape(-1)[p] = c - len(f.rows)
     return p, new
+
+
+def _use_shape(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """``Shape(x)`` read only for ``Gather`` of single dimensions: other dimensions than the
+    units' are unchanged; the units' dimension only as the last entry of the target of a
+    Reshape of ``x`` itself (``x.view(-1, x.size(-1))``), which that Reshape's handler plans."""
+    name = node.name
+    rank = f.rank if f.rank is not None else _rank(f.value)
+    p = _pos(f.axis, rank)
+    if p is None or node.attributes.get("start") is not None or (
+            node.attributes.get("end") is not None) or node.outputs[0].is_graph_output():  # fmt: skip
+        raise Refused(f"Shape '{name}' reads the units' width: coupling not understood")
+    for ga, _ in node.outputs[0].uses():
+        idx_c = const_array(ga.inputs[1]) if ga.op_type == "Gather" and len(ga.inputs) > 1 else None
+        if idx_c is None or idx_c.size != 1 or idx_c.ndim > 1:
+            raise Refused(f"Shape '{name}' is read by '{ga.name}' ({ga.op_type}): only a "
+                          "Gather of one dimension is understood")
+        if int(idx_c.reshape(-1)[0]) % (rank or 1) != p:
+            continue
+        ok = [(un, cat) for un, _ in ga.outputs[0].uses() if un.op_type == "Unsqueeze"
+              for cat, ci in un.outputs[0].uses()
+              if cat.op_type == "Concat" and ci == len(cat.inputs) - 1]
+        n_uses = len(ga.outputs[0].uses())
+        if not ok or len(ok) != n_uses or any(
+                len(un.outputs[0].uses()) != 1 or len(cat.outputs[0].uses()) != 1
+                or cat.outputs[0].uses()[0][0].op_type != "Reshape"
+                or cat.outputs[0].uses()[0][1] != 1
+                or cat.outputs[0].uses()[0][0].inputs[0] is not f.value for un, cat in ok):  # fmt: skip
+            raise Refused(f"Shape '{name}' reads the units' width into something else than "
+                          "the last entry of a Reshape of the same value")
 
 
 def _use_flatten(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
@@ -1138,6 +1314,7 @@ _HANDLERS: dict[str, _Handler] = {
     "BatchNormalization": _use_batchnorm,
     "Flatten": _use_flatten,
     "Reshape": _use_reshape,
+    "Shape": _use_shape,
     "Transpose": _use_transpose,
     "Resize": _use_resize,
     "Upsample": _use_resize,

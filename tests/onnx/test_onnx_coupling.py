@@ -429,3 +429,48 @@ def test_tanh_gelu_with_pow_is_an_elementwise_producer_region() -> None:
     assert "Pow" in op_types(m)
     out, res, removed = run_apply(m, (32, 8))
     assert sum(removed.values()) == 3, res.summary()
+
+
+def test_gpt2_conv1d_reshapes_around_the_layers() -> None:
+    """GPT-2's Conv1D exports as ``Reshape(x, [-1, d]) -> MatMul -> Add -> Reshape(y, [B, T,
+    -1])`` with the targets computed from ``Shape`` (legacy exporter): the Reshape after the
+    layer keeps the units on the last axis, and the consumer's ``x.view(-1, x.size(-1))``
+    reads the new width. Before: refused, "produced by '/fc/Reshape_1' (op Reshape)"."""
+    import math
+
+    import torch
+
+    class Conv1D(torch.nn.Module):
+        def __init__(self, d_in: int, d_out: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(d_in, d_out) * 0.3)
+            self.bias = torch.nn.Parameter(torch.randn(d_out) * 0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            return (x.view(-1, x.shape[-1]) @ self.weight + self.bias).view(b, t, -1)
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = Conv1D(8, 16), Conv1D(16, 8)
+            with torch.no_grad():
+                self.fc.weight[:, [2, 5, 11]] = 0.0
+                self.fc.bias[[2, 5, 11]] = -30.0  # gelu(-30) = 0: dead
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi)
+                                          * (h + 0.044715 * torch.pow(h, 3.0))))
+            return x + self.proj(h)
+
+    torch.manual_seed(0)
+    buf = __import__("io").BytesIO()
+    torch.onnx.export(MLP(), (torch.randn(2, 5, 8),), buf, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b", 1: "t"}})
+    m = onnx.load_from_string(buf.getvalue())
+    assert op_types(m).count("Reshape") == 4
+    out, res, removed = run_apply(m, (4, 5, 8))
+    assert sum(removed.values()) == 3, res.summary()
+    weights = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    assert weights["fc.weight"] == (8, 13) and weights["proj.weight"] == (13, 8)
