@@ -28,6 +28,7 @@ ONET = WheelModel(*FACENET, "facenet_pytorch/data/onet.pt", "165bfbe42940416c")
 
 #: float32 round-off of an exact edit on outputs of order 1 (relative, float64 comparison)
 EXACT_RTOL = 1e-5
+HEALED_RTOL = 0.05  # outputs after treatment and default healing stay within 5%
 PLANTED = [3, 17, 40, 99]  # units of the dense layer made dead (constant 0 after the PReLU)
 
 
@@ -173,5 +174,8 @@ def test_operate_treats_planted_dead_units(name: str) -> None:
     before, after = keys(res.before), keys(res.after)
     assert ("DeadNeurons", layer, tuple(PLANTED)) in before
     assert after < before
-    if all(a.exact for a in res.applied.values()):
-        assert rel_change(res.model, model, held) <= EXACT_RTOL
+    if all(a.exact for a in res.applied.values()):  # before healing, on operate's held-out
+        assert res.output_change <= EXACT_RTOL
+    # after the default healing (100 steps): ~0.6% (R-Net) / ~0.4% (O-Net) when PReLU
+    # coupling is simulated; our own held-out crops, float64 comparison
+    assert rel_change(res.model, model, held) <= HEALED_RTOL
