@@ -40,7 +40,6 @@ SHARED = "shared layer: the module is called twice (ALBERT's weight sharing); su
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("albert", "operate"): SHARED,
     ("albert", "onnx_legacy"): C1 + " -- ONNX excision through the decomposed GELU",
-    ("gpt2", "onnx_legacy"): C1 + " -- ONNX excision through the decomposed GELU",
     ("mobilenet_v2", "onnx_legacy"): C5 + " -- Pad / depthwise consumer",
 }
 
