@@ -150,6 +150,9 @@ class _Plan:
     add_bias_after: list[tuple[ir.Node, np.ndarray]] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
     joined: dict[str, list[int]] = field(default_factory=dict)
+    #: Reshapes before the units whose output width is inferred (-1), not known statically:
+    #: the site's observed width must be the layer's
+    inferred: list[str] = field(default_factory=list)
 
     def arr(self, node: ir.Node, i: int) -> np.ndarray | None:
         """Input ``i`` of ``node`` as planned so far (a constant), or None."""
@@ -335,6 +338,9 @@ def excise_site(model: ir.Model, problem: Problem,
     plan, axis, rank, width, producer = _plan(model, v, units,
                                                np.asarray(consts, np.float64), batches)
     seen_w = problem.evidence.get("width")
+    if seen_w is None and plan.inferred:
+        raise Refused(f"the width after Reshape '{plan.inferred[0]}' is not known statically "
+                      f"and the evidence at {site} does not say it ('width')")
     if seen_w is not None and int(seen_w) != width:
         raise Refused(f"the evidence measured {seen_w} units at '{v.name}' but its producer "
                       f"{producer} has {width}")
@@ -593,6 +599,7 @@ def _source_reshape(node: ir.Node, width: int, rows: np.ndarray,
     out_w = _last_static(out)
     if out_w is None:  # the site's observed width is checked against the layer's after
         out_w = width
+        plan.inferred.append(node.name or "Reshape")
     def moving(v: ir.Value, i: int) -> bool:
         return id(v) in walked and (_rank(v) is None or i == len(v.shape) - 1)  # type: ignore[arg-type]
     if _reshape_last(node, src, width, rows, moving, plan, out_w) is None:

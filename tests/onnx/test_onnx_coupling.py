@@ -474,3 +474,35 @@ def test_gpt2_conv1d_reshapes_around_the_layers() -> None:
     assert sum(removed.values()) == 3, res.summary()
     weights = {t.name: tuple(t.dims) for t in out.graph.initializer}
     assert weights["fc.weight"] == (8, 13) and weights["proj.weight"] == (13, 8)
+
+
+def conv1d_mlp(target: list[int]) -> tuple[onnx.ModelProto, str]:
+    """``x [N, 5, 8] -> Reshape [-1, 8] -> MatMul -> Add -> Reshape target -> Relu ->
+    Reshape [-1, 16] -> MatMul``, units 2, 5, 11 of the first layer dead; the Relu's output."""
+    g = Graph(seed=3)
+    w, b = g.w(8, 16), g.w(16)
+    w[:, [2, 5, 11]], b[[2, 5, 11]] = 0.0, -1.0
+    h = g.op("Reshape", ["x", g.const(np.array([-1, 8], np.int64), "shape")])
+    h = g.op("Add", [g.op("MatMul", [h, g.const(w)]), g.const(b, "b")])
+    a = g.op("Relu", [g.op("Reshape", [h, g.const(np.array(target, np.int64), "shape")])])
+    h = g.op("Reshape", [a, g.const(np.array([-1, 16], np.int64), "shape")])
+    return g.model(g.op("MatMul", [h, g.const(g.w(16, 3))]), (4, 5, 8), out_rank=2), a
+
+
+def test_conv1d_reshape_keeping_the_last_axis() -> None:
+    m, _ = conv1d_mlp([-1, 5, 16])
+    out, res, removed = run_apply(m, (4, 5, 8))
+    assert sum(removed.values()) == 3, res.summary()
+
+
+@pytest.mark.parametrize("target", [[-1, 5, 4, 4], [-1, 80]])
+def test_conv1d_reshape_that_moves_the_units_is_refused(target: list[int]) -> None:
+    m, a = conv1d_mlp(target)
+    model = ir.serde.deserialize_model(m)
+    p = Problem("DeadNeurons", Site("layer", a, "relu", "onnx"), 0.5, units=(2, 5, 11),
+                evidence={"constant": [2, 5, 11], "constant_values": [0.0] * 3})
+    with pytest.raises(Refused) as e:
+        excise_site(model, p, {})
+    assert "Reshape 'reshape_" in str(e.value), str(e.value)
+    assert "does not keep the units on the last axis" in str(e.value)
+    assert op_types(ir.serde.serialize_model(model)) == op_types(m)
