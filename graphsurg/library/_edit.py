@@ -259,15 +259,27 @@ def resized_bn(bn: nn.Module, index: torch.Tensor) -> nn.Module:
     return new
 
 
+def resized_per_unit(m: nn.Module, index: torch.Tensor) -> nn.Module:
+    """A BatchNorm or per-channel PReLU whose unit ``k`` is unit ``index[k]`` of ``m``."""
+    if isinstance(m, nn.PReLU):
+        new = nn.PReLU(int(index.numel()), device=_device(m), dtype=_dtype(m))
+        with torch.no_grad():
+            new.weight.copy_(m.weight[index])
+        new.weight.requires_grad_(m.weight.requires_grad)
+        new.train(m.training)
+        return new
+    return resized_bn(m, index)
+
+
 def install_width_change(target: Target, applied: Any, group: CouplingGroup, path: str,
                          layer: Layer, index: torch.Tensor,
                          consumers: dict[str, nn.Module]) -> None:
     """Finish a width change of the producer at ``path``: its rows and every coupled
-    BatchNorm's channels are taken at ``index``, then those and the already resized
-    ``consumers`` are put into the model and recorded on ``applied``."""
+    per-unit module's (BatchNorm, per-channel PReLU) are taken at ``index``, then those and
+    the already resized ``consumers`` are put into the model and recorded on ``applied``."""
     new_mods = dict(consumers)
-    for bn_path in group.batchnorms():
-        new_mods[bn_path] = resized_bn(target.model.get_submodule(bn_path), index)
+    for mod_path in group.per_unit_modules():
+        new_mods[mod_path] = resized_per_unit(target.model.get_submodule(mod_path), index)
     new_mods[path] = resized(layer, weight_rows(layer).detach().index_select(0, index),
                              None if layer.bias is None else layer.bias.detach()[index])
     for p, m in new_mods.items():

@@ -190,6 +190,11 @@ class CouplingGroup:
     def batchnorms(self) -> list[str]:
         return [op.module for op in self.chain if op.kind == "batchnorm"]
 
+    def per_unit_modules(self) -> list[str]:
+        """Modules in the chain whose parameters are per unit (BatchNorm, per-channel PReLU):
+        a width change takes their parameters at the producer's index."""
+        return [op.module for op in self.chain if op.kind in ("batchnorm", "prelu")]
+
     def activation(self) -> ChannelOp | None:
         acts = [op for op in self.chain if op.kind == "activation"]
         return acts[0] if acts else None
@@ -424,7 +429,12 @@ def _local_module(s: _Step) -> _Walk | None:
 def _prelu(s: _Step) -> _Walk | None:
     if getattr(s.module, "num_parameters", 0) == 1:  # one slope for all units: channel-local
         return _local_module(s)
-    return _unknown_module(s)
+    # one slope per channel of dim 1 (as MTCNN's trained nets use it): the slopes follow the
+    # units, like a BatchNorm's parameters -- a width change takes them at the same index
+    if s.w.dim != 1 or s.w.stride != 1 or s.w.start != 0:
+        s.refuse(f"PReLU {s.op!r} has one slope per channel of dim 1; the units sit elsewhere")
+        return None
+    return s.follow("prelu", "prelu")
 
 
 def _pool_module(s: _Step) -> _Walk | None:
@@ -948,6 +958,8 @@ def _chain_from_probe(group: CouplingGroup, leaves: dict[str, nn.Module], chain:
                 f"{group.producer!r} (changing one unit changes them all)")
         elif "Dropout" in type(m).__name__:
             group.chain.append(ChannelOp("dropout", type(m).__name__.lower(), name))
+        elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
+            group.chain.append(ChannelOp("prelu", "prelu", name))
         elif not any(True for _ in m.parameters()) or isinstance(m, nn.PReLU):
             group.chain.append(ChannelOp("activation", _act_name(m), name))
         else:

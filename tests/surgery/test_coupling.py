@@ -114,8 +114,8 @@ def test_unknown_ops_are_refused_with_the_node_and_a_reason() -> None:
         "node 'roll' (roll) is not understood by the coupling analysis"
     g = _group(Unknown(nn.Softmax(-1)), "a", x)  # a module without a handler
     assert not g.ok and "'tail' (Softmax)" in g.reason() and "does not know it" in g.reason()
-    g = _group(Unknown(nn.PReLU(6)), "a", x)  # per-unit slopes: not channel-local
-    assert not g.ok and "'tail' (PReLU)" in g.reason()
+    g = _group(Unknown(nn.PReLU(6)), "a", x)  # per-unit slopes: followed, taken per unit
+    assert g.ok and g.per_unit_modules() == ["tail"]
 
 
 class _Leaves(torch.fx.Tracer):
@@ -324,3 +324,44 @@ def test_depthwise_consumer_is_edited_per_group() -> None:
     ref, got = _f64(model, x), _f64(target.model, x)
     assert float((got - ref).norm() / ref.norm()) <= 1e-6
     assert not torch.equal(target.model.dw.weight, model.dw.weight)  # columns zeroed per group
+
+
+@pytest.mark.parametrize("trace", [True, False], ids=["fx", "probe"])
+def test_per_channel_prelu_slopes_follow_the_units(trace: bool) -> None:
+    """A per-channel PReLU (MTCNN's trained nets) between a layer and its consumer: its
+    slopes are per unit, like a BatchNorm's parameters. Before: "module ... (PReLU)
+    consumes the units; the coupling analysis does not know it" (FX) and a width change left
+    the PReLU at the old width (probe). Excision is exact and takes the slopes along."""
+    import copy
+
+    from graphsurg.library import default_library
+    from graphsurg.passes.fx.target import Target
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer, self.act, self.head = nn.Linear(8, 6), nn.PReLU(6), nn.Linear(6, 3)
+            with torch.no_grad():
+                self.layer.weight[[1, 4]] = 0.0
+                self.layer.bias[[1, 4]] = 0.0  # units 1 and 4 output 0: dead
+                self.act.weight.copy_(torch.linspace(0.05, 0.5, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.layer(x))
+            if not trace and bool(h.sum() > -1e9):  # data-dependent: symbolic_trace fails
+                h = h * 1.0
+            return self.head(h)
+
+    model = Net().eval()
+    x = torch.randn(16, 8)
+    target = Target(copy.deepcopy(model), [x])
+    assert target.coupling("layer", (1, 4)).per_unit_modules() == ["act"]
+    rep = default_library().get("excise_dead")
+    problem = _dead_problem("layer", (1, 4))
+    rep.apply(target, problem, rep.propose(problem, target))
+    act = target.model.get_submodule("act")
+    assert act.weight.shape == (4,)
+    assert torch.equal(act.weight.detach(), model.act.weight.detach()[[0, 2, 3, 5]])
+    ref, got = _f64(model, x), _f64(target.model, x)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-6
