@@ -161,15 +161,9 @@ def test_operate_treats_planted_dead_units(name: str) -> None:
     plant(model, layer)
     s0 = snapshot(model)
     data, held = batches(name, range(4)), batches(name, range(100, 102))
-    try:
-        res = gs.operate(model, data)
-    except gs.SurgeryFailed as e:
-        # Known gap: the channel-coupling analysis (passes/fx/coupling.py, ``_prelu``) refuses
-        # a per-channel PReLU after the layer (its slopes would have to follow the units), so
-        # every dead-unit replacement is refused. The refusal must be clean and say so.
-        assert same_state(s0, model.state_dict())
-        assert f"module 'prelu{layer[len('dense'):]}' (PReLU) consumes the units" in str(e)
-        pytest.xfail(f"per-channel PReLU coupling not supported: {e}")
+    # the dead units sit behind a per-channel PReLU: its slopes follow the units
+    # (passes/fx/coupling.py); before that was supported every replacement was refused
+    res = gs.operate(model, data)
     assert same_state(s0, model.state_dict())
     before, after = keys(res.before), keys(res.after)
     assert ("DeadNeurons", layer, tuple(PLANTED)) in before
