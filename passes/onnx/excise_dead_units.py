@@ -18,13 +18,17 @@ before anything changes):
 
 * **Sources** (whose output rows are removed): Gemm / MatMul / Conv / ConvTranspose (grouped
   when every group loses as many channels), through per-channel ``Add``/``Sub``/``Mul``/``Div``
-  by constants, BatchNormalization and element-wise ops -- a decomposed activation
+  by constants, BatchNormalization, element-wise ops and Reshapes that keep the units on the
+  last axis (GPT-2's Conv1D: ``Reshape(x, [-1, d]) -> MatMul -> Add -> Reshape(y, [B, T, -1])``,
+  targets constant or ``Concat`` of constants and ``Shape -> Gather`` dimensions; a constant
+  width entry is rewritten) -- a decomposed activation
   (``x * HardSigmoid(x)``, Clip/Div/Mul HardSwish) and a sum of layers whose values nothing
   else reads (``relu(conv1(x) + conv2(y))``) included.
 * **Pass-through** (the constants are carried): element-wise activations, Identity/Dropout,
   per-channel constant arithmetic, BatchNormalization, pooling, Resize/Upsample that keep the
   channel axis, Pad that leaves the channel axis alone (a constant pad value only equal to the
-  constant), Slice on other axes, Transpose, Reshape that keeps the channel dimension, depthwise
+  constant), Slice on other axes, Transpose, Reshape that keeps the channel dimension (or the
+  last axis and its width: ``x.view(-1, x.size(-1))``, whose ``Shape`` read follows), depthwise
   Conv/ConvTranspose (a channel whose input is constant 0 becomes its bias), Flatten and
   flattening Reshape, channel Concat.
 * **Joins**: a residual ``Add``/``Sub`` is excised only where the unit is constant in *every*
@@ -500,9 +504,10 @@ def _shape_entries(node: ir.Node, plan: _Plan) -> list[_Entry] | None:
     t = plan.arr(node, 1) if len(node.inputs) > 1 else None
     if t is not None:
         return [("const", int(x), (node, 1, j)) for j, x in enumerate(t.reshape(-1))]
-    cat = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] else None
-    if (cat is None or cat.op_type != "Concat" or cat.domain not in _ONNX
-            or len(node.inputs[1].uses()) != 1 or node.inputs[1].is_graph_output()):  # fmt: skip
+    tv = node.inputs[1] if len(node.inputs) > 1 else None
+    cat = tv.producer() if tv is not None else None
+    if (tv is None or cat is None or cat.op_type != "Concat" or cat.domain not in _ONNX
+            or len(tv.uses()) != 1 or tv.is_graph_output()):  # fmt: skip
         return None
     out: list[_Entry] = []
     for i, x in enumerate(cat.inputs):
@@ -1096,6 +1101,12 @@ def _reshape_keeps(src: ir.Value, target: np.ndarray, f: _Flow, node: ir.Node
     return p, new
 
 
+def _only_use(v: ir.Value) -> tuple[ir.Node, int] | None:
+    """The one ``(node, input)`` reading ``v``, or None (several, none, a graph output)."""
+    uses = list(v.uses())
+    return None if len(uses) != 1 or v.is_graph_output() else (uses[0][0], uses[0][1])
+
+
 def _use_shape(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     """``Shape(x)`` read only for ``Gather`` of single dimensions: other dimensions than the
     units' are unchanged; the units' dimension only as the last entry of the target of a
@@ -1117,11 +1128,10 @@ def _use_shape(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
               for cat, ci in un.outputs[0].uses()
               if cat.op_type == "Concat" and ci == len(cat.inputs) - 1]
         n_uses = len(ga.outputs[0].uses())
+        readers = [(_only_use(un.outputs[0]), _only_use(cat.outputs[0])) for un, cat in ok]
         if not ok or len(ok) != n_uses or any(
-                len(un.outputs[0].uses()) != 1 or len(cat.outputs[0].uses()) != 1
-                or cat.outputs[0].uses()[0][0].op_type != "Reshape"
-                or cat.outputs[0].uses()[0][1] != 1
-                or cat.outputs[0].uses()[0][0].inputs[0] is not f.value for un, cat in ok):  # fmt: skip
+                u is None or r is None or r[0].op_type != "Reshape" or r[1] != 1
+                or r[0].inputs[0] is not f.value for u, r in readers):  # fmt: skip
             raise Refused(f"Shape '{name}' reads the units' width into something else than "
                           "the last entry of a Reshape of the same value")
 
