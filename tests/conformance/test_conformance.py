@@ -34,12 +34,11 @@ C8 = "issue 14 class 8: ONNX-side gap (Clip typing, gated units, dormancy rule)"
 SHARED = "shared layer: the module is called twice (ALBERT's weight sharing); surgery refuses it"
 
 #: (architecture, check) -> why it fails today; delete a pair when its fix lands. Diagnosis
-#: passes for every QUICK architecture; what is left is surgery: the ONNX excision through a
-#: decomposed activation (passes/onnx/excise_dead_units), a Pad / depthwise consumer of the
-#: excised units on ONNX, and ALBERT's shared layer.
+#: passes for every QUICK architecture; what is left is surgery: a Pad / depthwise consumer of
+#: the excised units on ONNX, and ALBERT's shared layer (torch and ONNX).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("albert", "operate"): SHARED,
-    ("albert", "onnx_legacy"): C1 + " -- ONNX excision through the decomposed GELU",
+    ("albert", "onnx_legacy"): SHARED + " (ONNX: the shared weights are copied per use)",
     ("mobilenet_v2", "onnx_legacy"): C5 + " -- Pad / depthwise consumer",
 }
 
