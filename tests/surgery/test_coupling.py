@@ -334,8 +334,9 @@ def test_per_channel_prelu_slopes_follow_the_units(trace: bool) -> None:
     the PReLU at the old width (probe). Excision is exact and takes the slopes along."""
     import copy
 
-    from graphsurg.library import default_library
     from graphsurg.passes.fx.target import Target
+
+    from graphsurg.library import default_library
 
     class Net(nn.Module):
         def __init__(self) -> None:
