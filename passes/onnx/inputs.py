@@ -48,6 +48,7 @@ import io
 import json
 import os
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,7 +400,7 @@ class LazyFeed(Mapping[str, np.ndarray]):
         return f"LazyFeed({self._source.describe(self._index)})"
 
 
-class _Source:
+class _Source(ABC):
     """Where lazy feeds come from: ``load(i)`` returns batch ``i``, checked and cast."""
 
     names: list[str]
@@ -418,8 +419,9 @@ class _Source:
         self._cached = (i, feed)
         return feed
 
+    @abstractmethod
     def _read(self, i: int) -> Feed:
-        raise NotImplementedError
+        """Batch ``i`` as read from the source (each source reads its own way)."""
 
     def describe(self, i: int) -> str:
         return f"batch {i}"
