@@ -185,3 +185,19 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "padded_tanh": (4, 3, 6, 6),
     "dying": (16, 16),
 }
+
+
+class LowRank(torch.nn.Module):
+    """48 -> 40 -> 3 MLP whose first weight has rank 3 (what factor_low_rank treats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc = torch.nn.Linear(48, 40)
+        self.out = torch.nn.Linear(40, 3)
+        with torch.no_grad():
+            a, b = torch.randn(40, 3, generator=g), torch.randn(3, 48, generator=g)
+            self.fc.weight.copy_(a @ b / 8)  # rank 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(x)))

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from _onnx_helpers import EXPORTERS, assert_same_outputs, feeds, full_check, op_types
-from _onnx_models import export
+from _onnx_models import LowRank, export
 from graphsurg.passes.onnx.target import OnnxTarget
 
 import graphsurg as gs
@@ -155,23 +155,9 @@ def test_activation_swap_onnx_at_one_site(exported) -> None:
         r.apply(t, problems[1], {"variant": "leaky"})
 
 
-class _LowRank(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.fc = torch.nn.Linear(48, 40)
-        self.out = torch.nn.Linear(40, 3)
-        with torch.no_grad():
-            a, b = torch.randn(40, 3, generator=g), torch.randn(3, 48, generator=g)
-            self.fc.weight.copy_(a @ b / 8)  # rank 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.fc(x)))
-
-
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_factor_low_rank_onnx(tmp_path, dynamo: bool) -> None:
-    proto = onnx.load(str(export(_LowRank(), torch.randn(4, 48), tmp_path / "lr.onnx",
+    proto = onnx.load(str(export(LowRank(), torch.randn(4, 48), tmp_path / "lr.onnx",
                                  dynamo=dynamo)))
     layers = [n.name for n in proto.graph.node if n.op_type in ("Gemm", "MatMul")]
     problems = [Problem("Bottleneck", Site(n, "", "linear", "onnx"), 0.5,

@@ -19,7 +19,7 @@ from _onnx_helpers import (
     op_types,
     run_ort,
 )
-from _onnx_models import export
+from _onnx_models import LowRank, export
 from graphsurg.passes.onnx.excise_dead_units import ExciseDeadUnits, excise_site
 from graphsurg.passes.onnx.low_rank import FactorLowRank
 from graphsurg.passes.onnx.relu_to_leaky_relu import ReluToLeakyReluPass, leaky_rule
@@ -180,23 +180,9 @@ def test_relu_to_leaky_relu_refuses_below_opset_6(exported) -> None:
     assert any("needs opset >= 6" in r.reason for r in p.refusals)
 
 
-class _LowRank(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.fc = torch.nn.Linear(48, 40)
-        self.out = torch.nn.Linear(40, 3)
-        with torch.no_grad():
-            a, b = torch.randn(40, 3, generator=g), torch.randn(3, 48, generator=g)
-            self.fc.weight.copy_(a @ b / 8)  # rank 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.fc(x)))
-
-
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_factor_low_rank_gemm(tmp_path, dynamo: bool) -> None:
-    path = export(_LowRank(), torch.randn(4, 48), tmp_path / "lr.onnx", dynamo=dynamo)
+    path = export(LowRank(), torch.randn(4, 48), tmp_path / "lr.onnx", dynamo=dynamo)
     proto = onnx.load(str(path))
     rng = np.random.default_rng(0)
     data = [{"x": rng.standard_normal((32, 48)).astype(np.float32)} for _ in range(4)]

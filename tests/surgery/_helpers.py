@@ -38,3 +38,19 @@ def train(model: nn.Module, batches: list[Any], loss_fn: Any, steps: int, seed: 
     model = copy.deepcopy(model)
     heal(model, batches, loss_fn, steps=steps, seed=seed)
     return mean_loss(model, batches, loss_fn)
+
+
+def assert_treated(res: Any, kind: str, module: str, units: tuple[int, ...]) -> None:
+    """``res`` (a SurgeryResult) treated the planted ``kind`` at ``module``: it was there
+    before, no ``kind`` is left at ``module`` after, and the problems after (kind, producer
+    module, units) are a strict subset of those before."""
+
+    def key(p: Any) -> tuple[str, str, tuple[int, ...]]:
+        return (p.kind, p.site.module, tuple(p.units))
+
+    before = {key(p) for p in res.before.problems}
+    assert (kind, module, units) in before, res.summary()
+    assert res.after is not None
+    after = {key(p) for p in res.after.problems}
+    assert not any(k[:2] == (kind, module) for k in after), res.summary()
+    assert after < before

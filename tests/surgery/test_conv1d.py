@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import same_state, snapshot
+from _helpers import assert_treated, same_state, snapshot
 
 import graphsurg as gs
 from graphsurg.library import ExciseDead, ReinitDead, Target, Widen
@@ -129,12 +129,4 @@ def test_operate_treats_dead_units_in_conv1d() -> None:
     res = gs.operate(model, data, loss_fn=_loss)
     assert same_state(snapshot(model), before_state)  # the input model is untouched
 
-    def key(p: gs.Problem) -> tuple[str, str, tuple[int, ...]]:
-        return (p.kind, p.site.module, tuple(p.units))
-
-    before = {key(p) for p in res.before.problems}
-    assert ("DeadNeurons", FC, UNITS) in before, res.summary()
-    assert res.after is not None
-    after = {key(p) for p in res.after.problems}
-    assert not any(k[:2] == ("DeadNeurons", FC) for k in after), res.summary()
-    assert after < before
+    assert_treated(res, "DeadNeurons", FC, UNITS)

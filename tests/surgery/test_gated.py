@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import same_state, snapshot
+from _helpers import assert_treated, same_state, snapshot
 from torch import nn
 
 import graphsurg as gs
@@ -161,13 +161,5 @@ def test_operate_treats_dead_gated_units() -> None:
     res = gs.operate(model, data, loss_fn=lambda out, b: out.loss)
     assert same_state(snapshot(model), before_state)
 
-    def key(p: gs.Problem) -> tuple[str, str, tuple[int, ...]]:
-        return (p.kind, p.site.module, tuple(p.units))
-
-    before = {key(p) for p in res.before.problems}
-    assert ("DeadNeurons", GATE, UNITS) in before, res.summary()
-    assert res.after is not None
-    after = {key(p) for p in res.after.problems}
-    assert not any(k[:2] == ("DeadNeurons", GATE) for k in after), res.summary()
-    assert after < before
+    assert_treated(res, "DeadNeurons", GATE, UNITS)
     assert any(s.kept for s in res.verification), res.summary()
