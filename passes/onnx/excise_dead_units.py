@@ -91,6 +91,8 @@ def _unary(node: ir.Node) -> Callable[[np.ndarray], np.ndarray] | None:
         return lambda c: 1.0 / (1.0 + np.exp(-c))
     if op == "Tanh":
         return np.tanh
+    if op == "Erf":  # the inside of Erf-form GELU (opset < 20 exports)
+        return _erf
     if op == "Elu":
         a = float_attr(node, "alpha", 1.0)
         return lambda c: np.where(c > 0, c, a * (np.exp(c) - 1.0))
@@ -120,7 +122,8 @@ def _unary(node: ir.Node) -> Callable[[np.ndarray], np.ndarray] | None:
 
 
 _ACT_OPS = frozenset(
-    {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Softplus", "Gelu", "HardSigmoid", "Clip"}
+    {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Softplus", "Gelu", "HardSigmoid", "Clip",
+     "Erf"}
 )
 _POOLS = frozenset({"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "AveragePool"})
 
