@@ -1,6 +1,17 @@
 """Widen (layer scale): Net2WiderNet for a bottleneck layer, exact at surgery.
 
-New units are copies of existing ones (round-robin over the sources): the producer's rows
+Two ways to make the new units, both exact at surgery (``Widen(symmetry=...)``):
+
+* ``"pairs"`` (the default): the new units come in pairs; both units of a pair get the same
+  freshly drawn incoming row (the layer's initialiser, bias 0) and opposite outgoing columns
+  ``+a`` / ``-a`` (``a`` drawn with the consumer's initialiser), so the pair's contributions
+  cancel exactly and the output is unchanged. The pair's incoming rows receive opposite
+  gradients and part at once; their outgoing columns receive equal gradients and stop
+  cancelling: new units start as diverse as a freshly initialised layer's. An odd one out
+  gets a fresh row and a zero outgoing column. Existing units are untouched.
+* ``"copies"``: Net2Net proper, described next.
+
+In ``"copies"`` mode new units are copies of existing ones (round-robin over the sources): the producer's rows
 (and bias) are copied, a BatchNorm between producer and consumers gets the source channel's
 affine parameters *and running statistics* copied (a popular public Net2Net port re-creates
 the BatchNorm instead and changes the outputs by tens of percent), and every consumer's
@@ -15,6 +26,7 @@ Hugging Face's ``Conv1D`` (GPT-2) is a layer like a Linear (its units are weight
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,6 +36,7 @@ from ._base import Applied, Refused, Replacement, Target
 from ._edit import (
     consumer_index,
     coupled,
+    draw_rows,
     get_layer,
     in_features,
     install_width_change,
@@ -44,6 +57,15 @@ class Widen(Replacement):
     priority = 20  # after factor_low_rank for a rank-collapsed weight (that one is exact)
     renumbers_units = True
     preserves_width = False
+    symmetries = ("pairs", "copies")
+
+    def __init__(self, *, symmetry: str = "pairs") -> None:
+        """``symmetry``: ``"pairs"`` (fresh units in output-cancelling pairs) or ``"copies"``
+        (Net2Net copies with function-preserving noise); see the module docstring."""
+        if symmetry not in self.symmetries:
+            raise ValueError(f"Widen(symmetry={symmetry!r}): unknown mode; use one of "
+                             f"{list(self.symmetries)}")
+        self.symmetry = symmetry
 
     def check(self, problem: Problem, target: Target) -> str | None:
         why = super().check(problem, target)
@@ -64,7 +86,8 @@ class Widen(Replacement):
         neighbours = [in_features(layer)] + [
             width_of(get_layer(target, c.module)) for c in group.consumers]
         new_width = max(2 * width, min(neighbours) // 2)
-        return {"new_width": int(new_width), "noise": 1e-2, "exact": True}
+        return {"new_width": int(new_width), "noise": 1e-2, "exact": True,
+                "symmetry": self.symmetry}
 
     def apply_torch(self, target: Target, problem: Problem, params: dict[str, Any]) -> Applied:
         path = problem.site.module
@@ -74,9 +97,16 @@ class Widen(Replacement):
         new_width = int(params["new_width"])
         if new_width <= width:
             raise Refused(f"new_width={new_width} does not widen {path!r} (width {width})")
-        src = list(range(width)) + [(k - width) % width for k in range(new_width - width)]
+        pairs = params.get("symmetry", "copies") == "pairs"
+        n_new = new_width - width
+        if pairs:  # both units of a pair name the same source (BatchNorm/PReLU channel)
+            src = list(range(width)) + [(k // 2) % width for k in range(n_new)]
+        else:
+            src = list(range(width)) + [k % width for k in range(n_new)]
         sidx = torch.tensor(src, dtype=torch.long)
         counts = torch.bincount(sidx, minlength=width).to(weight_rows(layer).dtype)
+        if pairs:
+            counts = torch.ones_like(counts)  # existing units keep their outgoing weights
         gen = target.generator(f"widen:{path}")
         applied = Applied(exact=True, modules=[path])
         new_mods: dict[str, torch.nn.Module] = {}
@@ -86,6 +116,11 @@ class Widen(Replacement):
             w = weight_rows(cm).detach().index_select(1, cidx).clone()
             s = c.stride
             block = slice(c.start, c.start + new_width * s)
+            if pairs:
+                _pair_columns(w, c.start, s, width, new_width, gen)
+                new_mods[c.module] = resized(cm, w, None if cm.bias is None
+                                             else cm.bias.detach())
+                continue
             scale = counts[sidx].repeat_interleave(s)
             shape = [1, -1] + [1] * (w.dim() - 2)
             w[:, block] = w[:, block] / scale.reshape(shape)
@@ -100,7 +135,38 @@ class Widen(Replacement):
                 w[:, c.start + j * s: c.start + (j + 1) * s] -= eps
             new_mods[c.module] = resized(cm, w, None if cm.bias is None else cm.bias.detach())
         install_width_change(target, applied, group, path, layer, sidx, new_mods)
+        if pairs:
+            _fresh_rows(get_layer(target, path), width, new_width, gen)
         applied.details.update({"width_before": width, "width_after": new_width,
+                                "symmetry": "pairs" if pairs else "copies",
                                 "consumers": [c.module for c in group.consumers],
                                 "batchnorms": group.batchnorms(), "coupling": group.source})
         return applied
+
+
+def _pair_columns(w: torch.Tensor, start: int, stride: int, width: int, new_width: int,
+                  gen: torch.Generator) -> None:
+    """Write the new units' outgoing columns of one consumer weight ``w`` (already indexed to
+    ``new_width`` units) in place: ``+a`` / ``-a`` per pair, 0 for an odd one out; ``a`` is
+    drawn with nn.Linear's initialiser for the consumer's new fan-in."""
+    bound = 1.0 / math.sqrt(max(1, w[0].numel()))
+    for k in range(width, new_width, 2):
+        cols = slice(start + k * stride, start + (k + 1) * stride)
+        if k + 1 >= new_width:
+            w[:, cols] = 0.0
+            break
+        a = (torch.rand(w[:, cols].shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+        w[:, cols] = a.to(w.dtype)
+        w[:, start + (k + 1) * stride: start + (k + 2) * stride] = -a.to(w.dtype)
+
+
+def _fresh_rows(layer: Any, width: int, new_width: int, gen: torch.Generator) -> None:
+    """Give each pair of new units (and an odd one out) one fresh incoming row drawn with the
+    layer's initialiser, bias 0: both units of a pair compute the same activation."""
+    n = new_width - width
+    rows = draw_rows(layer, (n + 1) // 2, gen)
+    with torch.no_grad():
+        for i, k in enumerate(range(width, new_width)):
+            weight_rows(layer)[k] = rows[i // 2]
+            if layer.bias is not None:
+                layer.bias[k] = 0.0
