@@ -758,9 +758,10 @@ def find_sites(
         return layer_of_node[layer], axis
 
     acts: list[ActSite] = []
+    products: set[fx.Node] = set()  # gated products, already the site of their gate
     for node in nodes:
         c = kinds[node]
-        if c is None or c[0] != "act":
+        if c is None or c[0] != "act" or node in products:
             continue
         act = recognised.get(node) or activation_of_node(gm, node) or ACTIVATIONS[c[1]]
         region_root = _root_of(node, recognised, gm)
@@ -771,7 +772,10 @@ def find_sites(
         if gate is not None:
             mul, partner = gate
             g = gated(act.name)
+            # the product is this site's node: marked an activation (so the up projection
+            # is not observed as a bare layer output) but not visited again as one more site
             kinds[mul] = ("act", g.name)
+            products.add(mul)
             site = ActSite(mul.name, g.name, g.family, producer, cd, index[mul],
                            owner(mul) or producer, g, partner)
         acts.append(site)
