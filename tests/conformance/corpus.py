@@ -53,6 +53,11 @@ class Meta:
             BatchNorm), or "".
         gated: the unit is ``act(site) * up`` (SwiGLU / GeGLU).
         saturating: module path of the producer of a tanh/sigmoid site, or "".
+        plain: a plain stack of 3+ layers in forward order (each feeds the next through
+            elementwise activations and pooling only: no norm layer, no parallel path), where
+            a vanishing span is planted; empty when the architecture has none.
+        no_plain: why there is no plain stack (the vanishing check's n/a reason); empty:
+            the family's reason (``faults.NO_PLAIN``).
         inputs: the batch keys the model is fed (labels excluded): the ONNX inputs, in order.
         output: the model output attribute exported to ONNX (``logits``,
             ``last_hidden_state``...).
@@ -66,6 +71,8 @@ class Meta:
     norm: str = ""
     gated: bool = False
     saturating: str = ""
+    plain: tuple[str, ...] = ()
+    no_plain: str = ""
     notes: tuple[str, ...] = ()
 
 
@@ -120,7 +127,7 @@ def _images(n: int = N_BATCHES, *, labels: bool = True, seed: int = 0,
 
 def _check(model: nn.Module, meta: Meta) -> None:
     names = dict(model.named_modules())
-    for path in (meta.site, meta.norm, meta.saturating):
+    for path in (meta.site, meta.norm, meta.saturating, *meta.plain):
         if path and path not in names:
             raise LookupError(f"{path!r} is not a module of {type(model).__name__} "
                               "(transformers changed its module names?)")
@@ -369,6 +376,12 @@ def _audio(n: int = N_BATCHES, seed: int = 0) -> list[Batch]:
              "labels": torch.randint(0, N_LABELS, (BATCH,), generator=g)} for _ in range(n)]
 
 
+#: the conv feature encoder of wav2vec2 / HuBERT as configured here
+_CONV_ENCODER = ("no plain stack of 3+ layers: the conv feature encoder is 2 convs (GroupNorm "
+                 "after the first, LayerNorm before the projection: a weight-scaled conv is "
+                 "renormalised forward and backward), then residual blocks")
+
+
 def wav2vec2() -> Built:
     tf = _tf()
     torch.manual_seed(0)
@@ -380,7 +393,8 @@ def wav2vec2() -> Built:
     m = tf.Wav2Vec2ForSequenceClassification(cfg)
     return _built(m, _audio(), Meta("speech",
                                     "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense",
-                                    "gelu", ("input_values",), "logits"))
+                                    "gelu", ("input_values",), "logits",
+                                    no_plain=_CONV_ENCODER))
 
 
 def hubert() -> Built:
@@ -394,7 +408,8 @@ def hubert() -> Built:
     m = tf.HubertForSequenceClassification(cfg)
     return _built(m, _audio(), Meta("speech",
                                     "hubert.encoder.layers.0.feed_forward.intermediate_dense",
-                                    "gelu", ("input_values",), "logits"))
+                                    "gelu", ("input_values",), "logits",
+                                    no_plain=_CONV_ENCODER))
 
 
 def whisper_encoder() -> Built:
@@ -410,7 +425,10 @@ def whisper_encoder() -> Built:
              "labels": torch.randint(0, N_LABELS, (BATCH,), generator=g)}
             for _ in range(N_BATCHES)]
     return _built(m, data, Meta("speech", "encoder.layers.0.fc1", "gelu",
-                                ("input_features",), "logits"))
+                                ("input_features",), "logits",
+                                no_plain="no plain stack of 3+ layers: 2 plain convs (conv1, "
+                                "conv2) feed the residual stream, then residual blocks behind "
+                                "LayerNorm"))
 
 
 # ---- vision CNNs ---------------------------------------------------------------------------
@@ -483,7 +501,10 @@ def convnext() -> Built:
     m = tf.ConvNextForImageClassification(tf.ConvNextConfig(
         num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=N_LABELS))
     return _built(m, _images(), Meta("vision-cnn", "convnext.encoder.stages.1.layers.0.pwconv1",
-                                     "gelu", ("pixel_values",), "logits"))
+                                     "gelu", ("pixel_values",), "logits",
+                                     no_plain="no plain stack: every block is a residual "
+                                     "branch (LayerNorm, LayerScale); stem and downsampling "
+                                     "layers are single convs behind LayerNorm"))
 
 
 class SamePadCNN(nn.Module):
@@ -515,7 +536,9 @@ def _ce(out: torch.Tensor, batch: Batch) -> torch.Tensor:
 def same_pad_cnn() -> Built:
     torch.manual_seed(0)
     return _built(SamePadCNN(), _images(), Meta("vision-cnn", "conv2", "relu",
-                                                ("pixel_values",), ""), loss_fn=_ce)
+                                                ("pixel_values",), "",
+                                                plain=("conv1", "conv2", "conv3", "head")),
+                  loss_fn=_ce)
 
 
 # ---- vision transformers -------------------------------------------------------------------

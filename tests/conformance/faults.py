@@ -10,9 +10,15 @@ the planted truth: the problem kind, the module path of its site and its units.
   the same Frobenius norm (a collapsed, rank-deficient weight: ``Bottleneck``).
 - ``saturated``: the producer of a tanh/sigmoid site scaled by ``SATURATING_GAIN`` so most
   units sit in the flat tails (``Saturation``); not applicable without such a site.
-- ``vanishing``: not planted yet: the transformers and CNNs of the corpus carry gradients
-  through residual or normalised paths (no span can vanish without changing the
-  architecture); the one plain stack (``same_pad_cnn``) is too shallow for a span.
+- ``vanishing``: in a plain stack ``l0 .. lm`` (``Meta.plain``: no norm layer, no parallel
+  path between its layers), the weights of the interior layers ``l1 .. l(m-1)`` are scaled by
+  ``VANISHING_SCALE`` (biases kept: the forward stays finite and input-dependent). Each
+  scaled layer multiplies the gradient flowing back through it by ~``VANISHING_SCALE``, so
+  the layers below the last scaled one (``l0 .. l(m-2)``) get gradients orders of magnitude
+  below the rest: that span is the planted truth (``VanishingGradient`` at ``l0``). Not
+  applicable where no plain stack of 3+ layers exists: a weight-scaled span behind a norm
+  layer is renormalised (its gradient scaled back up), one in a residual branch is bypassed
+  -- the reason is ``Meta.no_plain`` or the family's (``NO_PLAIN``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,26 @@ SATURATING_GAIN = 200.0
 #: (EfficientNet's squeeze-excite expand sees pooled features, |pre-activation| ~1e-3) is not
 #: pushed into the flat region by the gain alone, and a fault that is not there tests nothing
 SATURATING_SHIFT = 20.0
+#: weight scale of each interior layer of a plain stack: two scaled layers put the first
+#: layer's gradient ~1e-8 and the second's ~1e-4 below the median (the detector's threshold
+#: is 1e-3); the forward stays finite (biases carry it)
+VANISHING_SCALE = 1e-4
+
+_RESIDUAL = ("no plain stack of 3+ layers: every block is a residual branch behind a "
+             "LayerNorm/RMSNorm (a weight-scaled span is renormalised forward and backward, "
+             "and bypassed); outside the blocks at most the embeddings and a 1-2 layer head")
+#: the vanishing check's n/a reason by family, where the builder gives none
+NO_PLAIN: dict[str, str] = {
+    "text-encoder": _RESIDUAL,
+    "decoder": _RESIDUAL,
+    "encoder-decoder": _RESIDUAL,
+    "speech": _RESIDUAL,
+    "vision-transformer": _RESIDUAL,
+    "multimodal": _RESIDUAL,
+    "vision-cnn": "no plain stack without a norm: every conv is followed by BatchNorm, whose "
+                  "statistics (calibrated as training would) renormalise a weight-scaled span "
+                  "and scale its gradient back up; the rest are residual blocks",
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,9 @@ class Planted:
     kind: str
     module: str
     units: tuple[int, ...] = ()
+    #: for a span problem (``VanishingGradient``): the layers whose gradient the fault makes
+    #: vanish, in forward order; a reported span must lie within it
+    span: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,8 +140,15 @@ def plant_saturated(built: Built) -> Planted | Inapplicable:
     return Planted("Saturation", built.meta.saturating)
 
 
+@torch.no_grad()
 def plant_vanishing(built: Built) -> Planted | Inapplicable:
-    return Inapplicable("not planted: residual/normalised paths or too shallow a plain stack")
+    plain = built.meta.plain
+    if len(plain) < 3:
+        return Inapplicable(built.meta.no_plain or NO_PLAIN.get(
+            built.meta.family, "no plain stack of 3+ layers"))
+    for name in plain[1:-1]:
+        built.model.get_submodule(name).weight.mul_(VANISHING_SCALE)
+    return Planted("VanishingGradient", plain[0], span=plain[:-2])
 
 
 PLANTERS = {

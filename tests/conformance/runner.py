@@ -5,7 +5,8 @@ never stops the run):
 
 - ``healthy``: ``gs.diagnose`` on the healthy model reports no problem (else: false alarm).
 - ``dead`` / ``collapsed`` / ``saturated`` / ``vanishing``: the fault planted by
-  :mod:`.faults` is found at the right site (``site.module``) with the right units.
+  :mod:`.faults` is found at the right site (``site.module``) with the right units (for the
+  vanishing span: a reported span within the planted one).
 - ``operate``: ``gs.operate`` with defaults on the model with planted dead units treats them:
   the planted problem is in ``before`` and not in ``after``, issues(after) is a strict subset
   of issues(before) (a problem is ``(kind, site.module, units)``), and the input model is
@@ -117,6 +118,9 @@ def _found(diagnosis: Any, truth: Planted) -> None:
     if truth.units and not any(set(_units_of(p)) == set(truth.units) for p in same):
         raise CheckFailed(f"{truth.kind} at {truth.module} on units "
                           f"{list(_units_of(same[0]))}, planted {list(truth.units)}")
+    if truth.span and not any(set(p.span) <= set(truth.span) for p in same):
+        raise CheckFailed(f"{truth.kind} at {truth.module} over {list(same[0].span)}, "
+                          f"planted over {list(truth.span)}")
 
 
 # ---- checks --------------------------------------------------------------------------------
