@@ -17,6 +17,17 @@ use ``gs.operate`` between training runs for those. An edit whose output change 
 batch breaks ``certificates.max_output_change`` (or ``exact_tolerance`` for an exact edit)
 is rolled back at once. After an edit the monitor's statistics restart.
 
+Utility replacement (opt-in, ``replace_rate > 0``): continual backprop's generate-and-test
+(Dohare et al., Nature 2024) on every activation site the last diagnosis measured. Every
+``utility_every`` steps each unit's contribution utility (``mean|h| x sum|outgoing weights|``,
+:func:`graphsurg.detect.dead.contribution_utility`; mean |h| from the monitor's current
+window, relative to the layer's mean) enters a running average (decay ``utility_decay`` per
+step); units older than ``maturity`` steps are eligible and ``replace_rate`` of them per step
+(accumulated) are re-initialised in place by the library's unit-reinitialising replacement
+(fresh incoming weights from the layer's initialiser, outgoing weights zeroed after folding
+the unit's mean into the consumer's bias), lowest utility first -- live-but-useless units
+included, not only dormant ones. Units reset by either path restart at age 0.
+
 Under torch.distributed every rank gets the same diagnosis from the monitor and the edits
 draw from seeded generators, so every replica makes the same edit.
 """
@@ -63,6 +74,11 @@ class SurgeryCallback:
         library: replacements to plan with (default ``gs.default_library()``).
         input_fn: ``batch -> (args, kwargs)`` when batches are not ``(inputs, targets)``.
         seed: seeds the edits' random draws (same seed on every rank: the same edits).
+        replace_rate: CBP's replacement rate rho: the fraction of mature units replaced per
+            step, lowest contribution utility first (0: off, the default).
+        maturity: a unit is eligible for utility replacement when older than this many steps.
+        utility_decay: decay per step of the utility's running average (CBP's eta).
+        utility_every: update utilities and replace every this many steps.
 
     Example:
         >>> mon = gs.Monitor(every=4)
@@ -75,7 +91,9 @@ class SurgeryCallback:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, monitor: Monitor, *,
                  every: int = 100, certificates: Certificates | None = None,
-                 library: Any = None, input_fn: InputFn | None = None, seed: int = 0) -> None:
+                 library: Any = None, input_fn: InputFn | None = None, seed: int = 0,
+                 replace_rate: float = 0.0, maturity: int = 100, utility_decay: float = 0.99,
+                 utility_every: int = 10) -> None:
         if not isinstance(model, nn.Module):
             raise BadInputError(f"model must be the live nn.Module, got {type(model).__name__}")
         if not isinstance(monitor, Monitor):
@@ -83,6 +101,13 @@ class SurgeryCallback:
                                 f"{type(monitor).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise BadInputError(f"SurgeryCallback(every={every!r}): every must be an int >= 1")
+        if not (0.0 <= replace_rate < 1.0 and 0.0 <= utility_decay < 1.0):
+            raise BadInputError(f"SurgeryCallback(replace_rate={replace_rate!r}, utility_decay="
+                                f"{utility_decay!r}): both must be in [0, 1)")
+        if not isinstance(utility_every, int) or utility_every < 1 or maturity < 0:
+            raise BadInputError(f"SurgeryCallback(utility_every={utility_every!r}, maturity="
+                                f"{maturity!r}): utility_every must be an int >= 1, maturity "
+                                ">= 0")
         if hasattr(model, "_orig_mod"):
             raise BadInputError("pass the original module, not the torch.compile wrapper "
                                 "(model._orig_mod)")
@@ -96,6 +121,15 @@ class SurgeryCallback:
         self.seed = seed
         self.steps = 0
         self.history: list[CallbackEvent] = []
+        self.replace_rate, self.maturity = replace_rate, maturity
+        self.utility_decay, self.utility_every = utility_decay, utility_every
+        #: per producer layer: running utility, age in steps, accumulated replacement count
+        self.utility: dict[str, torch.Tensor] = {}
+        self.age: dict[str, torch.Tensor] = {}
+        self._acc: dict[str, float] = {}
+        self._sites: dict[str, Any] = {}  # producer -> activation Site (from the last diagnosis)
+        self._groups: dict[str, Any] = {}  # producer -> coupling group (consumers)
+        self.replaced = 0  # units re-initialised by utility replacement
         # (first step, schedule): e.g. a RampLeakyReLU's slope, raised over ``every`` steps
         self._on_step: list[tuple[int, Callable[[int, int], None]]] = []
 
@@ -108,8 +142,11 @@ class SurgeryCallback:
         self.steps += 1
         for start, f in self._on_step:
             f(self.steps - start, self.every)
+        event = None
+        if self.replace_rate > 0 and self.steps % self.utility_every == 0:
+            event = self._replace_low_utility(batch)
         if self.steps % self.every:
-            return None
+            return event
         return self.operate(batch)
 
     def operate(self, batch: Any) -> CallbackEvent:
@@ -122,6 +159,9 @@ class SurgeryCallback:
             event.reported.append("the monitor has measured nothing yet")
             return event
         diagnosis = self.monitor.diagnose()
+        if self.replace_rate > 0:
+            self._sites = {r.site.module: r.site for r in diagnosis.layers.values()
+                           if r.kind == "activation" and r.site.module}
         # every round diagnoses a fresh window: statistics since the last round only. After an
         # edit, older statistics describe a model that no longer exists; without an edit, a
         # cumulative window hides units that die late (their early firing keeps them "alive").
@@ -150,10 +190,100 @@ class SurgeryCallback:
             outcome = self._apply(schema, batch, event)
             if outcome == "applied":
                 event.applied.append(label)
+                self._restart(schema.site.module, schema.problem.units)
             else:
                 event.rolled_back.append(f"{label}: {outcome}")
         for p, why in surgery.untreated:
             event.reported.append(f"{p.kind} at {p.site.address}: untreated ({why})")
+        return event
+
+    # -- continual backprop's utility replacement -------------------------------------------
+    def _restart(self, module: str, units: Any) -> None:
+        """Units re-initialised at ``module``: age and utility 0."""
+        if module in self.age and units:
+            idx = torch.tensor([int(u) for u in units], dtype=torch.long)
+            self.age[module][idx] = 0.0
+            self.utility[module][idx] = 0.0
+
+    def _replace_low_utility(self, batch: Any) -> CallbackEvent | None:
+        """Update every known site's running utility and re-initialise the lowest-utility
+        mature units (CBP's generate-and-test; see the module docstring)."""
+        from ._problems import Problem
+        from .detect.dead import contribution_utility, lowest_utility
+        from .library import Target, default_library
+        from .library._base import Refused
+        from .library._edit import coupled, get_layer, weight_rows
+
+        if not self._sites:
+            return None
+        lib = self.library if self.library is not None else default_library()
+        resetters = [r for r in lib if r.reinitialises_units and r.live_edit == "parameters"]
+        if not resetters:
+            return None
+        stats = {addr.rpartition(":")[0]: st for addr, st in self.monitor.stats().items()}
+        decay = self.utility_decay ** self.utility_every
+        target = Target(self.model, [batch], input_fn=self.input_fn, seed=self.seed)
+        event: CallbackEvent | None = None
+        for module, site in self._sites.items():
+            st = stats.get(module)
+            if st is None or int(st.count.max()) == 0:
+                continue
+            width = int(st.channels)
+            try:
+                group = self._groups.get(module) or coupled(target, module)
+                self._groups[module] = group
+                mass = torch.zeros(width, dtype=torch.float64)
+                for c in group.consumers:
+                    w = weight_rows(get_layer(target, c.module, grouped=True))
+                    for u in range(width):
+                        rows, cols = c.weight_index(u, w.shape)
+                        mass[u] += float(w.detach()[rows, cols].abs().sum())
+            except (Refused, ValueError, AttributeError) as e:
+                self._sites = {k: v for k, v in self._sites.items() if k != module}
+                event = event or self._event()
+                event.reported.append(f"utility replacement at {module}: skipped ({e})")
+                continue
+            ma = st.mean_abs.to(torch.float64)
+            contrib = contribution_utility(ma / ma.mean().clamp_min(1e-12), mass)
+            if module not in self.utility or self.utility[module].numel() != width:
+                self.utility[module] = torch.zeros(width, dtype=torch.float64)
+                self.age[module] = torch.zeros(width, dtype=torch.float64)
+                self._acc[module] = 0.0
+            u = self.utility[module].mul_(decay).add_((1 - decay) * contrib)
+            self.age[module] += self.utility_every
+            eligible = self.age[module] > self.maturity
+            self._acc[module] += self.replace_rate * self.utility_every * int(eligible.sum())
+            k = int(self._acc[module])
+            if k < 1:
+                continue
+            self._acc[module] -= k
+            units = lowest_utility(u, eligible, k)
+            if not units:
+                continue
+            problem = Problem("DeadNeurons", site, severity=len(units) / width,
+                              units=tuple(units), evidence={"width": width, "utility": [
+                                  float(u[i]) for i in units], "source": "utility"})
+            r = resetters[0]
+            event = event or self._event()
+            try:
+                params = r.propose(problem, target)
+            except Refused as e:
+                event.rolled_back.append(f"{r.name} at {module} (utility): refused ({e})")
+                continue
+            schema = SimpleNamespace(replacement=r.name, problem=problem, params=params)
+            outcome = self._apply(schema, batch, event)
+            label = f"{r.name} at {module} (utility, {len(units)} unit(s))"
+            if outcome == "applied":
+                event.applied.append(label)
+                self.replaced += len(units)
+                self._restart(module, units)
+            else:
+                event.rolled_back.append(f"{label}: {outcome}")
+        return event
+
+    def _event(self) -> CallbackEvent:
+        event = CallbackEvent(self.steps)
+        self.history.append(event)
         return event
 
     # -- one schema ---------------------------------------------------------------------------

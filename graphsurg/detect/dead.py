@@ -19,10 +19,20 @@ dead ones included) and ``constant_values`` (their mean outputs, same order: wha
 folds into the next layer's bias), ``dormant``, ``scores``, ``firing_rate`` (of the dormant
 units), ``activation``, ``tau``, ``samples`` and ``channel_dim`` (the unit axis of the
 observed value: 1 for a conv's NCHW output, -1 for a linear layer's), and for a gated unit
-(``act(gate) * up``) ``partner``, the up projection whose units pair with the gate's.
+(``act(gate) * up``) ``partner``, the up projection whose units pair with the gate's; and
+``utility`` (of the dormant units) when the consumers' weights were measured.
+
+Usefulness beyond dormancy: :func:`contribution_utility` is continual backprop's measure
+(Dohare et al., Nature 2024), ``mean|h_i| x sum_k |w_out[k, i]|`` -- a unit can fire and
+still contribute nothing when its outgoing weights are ~0 (live but useless).
+:func:`site_utility` computes it from a :class:`Measurements` (layer weights and their next
+modules), :func:`lowest_utility` picks CBP's replacement candidates; ``gs.SurgeryCallback``
+uses both for its opt-in utility replacement (``replace_rate=``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -48,6 +58,58 @@ def unit_flags(s: SiteMeasure, config: DiagnoseConfig) -> tuple[torch.Tensor, to
         dead = constant
         dormant = dead.clone()
     return dormant, dead, constant, score
+
+
+def contribution_utility(mean_abs: torch.Tensor, outgoing: torch.Tensor) -> torch.Tensor:
+    """CBP's contribution utility per unit, float64: ``mean_abs[i] * outgoing[i]``, where
+    ``mean_abs`` is the unit's mean |activation| and ``outgoing`` the sum of the absolute
+    weights reading it in every consumer."""
+    if mean_abs.shape != outgoing.shape:
+        raise ValueError(f"contribution_utility: {tuple(mean_abs.shape)} mean |h| values for "
+                         f"{tuple(outgoing.shape)} outgoing sums; pass one per unit")
+    return mean_abs.to(torch.float64) * outgoing.to(torch.float64)
+
+
+def outgoing_mass(weight: torch.Tensor, width: int) -> torch.Tensor | None:
+    """Sum of |w| over each input column of a consumer weight stored ``(out, in, ...)``
+    (nn.Linear / nn.Conv), grouped into ``width`` units (a flatten feeds each unit's
+    ``in // width`` consecutive columns); None when ``in`` is not a multiple of ``width``."""
+    if weight.dim() < 2 or weight.shape[1] % width or weight.shape[1] < width:
+        return None
+    cols = weight.detach().abs().to(torch.float64).transpose(0, 1).reshape(weight.shape[1], -1)
+    return cols.sum(1).reshape(width, -1).sum(1)
+
+
+def site_utility(m: Measurements, s: SiteMeasure) -> torch.Tensor | None:
+    """The contribution utility of each unit of site ``s`` from the measured weights of the
+    layers reading it (the producer's ``next_modules``); None when a consumer's weight was
+    not measured or does not read the units column-wise."""
+    layers = {lm.module: lm for lm in m.layers}
+    prod = layers.get(s.module)
+    if prod is None or not prod.next_modules:
+        return None
+    width = s.stats.channels
+    total = torch.zeros(width, dtype=torch.float64)
+    for name in prod.next_modules:
+        c = layers.get(name)
+        mass = None if c is None or c.weight is None else outgoing_mass(c.weight, width)
+        if mass is None:
+            return None
+        total += mass
+    return contribution_utility(s.stats.mean_abs, total)
+
+
+def lowest_utility(utility: torch.Tensor, eligible: torch.Tensor, k: int,
+                   exclude: Sequence[int] = ()) -> list[int]:
+    """The ``k`` eligible units (``eligible``: boolean mask, e.g. CBP's "older than the
+    maturity threshold") with the lowest utility, never all of a layer's units."""
+    ok = eligible.clone()
+    ok[list(exclude)] = False
+    idx = ok.nonzero().flatten()
+    k = min(k, idx.numel(), utility.numel() - 1)
+    if k <= 0:
+        return []
+    return sorted(int(i) for i in idx[utility[idx].argsort()[:k]])
 
 
 def _observations(s: SiteMeasure) -> int:
@@ -82,6 +144,7 @@ def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
             continue
         width = s.stats.channels
         const_units = torch.nonzero(constant).flatten().tolist()
+        util = site_utility(m, s)
         out.append(
             Problem(
                 kind="DeadNeurons",
@@ -103,6 +166,8 @@ def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
                     "samples": int(s.stats.count.max()),
                     "channel_dim": s.channel_dim,
                     **({"partner": s.partner} if s.partner else {}),
+                    **({"utility": [float(util[u]) for u in units]} if util is not None
+                       else {}),
                 },
             )
         )
