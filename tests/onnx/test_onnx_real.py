@@ -106,8 +106,9 @@ def test_cls_excision_is_exact_and_keeps_the_orientation(cls_model: Path, tmp_pa
 
 
 def sha_unchanged(path: Path) -> bool:
-    return _sha(path).startswith(CLS.sha256 if path.name == Path(CLS.member).name
-                                 else DET.sha256)
+    """The input model file is untouched: its sha256 still starts with the pinned prefix."""
+    pinned = {Path(m.member).name: m.sha256 for m in (CLS, DET, REC)}
+    return _sha(path).startswith(pinned[path.name])
 
 
 def test_cls_cli_end_to_end(cls_model: Path, tmp_path) -> None:
@@ -143,6 +144,34 @@ def test_det_apply_is_exact(tmp_path) -> None:
     full_check(out)
     assert_same_outputs(det, out, {"x": np.stack([page(50)])}, EXACT_RTOL)
     assert sha_unchanged(det)
+
+
+# -- the PP-OCRv4 recogniser (10.9 MB: hand-built LayerNorm + attention, SE gates) ----------
+REC = WheelModel(*RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+                 "48fc40f24f6d2a20")
+
+
+@pytest.mark.slow
+def test_rec_excises_the_dead_squeeze_excite_units_exactly(tmp_path) -> None:
+    """48 text lines (the squeeze-excite ReLUs see one pooled vector per line: 48 >=
+    min_unit_samples observations per unit): about half the units of the two SE bottleneck
+    ReLUs never fire; they are excised and the logits of other lines stay within 1e-5."""
+    rec = fetch(REC)
+    calib = [{"x": crops(i, w=320)} for i in range(6)]
+    t = time.perf_counter()
+    out, res = gso.apply(rec, calib, output=tmp_path / "rec.small.onnx")
+    seconds = time.perf_counter() - t
+    kept = res.kept_at("excise_dead")
+    units = sum(v.details["width_before"] - v.details["width_after"] for v in kept)
+    print(f"\nrec: nodes {res.size['nodes_before']} -> {res.size['nodes_after']}, params "
+          f"{res.size['params_before']} -> {res.size['params_after']}, {units} units at "
+          f"{len(kept)} sites, untreated {[r[:80] for _, r in res.plan.untreated]}, "
+          f"{seconds:.1f} s")
+    assert res.ok and len(kept) >= 2 and units >= 60
+    assert res.size["params_after"] < res.size["params_before"]
+    full_check(out)
+    assert_same_outputs(rec, out, {"x": crops(300, n=4, w=320)}, EXACT_RTOL)
+    assert sha_unchanged(rec)
 
 
 # -- silero VAD (1.3 MB: recurrent state batched on axis 1, a scalar sample rate) -------------
