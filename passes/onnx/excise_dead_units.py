@@ -145,6 +145,8 @@ class _Flow:
     rank: int | None
     rows: np.ndarray
     vals: np.ndarray
+    #: the layer whose output units these are (a site's address is ``layer:value``)
+    layer: str = ""
 
 
 @dataclass
@@ -160,6 +162,14 @@ class _Plan:
     #: Reshapes before the units whose output width is inferred (-1), not known statically:
     #: the site's observed width must be the layer's
     inferred: list[str] = field(default_factory=list)
+    #: site address (``layer:value``) -> rows removed there (numbering before this edit)
+    removed: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the layers that lose output rows, by id
+    sources: dict[int, ir.Node] = field(default_factory=dict)
+
+    def record(self, layer: str, v: ir.Value, rows: np.ndarray) -> None:
+        if layer and v.name:
+            self.removed.setdefault(f"{layer}:{v.name}", np.asarray(rows, np.int64))
 
     def arr(self, node: ir.Node, i: int) -> np.ndarray | None:
         """Input ``i`` of ``node`` as planned so far (a constant), or None."""
@@ -335,8 +345,19 @@ def excise_site(model: ir.Model, problem: Problem,
     if consts is None or len(consts) != len(units):
         raise Refused(f"evidence at {site} has {len(units)} constant unit(s) but "
                       f"{0 if consts is None else len(consts)} constant value(s)")
-    if excised is not None and excised.get(site):
-        raise Refused(f"units were already excised at {site}: its unit indices changed")
+    gone = sorted(excised.get(site, set())) if excised is not None else []
+    all_units = sorted(units)
+    seen_w = problem.evidence.get("width")
+    if gone:  # removed with another site (a depthwise conv's groups, a residual branch...)
+        left = [(u, c) for u, c in zip(units, consts, strict=True) if u not in set(gone)]
+        if not left:
+            w0 = int(seen_w) if seen_w is not None else None
+            return Excision(site, problem.site.module, all_units,
+                            w0 if w0 is not None else -1,
+                            (w0 - len(gone)) if w0 is not None else -1,
+                            [f"removed with another site's edit ({len(gone)} unit(s))"])
+        units = [_renumber(u, gone) for u, _ in left]
+        consts = [c for _, c in left]
     graph = model.graph
     _shapes_ready(model)
     v = _value_named(model, problem.site.node)
@@ -344,7 +365,8 @@ def excise_site(model: ir.Model, problem: Problem,
         raise Refused(f"value '{problem.site.node}' is not in the model")
     plan, axis, rank, width, producer = _plan(model, v, units,
                                                np.asarray(consts, np.float64), batches)
-    seen_w = problem.evidence.get("width")
+    if gone and seen_w is not None:
+        seen_w = int(seen_w) - len(gone)
     if seen_w is None and plan.inferred:
         raise Refused(f"the width after Reshape '{plan.inferred[0]}' is not known statically "
                       f"and the evidence at {site} does not say it ('width')")
@@ -357,11 +379,28 @@ def excise_site(model: ir.Model, problem: Problem,
                       f"producer's units are along axis {axis}")
     _execute(graph, plan)
     if excised is not None:
-        excised.setdefault(site, set()).update(units)
         for other, rows in plan.joined.items():
             excised.setdefault(other, set()).update(rows)
-    return Excision(site, producer, sorted(units), width, width - len(units), list(plan.sinks),
-                    dict(plan.joined))
+        for addr, rows in plan.removed.items():  # in each site's original numbering
+            before = sorted(excised.get(addr, set()))
+            excised.setdefault(addr, set()).update(_original(int(r), before) for r in rows)
+        excised.setdefault(site, set()).update(all_units)
+    return Excision(site, producer, all_units, width + len(gone), width - len(units),
+                    list(plan.sinks), dict(plan.joined))
+
+
+def _renumber(u: int, gone: Sequence[int]) -> int:
+    """Unit ``u`` (original numbering) after the units ``gone`` were removed."""
+    return u - sum(1 for g in gone if g < u)
+
+
+def _original(r: int, gone: Sequence[int]) -> int:
+    """Index ``r`` after the units ``gone`` (sorted, original numbering) were removed, in the
+    original numbering."""
+    for g in gone:
+        if g <= r:
+            r += 1
+    return r
 
 
 class ExciseDeadUnits(GraphsurgPass):
@@ -407,7 +446,10 @@ def _plan(model: ir.Model, a: ir.Value, units: list[int], consts: np.ndarray,
             "edit, not done by this pass"
         )
     fw = _Forward(model, plan, batches)
-    fw.run(_Flow(a, axis, rank, rows, vals))
+    first = producer.split(", ")[0]
+    plan.record(first, a, rows)
+    fw.run(_Flow(a, axis, rank, rows, vals, first))
+    _plan_shared(model, plan, fw, batches)
     plan.joined = fw.joined
     return plan, axis, rank, width, producer
 
@@ -440,6 +482,10 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
         if op == "Reshape":  # Conv1D as exported: Reshape(x, [-1, d]) @ W + b -> Reshape
             region[id(node)] = node
             reshapes.append(node)
+            stack.append(_input(node, 0))
+            continue
+        if op == "Pad":  # checked to leave the channel axis alone below
+            region[id(node)] = node
             stack.append(_input(node, 0))
             continue
         if op == "BatchNormalization" or (op in (_ACT_OPS | {"Identity", "Dropout"})
@@ -492,6 +538,11 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
     if reshapes:
         rank = _rank(a)
         axis = -1 if rank is None else rank - 1
+    for n in layers.values():
+        plan.sources[id(n)] = n
+        if len(layers) == 1:
+            for v in walked.values():
+                plan.record(n.name, v, rows)
     return axis, rank, width, ", ".join(n.name or n.op_type for n in layers.values())
 
 
@@ -634,7 +685,12 @@ def _dim(v: ir.Value, axis: int, rank: int | None) -> int | None:
 
 def _source_region_node(node: ir.Node, axis: int, rank: int | None, width: int,
                         rows: np.ndarray, plan: _Plan) -> None:
-    if node.op_type == "BatchNormalization":
+    if node.op_type == "Pad":
+        _pad_channel_free(node, plan, axis, rank)
+        mode = node.attributes.get("mode")
+        if mode is not None and mode.as_string() not in ("constant", "reflect", "edge", "wrap"):
+            raise Refused(f"Pad '{node.name}' has mode {mode.as_string()!r}")
+    elif node.op_type == "BatchNormalization":
         if not _is_first(axis, rank):
             raise Refused(f"BatchNormalization '{node.name}' normalises another axis")
         for i in range(1, 5):
@@ -701,7 +757,9 @@ def _source_layer(layer: ir.Node, rows: np.ndarray, plan: _Plan
         if op == "Conv":
             width = w.shape[0]
             _check_rows(rows, width)
-            if g > 1:
+            if g > 1 and w.shape[1] == 1 and g > 1:
+                _source_depthwise(layer, rows, width // g, g, plan)
+            elif g > 1:
                 _groups_even(rows, width // g, g, f"Conv '{name}'")
             plan.set(layer, 1, np.delete(w, rows, axis=0))
         else:
@@ -723,6 +781,120 @@ def _source_layer(layer: ir.Node, rows: np.ndarray, plan: _Plan
         axis, rank = 1, w.ndim
     plan.shape(layer.outputs[0], axis, len(rows))
     return axis, rank, width
+
+
+def _source_depthwise(layer: ir.Node, rows: np.ndarray, m: int, g: int, plan: _Plan) -> None:
+    """A depthwise Conv (one input channel per group, ``m`` outputs each) losing output
+    ``rows``: they must be whole groups; the groups go (``group`` decremented) and with them
+    their input channels, which nothing else reads: those are removed at the layers that
+    produce them (through Pad, BatchNormalization, activations), whatever their values."""
+    name = layer.name
+    groups = np.unique(rows // m)
+    if len(groups) * m != len(rows):
+        raise Refused(f"depthwise Conv '{name}' would lose part of a group (units "
+                      f"{rows.tolist()[:8]}, {m} per group): its input channel stays")
+    if len(groups) >= g:
+        raise Refused(f"depthwise Conv '{name}' would lose all its {g} groups")
+    x = _input(layer, 0)
+    if x.is_graph_output() or len(x.uses()) != 1:
+        raise Refused(f"the input '{x.name}' of depthwise Conv '{name}' is also read elsewhere: "
+                      "its channels cannot be removed with the groups")
+    _plan_source(x, groups, plan)
+    plan.attrs.append((layer, "group", g - len(groups)))
+
+
+def _root(v: ir.Value | None) -> ir.Value | None:
+    """The initializer behind ``v`` (itself, or through Identity nodes: the legacy exporter
+    shares weights that way), or None."""
+    for _ in range(8):
+        if v is None:
+            return None
+        if v.is_initializer():
+            return v
+        node = v.producer()
+        if node is None or node.op_type != "Identity" or node.domain not in _ONNX:
+            return None
+        v = node.inputs[0] if node.inputs else None
+    return None
+
+
+def _readers(root: ir.Value) -> list[tuple[ir.Node, int]]:
+    """Every ``(node, input)`` reading initializer ``root``, through Identity nodes."""
+    out: list[tuple[ir.Node, int]] = []
+    stack = [root]
+    while stack:
+        v = stack.pop()
+        for n, i in v.uses():
+            if n.op_type == "Identity" and n.domain in _ONNX and not n.outputs[0].is_graph_output():
+                stack.append(n.outputs[0])
+            else:
+                out.append((n, i))
+    return out
+
+
+def _plan_shared(model: ir.Model, plan: _Plan, fw: _Forward,
+                 batches: Sequence[Mapping[str, np.ndarray]] | None) -> None:
+    """A source layer whose weight is shared with other layers (ALBERT's one FFN used by
+    every layer): the other layers lose the same rows in the same edit -- their units are
+    measured constant on the calibration ``batches`` and followed to their sinks -- so that
+    the shared initializer is edited once and stays shared. Then every edited shared
+    initializer must be edited alike at every use, or the site is refused."""
+    done: set[int] = set()
+    while True:
+        todo = []
+        for layer in list(plan.sources.values()):
+            root = _root(layer.inputs[1]) if len(layer.inputs) > 1 else None
+            if root is None or id(root) in done:
+                continue
+            done.add(id(root))
+            todo.extend(n for n, i in _readers(root)
+                        if i == 1 and n.op_type in _LAYERS and id(n) not in plan.sources)
+        if not todo:
+            break
+        for sib in todo:
+            if id(sib) in plan.sources:
+                continue
+            first = next(iter(plan.sources.values()))
+            rows = _shared_rows(plan, first)
+            axis, rank, _ = _source_layer(sib, rows, plan)
+            plan.sources[id(sib)] = sib
+            out = sib.outputs[0]
+            vals = fw.measure(sib, out, _Flow(out, axis, rank, rows, np.zeros(len(rows))),
+                              what=f"layer '{sib.name}' sharing the weight of '{first.name}'")
+            plan.record(sib.name, out, rows)
+            fw.run(_Flow(out, axis, rank, rows, vals, sib.name))
+    _check_shared(plan)
+
+
+def _shared_rows(plan: _Plan, layer: ir.Node) -> np.ndarray:
+    for key, rows in plan.removed.items():
+        if key.startswith(f"{layer.name}:") and key == f"{layer.name}:{layer.outputs[0].name}":
+            return rows
+    raise Refused(f"the rows removed at '{layer.name}' are not known: its shared weight "
+                  "cannot be edited at its other uses")
+
+
+def _check_shared(plan: _Plan) -> None:
+    """Every planned edit of an initializer read elsewhere must be the same at every use."""
+    by_root: dict[int, tuple[ir.Value, list[np.ndarray]]] = {}
+    for node, i, arr in plan.edits.values():
+        root = _root(node.inputs[i]) if i < len(node.inputs) else None
+        if root is None:
+            continue
+        by_root.setdefault(id(root), (root, []))[1].append(arr)
+    for root, arrs in by_root.values():
+        readers = _readers(root)
+        if len(readers) < 2 or root.is_graph_input() or root.is_graph_output():
+            continue
+        covered = [(n, i) for n, i in readers if (id(n), i) in plan.edits]
+        if len(covered) < len(readers):
+            left = [n.name or n.op_type for n, i in readers if (id(n), i) not in plan.edits]
+            raise Refused(f"initializer '{root.name}' is shared with {', '.join(left[:3])}, "
+                          "which this edit does not change alike: excising it would copy it")
+        if any(a.shape != arrs[0].shape or not np.array_equal(a, arrs[0]) for a in arrs[1:]):
+            raise Refused(f"initializer '{root.name}' is shared and its uses would need "
+                          "different edits (different units or constants): excising would "
+                          "copy it")
 
 
 def _check_rows(rows: np.ndarray, width: int) -> None:
@@ -779,8 +951,10 @@ class _Forward:
               vals: np.ndarray | None = None) -> None:
         """Continue the flow at ``out`` (same units unless given)."""
         f2 = _Flow(out, f.axis if axis is None else axis, f.rank if rank is None else rank,
-                   f.rows if rows is None else rows, f.vals if vals is None else vals)
+                   f.rows if rows is None else rows, f.vals if vals is None else vals,
+                   f.layer)
         self.plan.shape(out, f2.axis, len(f2.rows))
+        self.plan.record(f2.layer, out, f2.rows)
         self.flow(f2)
 
     # -- joins -------------------------------------------------------------------------
@@ -805,7 +979,7 @@ class _Forward:
             # wait for the other branch's flow to reach this node, then join the two
             self.pending[id(node)] = (node, {idx: f})
             self.seen.discard(id(node))
-            self.flow(_Flow(other, f.axis, f.rank, f.rows, vals))
+            self.flow(_Flow(other, f.axis, f.rank, f.rows, vals, producer.split(", ")[0]))
             return
         raise Refused(f"{op} '{name}' divides the units by another branch ('{other.name}'): "
                       "coupling through it is not understood")
@@ -825,12 +999,14 @@ class _Forward:
             _plan_source(gate, f.rows, self.plan)
         self.carry(f, node.outputs[0], vals=np.zeros_like(f.vals))
 
-    def measure(self, node: ir.Node, other: ir.Value, f: _Flow) -> np.ndarray:
+    def measure(self, node: ir.Node, other: ir.Value, f: _Flow, what: str | None = None
+                ) -> np.ndarray:
         """The constants of ``other`` at the flow's units on the calibration batches, or
         refuse: a residual sum is excised only where every branch is constant."""
         kind = "residual Add" if node.op_type == "Add" else f"{node.op_type}"
         why = (f"{kind} '{node.name}' couples the units with another branch ('{other.name}') "
-               "that is not constant on them")
+               "that is not constant on them") if what is None else (
+               f"{what} is not constant on the units ('{other.name}')")
         if not self.batches:
             raise Refused(why + " (no calibration batches to measure it on)")
         if not other.name:
@@ -921,6 +1097,36 @@ def _use_pool(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     fw.carry(f, node.outputs[0], axis=1)
 
 
+def _use_reduce(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """ReduceMean/Max/Min over axes other than the channel axis (a squeeze-and-excitation
+    squeeze): a constant channel reduces to the same constant, the channel axis stays (at
+    its position less the reduced axes before it when ``keepdims=0``)."""
+    op, name = node.op_type, node.name
+    rank = f.rank if f.rank is not None else _rank(f.value)
+    p = _pos(f.axis, rank)
+    if p is None or rank is None:
+        raise Refused(f"{op} '{name}': rank unknown")
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        a = fw.plan.arr(node, 1)
+        if a is None:
+            raise Refused(f"{op} '{name}' has non-constant axes")
+        axes: list[int] | None = [int(x) for x in a.reshape(-1)]
+    else:
+        axes = ints_attr(node, "axes")
+    if not axes:
+        if int_attr(node, "noop_with_empty_axes", 0) and axes is not None:
+            fw.carry(f, node.outputs[0], rank=rank)
+            return
+        raise Refused(f"{op} '{name}' reduces every axis, the channel axis included")
+    norm = sorted({x % rank for x in axes})
+    if p in norm:
+        raise Refused(f"{op} '{name}' reduces the channel axis")
+    if int_attr(node, "keepdims", 1):
+        fw.carry(f, node.outputs[0], axis=p, rank=rank)
+    else:
+        fw.carry(f, node.outputs[0], axis=p - sum(x < p for x in norm), rank=rank - len(norm))
+
+
 def _use_batchnorm(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     name = node.name
     if not _is_first(f.axis, f.rank):
@@ -987,28 +1193,152 @@ def _use_resize(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     fw.carry(f, node.outputs[0], rank=rank)
 
 
+#: how many ops :func:`_partial` follows back from a value
+_PARTIAL_DEPTH = 24
+_PARTIAL_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.fmax, "Min": np.fmin,
+}
+
+
+def _partial(v: ir.Value | None, depth: int = _PARTIAL_DEPTH) -> np.ndarray | None:
+    """Partial constant evaluation of a small integer/shape subgraph: the value of ``v`` as
+    float64 with NaN where an entry depends on the data (a symbolic dimension read by
+    ``Shape``), or None when an op is not understood. Follows Constant/initializers,
+    Shape, ConstantOfShape, Concat, Cast, Identity, Reshape, Transpose, Slice, Gather,
+    Unsqueeze/Squeeze, Add/Sub/Mul/Max/Min/Neg (NaN propagates through arithmetic)."""
+    if v is None or depth <= 0:
+        return None
+    c = const_array(v)
+    if c is not None:
+        return np.asarray(c, np.float64) if c.dtype.kind in "biuf" else None
+    node = v.producer()
+    if node is None or node.domain not in _ONNX or len(node.outputs) != 1:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        x = node.inputs[0] if node.inputs else None
+        if x is None or x.shape is None:
+            return None
+        dims = np.asarray([float(d) if isinstance(d, int) else np.nan for d in x.shape])
+        start, end = int_attr(node, "start", 0), node.attributes.get("end")
+        return dims[start:None if end is None else int(end.as_int())]
+    args = [_partial(i, depth - 1) if i is not None else None for i in node.inputs]
+    a0 = args[0] if args else None
+    if op in ("Identity", "Cast"):
+        return a0
+    if op == "Neg":
+        return None if a0 is None else -a0
+    if op in _PARTIAL_BINARY and len(args) == 2:
+        if a0 is None or args[1] is None:
+            return None
+        return _PARTIAL_BINARY[op](a0, args[1])
+    if op == "ConstantOfShape":
+        if a0 is None or np.isnan(a0).any():
+            return None
+        t = node.attributes.get("value")
+        fill = 0.0 if t is None else float(np.asarray(t.as_tensor().numpy()).reshape(-1)[0])
+        return np.full([int(d) for d in a0.reshape(-1)], fill)
+    if op == "Concat":
+        if any(a is None for a in args):
+            return None
+        return np.concatenate(args, axis=int_attr(node, "axis", 0))  # type: ignore[arg-type]
+    if op == "Transpose":
+        return None if a0 is None else np.transpose(a0, ints_attr(node, "perm"))
+    if a0 is None:
+        return None
+    known = [a for a in args[1:]]
+    if any(a is not None and np.isnan(a).any() for a in known):
+        return None
+    if op == "Reshape":
+        if len(args) < 2 or args[1] is None:
+            return None
+        shape = [a0.shape[i] if d == 0 and not int_attr(node, "allowzero", 0) else int(d)
+                 for i, d in enumerate(args[1].reshape(-1))]
+        try:
+            return a0.reshape(shape)
+        except ValueError:
+            return None
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = ([int(a) for a in args[1].reshape(-1)] if len(args) > 1 and args[1] is not None
+                else ints_attr(node, "axes"))
+        if op == "Squeeze":
+            return np.squeeze(a0) if axes is None else np.squeeze(
+                a0, axis=tuple(a % max(a0.ndim, 1) for a in axes))
+        if axes is None:
+            return None
+        r = a0.ndim + len(axes)
+        for a in sorted(a % r for a in axes):
+            a0 = np.expand_dims(a0, a)
+        return a0
+    if op == "Gather":
+        if len(args) < 2 or args[1] is None:
+            return None
+        return np.take(a0, args[1].astype(np.int64), axis=int_attr(node, "axis", 0))
+    if op == "Slice":
+        if len(args) < 3 or args[1] is None or args[2] is None:
+            return None
+        starts, ends = args[1].reshape(-1), args[2].reshape(-1)
+        axes_ = (args[3].reshape(-1) if len(args) > 3 and args[3] is not None
+                 else np.arange(len(starts)))
+        steps = (args[4].reshape(-1) if len(args) > 4 and args[4] is not None
+                 else np.ones(len(starts)))
+        sl = [slice(None)] * a0.ndim
+        big = np.iinfo(np.int64).max
+        for st, en, ax, sp in zip(starts, ends, axes_, steps, strict=False):
+            def idx(x: float) -> int | None:
+                return None if abs(x) >= big / 2 else int(x)
+            sl[int(ax) % a0.ndim] = slice(idx(st), idx(en), int(sp))
+        return a0[tuple(sl)]
+    return None
+
+
+def _pad_channel_free(node: ir.Node, plan: _Plan, axis: int, rank: int | None
+                      ) -> tuple[np.ndarray, int | None]:
+    """The pads of Pad ``node`` (NaN where computed at run time) and the rank it pads, after
+    proving that the channel axis ``axis`` is padded by exactly 0 on both sides, or refuse.
+    Pads computed at run time (the legacy exporter's "same" padding) are evaluated as far
+    as they are constant (:func:`_partial`): only the channel axis' entries must be known."""
+    name = node.name
+    pads: np.ndarray | None = None
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        c = plan.arr(node, 1)
+        pads = np.asarray(c, np.float64) if c is not None else _partial(node.inputs[1])
+        if pads is None:
+            raise Refused(f"Pad '{name}' has pads computed by ops whose entries cannot be "
+                          "evaluated (only Constant/Shape/Concat/Cast/Slice/Reshape/Transpose/"
+                          "ConstantOfShape/Gather/arithmetic are)")
+    else:
+        attr = ints_attr(node, "pads")
+        if attr is None:
+            raise Refused(f"Pad '{name}' has non-constant pads")
+        pads = np.asarray(attr, np.float64)
+    pads = pads.reshape(-1)
+    n = len(pads) // 2
+    axes = plan.arr(node, 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    if len(node.inputs) > 3 and node.inputs[3] is not None and axes is None:
+        raise Refused(f"Pad '{name}' has non-constant axes")
+    r = rank if rank is not None else (n if axes is None else None)
+    p = _pos(axis, r)
+    if p is None or r is None:
+        raise Refused(f"Pad '{name}': rank unknown")
+    ax = list(range(n)) if axes is None else [int(a) % r for a in axes.reshape(-1)]
+    if p in ax:
+        lo, hi = pads[ax.index(p)], pads[ax.index(p) + n]
+        if np.isnan(lo) or np.isnan(hi):
+            raise Refused(f"Pad '{name}' has pads computed at run time whose channel-axis "
+                          f"entries are not constant: it may pad the channel axis")
+        if lo or hi:
+            raise Refused(f"Pad '{name}' pads the channel axis")
+    return pads, r
+
+
 def _use_pad(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     """Pad that leaves the channel axis alone; a constant pad value must equal the units'
     constants (0 for dead ReLU units), reflect/edge/wrap pad a constant with itself."""
     name = node.name
-    pads = fw.plan.arr(node, 1) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    if pads is None:
-        attr = ints_attr(node, "pads")
-        if attr is None:
-            raise Refused(f"Pad '{name}' has non-constant pads")
-        pads = np.asarray(attr)
-    pads = pads.reshape(-1)
-    n = len(pads) // 2
-    axes = fw.plan.arr(node, 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    rank = f.rank if f.rank is not None else (n if axes is None else None)
-    p = _pos(f.axis, rank)
-    if p is None:
-        raise Refused(f"Pad '{name}': rank unknown")
-    ax = list(range(n)) if axes is None else [int(a) % rank for a in axes.reshape(-1)]  # type: ignore[operator]
-    if p in ax and (pads[ax.index(p)] or pads[ax.index(p) + n]):
-        raise Refused(f"Pad '{name}' pads the channel axis")
+    pads, rank = _pad_channel_free(node, fw.plan, f.axis, f.rank)
     mode = node.attributes.get("mode")
-    if (mode is None or mode.as_string() == "constant") and np.any(pads):
+    if (mode is None or mode.as_string() == "constant") and np.any(pads != 0):
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             cv = fw.plan.arr(node, 2)
             if cv is None:
@@ -1235,7 +1565,15 @@ def _use_matmul(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
 
 
 def _padded(node: ir.Node) -> bool:
+    """Does the conv pad its input? ``auto_pad=SAME_*`` pads nothing when every kernel
+    dimension is 1 with stride 1 (Hugging Face's ``padding="same"`` 1x1 convs)."""
     auto = node.attributes.get("auto_pad")
+    if auto is not None and auto.as_string().startswith("SAME"):
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        kernel = ints_attr(node, "kernel_shape") or (
+            None if w is None or w.shape is None else list(w.shape)[2:])
+        strides = ints_attr(node, "strides") or [1]
+        return kernel is None or any(k != 1 for k in kernel) or any(s != 1 for s in strides)
     return any(ints_attr(node, "pads") or [0]) or (
         auto is not None and auto.as_string() not in ("NOTSET", "VALID"))
 
@@ -1323,6 +1661,7 @@ def _depthwise(fw: _Forward, f: _Flow, node: ir.Node, m: int, new_w: np.ndarray,
     if has:
         fw.plan.set(node, 2, np.delete(b, out_rows, axis=0))
     fw.plan.attrs.append((node, "group", g - len(f.rows)))
+    f = _Flow(f.value, f.axis, f.rank, f.rows, f.vals, node.name)
     fw.carry(f, node.outputs[0], axis=1, rows=out_rows, vals=vals)
 
 
@@ -1331,6 +1670,7 @@ _HANDLERS: dict[str, _Handler] = {
     **{op: _use_unary for op in (*_ACT_OPS, "Identity", "Dropout")},
     **{op: _use_binary_const for op in _BINARY},
     **{op: _use_pool for op in _POOLS},
+    **{op: _use_reduce for op in ("ReduceMean", "ReduceMax", "ReduceMin")},
     "BatchNormalization": _use_batchnorm,
     "Flatten": _use_flatten,
     "Reshape": _use_reshape,
@@ -1349,7 +1689,22 @@ _HANDLERS: dict[str, _Handler] = {
 
 # -- execution ---------------------------------------------------------------------------
 def _execute(graph: ir.Graph, plan: _Plan) -> None:
+    shared_done: set[int] = set()
     for node, i, arr in plan.edits.values():
+        root = _root(node.inputs[i]) if i < len(node.inputs) else None
+        if root is not None and len(_readers(root)) > 1:  # checked: edited alike everywhere
+            if id(root) not in shared_done:
+                shared_done.add(id(root))
+                root.const_value = ir.Tensor(np.ascontiguousarray(arr), name=root.name)
+                root.shape = ir.Shape(arr.shape)
+                stack = [root]
+                while stack:
+                    v = stack.pop()
+                    for n, _ in v.uses():
+                        if n.op_type == "Identity" and n.domain in _ONNX:
+                            n.outputs[0].shape = ir.Shape(arr.shape)
+                            stack.append(n.outputs[0])
+            continue
         if i >= len(node.inputs):
             node.resize_inputs(i + 1)
         if node.inputs[i] is None:
