@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,6 +65,9 @@ _POOL_MODULES: tuple[type[nn.Module], ...] = (
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: pads that fill with a value (ZeroPad*d subclasses ConstantPad*d); reflection and
+#: replication pads repeat the unit's own values, so a constant unit stays constant
+_FILL_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 
 _F = torch.nn.functional
 _ELEMENTWISE_FUNCS: set[Any] = {
@@ -103,6 +106,9 @@ class Consumer:
     start: int = 0
     stride: int = 1
     groups: int = 1  # a grouped conv reads input channel c with the rows of c's group only
+    #: the units reach it zero-padded (a ZeroPad/ConstantPad module in the chain): a constant
+    #: unit is not constant at the borders, so folding it into the bias is exact only inside
+    padded: bool = False
 
     def columns(self, unit: int) -> list[int]:
         return list(range(self.start + unit * self.stride, self.start + (unit + 1) * self.stride))
@@ -126,7 +132,8 @@ class Consumer:
 class ChannelOp:
     """A channel-local operation between the producer and its consumers."""
 
-    kind: str  # "activation" | "batchnorm" | "dropout" | "pool" | "reshape" | "reduce" | "other"
+    kind: str  # "activation" | "batchnorm" | "dropout" | "pool" | "reshape" | "reduce" | "pad"
+    #           | "prelu" | "gate" | "other"
     op: str  # e.g. "relu", "BatchNorm2d", "flatten"
     module: str = ""  # module path for call_module ops, "" for functions
     node: str = ""
@@ -326,15 +333,26 @@ def analyze_fx(gm: fx.GraphModule, producer: str, partners: Iterable[str] = ()
     if not nodes:
         group.refusals.append(f"module {producer!r} is not called in the traced graph")
         return group
-    if len(nodes) > 1:
-        group.refusals.append(f"module {producer!r} is called {len(nodes)} times (shared weights)")
-        return group
-    shape = _shape(nodes[0])
+    calls = []
+    for node in nodes:
+        g = CouplingGroup(producer, group.width, group.channel_dim, source="fx",
+                          partners=group.partners)
+        _walk_fx(gm, g, node)
+        if any(op.kind == "pad" for op in g.chain):
+            g.consumers = [replace(c, padded=True) for c in g.consumers]
+        calls.append(g)
+    _merge_calls(group, calls)
+    return group
+
+
+def _walk_fx(gm: fx.GraphModule, group: CouplingGroup, node: fx.Node) -> None:
+    """Follow the units from one call ``node`` of the producer to their consumers."""
+    shape = _shape(node)
     if shape is None:
-        group.refusals.append(f"no shape for node {nodes[0].name!r}")
-        return group
+        group.refusals.append(f"no shape for node {node.name!r}")
+        return
     ndim = len(shape)
-    todo = [_Walk(nodes[0], group.channel_dim % ndim, 0, 1)]
+    todo = [_Walk(node, group.channel_dim % ndim, 0, 1)]
     seen: set[str] = set()
     while todo:
         w = todo.pop()
@@ -346,7 +364,6 @@ def analyze_fx(gm: fx.GraphModule, producer: str, partners: Iterable[str] = ()
             nxt = _step(gm, group, w, user)
             if nxt is not None:
                 todo.append(nxt)
-    return group
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +452,16 @@ def _prelu(s: _Step) -> _Walk | None:
         s.refuse(f"PReLU {s.op!r} has one slope per channel of dim 1; the units sit elsewhere")
         return None
     return s.follow("prelu", "prelu")
+
+
+def _pad_module(s: _Step) -> _Walk | None:
+    """Padding of the trailing dims: channel-local unless the units sit on a padded dim."""
+    padded = len(getattr(s.module, "padding", ())) // 2
+    if s.w.dim >= len(s.in_shape) - padded:
+        s.refuse(f"{type(s.module).__name__} {s.op!r} pads the unit dim")
+        return None
+    kind = "pad" if isinstance(s.module, _FILL_PADS) else "other"
+    return s.follow(kind, type(s.module).__name__.lower())
 
 
 def _pool_module(s: _Step) -> _Walk | None:
@@ -621,6 +648,9 @@ _MODULE_HANDLERS = _table(
     (_CHANNEL_LOCAL_MODULES, _local_module),
     ((nn.PReLU,), _prelu),
     (_POOL_MODULES, _pool_module),
+    ((nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
+      nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+      nn.ReplicationPad3d), _pad_module),
     (_MIXING_NORMS, _mixing_norm),
 )
 _FUNCTION_HANDLERS = _table(
@@ -753,49 +783,61 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
     leaves = {name: m for name, m in model.named_modules()
               if name != producer and not list(m.children())}
     records: dict[str, list[torch.Tensor]] = {}
-    state: dict[str, Any] = {"mode": None, "unit": 0, "delta": 0.0, "calls": 0, "out": None}
+    # "call": the producer's call (0, 1, ... within one forward) a unit perturbation goes to;
+    # "seen" / "pseen": its calls and each partner's so far in the current forward
+    # "tick" orders the hooks' calls in the unperturbed run: "ticks" per leaf call, "at" per
+    # producer call (a leaf call after a producer call is downstream of it)
+    state: dict[str, Any] = {"mode": None, "unit": 0, "delta": 0.0, "call": 0, "seen": 0,
+                             "pseen": {}, "outs": [], "tick": 0, "ticks": {}, "at": []}
 
     def pre_hook(name: str) -> Callable[..., None]:
         def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 records.setdefault(name, []).append(args[0].detach().clone())
+                if state["mode"] is None:
+                    state["tick"] += 1
+                    state["ticks"].setdefault(name, []).append(state["tick"])
         return hook
 
-    def fwd_hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        state["calls"] += 1
-        cd = group.channel_dim % out.dim()
-        if state["mode"] is None:
-            state["out"] = out.detach()
-            return out
-        if state["mode"] == "constant":
-            dims = [d for d in range(out.dim()) if d != cd]
-            return out.mean(dims, keepdim=True).expand_as(out).clone()
-        out = out.clone()
-        idx: list[Any] = [slice(None)] * out.dim()
-        idx[cd] = state["unit"]
-        out[tuple(idx)] += state["delta"]
-        return out
-
-    def perturbed(u: int | None, delta: float = 0.0, mode: str | None = "unit") -> Any:
-        records.clear()
-        state["mode"] = "constant" if mode == "constant" else (None if u is None else "unit")
-        state["unit"], state["delta"] = u, delta
-        try:
-            return run(model)
-        finally:
-            state["mode"] = None
-
-    def partner_hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        cd = producer_channel_dim(m) % out.dim()
+    def edit(out: torch.Tensor, cd: int, k: int) -> torch.Tensor:
+        """The output of call ``k`` of the producer or a partner, as the mode wants it."""
         if state["mode"] == "constant":
             return out.mean([d for d in range(out.dim()) if d != cd], keepdim=True
                             ).expand_as(out).clone()
-        if state["mode"] == "unit":  # the gated unit is probed whole: gate and up together
+        if state["mode"] == "unit" and k == state["call"]:
             out = out.clone()
             idx: list[Any] = [slice(None)] * out.dim()
             idx[cd] = state["unit"]
             out[tuple(idx)] += state["delta"]
         return out
+
+    def fwd_hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        k = state["seen"]
+        state["seen"] += 1
+        if state["mode"] is None:
+            state["outs"].append(out.detach())
+            state["tick"] += 1
+            state["at"].append(state["tick"])
+            return out
+        return edit(out, group.channel_dim % out.dim(), k)
+
+    def perturbed(u: int | None, delta: float = 0.0, mode: str | None = "unit") -> Any:
+        records.clear()
+        state["mode"] = "constant" if mode == "constant" else (None if u is None else "unit")
+        state["unit"], state["delta"] = u, delta
+        state["seen"], state["pseen"] = 0, {}
+        try:
+            return run(model)
+        finally:
+            state["mode"] = None
+
+    def partner_hook(name: str) -> Callable[..., torch.Tensor]:
+        def hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            # the gated unit is probed whole (gate and up together, on the same call)
+            k = state["pseen"].get(name, 0)
+            state["pseen"][name] = k + 1
+            return edit(out, producer_channel_dim(m) % out.dim(), k)
+        return hook
 
     for p in partners:
         try:
@@ -810,29 +852,24 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
             return group
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in leaves.items()]
     handles.append(mod.register_forward_hook(fwd_hook))
-    handles += [model.get_submodule(p).register_forward_hook(partner_hook) for p in partners]
+    handles += [model.get_submodule(p).register_forward_hook(partner_hook(p)) for p in partners]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _open_zero_bn_scales(model):
             perturbed(None)
             base = dict(records)
-            if state["calls"] != 1:
-                group.refusals.append(f"module {producer!r} is called {state['calls']} "
-                                      "times per forward (shared weights or unused)")
+            outs, ticks = list(state["outs"]), dict(state["ticks"])
+            if not outs:
+                group.refusals.append(f"module {producer!r} is not called when the model runs")
                 return group
-            found, chain, deltas = _probe_units(group, probes, leaves, base, records,
-                                                perturbed, state["out"], tol)
-            odd = _consumers_from_spans(group, probes, leaves, found)
-            proof = _Proof(group, model, probes, deltas, perturbed, records, tol)
-            if len(group.consumers) > 1 and not group.refusals:
-                proof.drop_downstream_consumers()
-            upstream = proof.run() if group.consumers and not group.refusals else set(leaves)
-            # a layer read through an odd index map matters only where the units reach it
-            # directly (not through a consumer: e.g. a squeeze-excite conv after a grouped one)
-            group.refusals += [why for name, why in odd.items() if name in upstream]
-            _chain_from_probe(group, leaves, {k: v for k, v in chain.items() if k in upstream},
-                              found)
+            calls = []
+            for k, out in enumerate(outs):
+                state["call"] = k
+                after = sum(t > state["at"][k] for ts in ticks.values() for t in ts)
+                calls.append(_probe_call(group, model, probes, leaves, base, records,
+                                         perturbed, out, tol, after))
+            _merge_calls(group, calls)
             if group.consumers and not group.refusals:
                 perturbed(None, mode="constant")
                 _mixed_from_constant(group, leaves, records, tol)
@@ -841,6 +878,57 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
             h.remove()
         model.train(was_training)
     return group
+
+
+def _probe_call(group: CouplingGroup, model: nn.Module, probes: list[int],
+                leaves: dict[str, nn.Module], base: dict[str, list[torch.Tensor]],
+                records: dict[str, list[torch.Tensor]], perturbed: Callable[..., Any],
+                out: torch.Tensor, tol: float, downstream: int) -> CouplingGroup:
+    """The coupling of one call of the producer (``perturbed`` sends a unit's perturbation to
+    that call only; ``out`` is that call's output; ``downstream`` leaf calls follow it)."""
+    g = CouplingGroup(group.producer, group.width, group.channel_dim, source="probe",
+                      partners=group.partners, probed=group.probed)
+    found, chain, deltas = _probe_units(g, probes, leaves, base, records, perturbed, out, tol,
+                                        downstream)
+    odd = _consumers_from_spans(g, probes, leaves, found)
+    proof = _Proof(g, model, probes, deltas, perturbed, records, tol)
+    if len(g.consumers) > 1 and not g.refusals:
+        proof.drop_downstream_consumers()
+    upstream = proof.run() if g.consumers and not g.refusals else set(leaves)
+    # a layer read through an odd index map matters only where the units reach it
+    # directly (not through a consumer: e.g. a squeeze-excite conv after a grouped one)
+    g.refusals += [why for name, why in odd.items() if name in upstream]
+    _chain_from_probe(g, leaves, {k: v for k, v in chain.items() if k in upstream}, found)
+    if any(op.kind == "pad" for op in g.chain):
+        g.consumers = [replace(c, padded=True) for c in g.consumers]
+    return g
+
+
+def _merge_calls(group: CouplingGroup, calls: list[CouplingGroup]) -> None:
+    """One group from the groups of every call of the producer (a layer shared by repeated
+    blocks, as ALBERT's): understood when every call is understood and feeds the same
+    consumers through the same index maps and chain -- then an edit of the shared parameters
+    (the producer's rows, the consumers' columns) acts alike on every call."""
+    n = len(calls)
+    for k, g in enumerate(calls):
+        group.refusals += [why if n == 1 else f"call {k} of {n}: {why}" for why in g.refusals]
+    first = calls[0]
+    group.consumers, group.chain = list(first.consumers), list(first.chain)
+    if group.refusals or n == 1:
+        return
+    key0 = sorted((c.module, c.start, c.stride, c.groups) for c in first.consumers)
+    chain0 = [(op.kind, op.module) for op in first.chain]
+    for k, g in enumerate(calls[1:], 1):
+        key = sorted((c.module, c.start, c.stride, c.groups) for c in g.consumers)
+        if key != key0:
+            group.refusals.append(
+                f"module {group.producer!r} is called {n} times and its calls feed different "
+                f"consumers (call 0: {[c[0] for c in key0]}, call {k}: {[c[0] for c in key]}):"
+                " an edit of its shared weights cannot suit every call")
+        elif [(op.kind, op.module) for op in g.chain] != chain0:
+            group.refusals.append(
+                f"module {group.producer!r} is called {n} times and its units pass through "
+                f"different operations on call 0 and call {k}")
 
 
 class _open_zero_bn_scales:
@@ -866,21 +954,29 @@ class _open_zero_bn_scales:
 
 def _probe_units(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.Module],
                  base: dict[str, list[torch.Tensor]], records: dict[str, list[torch.Tensor]],
-                 perturbed: Callable[..., Any], out: torch.Tensor, tol: float
+                 perturbed: Callable[..., Any], out: torch.Tensor, tol: float,
+                 downstream: int | None = None
                  ) -> tuple[dict[str, dict[int, tuple[int, int]]], dict[str, str],
                             dict[int, float]]:
     """Perturb each probed unit; return, per leaf, the changed column span per unit (layers),
     the leaves that saw only the unit's own column (the channel-local chain) and the delta
-    that got through per unit. A unit that reaches no leaf is a refusal."""
+    that got through per unit. A unit that reaches no leaf is a refusal.
+
+    Of the perturbation sizes (:data:`_PROBE_SCALES`) the one that reaches the most leaf
+    calls is kept (the first on a tie; trying stops once all ``downstream`` leaf calls are
+    reached): a size too small to wake a dead unit (SiLU(-23) ~ 1e-9 after a BatchNorm)
+    leaves only rounding ripples that surface a few layers downstream, past the layers that
+    really read the unit, and would be read as a slice of the units."""
     found: dict[str, dict[int, tuple[int, int]]] = {}
     chain: dict[str, str] = {}
     deltas: dict[int, float] = {}
     blocked: list[int] = []
     for u in probes:
         size = _probe_delta(out, group.channel_dim, u)
+        best: tuple[int, float, dict[str, tuple[int, int]], dict[str, str]] | None = None
         for scale in _PROBE_SCALES:
             perturbed(u, scale * size)
-            hit = False
+            hit, reach, spans, local_ops = False, 0, {}, {}
             for name, xs in records.items():
                 m = leaves[name]
                 for x, x0 in zip(xs, base.get(name, []), strict=False):
@@ -889,6 +985,7 @@ def _probe_units(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.M
                     diff = (x - x0).abs() > tol * (1.0 + x0.abs())
                     if not diff.any():
                         continue
+                    reach += 1
                     d = _in_dim(m, x, out, group.channel_dim)
                     cols = [int(c) for c in
                             diff.movedim(d, 0).reshape(x.shape[d], -1).any(1).nonzero().flatten()]
@@ -897,14 +994,20 @@ def _probe_units(group: CouplingGroup, probes: list[int], leaves: dict[str, nn.M
                     hit = hit or not local  # past the channel-local chain
                     if is_layer(m) and hi - lo + 1 == len(cols) and \
                             len(cols) < x.shape[d]:
-                        found.setdefault(name, {})[u] = (lo, len(cols))
+                        spans[name] = (lo, len(cols))
                     elif local:
-                        chain[name] = type(m).__name__
-            if hit:
-                deltas[u] = scale * size
+                        local_ops[name] = type(m).__name__
+            if hit and (best is None or reach > best[0]):
+                best = (reach, scale * size, spans, local_ops)
+            if best is not None and downstream is not None and best[0] >= downstream:
                 break
-        else:
+        if best is None:
             blocked.append(u)
+            continue
+        deltas[u] = best[1]
+        for name, span in best[2].items():
+            found.setdefault(name, {})[u] = span
+        chain.update(best[3])
     if blocked:
         group.refusals.append(f"perturbing units {blocked} of {group.producer!r} changed no "
                               "layer's input (the units are cut off, or read by something the "
@@ -958,6 +1061,8 @@ def _chain_from_probe(group: CouplingGroup, leaves: dict[str, nn.Module], chain:
                 f"{group.producer!r} (changing one unit changes them all)")
         elif "Dropout" in type(m).__name__:
             group.chain.append(ChannelOp("dropout", type(m).__name__.lower(), name))
+        elif isinstance(m, _FILL_PADS):
+            group.chain.append(ChannelOp("pad", type(m).__name__.lower(), name))
         elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
             group.chain.append(ChannelOp("prelu", "prelu", name))
         elif not any(True for _ in m.parameters()) or isinstance(m, nn.PReLU):
@@ -970,20 +1075,23 @@ def _chain_from_probe(group: CouplingGroup, leaves: dict[str, nn.Module], chain:
 def _mixed_from_constant(group: CouplingGroup, leaves: dict[str, nn.Module],
                          records: dict[str, list[torch.Tensor]], tol: float) -> None:
     """After a run with the producer's output held at its per-unit mean: a consumer whose
-    columns for the units still vary over the batch reads them with another tensor."""
+    columns for the units still vary over the batch reads them with another tensor (on any
+    of its calls: a shared layer's every call is checked)."""
     for c in group.consumers:
         xs = records.get(c.module)
         if not xs:
             continue
-        x = xs[0]
-        d = _in_dim(leaves[c.module], x)
-        block = x.movedim(d, -1)[..., c.start: c.start + group.width * c.stride]
-        if block.shape[0] < 2:
+        if xs[0].shape[0] < 2:
             group.mixed.append(f"{c.module!r}: a batch of one cannot show whether the units "
                                "are read alone")
             continue
-        vary = (block - block[:1]).abs() > tol * (1.0 + block[:1].abs())
-        if bool(vary.any()):
+        vary = False
+        for x in xs:
+            d = _in_dim(leaves[c.module], x)
+            block = x.movedim(d, -1)[..., c.start: c.start + group.width * c.stride]
+            vary = vary or bool(((block - block[:1]).abs() > tol * (1.0 + block[:1].abs())
+                                 ).any())
+        if vary:
             group.mixed.append(
                 f"{c.module!r} reads the units of {group.producer!r} together with another "
                 "tensor (its input varies over the batch with the producer's output held "
