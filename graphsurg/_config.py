@@ -45,6 +45,10 @@ class DiagnoseConfig:
             ``graphsurg.detect.bottleneck``) is at least this many times its width ...
         narrow_saturation: ... and its own output's effective rank is at least this fraction
             of its width.
+        dormant_every_layer: ReDo's policy: when some layer of the model is reported for
+            dead or dormant units, every other ReLU-family layer with at least one dormant
+            unit is reported too (its few dormant units get treated with the rest). Off by
+            default: a healthy layer has a few rarely-firing units.
         min_unit_samples: dormancy, dead units and saturation are judged only at sites where
             every unit was observed at least this many times (a squeeze-excite layer sees one
             pooled vector per image: a few images say nothing about its units); skipped sites
@@ -78,6 +82,7 @@ class DiagnoseConfig:
     narrow_input_factor: float = 2.0
     narrow_saturation: float = 0.75
     min_unit_samples: int = 32
+    dormant_every_layer: bool = False
     progress: bool | None = None
     overfit_gap: float = 0.5
     overfit_min_delta: float = 1e-3

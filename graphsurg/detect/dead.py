@@ -129,6 +129,9 @@ def too_few_samples(m: Measurements, config: DiagnoseConfig) -> list[str]:
 
 def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
     out: list[Problem] = []
+    # layers with dormant units below the thresholds: reported too under dormant_every_layer
+    # once another layer is (ReDo resets every layer's dormant units)
+    below: list[tuple[SiteMeasure, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for s in m.sites:
         if s.family != "relu":
             continue  # saturating units are Saturation's; layer outputs are not activations
@@ -139,36 +142,48 @@ def detect_dead(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
         dormant, dead, constant, score = unit_flags(s, config)
         units = torch.nonzero(dormant).flatten().tolist()
         n_dead = int(dead.sum())
-        if not units or (n_dead < max(1, config.min_dead_units)
-                         and len(units) < config.min_dormant_fraction * s.stats.channels):
+        if not units:
             continue
-        width = s.stats.channels
-        const_units = torch.nonzero(constant).flatten().tolist()
-        util = site_utility(m, s)
-        out.append(
-            Problem(
-                kind="DeadNeurons",
-                site=Site(s.module, s.node, s.op, ir=m.ir),
-                severity=len(units) / width,
-                units=tuple(int(u) for u in units),
-                evidence={
-                    "width": width,
-                    "fraction": len(units) / width,
-                    "n_dead": n_dead,
-                    "dead": torch.nonzero(dead).flatten().tolist(),
-                    "constant": const_units,
-                    "constant_values": [float(s.stats.mean[u]) for u in const_units],
-                    "dormant": units,
-                    "scores": [float(score[u]) for u in units],
-                    "firing_rate": [float(s.stats.firing_rate[u]) for u in units],
-                    "activation": s.op,
-                    "tau": config.dormant_tau,
-                    "samples": int(s.stats.count.max()),
-                    "channel_dim": s.channel_dim,
-                    **({"partner": s.partner} if s.partner else {}),
-                    **({"utility": [float(util[u]) for u in units]} if util is not None
-                       else {}),
-                },
-            )
-        )
+        if (n_dead < max(1, config.min_dead_units)
+                and len(units) < config.min_dormant_fraction * s.stats.channels):
+            below.append((s, dormant, dead, constant, score))
+            continue
+        out.append(_problem(m, s, dormant, dead, constant, score, config))
+    if config.dormant_every_layer and out:
+        out += [_problem(m, *b, config) for b in below]
+        out.sort(key=lambda p: next(s.order for s in m.sites if s.module == p.site.module
+                                    and s.node == p.site.node))
     return out
+
+
+def _problem(m: Measurements, s: SiteMeasure, dormant: torch.Tensor, dead: torch.Tensor,
+             constant: torch.Tensor, score: torch.Tensor, config: DiagnoseConfig) -> Problem:
+    units = torch.nonzero(dormant).flatten().tolist()
+    n_dead = int(dead.sum())
+    width = s.stats.channels
+    const_units = torch.nonzero(constant).flatten().tolist()
+    util = site_utility(m, s)
+    return Problem(
+        kind="DeadNeurons",
+        site=Site(s.module, s.node, s.op, ir=m.ir),
+        severity=len(units) / width,
+        units=tuple(int(u) for u in units),
+        evidence={
+            "width": width,
+            "fraction": len(units) / width,
+            "n_dead": n_dead,
+            "dead": torch.nonzero(dead).flatten().tolist(),
+            "constant": const_units,
+            "constant_values": [float(s.stats.mean[u]) for u in const_units],
+            "dormant": units,
+            "scores": [float(score[u]) for u in units],
+            "firing_rate": [float(s.stats.firing_rate[u]) for u in units],
+            "activation": s.op,
+            "tau": config.dormant_tau,
+            "samples": int(s.stats.count.max()),
+            "channel_dim": s.channel_dim,
+            **({"partner": s.partner} if s.partner else {}),
+            **({"utility": [float(util[u]) for u in units]} if util is not None
+               else {}),
+        },
+    )

@@ -86,3 +86,31 @@ def test_callback_rejects_bad_utility_settings() -> None:
         gs.SurgeryCallback(m, opt, gs.Monitor(), replace_rate=1.5)
     with pytest.raises(gs.BadInputError, match="utility_every"):
         gs.SurgeryCallback(m, opt, gs.Monitor(), replace_rate=0.1, utility_every=0)
+
+
+def test_dormant_every_layer_reports_the_first_layer_with_the_broken_one() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 2))
+    with torch.no_grad():
+        m[0].bias[[3]] = -1e3  # one unit of the first layer dead: flagged (a dead unit)
+        m[0].weight[5] *= 1e-3  # one dormant, firing unit: below the 25% threshold
+        m[0].bias[5] = 0.0
+        m[2].bias[:10] = -1e3  # the second layer: 10 of 16 dead
+    data = [torch.randn(64, 8) for _ in range(2)]
+    cfg = gs.DiagnoseConfig()
+    plain = gs.diagnose(m, data, config=cfg).of_kind("DeadNeurons")
+    assert {p.site.module: p.units for p in plain} == {"0": (3, 5), "2": tuple(range(10))}
+    with torch.no_grad():
+        m[0].bias[3] = 0.5  # the first layer alone is healthy now (one dormant unit)
+    plain = gs.diagnose(m, data, config=cfg).of_kind("DeadNeurons")
+    assert [p.site.module for p in plain] == ["2"]
+    every = gs.diagnose(m, data, config=cfg.replace(dormant_every_layer=True)).of_kind(
+        "DeadNeurons")
+    assert [p.site.module for p in every] == ["0", "2"]  # forward order
+    assert every[0].units == (5,) and every[0].evidence["n_dead"] == 0
+    # nothing broken anywhere: nothing reported, whatever the option
+    with torch.no_grad():
+        m[2].bias[:10] = 0.5
+    assert gs.diagnose(m, data, config=cfg.replace(dormant_every_layer=True)).of_kind(
+        "DeadNeurons") == []
