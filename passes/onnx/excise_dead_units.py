@@ -125,6 +125,8 @@ _ACT_OPS = frozenset(
     {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Softplus", "Gelu", "HardSigmoid", "Clip",
      "Erf"}
 )
+#: ops whose output can be a diagnosis site (an activation, or the Mul of a decomposed one)
+_SITE_OPS = _ACT_OPS | {"Mul", "Erf", "Softsign", "HardSwish", "Mish", "Selu", "Celu", "PRelu"}
 _POOLS = frozenset({"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "AveragePool"})
 
 
@@ -166,8 +168,14 @@ class _Plan:
     removed: dict[str, np.ndarray] = field(default_factory=dict)
     #: the layers that lose output rows, by id
     sources: dict[int, ir.Node] = field(default_factory=dict)
+    source_rows: dict[int, np.ndarray] = field(default_factory=dict)
 
     def record(self, layer: str, v: ir.Value, rows: np.ndarray) -> None:
+        """Note that ``rows`` of ``v`` go: a diagnosis site there (an activation's output,
+        ``layer:value``) must not remove them again."""
+        node = v.producer()
+        if node is None or node.op_type not in _SITE_OPS:
+            return
         if layer and v.name:
             self.removed.setdefault(f"{layer}:{v.name}", np.asarray(rows, np.int64))
 
@@ -350,12 +358,13 @@ def excise_site(model: ir.Model, problem: Problem,
     seen_w = problem.evidence.get("width")
     if gone:  # removed with another site (a depthwise conv's groups, a residual branch...)
         left = [(u, c) for u, c in zip(units, consts, strict=True) if u not in set(gone)]
-        if not left:
-            w0 = int(seen_w) if seen_w is not None else None
-            return Excision(site, problem.site.module, all_units,
-                            w0 if w0 is not None else -1,
-                            (w0 - len(gone)) if w0 is not None else -1,
-                            [f"removed with another site's edit ({len(gone)} unit(s))"])
+        if not left:  # nothing to do here; kept as a no-op, so that when the edit that
+            # removed them is rolled back, this site's own edit is made on the rebuilt model
+            w = int(seen_w) - len(gone) if seen_w is not None else -1
+            return Excision(site, problem.site.module, [], w, w,
+                            [f"none: units {all_units[:8]} were already removed with another "
+                             "site's edit (depthwise groups, a residual branch, a shared "
+                             "weight)"])
         units = [_renumber(u, gone) for u, _ in left]
         consts = [c for _, c in left]
     graph = model.graph
@@ -379,13 +388,18 @@ def excise_site(model: ir.Model, problem: Problem,
                       f"producer's units are along axis {axis}")
     _execute(graph, plan)
     if excised is not None:
-        for other, rows in plan.joined.items():
-            excised.setdefault(other, set()).update(rows)
-        for addr, rows in plan.removed.items():  # in each site's original numbering
-            before = sorted(excised.get(addr, set()))
-            excised.setdefault(addr, set()).update(_original(int(r), before) for r in rows)
+        # every site the edit reached, in its original numbering (rows are numbered as
+        # before this edit: map them through what was removed there before)
+        done = {k: {int(r) for r in v} for k, v in plan.joined.items()}
+        for addr, rows in plan.removed.items():
+            done.setdefault(addr, set()).update(int(r) for r in rows)
+        done.pop(site, None)
+        before = {k: sorted(excised.get(k, set())) for k in done}
+        for addr, rows in done.items():
+            excised.setdefault(addr, set()).update(_original(r, before[addr]) for r in rows)
         excised.setdefault(site, set()).update(all_units)
-    return Excision(site, producer, all_units, width + len(gone), width - len(units),
+    kept_units = sorted(units) if gone else all_units
+    return Excision(site, producer, kept_units, width, width - len(units),
                     list(plan.sinks), dict(plan.joined))
 
 
@@ -540,6 +554,7 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
         axis = -1 if rank is None else rank - 1
     for n in layers.values():
         plan.sources[id(n)] = n
+        plan.source_rows[id(n)] = rows
         if len(layers) == 1:
             for v in walked.values():
                 plan.record(n.name, v, rows)
@@ -855,23 +870,16 @@ def _plan_shared(model: ir.Model, plan: _Plan, fw: _Forward,
             if id(sib) in plan.sources:
                 continue
             first = next(iter(plan.sources.values()))
-            rows = _shared_rows(plan, first)
+            rows = plan.source_rows[id(first)]
             axis, rank, _ = _source_layer(sib, rows, plan)
             plan.sources[id(sib)] = sib
+            plan.source_rows[id(sib)] = rows
             out = sib.outputs[0]
             vals = fw.measure(sib, out, _Flow(out, axis, rank, rows, np.zeros(len(rows))),
                               what=f"layer '{sib.name}' sharing the weight of '{first.name}'")
             plan.record(sib.name, out, rows)
             fw.run(_Flow(out, axis, rank, rows, vals, sib.name))
     _check_shared(plan)
-
-
-def _shared_rows(plan: _Plan, layer: ir.Node) -> np.ndarray:
-    for key, rows in plan.removed.items():
-        if key.startswith(f"{layer.name}:") and key == f"{layer.name}:{layer.outputs[0].name}":
-            return rows
-    raise Refused(f"the rows removed at '{layer.name}' are not known: its shared weight "
-                  "cannot be edited at its other uses")
 
 
 def _check_shared(plan: _Plan) -> None:
