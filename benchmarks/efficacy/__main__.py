@@ -15,6 +15,37 @@ from typing import Any
 import torch
 
 from . import EXPERIMENTS
+from .common import paired
+
+#: per experiment: (metric, graphsurg arms, baselines) for the paired-by-seed comparison
+PAIRED = {
+    "dying_relu": ("final loss", ["graphsurg callback", "graphsurg operate"],
+                   ["ReDo", "untreated"]),
+    "vanishing": ("loss", ["sigmoid / graphsurg residual", "tanh / graphsurg residual"],
+                  ["residual from scratch", "untreated"]),
+    "bottleneck": ("loss", ["graphsurg widen"], ["wide from scratch", "untreated"]),
+    "plasticity": ("error, all tasks", ["graphsurg"],
+                   ["continual backprop", "shrink-and-perturb", "backprop"]),
+}
+
+
+def significance(r: dict[str, Any]) -> list[str]:
+    """Paired-by-seed lines: each graphsurg arm against each baseline (lower is better)."""
+    spec = PAIRED.get(r["name"])
+    if spec is None:
+        return []
+    key, arms, bases = spec
+    mets = r["metrics"]
+    out = []
+    for arm in arms:
+        prefix = arm.split(" / ")[0] + " / " if " / " in arm else ""
+        for b in bases:
+            base = prefix + b
+            if arm in mets and base in mets and key in mets[arm] and key in mets[base] \
+                    and len(mets[arm][key]) == len(mets[base][key]) > 1:
+                out.append(f"{arm} vs {base} ({key}): "
+                           f"{paired(mets[arm][key], mets[base][key])}")
+    return out
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,6 +87,10 @@ def write_results(results: list[dict[str, Any]], out: Path, args: argparse.Names
         parts.append(findings)
     for r in results:
         parts.append(f"## {r['title']}\n\n{r['setup']}\n\n{r['table']}\n")
+        sig = significance(r)
+        if sig:
+            parts.append("Paired by seed (graphsurg minus baseline; negative is better):\n\n"
+                         + "\n".join(f"* {line}" for line in sig) + "\n")
         parts += [f"![{p}]({p})\n" for p in r["plots"]]
         if r["notes"]:
             parts.append("What the surgery did:\n\n" + "\n".join(f"* {n}" for n in r["notes"])

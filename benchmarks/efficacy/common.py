@@ -193,3 +193,33 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "| " + " | ".join(columns) + " |"
     sep = "| " + " | ".join("---" for _ in columns) + " |"
     return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom (Simpson's rule on the
+    density; no scipy here)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def f(x: float) -> float:
+        return c * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    a, b, n = 0.0, abs(t), 2000
+    h = (b - a) / n
+    area = f(a) + f(b) + sum((4 if i % 2 else 2) * f(a + i * h) for i in range(1, n))
+    return max(0.0, 0.5 - area * h / 3) if t >= 0 else min(1.0, 0.5 + area * h / 3)
+
+
+def paired(treated: Sequence[float], baseline: Sequence[float]) -> str:
+    """Paired-by-seed comparison of a lower-is-better metric: mean difference (treated -
+    baseline) ± std, wins, the paired t-test's and the exact sign test's two-sided p."""
+    d = [a - b for a, b in zip(treated, baseline, strict=True)]
+    n = len(d)
+    m, s = mean_std(d)
+    wins = sum(x < 0 for x in d)
+    ties = sum(x == 0 for x in d)
+    k = min(wins, n - wins - ties)
+    nn = n - ties
+    sign_p = min(1.0, 2 * sum(math.comb(nn, i) for i in range(k + 1)) / 2 ** nn) if nn else 1.0
+    t_p = (2 * _t_sf(abs(m) / (s / math.sqrt(n)), n - 1)) if n > 1 and s > 0 else math.nan
+    return (f"difference {m:+.3g} ± {s:.2g}, lower on {wins} of {n} seeds, paired t-test "
+            f"p={t_p:.2g}, sign test p={sign_p:.2g}")
