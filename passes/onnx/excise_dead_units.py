@@ -1078,6 +1078,8 @@ def _use_binary_const(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     c = fw.plan.arr(node, 1 - idx)
     assert c is not None
     rank = f.rank if f.rank is not None else _rank(node.outputs[0])
+    if rank is None and f.axis == -1:  # broadcasting aligns the last axes: the constant's
+        rank = max(np.ndim(c), 1)      # own rank places the units
     what = f"constant of {node.op_type} '{node.name}'"
     e = _per_channel_edit(c, f.axis, rank, -1, f.rows, what)
     cv = np.asarray(c, np.float64)
