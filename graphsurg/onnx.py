@@ -41,7 +41,6 @@ from graphsurg.passes.onnx._common import (
     KNOWN_DOMAINS,
     Feed,
     ModelLike,
-    has_external_tensors,
     parameter_count,
     to_proto,
 )
@@ -371,13 +370,22 @@ def _diagnosis_of(adapter: OnnxAdapter, batches: list[Any], config: DiagnoseConf
 def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
              cert: Certificates) -> None:
     """The tidy-up (unused nodes and initializers, order, shapes), verified like an exact
-    edit: undone when the held-out output moves beyond ``exact_tolerance``."""
+    edit: undone when the held-out output moves beyond ``exact_tolerance``. When it removed
+    nothing and kept the node order (it only annotated shapes), there is nothing to verify
+    (the held-out batches run once, to fail on bad data, when no edit was verified on them);
+    otherwise the reference output is the untouched snapshot's."""
     before = adapter.snapshot()
-    ref = adapter.run(held) if held else []
+    order = list(adapter.model.graph)
     p = Cleanup()
     p(adapter.model)
     result.notes += list(p.notes)
-    if held:
+    changed = p.rewrites > 0 or len(order) != adapter.model.graph.num_nodes() or any(
+        a is not b for a, b in zip(order, adapter.model.graph, strict=False))
+    del order
+    if held and not changed and not result.applied:
+        adapter.run(held)  # nothing ran the held-out batches yet: bad data still fails here
+    elif held and changed:
+        ref = OnnxAdapter(before, threads=adapter.threads).run(held)
         change = output_change(adapter.run(held), ref)
         if not change.within(cert.exact_tolerance):
             adapter.restore(before)
@@ -404,18 +412,23 @@ def _finish(adapter: OnnxAdapter, kind: str, model: Any, out_path: Path | None,
 
 
 def _check_full(adapter: OnnxAdapter) -> None:
-    """``onnx.checker.check_model(full_check=True)`` on the result (through a temporary file
-    when it holds external data)."""
+    """``onnx.checker.check_model(full_check=True)`` on the result, without its weights: the
+    graph is written with every large weight as an external-data placeholder (no weight is
+    serialized or copied; names, types and shapes are what the checker and shape inference
+    read) beside an empty placeholder data file, and the checker reads that."""
     import tempfile
 
+    from graphsurg.passes.onnx._common import IN_MEMORY, initializers_as_inputs, weights_apart
+
     try:
-        if has_external_tensors(adapter.model):
-            with tempfile.TemporaryDirectory() as d:
-                p = Path(d) / "model.onnx"
-                ir.save(adapter.model, p, external_data="model.onnx.data")
-                onnx.checker.check_model(str(p), full_check=True)
-        else:
-            onnx.checker.check_model(to_proto(adapter.model), full_check=True)
+        with weights_apart(adapter.model), initializers_as_inputs(adapter.model):
+            bare = ir.serde.serialize_model(adapter.model)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / IN_MEMORY).touch()
+            p = Path(d) / "model.onnx"
+            p.write_bytes(bare.SerializeToString())
+            del bare
+            onnx.checker.check_model(str(p), full_check=True)
     except onnx.checker.ValidationError as e:  # a graphsurg bug: the model is kept out
         raise RuntimeError(f"graphsurg produced a model that fails onnx.checker: {e}") from e
 

@@ -218,6 +218,11 @@ _BUFFER_DTYPES = frozenset({
 })
 
 
+#: element types held as numpy arrays once read (bfloat16 as ml_dtypes' type: read once,
+#: though serialized, not handed over, for onnxruntime)
+_HELD_DTYPES = _BUFFER_DTYPES | {ir.DataType.BFLOAT16}
+
+
 def _tensors_in_arrays(model: ir.Model) -> ir.Model:
     """Hold every initializer of the main graph that lives in the parsed protobuf as a numpy
     array (one copy, read once) so the protobuf can be freed: onnx-ir's proto-backed tensors
@@ -225,7 +230,7 @@ def _tensors_in_arrays(model: ir.Model) -> ir.Model:
     copy. External-data tensors stay memory-mapped."""
     for v in model.graph.initializers.values():
         t = v.const_value
-        if isinstance(t, ir.TensorProtoTensor) and t.dtype in _BUFFER_DTYPES:
+        if isinstance(t, ir.TensorProtoTensor) and t.dtype in _HELD_DTYPES:
             v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
     return model
 
@@ -275,8 +280,8 @@ def save_model_files(
     out = Path(path)
     external = save_external_data or has_external_tensors(model)
     if not external:
-        with atomic_outputs(out) as (tmp,), initializers_as_inputs(model):
-            ir.save(model, tmp)
+        with atomic_outputs(out) as (tmp,):
+            write_self_contained(model, tmp)
         return [out]
     data = out.with_name(out.name + ".data")
     # tensors that live in the data file being replaced are read into memory first: after
@@ -289,6 +294,78 @@ def save_model_files(
         ir.save(model, tmp, external_data=data.name,
                 size_threshold_bytes=external_data_size_threshold)
     return [out, data] if data.exists() else [out]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+#: field numbers of onnx.proto used by :func:`write_self_contained`
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+#: the protobuf limit of one message (a larger model must be saved with external data)
+_PROTO_LIMIT = 2**31 - 1
+
+
+def write_self_contained(model: ir.Model, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` as one self-contained ``.onnx`` file (what ``ir.save(model, path)``
+    writes) without building it in memory: the graph is serialized with its large weights as
+    placeholders (:func:`weights_apart`), and the file is streamed as the protobuf encoding of
+    that model with every initializer appended to the graph field, each weight's bytes
+    written straight from its array (memory-mapped ones included). Peak memory is the
+    weightless graph, not two more copies of the weights (the ``ModelProto`` and its
+    serialized bytes).
+
+    Raises:
+        OnnxInputError: the model is 2 GB or more (save it with external data).
+    """
+    with weights_apart(model) as arrays, initializers_as_inputs(model):
+        proto = ir.serde.serialize_model(model)
+        inits = list(proto.graph.initializer)
+        del proto.graph.initializer[:]
+        records: list[tuple[bytes, np.ndarray | None]] = []
+        for t in inits:
+            arr = arrays.get(t.name) if t.data_location == onnx.TensorProto.EXTERNAL else None
+            if arr is None:
+                records.append((t.SerializeToString(), None))
+                continue
+            del t.external_data[:]
+            t.ClearField("data_location")
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            records.append((t.SerializeToString() + _field(_TENSOR_RAW_DATA, arr.nbytes), arr))
+        graph = proto.graph.SerializeToString()
+        proto.ClearField("graph")
+        head = proto.SerializeToString()
+        del proto, inits
+    sizes = [len(meta) + (arr.nbytes if arr is not None else 0) for meta, arr in records]
+    graph_len = len(graph) + sum(len(_field(_GRAPH_INITIALIZER, n)) + n for n in sizes)
+    if len(head) + graph_len + 16 > _PROTO_LIMIT:
+        raise OnnxInputError(
+            f"the model is {(len(head) + graph_len) / 2**30:.1f} GiB, over protobuf's 2 GiB limit "
+            "for one file; save it with external data (save_external_data=True / "
+            "--save-external-data)")
+    with open(path, "wb") as f:
+        f.write(head)
+        f.write(_field(_MODEL_GRAPH, graph_len))
+        f.write(graph)
+        for (meta, arr), n in zip(records, sizes, strict=True):
+            f.write(_field(_GRAPH_INITIALIZER, n))
+            f.write(meta)
+            if arr is not None:
+                f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:

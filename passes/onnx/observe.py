@@ -26,10 +26,13 @@ export alike.
   in ``graphsurg.detect.bottleneck`` judges it; ``next_modules`` are the next layers in the
   graph (shape computations are not followed).
 
-onnxruntime runs a private copy of the model with the observed values as extra outputs; each
-batch's values are reduced at once with :func:`graphsurg.kernels.neuron_stats` (in float32,
-whatever the model's float type) and dropped, except a bounded row sample per site
-(``DiagnoseConfig.rank_sample`` rows) for the effective rank.
+onnxruntime runs the model with the observed values as extra outputs (added while its
+session is built, then taken off again: the model is not copied, and the session reads the
+model's own weight arrays); each batch's values are reduced at once with
+:func:`graphsurg.kernels.neuron_stats` (in float32, whatever the model's float type) and
+dropped, except a bounded row sample per site (``DiagnoseConfig.rank_sample`` rows) for the
+effective rank. The layers' weights reach the detectors as tensors sharing the model's
+memory (:func:`weight_tensor`), not as float32 copies.
 """
 
 from __future__ import annotations
@@ -661,6 +664,26 @@ class _Accumulator:
             channel_dim=self.site.channel_dim, partner=self.site.partner)
 
 
+def weight_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A weight as a torch tensor for the detectors, sharing the model's memory (no copy:
+    they only read it, converting one layer at a time to float32 where they compute).
+    float32/float16/float64 arrays are shared as they are, bfloat16 through its bits; a
+    read-only array (memory-mapped external data) is shared read-only; other types are
+    copied to float32."""
+    import warnings
+
+    if arr.dtype.name == "bfloat16":
+        bits = arr.view(np.uint16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only: never written
+            return torch.from_numpy(bits).view(torch.bfloat16)
+    if arr.dtype in (np.float32, np.float16, np.float64):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only: never written
+            return torch.from_numpy(arr)
+    return torch.from_numpy(np.array(arr, dtype=np.float32))
+
+
 def observe_model(model: ir.Model, batches: Iterable[Feed], config: DiagnoseConfig, *,
                   threads: int | None = None) -> Measurements:
     """Measure ``model`` (left unchanged) on validated feed dicts. See the module doc."""
@@ -671,33 +694,43 @@ def observe_model(model: ir.Model, batches: Iterable[Feed], config: DiagnoseConf
     if custom:
         notes.append(f"custom-domain ops left untouched and unanalysed: {', '.join(custom)}")
 
-    observed = model.clone()
+    # the observed values become extra outputs of the model itself for as long as the
+    # session is built (no copy of the model; its outputs and value types are put back)
     values: dict[str, ir.Value] = {}
-    for n in observed.graph:
+    for n in model.graph:
         for o in n.outputs:
             if o.name:
                 values[o.name] = o
-    outputs = {v.name for v in observed.graph.outputs}
+    outputs = {v.name for v in model.graph.outputs}
+    n_outputs = len(model.graph.outputs)
+    typed: list[ir.Value] = []
     inferred: dict[str, ir.DataType] | None = None
     kept: list[ObservedSite] = []
-    for s in sites:
-        v = values.get(s.value)
-        if v is None:
-            continue
-        if v.type is None:
-            dt = _type_of(v, None)
-            if dt is None:
-                inferred = _inferred_types(observed) if inferred is None else inferred
-                dt = _type_of(v, inferred)
-            if dt is None:
-                notes.append(f"site {s.value}: its element type is unknown; not observed")
+    try:
+        for s in sites:
+            v = values.get(s.value)
+            if v is None:
                 continue
-            v.type = ir.TensorType(dt)  # its real type (float16, bfloat16...), never assumed
-        if s.value not in outputs:
-            observed.graph.outputs.append(v)
-            outputs.add(s.value)
-        kept.append(s)
-    sess = ort_session(observed, threads=threads)
+            if v.type is None:
+                dt = _type_of(v, None)
+                if dt is None:
+                    inferred = _inferred_types(model) if inferred is None else inferred
+                    dt = _type_of(v, inferred)
+                if dt is None:
+                    notes.append(f"site {s.value}: its element type is unknown; not observed")
+                    continue
+                v.type = ir.TensorType(dt)  # its real type (float16, bfloat16...), never assumed
+                typed.append(v)
+            if s.value not in outputs:
+                model.graph.outputs.append(v)
+                outputs.add(s.value)
+            kept.append(s)
+        sess = ort_session(model, threads=threads)
+    finally:
+        while len(model.graph.outputs) > n_outputs:
+            model.graph.outputs.pop()
+        for v in typed:
+            v.type = None
     out_names = [o.name for o in sess.get_outputs()]
     final = [v.name or "" for v in model.graph.outputs]
     accs = [_Accumulator(s, config.saturation_margin, config.rank_sample) for s in kept]
@@ -724,8 +757,7 @@ def observe_model(model: ir.Model, batches: Iterable[Feed], config: DiagnoseConf
                                _floating_of(model))
     layer_measures = [
         LayerMeasure(module=ls.module, kind=ls.kind, order=k, d_in=int(ls.weight.shape[1]),
-                     d_out=int(ls.weight.shape[0]),
-                     weight=torch.from_numpy(np.array(ls.weight, dtype=np.float32)),
+                     d_out=int(ls.weight.shape[0]), weight=weight_tensor(ls.weight),
                      next_modules=ls.next_modules, node=ls.weight_name,
                      bypassed=bypassed.get(ls.module))
         for k, ls in enumerate(layers)
