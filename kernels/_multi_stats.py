@@ -11,6 +11,8 @@ one Chan merge and one gradient reduction per site:
 * :func:`packed_from_sums` and :func:`merge_packed` -- statistics of all sites packed side by
   side in one ``(8, C_total)`` float64 tensor (rows :data:`PACKED_ROWS`), merged exactly
   (Chan et al.) with a handful of tensor ops whatever the number of sites;
+  :func:`merge_packed_many` merges the statistics of K calls at once (the monitor keeps the
+  sums of up to K sampled calls and merges them together, so a call pays one copy);
 * :func:`packed_to_stats` -- one site's :class:`NeuronStats` from its columns (read time);
 * :func:`all_reduce_packed` -- packed statistics merged across ranks with one all-gather;
 * :func:`multi_grad_sq_norms` -- squared norms of many tensors, one multi-tensor reduction
@@ -43,6 +45,13 @@ def partial_sums(x: torch.Tensor, channel_dim: int, sat_threshold: float | None
     Traceable (make_fx / aot_autograd / inductor): the graph monitor inserts it into the
     observed graph after each site. The pivot is the first reduced position of each channel
     (0 where it is not finite); any pivot is exact, a close one keeps ``x + 1e4`` accurate.
+
+    Written so that no node equals one a backward formula builds from the same activation
+    (aot_autograd CSEs the joint graph: a statistic ``x <= 0`` on a ReLU output *is* ReLU
+    backward's mask, and the partitioner then saves that bool mask for backward, whose store
+    costs inductor's CPU code ~8 ns per value -- 0.5 ms on a 256x256 activation). The sign
+    test reads ``where(finite, x, 1)`` instead, and counts are sums of the accumulation
+    dtype (exact below 2**24 values per channel; int64 above that or with symbolic shapes).
     """
     cd = channel_dim % x.dim()
     dims = [d for d in range(x.dim()) if d != cd]
@@ -52,20 +61,23 @@ def partial_sums(x: torch.Tensor, channel_dim: int, sat_threshold: float | None
         first = first.select(dim, 0)
     first = first.to(acc)
     zero = torch.zeros((), dtype=acc, device=x.device)
+    one = torch.ones((), dtype=acc, device=x.device)
     pivot = torch.where(torch.isfinite(first), first, zero)
     shape = [1] * x.dim()
     shape[cd] = -1
+    rows = x.numel() // x.shape[cd] if x.shape[cd] else 0
+    cnt = acc if isinstance(rows, int) and rows < 2 ** 24 else torch.int64
     fin = torch.isfinite(x)
     xa = x.to(acc)
     d = torch.where(fin, xa - pivot.view(shape), zero)
     a = torch.where(fin, xa.abs(), zero)
-    n_fin = fin.sum(dims)
-    n_nonfin = (~fin).sum(dims)
-    n_nonpos = (fin & (x <= 0)).sum(dims)
+    n_fin = fin.to(cnt).sum(dims)
+    n_nonfin = rows - n_fin
+    n_nonpos = (torch.where(fin, xa, one) <= 0).to(cnt).sum(dims)
     if sat_threshold is None:
         n_sat = torch.zeros_like(n_fin)
     else:
-        n_sat = (a >= sat_threshold).sum(dims)
+        n_sat = (a >= sat_threshold).to(cnt).sum(dims)
     f64 = torch.float64
     return torch.stack([d.sum(dims).to(f64), (d * d).sum(dims).to(f64), a.sum(dims).to(f64),
                         a.amax(dims).to(f64), n_nonpos.to(f64), n_sat.to(f64),
@@ -73,12 +85,31 @@ def partial_sums(x: torch.Tensor, channel_dim: int, sat_threshold: float | None
 
 
 def packed_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """``(9, C)`` sums -> ``(8, C)`` packed statistics (rows :data:`PACKED_ROWS`)."""
-    s1, s2, ab, mx, nonpos, sat, nonfin, pivot, count = sums.unbind(0)
+    """``(..., 9, C)`` sums -> ``(..., 8, C)`` packed statistics (rows :data:`PACKED_ROWS`);
+    leading dimensions (calls) are kept."""
+    s1, s2, ab, mx, nonpos, sat, nonfin, pivot, count = sums.unbind(-2)
     c = count.clamp_min(1)
     mean = pivot + s1 / c
     m2 = (s2 - s1 * s1 / c).clamp_min(0)
-    return torch.stack([count, mean, m2, ab, nonpos, mx, nonfin, sat])
+    return torch.stack([count, mean, m2, ab, nonpos, mx, nonfin, sat], dim=-2)
+
+
+def merge_packed_many(p: torch.Tensor) -> torch.Tensor:
+    """Exact merge of ``(K, 8, C)`` packed statistics (K sets of the same columns) into one
+    ``(8, C)``, with a fixed number of tensor ops whatever ``K``: counts and sums add, the
+    mean is the count-weighted mean (shifted by the first set's), ``m2`` adds each set's
+    ``m2`` and ``n_k (mean_k - mean)**2`` (the parallel-variance identity Chan's pairwise
+    merge applies two at a time)."""
+    n = p[:, 0]
+    total = n.sum(0)
+    mu0 = p[0, 1]
+    mean = mu0 + (n * (p[:, 1] - mu0)).sum(0) / total.clamp_min(1)
+    dev = p[:, 1] - mean
+    out = p.sum(0)
+    out[1] = mean
+    out[2] = p[:, 2].sum(0) + (n * dev * dev).sum(0)
+    out[5] = p[:, 5].amax(0)
+    return out
 
 
 def merge_packed(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -272,6 +303,6 @@ def multi_grad_sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-__all__ = ["PACKED_ROWS", "SUM_ROWS", "all_reduce_packed", "merge_packed",
+__all__ = ["PACKED_ROWS", "SUM_ROWS", "all_reduce_packed", "merge_packed", "merge_packed_many",
            "multi_grad_sq_norms", "packed_from_sums", "packed_to_stats", "partial_sums",
            "partial_sums_many", "stats_to_packed"]

@@ -41,11 +41,17 @@ from graphsurg.kernels import (
     partial_sums,
     partial_sums_many,
 )
+from graphsurg.kernels._multi_stats import merge_packed_many
 
 from .dynamo_sites import DynamoSites, find_dynamo_sites
 from .instrument import Observer
 
 CompiledFn = Callable[..., Any]
+
+#: sampled calls whose sums a graph keeps before merging them (at most, and at most
+#: ``_MERGE_BYTES`` of them): the exact merge then runs once per K calls
+_MERGE_CALLS = 64
+_MERGE_BYTES = 4 << 20
 
 
 @runtime_checkable
@@ -124,10 +130,52 @@ class GraphRecord:
     grad_steps: torch.Tensor | None = None
     grad_sharded: list[bool] = field(default_factory=list)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # sums of the sampled calls not merged into ``stats`` yet: ``(K, 9, C_total)``, the
+    # first ``n_sums`` rows filled (merged K at a time, and before any read)
+    sums: torch.Tensor | None = None
+    n_sums: int = 0
+    # squared norms of every gradient summed over the calls that had all of them, and how
+    # many calls that was (added to their layers, ``param_layer``/``param_steps``, on read)
+    param_sq: torch.Tensor | None = None
+    param_calls: int = 0
+    param_layer: torch.Tensor | None = None
+    param_steps: torch.Tensor | None = None
 
     def accumulate(self, sums: torch.Tensor) -> None:
-        """Fold the ``(9, C_total)`` raw sums of one call into :attr:`stats` (one merge)."""
-        self.stats = merge_packed(self.stats, packed_from_sums(sums))
+        """Keep the ``(9, C_total)`` raw sums of one call (one copy); they are merged into
+        :attr:`stats` ``K`` calls at a time (:meth:`flush`), so a sampled call pays one
+        tensor op here instead of an exact merge's fifteen."""
+        buf = self.sums
+        if buf is None or buf.shape[1:] != sums.shape or buf.device != sums.device:
+            self.flush()
+            k = max(1, min(_MERGE_CALLS, _MERGE_BYTES // max(1, 8 * sums.numel())))
+            buf = self.sums = torch.empty((k, *sums.shape), dtype=torch.float64,
+                                          device=sums.device)
+        buf[self.n_sums].copy_(sums)
+        self.n_sums += 1
+        if self.n_sums == buf.shape[0]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the kept sums into :attr:`stats` and the kept gradient norms into
+        :attr:`grad_sq` (exact; called before every read)."""
+        if self.n_sums and self.sums is not None:
+            merged = merge_packed_many(packed_from_sums(self.sums[: self.n_sums]))
+            self.stats = merge_packed(self.stats, merged)
+            self.n_sums = 0
+        if self.param_calls and self.param_sq is not None:
+            assert self.param_layer is not None and self.param_steps is not None
+            sq, dev = self.param_sq, self.param_sq.device
+            self.param_sq, self.param_calls, calls = None, 0, self.param_calls
+            self.add_grads(sq, self.param_layer.to(dev), self.param_steps.to(dev) * calls)
+
+    def add_all_grads(self, sq: torch.Tensor) -> None:
+        """Add the squared norms of every gradient of one call (``param_layer`` order)."""
+        if self.param_sq is None or self.param_sq.device != sq.device:
+            self.flush()
+            self.param_sq = torch.zeros_like(sq, dtype=torch.float64)
+        self.param_sq += sq
+        self.param_calls += 1
 
     def add_grads(self, sq: torch.Tensor, layer_index: torch.Tensor,
                   step_mask: torch.Tensor) -> None:
@@ -158,6 +206,7 @@ class GraphRecord:
                                        torch.Tensor | None]]:
         """Per observer: its statistics, the statistics of ``x - centre`` (saturating sites
         off zero), and its row sample -- built from the packed statistics (read time)."""
+        self.flush()
         out: dict[int, list[Any]] = {i: [o, None, None, None]
                                      for i, o in enumerate(self.observers)}
         if self.stats is not None:
@@ -173,6 +222,7 @@ class GraphRecord:
     def grad_totals(self) -> dict[str, tuple[torch.Tensor, int, bool]]:
         """Per layer: summed squared gradient norm (0-d float64), measured steps, and
         whether its gradients were shards of a sharded parameter (sum across ranks)."""
+        self.flush()
         if self.grad_sq is None or self.grad_steps is None:
             return {}
         steps = self.grad_steps.tolist()
@@ -183,6 +233,9 @@ class GraphRecord:
     def reset(self) -> None:
         self.sampled = 0
         self.stats = None
+        self.n_sums = 0
+        self.param_sq = None
+        self.param_calls = 0
         self.rows = [[] for _ in self.observers]
         self.rows_taken = [0] * len(self.observers)
         self.rows_needed = any(o.sample_rows > 0 for o in self.observers)
@@ -349,6 +402,7 @@ class MonitoredCall:
             if i in weight_params:
                 steps[pos[param_layer[i]]] = 1
         self.step_mask = steps
+        record.param_layer, record.param_steps = self.param_pos, steps
         self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         record.reset()
 
@@ -407,6 +461,9 @@ class MonitoredCall:
             return
         gs = [grads[j] for j in have]
         sq = multi_grad_sq_norms(gs)
+        if len(have) == len(grads):  # every gradient: one add, per layer when read
+            self.record.add_all_grads(sq)
+            return
         pos, steps = self._layer_tensors(sq.device)
         if len(have) != len(grads):
             sel = torch.tensor(have, dtype=torch.int64, device=sq.device)

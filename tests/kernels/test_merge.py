@@ -74,3 +74,41 @@ def test_empty_is_identity() -> None:
     for m in (s.merge(e), e.merge(s)):
         for f in _FIELDS:
             assert torch.equal(getattr(m, f), getattr(s, f)), f
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches())
+def test_packed_sums_of_k_calls_merged_at_once_equal_the_whole_in_float64(
+        data: tuple[torch.Tensor, list[int]]) -> None:
+    """What the compiled-graph monitor does with the sums of K sampled calls
+    (``partial_sums`` per call, ``merge_packed_many`` of all K, then ``merge_packed`` into the
+    running statistics) equals the statistics of the whole batch computed in float64."""
+    from graphsurg.kernels import merge_packed, packed_from_sums, partial_sums
+    from graphsurg.kernels._multi_stats import merge_packed_many
+
+    x, cuts = data
+    bounds = [0, *cuts, x.shape[0]]
+    parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    sums = torch.stack([partial_sums(p, -1, 1.0) for p in parts])
+    head = merge_packed(None, packed_from_sums(sums[0]))  # the running statistics
+    p = merge_packed(head, merge_packed_many(packed_from_sums(sums[1:]))) \
+        if len(parts) > 1 else head
+    x64 = x.double()
+    fin = torch.isfinite(x64)
+    n = fin.sum(0)
+    assert torch.equal(p[0], n.double())
+    assert torch.equal(p[6], (~fin).sum(0).double())
+    assert torch.equal(p[4], (fin & (x64 <= 0)).sum(0).double())
+    assert torch.equal(p[7], (fin & (x64.abs() >= 1.0)).sum(0).double())
+    z = torch.where(fin, x64, torch.zeros((), dtype=torch.float64))
+    mean = z.sum(0) / n.clamp_min(1)
+    m2 = torch.where(fin, (x64 - mean) ** 2, torch.zeros((), dtype=torch.float64)).sum(0)
+    scale = x64[fin].abs().max() if bool(fin.any()) else torch.tensor(1.0, dtype=torch.float64)
+    # float32 sums of at most 80 values shifted by a pivot from the channel: float32 rounding
+    # of the deviations (|x - pivot| <= 2 * scale), relative to the scale of the data
+    ok = n > 0
+    torch.testing.assert_close(p[1][ok], mean[ok], atol=1e-5 * float(scale), rtol=1e-6)
+    torch.testing.assert_close(p[2][ok], m2[ok], atol=1e-3 * float(scale) ** 2,
+                               rtol=1e-4)
+    torch.testing.assert_close(p[3], z.abs().sum(0), atol=1e-4 * float(scale), rtol=1e-5)
+    torch.testing.assert_close(p[5], z.abs().amax(0), atol=0.0, rtol=1e-7)
