@@ -169,6 +169,9 @@ class _Plan:
     #: the layers that lose output rows, by id
     sources: dict[int, ir.Node] = field(default_factory=dict)
     source_rows: dict[int, np.ndarray] = field(default_factory=dict)
+    #: gated constants added back: (Mul, gate input, kept, units, Conv, correction weight)
+    gated: list[tuple[ir.Node, int, np.ndarray, np.ndarray, ir.Node, np.ndarray]] = field(
+        default_factory=list)
 
     def record(self, layer: str, v: ir.Value, rows: np.ndarray) -> None:
         """Note that ``rows`` of ``v`` go: a diagnosis site there (an activation's output,
@@ -882,17 +885,33 @@ def _plan_shared(model: ir.Model, plan: _Plan, fw: _Forward,
     _check_shared(plan)
 
 
-def _check_shared(plan: _Plan) -> None:
-    """Every planned edit of an initializer read elsewhere must be the same at every use."""
-    by_root: dict[int, tuple[ir.Value, list[np.ndarray]]] = {}
+def _shared_alike(plan: _Plan) -> dict[int, tuple[ir.Value, list[np.ndarray], bool]]:
+    """Initializers with several readers that the plan edits: root id -> (root, planned
+    arrays, whether every reader gets the same edit)."""
+    by_root: dict[int, tuple[ir.Value, list[np.ndarray], bool]] = {}
     for node, i, arr in plan.edits.values():
         root = _root(node.inputs[i]) if i < len(node.inputs) else None
         if root is None:
             continue
-        by_root.setdefault(id(root), (root, []))[1].append(arr)
-    for root, arrs in by_root.values():
+        by_root.setdefault(id(root), (root, [], False))[1].append(arr)
+    out = {}
+    for k, (root, arrs, _) in by_root.items():
         readers = _readers(root)
         if len(readers) < 2 or root.is_graph_input() or root.is_graph_output():
+            continue
+        alike = all((id(n), i) in plan.edits for n, i in readers) and all(
+            a.shape == arrs[0].shape and np.array_equal(a, arrs[0]) for a in arrs[1:])
+        out[k] = (root, arrs, alike)
+    return out
+
+
+def _check_shared(plan: _Plan) -> None:
+    """A layer weight read by several layers (tied, not merely equal constants the exporter
+    deduplicated) must get the same edit at every use: copying it would grow the model.
+    Other shared constants (biases, per-channel scales) are copied where their uses differ."""
+    for root, arrs, alike in _shared_alike(plan).values():
+        readers = _readers(root)
+        if alike or not any(i == 1 and n.op_type in _LAYERS for n, i in readers):
             continue
         covered = [(n, i) for n, i in readers if (id(n), i) in plan.edits]
         if len(covered) < len(readers):
@@ -993,12 +1012,12 @@ class _Forward:
                       "coupling through it is not understood")
 
     def gate(self, node: ir.Node, gate: ir.Value, f: _Flow) -> None:
-        """``x * gate``: 0 * gate = 0 passes; the gate's source loses the same rows."""
+        """``x * gate``: 0 * gate = 0 passes; the gate's source loses the same rows. A
+        non-zero constant ``k`` is not constant after the gate (``k * gate`` varies): see
+        :meth:`gated_sink`."""
         if np.any(f.vals != 0):
-            raise Refused(
-                f"Mul '{node.name}' gates the units by '{gate.name}', which is not constant: a "
-                "unit constant at a non-zero value is not constant after the gate (only "
-                "0 * gate = 0 passes)")
+            self.gated_sink(node, gate, f)
+            return
         d = _dim(gate, f.axis, f.rank)
         if d != 1:
             if gate.is_graph_output() or len(gate.uses()) != 1:
@@ -1006,6 +1025,44 @@ class _Forward:
                               "its channels cannot be removed")
             _plan_source(gate, f.rows, self.plan)
         self.carry(f, node.outputs[0], vals=np.zeros_like(f.vals))
+
+    def gated_sink(self, node: ir.Node, gate: ir.Value, f: _Flow) -> None:
+        """Squeeze-and-excitation ``x * gate`` with ``gate`` of shape ``[N, C, 1, 1]`` and
+        units of ``x`` constant at ``k != 0``, read by one ungrouped Conv ``P`` that does not
+        pad: ``P`` loses the columns, and what they contributed, ``sum_s P[:, u, s] k_u
+        gate_u`` (the same at every position), is added back to ``P``'s output from the
+        gate's units alone: ``Gather(gate, units) -> Conv 1x1 (weights P[:, u].sum * k_u)``,
+        a computation on ``N x |units|`` numbers; the Mul reads ``Gather(gate, kept)``."""
+        name = node.name
+        why = (f"Mul '{name}' gates the units by '{gate.name}', which is not constant: a unit "
+               "constant at a non-zero value is not constant after the gate")
+        if gate.shape is None:
+            _infer_shapes(self.model)
+        shape = gate.shape
+        p = _pos(f.axis, f.rank)
+        if shape is None or p != 1 or len(shape) < 3 or any(d != 1 for d in list(shape)[2:]):
+            raise Refused(why + " (and the gate is not a per-channel [N, C, 1, 1] value)")
+        width = shape[1]
+        out = node.outputs[0]
+        use = _only_use(out)
+        conv = use[0] if use is not None else None
+        if conv is None or conv.op_type != "Conv" or use[1] != 0 or int_attr(conv, "group", 1) != 1 \
+                or _padded(conv) or conv.domain not in _ONNX:  # fmt: skip
+            raise Refused(why + " (and the gated value is not read by one ungrouped Conv "
+                          "without padding, where the gated constants could be added back)")
+        w = self.plan.arr(conv, 1)
+        if w is None or not isinstance(width, int) or w.shape[1] != width:
+            raise Refused(why + f" (Conv '{conv.name}' has no constant weight of width "
+                          f"{width})")
+        wsum = w.astype(np.float64).sum(axis=tuple(range(2, w.ndim)))[:, f.rows]
+        corr = (wsum * f.vals[None, :]).reshape(w.shape[0], len(f.rows), *([1] * (w.ndim - 2)))
+        keep = np.setdiff1d(np.arange(width), f.rows)
+        self.plan.set(conv, 1, np.delete(w, f.rows, axis=1))
+        self.plan.shape(out, 1, len(f.rows))
+        self.plan.gated.append((node, 1 if node.inputs[1] is gate else 0, keep, f.rows,
+                                conv, corr.astype(w.dtype)))
+        self.plan.sinks.append(f"Conv '{conv.name}' (+ the gated constants from "
+                               f"'{gate.name}')")
 
     def measure(self, node: ir.Node, other: ir.Value, f: _Flow, what: str | None = None
                 ) -> np.ndarray:
@@ -1700,9 +1757,10 @@ _HANDLERS: dict[str, _Handler] = {
 # -- execution ---------------------------------------------------------------------------
 def _execute(graph: ir.Graph, plan: _Plan) -> None:
     shared_done: set[int] = set()
+    alike = {k for k, (_, _, same) in _shared_alike(plan).items() if same}
     for node, i, arr in plan.edits.values():
         root = _root(node.inputs[i]) if i < len(node.inputs) else None
-        if root is not None and len(_readers(root)) > 1:  # checked: edited alike everywhere
+        if root is not None and id(root) in alike:  # edited alike at every use: once, shared
             if id(root) not in shared_done:
                 shared_done.add(id(root))
                 root.const_value = ir.Tensor(np.ascontiguousarray(arr), name=root.name)
@@ -1731,6 +1789,8 @@ def _execute(graph: ir.Graph, plan: _Plan) -> None:
         if pos is not None and pos < len(dims) and isinstance(dims[pos], int):
             dims[pos] = int(dims[pos]) - removed  # type: ignore[arg-type]
             v.shape = ir.Shape(dims)
+    for mul, gi, keep, rows, conv, corr in plan.gated:
+        _add_back_gated(graph, mul, gi, keep, rows, conv, corr)
     for node, fold in plan.add_bias_after:
         out = node.outputs[0]
         uses = list(out.uses())
@@ -1743,3 +1803,50 @@ def _execute(graph: ir.Graph, plan: _Plan) -> None:
         graph.insert_after(node, add)
         for n, i in uses:
             n.replace_input_with(i, add.outputs[0])
+
+
+def _add_back_gated(graph: ir.Graph, mul: ir.Node, gi: int, keep: np.ndarray, rows: np.ndarray,
+                    conv: ir.Node, corr: np.ndarray) -> None:
+    """Wire :meth:`_Forward.gated_sink`'s edit: the Mul reads the gate's kept channels; the
+    removed channels' gate values, through a 1x1 Conv of weights ``corr``, are added to the
+    output of ``conv``."""
+    g = mul.inputs[gi]
+    assert g is not None
+    base = mul.name or "gate"
+
+    def gather(idx: np.ndarray, tag: str) -> ir.Node:
+        c = new_initializer(graph, f"{base}_{tag}_idx", idx.astype(np.int64))
+        n = ir.Node("", "Gather", [g, c], attributes=[ir.AttrInt64("axis", 1)],
+                    name=f"{base}_{tag}", num_outputs=1)
+        n.outputs[0].name = f"{g.name}_{tag}"
+        n.outputs[0].type = g.type
+        if g.shape is not None:
+            dims = list(g.shape)
+            dims[1] = len(idx)
+            n.outputs[0].shape = ir.Shape(dims)
+        graph.insert_before(mul, n)
+        return n
+
+    kept = gather(keep, "kept")
+    mul.replace_input_with(gi, kept.outputs[0])
+    gone = gather(rows, "removed")
+    cw = new_initializer(graph, f"{base}_gated_constants", corr)
+    cc = ir.Node("", "Conv", [gone.outputs[0], cw], name=f"{base}_gated_constants",
+                 num_outputs=1)
+    cc.outputs[0].name = f"{base}_gated_constants_out"
+    cc.outputs[0].type = g.type
+    graph.insert_before(mul, cc)
+    out = conv.outputs[0]
+    uses = list(out.uses())
+    add = ir.Node("", "Add", [out, cc.outputs[0]], name=f"{conv.name}_gated_constants_add",
+                  num_outputs=1)
+    add.outputs[0].name = f"{out.name}_gated"
+    add.outputs[0].type = out.type
+    add.outputs[0].shape = out.shape
+    graph.insert_after(conv, add)
+    for n, i in uses:
+        n.replace_input_with(i, add.outputs[0])
+    if out.is_graph_output():
+        outs = graph.outputs
+        outs[list(outs).index(out)] = add.outputs[0]
+        add.outputs[0].name, out.name = out.name, f"{out.name}_ungated"

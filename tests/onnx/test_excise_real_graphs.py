@@ -77,11 +77,13 @@ class G:
         return m
 
 
-def dead_conv(g: G, c_out: int, c_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """A 1x1 conv whose ``DEAD`` channels are 0 after a ReLU (zero rows, bias -1)."""
+def dead_conv(g: G, c_out: int, c_in: int, value: float = 0.0
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A 1x1 conv whose ``DEAD`` channels are ``value`` after a ReLU (zero rows, bias -1 for
+    0, else ``value``)."""
     w, b = g.w(c_out, c_in, 1, 1), g.w(c_out, scale=0.1) + 0.5
     w[DEAD] = 0
-    b[DEAD] = -1.0
+    b[DEAD] = value if value > 0 else -1.0
     return w, b
 
 
@@ -283,20 +285,21 @@ def test_pad_with_runtime_channel_pads_is_refused() -> None:
 
 
 # -- squeeze-and-excitation with ReduceMean ----------------------------------------------------
-def se_model(axes: list[int]) -> tuple[onnx.ModelProto, dict[str, str],
-                                        Callable[[np.ndarray], np.ndarray]]:
-    """x -> expand 1x1 -> ReLU (a) -> a * sigmoid(X(relu(R(ReduceMean(a))))) -> project."""
+def se_model(axes: list[int], value: float = 0.0, k: int = 1
+             ) -> tuple[onnx.ModelProto, dict[str, str], Callable[[np.ndarray], np.ndarray]]:
+    """x -> expand 1x1 -> ReLU (a) -> a * sigmoid(X(relu(R(ReduceMean(a))))) -> project
+    (``k`` x ``k``, padded when k > 1); units ``DEAD`` of ``a`` are ``value``."""
     g = G(seed=2)
-    we, be = dead_conv(g, 6, 4)
+    we, be = dead_conv(g, 6, 4, value)
     wr, br, wx, bx = g.w(2, 6, 1, 1), g.w(2), g.w(6, 2, 1, 1), g.w(6)
-    wp, bp = g.w(3, 6, 1, 1), g.w(3)
+    wp, bp = g.w(3, 6, k, k), g.w(3)
     e = g.op("Conv", ["x", g.const(we), g.const(be)])
     a = g.op("Relu", [e])
     s = g.op("ReduceMean", [a, g.const(np.array(axes, np.int64))], keepdims=1)
     rc = g.op("Conv", [s, g.const(wr), g.const(br)])
     xc = g.op("Conv", [g.op("Relu", [rc]), g.const(wx), g.const(bx)])
     gated = g.op("Mul", [a, g.op("Sigmoid", [xc])])
-    y = g.op("Conv", [gated, g.const(wp), g.const(bp)])
+    y = g.op("Conv", [gated, g.const(wp), g.const(bp)], pads=[k // 2] * 4)
 
     def ref(x: np.ndarray) -> np.ndarray:
         t = {k: torch.from_numpy(v.astype(np.float64)) for k, v in
@@ -304,9 +307,10 @@ def se_model(axes: list[int]) -> tuple[onnx.ModelProto, dict[str, str],
         h = F.relu(F.conv2d(torch.from_numpy(x), t["we"], t["be"]))
         z = F.relu(F.conv2d(h.mean(dim=(2, 3), keepdim=True), t["wr"], t["br"]))
         gate = torch.sigmoid(F.conv2d(z, t["wx"], t["bx"]))
-        return F.conv2d(h * gate, t["wp"], t["bp"]).numpy()
+        return F.conv2d(h * gate, t["wp"], t["bp"], padding=k // 2).numpy()
 
-    return g.model(y, ["N", 4, 6, 6], 4), {"e": e, "a": a, "r": rc, "x": xc, "y": y}, ref
+    return g.model(y, ["N", 4, 6, 6], 4), {"e": e, "a": a, "r": rc, "x": xc, "y": y,
+                                           "gated": gated}, ref
 
 
 def test_se_reduce_mean_squeeze_and_gate() -> None:
@@ -328,6 +332,36 @@ def test_reduce_mean_over_the_channel_axis_is_refused() -> None:
     model = ir.serde.deserialize_model(m)
     with pytest.raises(Refused, match=r"ReduceMean 'reducemean_\d+' reduces the channel axis"):
         excise_site(model, hand_problem(v["e"], v["a"], DEAD, np.zeros(2), 6), {})
+
+
+def test_se_gate_of_a_nonzero_constant_adds_the_gated_constants_back() -> None:
+    """Units constant at 0.8 before the gate (EfficientNet: the depthwise conv's bias through
+    BN and SiLU) are ``0.8 * gate`` after it, not constant: the project conv loses their
+    columns and gets ``sum P[:, u] * 0.8 * gate_u`` back from the gate's two removed channels
+    (Gather -> 1x1 Conv -> Add); the gate's conv keeps its rows. Before: refused, "gates the
+    units ... only 0 * gate = 0 passes"."""
+    m, v, ref = se_model([2, 3], value=0.8)
+    model = ir.serde.deserialize_model(m)
+    p = hand_problem(v["e"], v["a"], DEAD, np.full(2, 0.8), 6)
+    done = excise_site(model, p, {}, batches=feeds(X, 4, seed=0))
+    assert done.units == DEAD
+    shapes = conv_weights(model)
+    assert shapes[v["e"]] == ((4, 4, 1, 1), 1) and shapes[v["r"]] == ((2, 4, 1, 1), 1)
+    assert shapes[v["x"]] == ((6, 2, 1, 1), 1) and shapes[v["y"]] == ((3, 4, 1, 1), 1)
+    original = {n.name for n in m.graph.node}
+    added = [n.op_type for n in model.graph if n.name not in original]
+    assert sorted(added) == ["Add", "Conv", "Gather", "Gather"]
+    assert_close_to_reference(model, ref, X)
+
+
+def test_se_gate_of_a_nonzero_constant_into_a_padded_conv_is_refused() -> None:
+    """A 3x3 padded project conv sees the gated constants unevenly at the border: refused."""
+    m, v, _ = se_model([2, 3], value=0.8, k=3)
+    model = ir.serde.deserialize_model(m)
+    with pytest.raises(Refused, match=rf"Mul '{v['gated']}' gates the units .* not read by "
+                                      "one ungrouped Conv without padding"):
+        excise_site(model, hand_problem(v["e"], v["a"], DEAD, np.full(2, 0.8), 6), {},
+                    batches=feeds(X, 4, seed=0))
 
 
 # -- a weight shared by two layers (ALBERT) --------------------------------------------------
@@ -387,14 +421,31 @@ def test_shared_weight_edited_once_and_kept_shared() -> None:
     assert_close_to_reference(out, ref, T)
 
 
-def test_shared_weight_refused_when_its_uses_differ() -> None:
-    """The second layer's units are constant 1, not 0: folding them changes the shared bias
-    b2 at one use only, which would copy it: refused, nothing changed."""
-    m, v, _ = shared_ffn(second_bias_alive=True)
+def test_shared_weight_with_a_different_constant_at_its_second_use() -> None:
+    """The second layer's units are constant 1, not 0: the tied weights W1 / W2 are still
+    edited once (kept shared), only the bias b2 the two uses fold different constants into is
+    copied (8 numbers, said by its new name)."""
+    m, v, ref = shared_ffn(second_bias_alive=True)
+    model = ir.serde.deserialize_model(m)
+    before = n_params(model)
+    done = excise_site(model, detected(m, v["h1"], T), {}, batches=feeds(T, 4, seed=0))
+    assert done.units == DEAD
+    inits = set(model.graph.initializers)
+    assert {"W1_1", "W2_2", "b1_3", "c1_5"} <= inits and len(inits) == 6
+    assert model.graph.initializers["W1_1"].const_value.shape == (8, 14)
+    assert before - n_params(model) == 2 * (8 + 8) + 2 + 2 - 8
+    assert_close_to_reference(model, ref, T)
+
+
+def test_shared_weight_refused_without_batches_to_measure_its_other_use() -> None:
+    """The other layer reading the tied weight must be measured constant on the units;
+    without calibration batches the site is refused (nothing changed, nothing copied)."""
+    m, v, _ = shared_ffn(second_bias_alive=False)
     model = ir.serde.deserialize_model(m)
     before = n_params(model)
     p = detected(m, v["h1"], T)
-    with pytest.raises(Refused, match=r"initializer 'b2_4' is shared"):
-        excise_site(model, p, {}, batches=feeds(T, 4, seed=0))
+    with pytest.raises(Refused, match=rf"layer '{v['m2']}' sharing the weight of '{v['m1']}' "
+                                      r"is not constant on the units .*no calibration batches"):
+        excise_site(model, p, {})
     assert n_params(model) == before and set(model.graph.initializers) == {
-        "W1_1", "W2_2", "b1_3", "b2_4", "c1_5"}
+        "W1_1", "W2_2", "b1_3", "b2_4"}
