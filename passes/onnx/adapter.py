@@ -16,7 +16,8 @@ snapshot       ``ir.Model.clone()``; ``restore`` installs a clone of the snapsho
 target         :class:`graphsurg.passes.onnx.target.OnnxTarget` (what ``apply_onnx`` edits)
 halve          a feed dict cut in two along each input's batch axis (unbatched inputs
                go whole to both halves)
-save           the model (and its external data, kept beside it) written atomically
+save           the model (and its external data, kept beside it) written atomically; a model
+               that came with external data is written with external data
 capabilities   no gradients, not trainable: exact edits only, no healing
 =============  ===========================================================================
 
@@ -42,6 +43,7 @@ from graphsurg._measurements import Measurements
 from ._common import (
     Feed,
     ModelLike,
+    has_external_tensors,
     lift_constants,
     load_model,
     ort_session,
@@ -72,6 +74,9 @@ class OnnxAdapter:
         self._model = model
         self.threads = threads
         self._specs: list[InputSpec] | None = None
+        #: the model came with external data: it is saved with external data, even when
+        #: every external tensor was edited (and so is held in memory) by then
+        self.external_data = has_external_tensors(model)
 
     @classmethod
     def open(cls, model_like: ModelLike, *, threads: int | None = None
@@ -152,8 +157,9 @@ class OnnxAdapter:
         it holds external tensors or ``save_external_data``); return the files written."""
         if options:
             raise TypeError(f"OnnxAdapter.save got unknown options {sorted(options)}")
-        return save_model_files(self._model, path, save_external_data=save_external_data,
-                          external_data_size_threshold=external_data_size_threshold)
+        return save_model_files(self._model, path,
+                                save_external_data=save_external_data or self.external_data,
+                                external_data_size_threshold=external_data_size_threshold)
 
 
 __all__ = ["OnnxAdapter"]
