@@ -55,7 +55,8 @@ NO_PLAIN: dict[str, str] = {
     "multimodal": _RESIDUAL,
     "vision-cnn": "no plain stack without a norm: every conv is followed by BatchNorm, whose "
                   "statistics (calibrated as training would) renormalise a weight-scaled span "
-                  "and scale its gradient back up; the rest are residual blocks",
+                  "and scale its gradient back up (up to their epsilon; tests/diagnose/"
+                  "test_vanishing_real.py); the rest are residual blocks",
 }
 
 
