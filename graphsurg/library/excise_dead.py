@@ -13,8 +13,11 @@ is removed from the gate, its partners and the consumers together; Hugging Face'
 
 Appliers: ``apply_torch`` (torch.fx channel coupling) and ``apply_onnx``
 (:func:`graphsurg.passes.onnx.excise_dead_units.excise_site`: producer rows, consumer columns
-with constant folding, coupling through Concat/BatchNormalization/pooling/Flatten; it reads
-the evidence keys ``constant`` / ``constant_values`` / ``channel_dim``).
+with constant folding, coupling through Concat/BatchNormalization/pooling/Flatten, depthwise
+convs, runtime-computed pads, ReduceMean squeezes, squeeze-and-excitation gates and weights
+shared between layers; it reads the evidence keys ``constant`` / ``constant_values`` /
+``channel_dim`` / ``width``). A site whose units another site's edit already removed is a
+no-op (``Applied.units`` empty).
 """
 
 from __future__ import annotations

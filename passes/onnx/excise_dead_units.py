@@ -17,7 +17,9 @@ Coupling is followed, never guessed (one handler per op type, a dry run plans th
 before anything changes):
 
 * **Sources** (whose output rows are removed): Gemm / MatMul / Conv / ConvTranspose (grouped
-  when every group loses as many channels), through per-channel ``Add``/``Sub``/``Mul``/``Div``
+  when every group loses as many channels; a depthwise Conv loses whole groups, ``group``
+  decremented, and the input channels that fed them are removed at their own producers,
+  through Pad / BatchNormalization / activations, whatever their values), through per-channel ``Add``/``Sub``/``Mul``/``Div``
   by constants, BatchNormalization, element-wise ops and Reshapes that keep the units on the
   last axis (GPT-2's Conv1D: ``Reshape(x, [-1, d]) -> MatMul -> Add -> Reshape(y, [B, T, -1])``,
   targets constant or ``Concat`` of constants and ``Shape -> Gather`` dimensions; a constant
@@ -27,15 +29,30 @@ before anything changes):
 * **Pass-through** (the constants are carried): element-wise activations, Identity/Dropout,
   per-channel constant arithmetic, BatchNormalization, pooling, Resize/Upsample that keep the
   channel axis, Pad that leaves the channel axis alone (a constant pad value only equal to the
-  constant), Slice on other axes, Transpose, Reshape that keeps the channel dimension (or the
+  constant; pads computed at run time -- the legacy exporter's "same" padding -- are
+  evaluated partially, and the channel axis' entries must come out constant 0),
+  ReduceMean/Max/Min over other axes (a squeeze-and-excitation squeeze), Slice on other axes, Transpose, Reshape that keeps the channel dimension (or the
   last axis and its width: ``x.view(-1, x.size(-1))``, whose ``Shape`` read follows), depthwise
   Conv/ConvTranspose (a channel whose input is constant 0 becomes its bias), Flatten and
   flattening Reshape, channel Concat.
 * **Joins**: a residual ``Add``/``Sub`` is excised only where the unit is constant in *every*
   branch (the constants summed): a branch that is not itself a flow of the site is measured on
   the calibration ``batches`` and excised at its own source. A gating ``Mul`` (squeeze-and-
-  excitation: ``x * gate`` with ``gate`` ``[N, C, 1, 1]``) passes a unit only when its constant
-  is 0 (``0 * gate = 0``); the gate's source loses the same rows.
+  excitation: ``x * gate`` with ``gate`` ``[N, C, 1, 1]``) passes a unit whose constant is 0
+  (``0 * gate = 0``; the gate's source loses the same rows); a non-zero constant ``k`` is
+  ``k * gate`` after it: the one unpadded, ungrouped Conv reading the product loses the
+  columns and gets ``sum P[:, u] k_u gate_u`` back through ``Gather(gate, units) -> 1x1 Conv
+  -> Add`` (a computation on ``N x |units|`` numbers).
+* **Shared weights**: a layer whose weight another layer reads too (ALBERT's one FFN, shared
+  directly or through Identity) is edited with it: the other layer's units are measured
+  constant on the calibration batches and followed to their sinks, and the initializer is
+  edited once, in place, staying shared; a tied weight the edit would change at one use only
+  refuses the site (other shared constants, e.g. biases the exporter deduplicated, are copied
+  where their uses differ).
+* **Sites reached by the edit** (the depthwise site after the expand site's edit, the other
+  branch of a residual sum, the other layer of a shared weight) are recorded in ``excised``
+  (original numbering); their own edit then removes only what is left (a no-op when
+  nothing is).
 * **Sinks** (columns removed, constant folded into the bias): Gemm / MatMul / Conv (grouped when
   every group loses as many channels) / ConvTranspose (only a zero constant folds: a transposed
   convolution spreads its input unevenly over the output).
@@ -394,12 +411,12 @@ def excise_site(model: ir.Model, problem: Problem,
         # every site the edit reached, in its original numbering (rows are numbered as
         # before this edit: map them through what was removed there before)
         done = {k: {int(r) for r in v} for k, v in plan.joined.items()}
-        for addr, rows in plan.removed.items():
-            done.setdefault(addr, set()).update(int(r) for r in rows)
+        for addr, removed in plan.removed.items():
+            done.setdefault(addr, set()).update(int(r) for r in removed)
         done.pop(site, None)
         before = {k: sorted(excised.get(k, set())) for k in done}
-        for addr, rows in done.items():
-            excised.setdefault(addr, set()).update(_original(r, before[addr]) for r in rows)
+        for addr, reached in done.items():
+            excised.setdefault(addr, set()).update(_original(r, before[addr]) for r in reached)
         excised.setdefault(site, set()).update(all_units)
     kept_units = sorted(units) if gone else all_units
     return Excision(site, producer, kept_units, width, width - len(units),
@@ -560,7 +577,7 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
         plan.source_rows[id(n)] = rows
         if len(layers) == 1:
             for v in walked.values():
-                plan.record(n.name, v, rows)
+                plan.record(n.name or "", v, rows)
     return axis, rank, width, ", ".join(n.name or n.op_type for n in layers.values())
 
 
@@ -859,7 +876,7 @@ def _plan_shared(model: ir.Model, plan: _Plan, fw: _Forward,
     initializer must be edited alike at every use, or the site is refused."""
     done: set[int] = set()
     while True:
-        todo = []
+        todo: list[ir.Node] = []
         for layer in list(plan.sources.values()):
             root = _root(layer.inputs[1]) if len(layer.inputs) > 1 else None
             if root is None or id(root) in done:
@@ -880,8 +897,8 @@ def _plan_shared(model: ir.Model, plan: _Plan, fw: _Forward,
             out = sib.outputs[0]
             vals = fw.measure(sib, out, _Flow(out, axis, rank, rows, np.zeros(len(rows))),
                               what=f"layer '{sib.name}' sharing the weight of '{first.name}'")
-            plan.record(sib.name, out, rows)
-            fw.run(_Flow(out, axis, rank, rows, vals, sib.name))
+            plan.record(sib.name or "", out, rows)
+            fw.run(_Flow(out, axis, rank, rows, vals, sib.name or ""))
     _check_shared(plan)
 
 
@@ -1046,8 +1063,8 @@ class _Forward:
         out = node.outputs[0]
         use = _only_use(out)
         conv = use[0] if use is not None else None
-        if conv is None or conv.op_type != "Conv" or use[1] != 0 or int_attr(conv, "group", 1) != 1 \
-                or _padded(conv) or conv.domain not in _ONNX:  # fmt: skip
+        if use is None or conv is None or conv.op_type != "Conv" or use[1] != 0 or int_attr(
+                conv, "group", 1) != 1 or _padded(conv) or conv.domain not in _ONNX:  # fmt: skip
             raise Refused(why + " (and the gated value is not read by one ungrouped Conv "
                           "without padding, where the gated constants could be added back)")
         w = self.plan.arr(conv, 1)
@@ -1728,7 +1745,7 @@ def _depthwise(fw: _Forward, f: _Flow, node: ir.Node, m: int, new_w: np.ndarray,
     if has:
         fw.plan.set(node, 2, np.delete(b, out_rows, axis=0))
     fw.plan.attrs.append((node, "group", g - len(f.rows)))
-    f = _Flow(f.value, f.axis, f.rank, f.rows, f.vals, node.name)
+    f = _Flow(f.value, f.axis, f.rank, f.rows, f.vals, node.name or "")
     fw.carry(f, node.outputs[0], axis=1, rows=out_rows, vals=vals)
 
 

@@ -24,7 +24,10 @@ class OnnxTarget:
         model: the private ``onnx_ir.Model``, edited in place by the appliers.
         batches: calibration feed dicts ``{input name: np.ndarray}``.
         seed: the seed for any randomness an applier needs.
-        excised: site address (producer node name) -> units already removed there.
+        excised: site address (``producer:value``) -> units already removed there, in the
+            site's original numbering: by its own edit, or by another site's edit that reached
+            it (a depthwise conv's groups, a residual branch, a layer sharing a weight);
+            ``excise_site`` removes only the units left.
     """
 
     ir = "onnx"
