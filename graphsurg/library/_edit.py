@@ -79,9 +79,60 @@ def coupled(target: Target, producer: str, units: Sequence[int] = (), *,
     g = target.coupling(producer, units, partners)
     if not g.ok:
         raise Refused(f"coupling of {producer!r} not understood: {g.reason()}")
+    if g.calls > 1 and units:
+        split = units_live_on_some_call(target, g, units)
+        if split:
+            raise Refused(
+                f"units {split} of {producer!r} (called {g.calls} times per forward: shared "
+                "weights) are constant on some calls and vary on others: an edit of the shared "
+                "weights would change the calls where they are live")
     if changes_width and g.width_change_refusal():
         raise Refused(f"cannot change the width of {producer!r}: {g.width_change_refusal()}")
     return g
+
+
+@torch.no_grad()
+def units_live_on_some_call(target: Target, group: CouplingGroup, units: Sequence[int],
+                            batches: int = 2) -> list[int]:
+    """Of ``units`` of a producer called several times per forward, those whose consumer
+    columns are constant on the data on some calls but not on others (dead on one call of a
+    shared layer, live on another), from each consumer's inputs call by call on up to
+    ``batches`` calibration batches."""
+    split: set[int] = set()
+    for c in group.consumers:
+        per_call: dict[int, list[torch.Tensor]] = {}
+        seen = [0]
+
+        def pre(m: nn.Module, args: tuple[Any, ...], per_call: dict[int, list[torch.Tensor]]
+                = per_call, seen: list[int] = seen) -> None:
+            per_call.setdefault(seen[0], []).append(args[0].detach())
+            seen[0] += 1
+
+        mod = target.model.get_submodule(c.module)
+        h = mod.register_forward_pre_hook(pre)
+        was = target.model.training
+        target.model.eval()
+        try:
+            for b in target.batches[:batches]:
+                seen[0] = 0
+                target.run(batch=b)
+        finally:
+            h.remove()
+            target.model.train(was)
+        const = []
+        for xs in per_call.values():
+            x = torch.cat(xs, 0).to(torch.float64)
+            d = 1 if c.kind == "conv" else x.dim() - 1
+            cols = x.movedim(d, 0).reshape(x.shape[d], -1)
+            idx = torch.tensor([k for u in units for k in c.columns(u)], dtype=torch.long)
+            sel = cols[idx]
+            mean = sel.mean(1).reshape(len(units), c.stride)
+            var = sel.var(1, unbiased=False).reshape(len(units), c.stride)
+            const.append(is_constant(mean, var))
+        if len(const) > 1:
+            stack = torch.stack(const)
+            split |= {int(units[i]) for i in (stack.any(0) & ~stack.all(0)).nonzero().flatten()}
+    return sorted(split)
 
 
 def partners_of(problem: Problem) -> list[str]:

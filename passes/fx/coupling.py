@@ -161,6 +161,11 @@ class CouplingGroup:
             consumers (a gated unit ``act(gate(x)) * up(x)``: the up projection is the gate's
             partner and the other way round). A product with a partner is not ``mixed``: the
             unit of the product is the gated unit, edited in producer and partners together.
+        calls: how many times the producer runs per forward (a layer shared by repeated
+            blocks, as ALBERT's, runs once per block): the group holds only when every call
+            feeds the same consumers the same way, so one edit of the shared parameters acts
+            alike on every call (whether the edited units are dead on every call is the
+            editor's to check, see :func:`graphsurg.library._edit.coupled`).
     """
 
     producer: str
@@ -173,6 +178,7 @@ class CouplingGroup:
     probed: tuple[int, ...] = ()
     source: str = "fx"
     partners: tuple[str, ...] = ()
+    calls: int = 1
 
     @property
     def ok(self) -> bool:
@@ -218,6 +224,7 @@ class CouplingGroup:
             "probed": list(self.probed),
             "source": self.source,
             "partners": list(self.partners),
+            "calls": self.calls,
         }
 
 
@@ -762,6 +769,11 @@ def probe_coupling(model: nn.Module, producer: str, run: Callable[[nn.Module], A
             perturbation of the up projection alone), and they are held at their per-unit
             mean too in the run that measures ``mixed``, so a product with them is not mixing.
 
+    A module called more than once per forward (a layer shared by repeated blocks) is probed
+    on each call alone (the perturbation goes to that call only) and understood only when
+    every call feeds the same consumers through the same index maps (see
+    :attr:`CouplingGroup.calls`).
+
     A perturbation that a zero BatchNorm scale would stop (a channel killed through its norm)
     is let through: while probing, BatchNorm scales that are exactly 0 read as 1. A unit whose
     perturbation reaches no layer, or reaches a layer the other probed units do not, is a
@@ -909,7 +921,7 @@ def _merge_calls(group: CouplingGroup, calls: list[CouplingGroup]) -> None:
     blocks, as ALBERT's): understood when every call is understood and feeds the same
     consumers through the same index maps and chain -- then an edit of the shared parameters
     (the producer's rows, the consumers' columns) acts alike on every call."""
-    n = len(calls)
+    n = group.calls = len(calls)
     for k, g in enumerate(calls):
         group.refusals += [why if n == 1 else f"call {k} of {n}: {why}" for why in g.refusals]
     first = calls[0]

@@ -129,6 +129,41 @@ def test_shared_layer_reset_is_exact_on_both_calls() -> None:
     assert _rel64(target.model, model, data) <= TOL
 
 
+class _DeadOnOneCall(nn.Module):
+    """A shared layer run on ``a`` and on ``-a`` (``a > 0``): a unit reading ``-a_j`` is
+    ReLU-dead on the first call and live on the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.ffn, self.out = nn.Linear(6, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.stem(x)) + 1.0
+        return self.head(self.out(torch.relu(self.ffn(a))) + self.out(torch.relu(self.ffn(-a))))
+
+
+def test_shared_layer_units_dead_on_one_call_only_are_refused() -> None:
+    torch.manual_seed(0)
+    model, data = _DeadOnOneCall().eval(), _batches((16, 6))
+    units = (4, 9)
+    with torch.no_grad():  # -10 a_0 < 0 on the first call, 10 a_0 > 0 (varying) on the second
+        model.ffn.weight[list(units)] = 0.0
+        model.ffn.weight[list(units), 0] = -10.0
+        model.ffn.bias[list(units)] = 0.0
+    d = gs.diagnose(model, data, loss_fn=_mse)
+    # the diagnosis measures each call's activation apart: the units are dead at one only
+    at = {p.site.node: set(p.units) for p in d.problems
+          if p.kind == "DeadNeurons" and p.site.module == "ffn"}
+    assert [node for node, dead in at.items() if set(units) <= dead] == ["relu_1"], at
+    assert not any(set(units) & dead for node, dead in at.items() if node != "relu_1"), at
+    problem = gs.Problem("DeadNeurons", gs.Site("ffn", "relu_1", "relu"), 0.1, units,
+                         evidence={"constant": list(units)})
+    why = ReinitDead().check(problem, Target(copy.deepcopy(model), data))
+    assert why is not None and "constant on some calls and vary on others" in why, why
+    assert "units [4, 9]" in why
+
+
 def test_operate_treats_a_shared_layer() -> None:
     model, data = _shared()
     state = snapshot(model)
