@@ -84,16 +84,19 @@ class ReDo:
             self.resets += int(idx.numel())
 
 
-def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
+def run(seeds: list[int], quick: bool, out: Path, *, arms: tuple[str, ...] = ARMS,
+        library: Any = None, config: gs.DiagnoseConfig | None = None) -> dict[str, Any]:
+    """The experiment; ``arms``, ``library`` (graphsurg's replacements) and ``config``
+    (its diagnosis) are there for ablations (FINDINGS.md), the defaults are the report's."""
     t0 = time.perf_counter()
     width = 48 if quick else 128
     break_steps = 150 if quick else 200
     steps = 60 if quick else 600
     check = 30 if quick else 50
     heal = 30 if quick else 100
-    metrics: dict[str, dict[str, list[float]]] = {a: {} for a in ARMS}
-    curves: dict[str, list[list[float]]] = {a: [] for a in ARMS}
-    dcurves: dict[str, list[list[float]]] = {a: [] for a in ARMS}
+    metrics: dict[str, dict[str, list[float]]] = {a: {} for a in arms}
+    curves: dict[str, list[list[float]]] = {a: [] for a in arms}
+    dcurves: dict[str, list[list[float]]] = {a: [] for a in arms}
     notes: list[str] = []
     broken_frac = []
     for seed in seeds:
@@ -106,7 +109,7 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
         d0 = dormant_fraction(model, xh)
         broken_frac.append(d0)
         l0 = eval_loss(model, held)
-        for arm in ARMS:
+        for arm in arms:
             torch.manual_seed(seed + 1)
             m: nn.Module = copy.deepcopy(model)
             done = 0
@@ -123,6 +126,7 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                     # the default certificates (issue 13: L(f') <= L(f), within 5% of the
                     # equally fine-tuned untreated copy, issues(f') a strict subset)
                     res = gs.operate(m, tr, loss_fn=mse, heal_steps=heal, seed=seed,
+                                     library=library, config=config,
                                      prefer=prefer)
                 except gs.SurgeryFailed as e:
                     notes.append(f"{arm} (seed {seed}): no surgery ({e})")
@@ -141,10 +145,10 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
             cb: Any = None
             if arm == "graphsurg callback":
                 torch._dynamo.reset()
-                mon = gs.Monitor(every=2)
+                mon = gs.Monitor(every=2, config=config)
                 fwd = torch.compile(m, backend="graphsurg",
                                     options={"monitor": mon, "inner": "aot_eager"})
-                cb = gs.SurgeryCallback(m, opt, mon, every=check, seed=seed)
+                cb = gs.SurgeryCallback(m, opt, mon, every=check, seed=seed, library=library)
             # checkpoints every `check` steps; healing steps count towards the budget
             s = done
             if done:  # the model right after operate (and its healing)
@@ -179,13 +183,13 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
             metrics[arm].setdefault("final loss", []).append(ls[-1])
             metrics[arm].setdefault("dormant", []).append(ds[-1])
     xs = [i * check for i in range(steps // check + 1)]
-    plot_xy(out / "dying_relu_loss.png", {a: (xs, curves[a]) for a in ARMS},
+    plot_xy(out / "dying_relu_loss.png", {a: (xs, curves[a]) for a in arms},
             title="Dying ReLU: held-out loss after the large-lr phase", xlabel="step (lr 1e-3)",
             ylabel="held-out MSE")
-    plot_xy(out / "dying_relu_dormant.png", {a: (xs, dcurves[a]) for a in ARMS},
+    plot_xy(out / "dying_relu_dormant.png", {a: (xs, dcurves[a]) for a in arms},
             title="Dying ReLU: dormant fraction (ReDo score <= 0.1)", xlabel="step (lr 1e-3)",
             ylabel="dormant fraction", logy=False)
-    rows = [[a, fmt(metrics[a]["dormant"]), fmt(metrics[a]["final loss"])] for a in ARMS]
+    rows = [[a, fmt(metrics[a]["dormant"]), fmt(metrics[a]["final loss"])] for a in arms]
     return {
         "name": "dying_relu",
         "title": "1. Dying ReLU: ReDo vs graphsurg",
