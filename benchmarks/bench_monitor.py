@@ -130,24 +130,30 @@ GROWTH = [(512, 4, 30), (1024, 4, 20), (2048, 4, 10), (4096, 4, 6),
           (512, 8, 30), (512, 16, 20), (512, 32, 12)]
 
 
-def growth(inner: str = INNER) -> list[tuple[int, int, float, float, float, float]]:
-    """(width, depth, inner min ms, every=1 ratio, every=16 ratio, every=1 median ratio)."""
+def growth(inner: str = INNER, show: bool = False
+           ) -> list[tuple[int, int, float, float, float, float]]:
+    """(width, depth, inner min ms, every=1 ratio, every=16 ratio, every=1 median ratio);
+    ``show`` prints each row as it is measured."""
     rows = []
+    if show:
+        print(f"\nbench_monitor growth: batch {BATCH}, inner={inner} (ratios of min step "
+              "times; last column: of medians)")
+        print(f"  {'width':>6} {'depth':>5} {'inner ms':>9} {'every=1':>8} {'every=16':>9} "
+              f"{'every=1 median':>14}", flush=True)
     for width, depth, rounds in GROWTH:
         r = interleaved(inner, width, depth, BATCH, rounds)
         base = r["inner"][0]
-        rows.append((width, depth, base * 1e3, r["every=1"][0] / base, r["every=16"][0] / base,
-                     r["every=1"][1] / r["inner"][1]))
+        row = (width, depth, base * 1e3, r["every=1"][0] / base, r["every=16"][0] / base,
+               r["every=1"][1] / r["inner"][1])
+        rows.append(row)
+        if show:
+            w, d, ms, r1, r16, m1 = row
+            print(f"  {w:6d} {d:5d} {ms:9.2f} {r1:8.3f} {r16:9.3f} {m1:14.3f}", flush=True)
     return rows
 
 
 def test_growth_table() -> None:
-    rows = growth()
-    print(f"\nbench_monitor growth: batch {BATCH}, inner={INNER} (ratios of min step times)")
-    print(f"  {'width':>6} {'depth':>5} {'inner ms':>9} {'every=1':>8} {'every=16':>9} "
-          f"{'every=1 median':>14}")
-    for w, d, ms, r1, r16, m1 in rows:
-        print(f"  {w:6d} {d:5d} {ms:9.2f} {r1:8.3f} {r16:9.3f} {m1:14.3f}")
+    rows = growth(show=True)
     assert all(r[2] > 0 for r in rows)
 
 
@@ -232,7 +238,37 @@ def test_overhead_components() -> None:
     assert skipped < 1e-4 and extra > 0
 
 
-if __name__ == "__main__":  # python benchmarks/bench_monitor.py [aot_eager|inductor|growth]
+def _loadavg() -> str:
+    import os
+
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def quick() -> None:
+    """The figures issue 16 asks for, in one run (~5 minutes on 2 quiet cores with a warm
+    inductor cache): every=1 / every=16 ratios for inner aot_eager (MLP 4x512) and inductor
+    (MLP 2x256 and 4x512), then the growth table (aot_eager, width 512 -> 4096, depth
+    4 -> 32). Ratios are of min and median step times, configurations interleaved step by
+    step. Run it with ``OMP_NUM_THREADS=1 taskset -c 1`` so other processes' load hits
+    every configuration alike."""
+    t0 = time.perf_counter()
+    print(f"bench_monitor quick: torch {torch.__version__}, {torch.get_num_threads()} "
+          f"thread(s), batch {BATCH}, {ROUNDS} interleaved steps; start: {_loadavg()}")
+    print(f"  {'inner':>9} {'model':>6} {'inner min':>10} {'inner med':>10} "
+          f"{'every=16 min/med':>17} {'every=1 min/med':>16}")
+    for inner, width, depth in (("aot_eager", WIDTH, DEPTH), ("inductor", 256, 2),
+                                ("inductor", WIDTH, DEPTH)):
+        r = interleaved(inner, width, depth, BATCH, ROUNDS)
+        lo, med = r["inner"]
+        print(f"  {inner:>9} {depth}x{width:<4} {lo * 1e3:8.2f}ms {med * 1e3:8.2f}ms "
+              f"{r['every=16'][0] / lo:8.3f}/{r['every=16'][1] / med:.3f} "
+              f"{r['every=1'][0] / lo:8.3f}/{r['every=1'][1] / med:.3f}", flush=True)
+    test_growth_table()
+    print(f"done in {time.perf_counter() - t0:.0f} s; end: {_loadavg()}")
+
+
+if __name__ == "__main__":
+    # python benchmarks/bench_monitor.py [aot_eager|inductor|growth|quick]
     import sys
 
     what = sys.argv[1] if len(sys.argv) > 1 else "aot_eager"
@@ -240,5 +276,7 @@ if __name__ == "__main__":  # python benchmarks/bench_monitor.py [aot_eager|indu
         test_growth_table()
     elif what == "inductor":
         test_interleaved_ratios_inductor()
+    elif what == "quick":
+        quick()
     else:
         test_interleaved_ratios()
