@@ -412,24 +412,14 @@ def _finish(adapter: OnnxAdapter, kind: str, model: Any, out_path: Path | None,
 
 
 def _check_full(adapter: OnnxAdapter) -> None:
-    """``onnx.checker.check_model(full_check=True)`` on the result, without its weights: the
-    graph is written with every large weight as an external-data placeholder (no weight is
-    serialized or copied; names, types and shapes are what the checker and shape inference
-    read) beside an empty placeholder data file, and the checker reads that."""
-    import tempfile
-
-    from graphsurg.passes.onnx._common import IN_MEMORY, initializers_as_inputs, weights_apart
+    """``onnx.checker.check_model(full_check=True)`` on the result, without its weights
+    (:func:`graphsurg.passes.onnx._common.check_weightless`: no weight is serialized)."""
+    from graphsurg.passes.onnx._common import check_weightless, initializers_as_inputs
 
     try:
-        with weights_apart(adapter.model), initializers_as_inputs(adapter.model):
-            bare = ir.serde.serialize_model(adapter.model)
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / IN_MEMORY).touch()
-            p = Path(d) / "model.onnx"
-            p.write_bytes(bare.SerializeToString())
-            del bare
-            onnx.checker.check_model(str(p), full_check=True)
-    except onnx.checker.ValidationError as e:  # a graphsurg bug: the model is kept out
+        with initializers_as_inputs(adapter.model):
+            check_weightless(adapter.model, "the result", full_check=True)
+    except OnnxInputError as e:  # a graphsurg bug: the model is kept out
         raise RuntimeError(f"graphsurg produced a model that fails onnx.checker: {e}") from e
 
 

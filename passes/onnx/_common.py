@@ -156,15 +156,45 @@ def _densify_sparse(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
     return out
 
 
-def _check_proto(proto: onnx.ModelProto, where: str, path: Path | None = None) -> None:
+def _check_header(proto: onnx.ModelProto, where: str) -> None:
     if proto.ir_version <= 0 or not proto.opset_import or not proto.HasField("graph"):
         raise OnnxInputError(
             f"{where} is not an ONNX model (no ir_version, opset or graph); pass a .onnx file"
         )
+
+
+def _deserialize(proto: onnx.ModelProto, where: str) -> ir.Model:
     try:
-        # with a path the checker resolves external data next to the model
-        onnx.checker.check_model(str(path) if path is not None else proto, full_check=False)
-    except (onnx.checker.ValidationError, Exception) as e:  # the checker raises several types
+        return ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx-ir refuses a malformed graph before the checker sees it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxInputError(f"{where} is not a valid ONNX model: {first}") from None
+
+
+def check_weightless(model: ir.Model, where: str, *, full_check: bool = False) -> None:
+    """``onnx.checker.check_model`` on ``model`` without its weights: the graph is written
+    with every large weight (and every external-data tensor) as an external-data
+    placeholder beside an empty placeholder file, so no weight is serialized, copied or read
+    again (the checker would otherwise re-read and parse the whole file). Names, types and
+    shapes -- what the checker and shape inference read -- are all there; the weights'
+    byte sizes were checked when they were read (:func:`_tensors_in_arrays`) or their
+    external-data ranges (:func:`_check_external_data`).
+
+    Raises:
+        OnnxInputError: the checker refuses the model (its first line).
+    """
+    import tempfile
+
+    try:
+        with weights_apart(model):
+            bare = ir.serde.serialize_model(model)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / IN_MEMORY).touch()
+            p = Path(d) / "model.onnx"
+            p.write_bytes(bare.SerializeToString())
+            del bare
+            onnx.checker.check_model(str(p), full_check=full_check)
+    except Exception as e:  # the checker raises several types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OnnxInputError(f"{where} is not a valid ONNX model: {first}") from None
 
@@ -181,11 +211,13 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
             missing or outside the model's folder.
     """
     if isinstance(model, ir.Model):
-        return _initializers_apart(_tensors_in_arrays(model.clone())), "ir"
+        return _initializers_apart(_tensors_in_arrays(model.clone(), "the onnx_ir.Model")), "ir"
     if isinstance(model, onnx.ModelProto):
-        _check_proto(model, "the ModelProto")
-        loaded = ir.serde.deserialize_model(_densify_sparse(model, "the ModelProto"))
-        return _initializers_apart(_tensors_in_arrays(loaded)), "proto"
+        where = "the ModelProto"
+        _check_header(model, where)
+        loaded = _tensors_in_arrays(_deserialize(_densify_sparse(model, where), where), where)
+        check_weightless(loaded, where)
+        return _initializers_apart(loaded), "proto"
     if not isinstance(model, str | os.PathLike):
         raise OnnxInputError(
             f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}"
@@ -202,11 +234,13 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
             "re-export or re-download it"
         ) from None
     _check_external_data(proto, path.parent, where)
-    _check_proto(proto, where, path)
-    loaded = ir.serde.deserialize_model(_densify_sparse(proto, where))
+    _check_header(proto, where)
+    loaded = _deserialize(_densify_sparse(proto, where), where)
     del proto  # the tensors are read out of it once (below), then it is freed
     ir.external_data.set_base_dir(loaded.graph, path.parent)
-    return _initializers_apart(_tensors_in_arrays(loaded)), "path"
+    loaded = _tensors_in_arrays(loaded, where)
+    check_weightless(loaded, where)
+    return _initializers_apart(loaded), "path"
 
 
 #: element types whose tensors are held as numpy arrays and handed to onnxruntime as
@@ -223,7 +257,7 @@ _BUFFER_DTYPES = frozenset({
 _HELD_DTYPES = _BUFFER_DTYPES | {ir.DataType.BFLOAT16}
 
 
-def _tensors_in_arrays(model: ir.Model) -> ir.Model:
+def _tensors_in_arrays(model: ir.Model, where: str) -> ir.Model:
     """Hold every initializer of the main graph that lives in the parsed protobuf as a numpy
     array (one copy, read once) so the protobuf can be freed: onnx-ir's proto-backed tensors
     copy their bytes on every ``numpy()``, and each onnxruntime session would hold another
@@ -231,7 +265,14 @@ def _tensors_in_arrays(model: ir.Model) -> ir.Model:
     for v in model.graph.initializers.values():
         t = v.const_value
         if isinstance(t, ir.TensorProtoTensor) and t.dtype in _HELD_DTYPES:
-            v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
+            try:
+                arr = t.numpy()
+            except (ValueError, TypeError) as e:  # raw bytes that do not fill its shape
+                raise OnnxInputError(
+                    f"{where}: initializer '{t.name}' has data that does not match its shape "
+                    f"{tuple(t.shape.numpy())} ({type(e).__name__}); the model is corrupt "
+                    "(re-export it)") from None
+            v.const_value = ir.Tensor(arr, dtype=t.dtype, name=t.name)
     return model
 
 
