@@ -792,8 +792,16 @@ def _source_layer(layer: ir.Node, rows: np.ndarray, plan: _Plan
         if op == "Conv":
             width = w.shape[0]
             _check_rows(rows, width)
-            if g > 1 and w.shape[1] == 1 and g > 1:
-                _source_depthwise(layer, rows, width // g, g, plan)
+            m = width // g
+            if g > 1 and w.shape[1] == 1 and len(np.unique(rows // m)) * m == len(rows):
+                _source_depthwise(layer, rows, m, g, plan)
+            elif g > 1 and w.shape[1] == 1:  # part of every group: the groups stay
+                try:
+                    _groups_even(rows, m, g, f"Conv '{name}'")
+                except Refused:
+                    raise Refused(f"depthwise Conv '{name}' would lose part of a group (units "
+                                  f"{rows.tolist()[:8]}, {m} per group) and the groups "
+                                  "would be uneven: its input channels stay read") from None
             elif g > 1:
                 _groups_even(rows, width // g, g, f"Conv '{name}'")
             plan.set(layer, 1, np.delete(w, rows, axis=0))
@@ -825,9 +833,6 @@ def _source_depthwise(layer: ir.Node, rows: np.ndarray, m: int, g: int, plan: _P
     produce them (through Pad, BatchNormalization, activations), whatever their values."""
     name = layer.name
     groups = np.unique(rows // m)
-    if len(groups) * m != len(rows):
-        raise Refused(f"depthwise Conv '{name}' would lose part of a group (units "
-                      f"{rows.tolist()[:8]}, {m} per group): its input channel stays")
     if len(groups) >= g:
         raise Refused(f"depthwise Conv '{name}' would lose all its {g} groups")
     x = _input(layer, 0)

@@ -204,8 +204,9 @@ def test_expand_then_depthwise_site_refer_to_the_same_channels() -> None:
 
 
 def test_depthwise_site_keeps_partial_groups() -> None:
-    """A depthwise conv with 2 outputs per group losing one of them: its input channel is
-    still read, refused with the reason."""
+    """A depthwise conv with 2 outputs per group losing one of them in one group only: its
+    input channel is still read and the groups would be uneven, refused with the reason (one
+    output of every group goes the grouped way: the groups stay)."""
     g = G()
     we, be = g.w(4, 4, 1, 1), g.w(4)
     wd, bd = g.w(8, 1, 3, 3), g.w(8)
@@ -449,3 +450,31 @@ def test_shared_weight_refused_without_batches_to_measure_its_other_use() -> Non
         excise_site(model, p, {})
     assert n_params(model) == before and set(model.graph.initializers) == {
         "W1_1", "W2_2", "b1_3", "b2_4"}
+
+
+def test_depthwise_multiplier_losing_one_output_of_every_group() -> None:
+    """Depthwise with 2 outputs per group, output 1 of each of the 4 groups constant 0: every
+    group loses as many, the groups and the input channels stay (8 -> 4 outputs)."""
+    g = G(seed=4)
+    we, be = g.w(4, 4, 1, 1), g.w(4)
+    wd, bd = g.w(8, 1, 3, 3), g.w(8, scale=0.1) + 0.5
+    dead = [1, 3, 5, 7]
+    wd[dead] = 0
+    bd[dead] = -1.0
+    wp, bp = g.w(3, 8, 1, 1), g.w(3)
+    e = g.op("Conv", ["x", g.const(we), g.const(be)])
+    d = g.op("Conv", [g.op("Relu", [e]), g.const(wd), g.const(bd)], group=4, pads=[1, 1, 1, 1])
+    r = g.op("Relu", [d])
+    y = g.op("Conv", [r, g.const(wp), g.const(bp)])
+    model = ir.serde.deserialize_model(g.model(y, ["N", 4, 6, 6], 4))
+    excise_site(model, hand_problem(d, r, dead, np.zeros(4), 8), {})
+    assert conv_weights(model) == {e: ((4, 4, 1, 1), 1), d: ((4, 1, 3, 3), 4),
+                                   y: ((3, 4, 1, 1), 1)}
+
+    def ref(x: np.ndarray) -> np.ndarray:
+        t = [torch.from_numpy(a.astype(np.float64)) for a in (we, be, wd, bd, wp, bp)]
+        h = F.relu(F.conv2d(torch.from_numpy(x), t[0], t[1]))
+        h = F.relu(F.conv2d(h, t[2], t[3], padding=1, groups=4))
+        return F.conv2d(h, t[4], t[5]).numpy()
+
+    assert_close_to_reference(model, ref, X)
