@@ -21,7 +21,13 @@ import copy
 import torch
 from _helpers import assert_treated, same_state, snapshot
 from graphsurg.passes.fx.capture import capture, find_sites
-from graphsurg.passes.fx.coupling import analyze_fx, probe_coupling, propagate_shapes, trace
+from graphsurg.passes.fx.coupling import (
+    _probe_delta,
+    analyze_fx,
+    probe_coupling,
+    propagate_shapes,
+    trace,
+)
 from torch import nn
 
 import graphsurg as gs
@@ -253,6 +259,41 @@ def test_operate_treats_dead_units_before_a_depthwise_conv() -> None:
     assert same_state(snapshot(model), state)
     assert_treated(res, "DeadNeurons", "expand", DW_UNITS)
     assert _rel64(res.model, model, data) <= TOL
+
+
+class _Ripple(nn.Module):
+    """expand -> BN -> SiLU -> depthwise -> BN of gain 1e5 -> SiLU -> pointwise: a push too
+    small to wake a dead unit moves it by ~1e-10 at the depthwise conv (below the probe's
+    tolerance), and the gain makes the ripple visible at the pointwise conv, in the unit's
+    own column -- as if the pointwise conv read the unit and the depthwise conv did not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 16, 1, bias=False)
+        self.bn1, self.act1 = nn.BatchNorm2d(16), nn.SiLU()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(16, eps=1e-12), nn.SiLU()
+        self.pw = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.bn1(self.expand(x)))
+        return self.pw(self.act2(self.bn2(self.dw(h)))).mean((2, 3))
+
+
+def test_probe_wakes_a_dead_unit_before_reading_its_consumers() -> None:
+    torch.manual_seed(0)
+    m, x = _Ripple().eval(), _batches((4, 3, 6, 6), 1)[0]
+    units = [3, 9]
+    with torch.no_grad():
+        m.expand.weight[units] = 0.0  # dead through the norm, as faults.plant_dead does
+        m.bn1.weight[units] = 0.0
+        m.bn1.bias[units] = DEAD_BIAS
+        delta = _probe_delta(m.expand(x), 1, units[0])  # the probe's first push
+        m.bn1.running_var.fill_((delta / 25) ** 2 - m.bn1.eps)  # the push lands at -50 + 25
+        m.bn2.running_var.fill_(1e-10)
+    g = probe_coupling(m, "expand", lambda mm: mm(x), units=units)
+    assert g.ok, g.reason()
+    assert [(c.module, c.groups) for c in g.consumers] == [("dw", 16)]
 
 
 # ---- a gated MLP is one site ---------------------------------------------------------------
