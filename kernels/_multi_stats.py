@@ -282,7 +282,7 @@ def multi_grad_sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     from ._norms import grad_sq_norms
 
-    ts = [t.detach() for t in tensors]
+    ts = [t.detach() if t.requires_grad else t for t in tensors]  # no op per tensor
     if not ts:
         return torch.zeros(0, dtype=torch.float64)
     if ts[0].is_cuda:
