@@ -207,9 +207,28 @@ def _run_arm(arm: str, model: nn.Sequential, seed: int, tasks: int, per_task: in
 
 def _job(arm: str, seed: int, tasks: int, per_task: int, sp: tuple[float, float]
          ) -> tuple[list[float], dict[str, float], list[str]]:
+    """One arm on one seed; with env ``EFFICACY_CACHE`` (a folder) the result is read from /
+    written to a JSON file there, so that seeds can run in separate processes and the
+    report be assembled from them (a code change needs a fresh folder)."""
+    import json
+    import os
+
+    cache = os.environ.get("EFFICACY_CACHE")
+    path = None
+    if cache:
+        name = f"{arm.replace(' ', '_')}-{seed}-{tasks}-{per_task}-{sp[0]:g}-{sp[1]:g}.json"
+        path = Path(cache) / name
+        if path.is_file():
+            errs, extra, notes = json.loads(path.read_text())
+            return errs, extra, notes
     torch.set_num_threads(1)
     notes: list[str] = []
     errs, extra = _run_arm(arm, build(seed), seed, tasks, per_task, notes, sp)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([errs, extra, notes]))
+        tmp.replace(path)
     return errs, extra, notes
 
 
@@ -322,6 +341,9 @@ if __name__ == "__main__":
     ap.add_argument("--per-task", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune-seeds", default="100,101,102", help="seeds for --tune-sp")
+    ap.add_argument("--cache-seed", type=int, default=None,
+                    help="run every arm of this seed into $EFFICACY_CACHE (then assemble with "
+                         "the runner and the same EFFICACY_CACHE)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -333,3 +355,5 @@ if __name__ == "__main__":
                                              a.tasks, a.per_task)))
     elif a.paper:
         paper_run(a.seed, a.tasks, a.per_task, a.paper)
+    elif a.cache_seed is not None:
+        _map([(arm, a.cache_seed, a.tasks, a.per_task, SP) for arm in ARMS])
