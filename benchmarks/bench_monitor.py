@@ -203,14 +203,11 @@ def test_overhead_components() -> None:
         rec.calls = 1  # stay on a skipped call
         call(1)
     skipped = (time.perf_counter() - t) / n_calls - _min_time(lambda: plain(1), 2000)
-    # a sampled call: every site's sums in one batched call, one packed merge, every
-    # parameter's gradient norm in one multi-tensor call (what MonitoredCall does)
-    from graphsurg.kernels import (
-        merge_packed,
-        multi_grad_sq_norms,
-        packed_from_sums,
-        partial_sums_many,
-    )
+    # a sampled call: every site's sums in one batched call kept in the graph's buffer (the
+    # exact merge runs once per K calls, amortised here), every parameter's gradient norm in
+    # one multi-tensor call added to the per-gradient totals (what MonitoredCall does)
+    from graphsurg.kernels import multi_grad_sq_norms, partial_sums_many
+    from graphsurg.passes.fx.observe_compiled import _MERGE_CALLS
 
     model = _model()
     x, _ = _batch()
@@ -221,16 +218,24 @@ def test_overhead_components() -> None:
         if isinstance(m, nn.ReLU) or m is model[-1]:
             acts.append(h.detach())
     grads = [p.detach().clone() for p in model.parameters()]
-    acc = [packed_from_sums(partial_sums_many(acts, [-1] * len(acts), [None] * len(acts)))]
-    layer = torch.arange(len(grads)) // 2
-    gsq = torch.zeros(len(grads) // 2, dtype=torch.float64)
+    rec2 = GraphRecord(0, DynamoSites([], []), [])
+    rec2.layers = [str(i) for i in range(len(grads) // 2)]
+    rec2.param_layer = torch.arange(len(grads)) // 2
+    rec2.param_steps = torch.ones(len(grads) // 2, dtype=torch.int64)
 
     def sampled() -> None:
-        sums = partial_sums_many(acts, [-1] * len(acts), [None] * len(acts))
-        acc[0] = merge_packed(acc[0], packed_from_sums(sums))
-        gsq.index_add_(0, layer, multi_grad_sq_norms(grads))
+        rec2.accumulate(partial_sums_many(acts, [-1] * len(acts), [None] * len(acts)))
+        rec2.add_all_grads(multi_grad_sq_norms(grads))
 
-    extra = _min_time(sampled, 30)
+    # the merge of K kept calls, once per K sampled calls
+    from graphsurg.kernels import merge_packed, packed_from_sums
+    from graphsurg.kernels._multi_stats import merge_packed_many
+
+    sums = partial_sums_many(acts, [-1] * len(acts), [None] * len(acts))
+    kept = sums.expand(_MERGE_CALLS, *sums.shape).clone()
+    acc = packed_from_sums(sums)
+    merge = _min_time(lambda: merge_packed(acc, merge_packed_many(packed_from_sums(kept))), 10)
+    extra = _min_time(sampled, 30) + merge / _MERGE_CALLS
     print(f"\nbench_monitor components: inner step min {base * 1e3:.2f} ms; skipped-call "
           f"wrapper {skipped * 1e6:.2f} us; sampled-step extra work {extra * 1e3:.2f} ms")
     print(f"  estimated ratio every=1: x{(base + extra) / base:.3f}   every=16: "
