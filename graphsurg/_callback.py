@@ -235,9 +235,9 @@ class SurgeryCallback:
                 mass = torch.zeros(width, dtype=torch.float64)
                 for c in group.consumers:
                     w = weight_rows(get_layer(target, c.module, grouped=True))
-                    for u in range(width):
-                        rows, cols = c.weight_index(u, w.shape)
-                        mass[u] += float(w.detach()[rows, cols].abs().sum())
+                    for j in range(width):
+                        rows, cols = c.weight_index(j, w.shape)
+                        mass[j] += float(w.detach()[rows, cols].abs().sum())
             except (Refused, ValueError, AttributeError) as e:
                 self._sites = {k: v for k, v in self._sites.items() if k != module}
                 event = event or self._event()
