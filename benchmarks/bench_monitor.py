@@ -85,17 +85,25 @@ def test_step(benchmark, config: str) -> None:  # type: ignore[no-untyped-def]
 def interleaved(inner: str = INNER, width: int = WIDTH, depth: int = DEPTH, batch: int = BATCH,
                 rounds: int = ROUNDS) -> dict[str, tuple[float, float]]:
     """Per configuration: (min, median) step time in seconds, the configurations alternating
-    step by step so load from other processes hits them alike."""
+    step by step so load from other processes hits them alike; under ``"<config>/cpu"`` the
+    same of the thread's CPU time per step (robust to load with ``OMP_NUM_THREADS=1``)."""
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     steps = {c: _stepper(c, inner, width, depth, batch)[0] for c in CONFIGS}
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    cpu: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for _ in range(rounds):
         for c in CONFIGS:
+            u = time.thread_time()
             t = time.perf_counter()
             steps[c]()
             times[c].append(time.perf_counter() - t)
-    return {c: (min(v), statistics.median(v)) for c, v in times.items()}
+            cpu[c].append(time.thread_time() - u)
+    out = {c: (min(v), statistics.median(v)) for c, v in times.items()}
+    # the calling thread's CPU time per step: with one OpenMP thread every kernel and the
+    # CPU backward run on it, and time other processes take the core from it is not counted
+    out.update({f"{c}/cpu": (min(v), statistics.median(v)) for c, v in cpu.items()})
+    return out
 
 
 def _print(title: str, r: dict[str, tuple[float, float]]) -> None:
@@ -103,7 +111,8 @@ def _print(title: str, r: dict[str, tuple[float, float]]) -> None:
     for c in CONFIGS:
         lo, med = r[c]
         print(f"  {c:>9}: min {lo * 1e3:8.2f} ms (x{lo / r['inner'][0]:.3f})   "
-              f"median {med * 1e3:8.2f} ms (x{med / r['inner'][1]:.3f})")
+              f"median {med * 1e3:8.2f} ms (x{med / r['inner'][1]:.3f})   thread CPU median "
+              f"x{r[c + '/cpu'][1] / r['inner/cpu'][1]:.3f}")
 
 
 def test_interleaved_ratios() -> None:
@@ -131,24 +140,26 @@ GROWTH = [(512, 4, 30), (1024, 4, 20), (2048, 4, 10), (4096, 4, 6),
 
 
 def growth(inner: str = INNER, show: bool = False
-           ) -> list[tuple[int, int, float, float, float, float]]:
-    """(width, depth, inner min ms, every=1 ratio, every=16 ratio, every=1 median ratio);
+           ) -> list[tuple[int, int, float, float, float, float, float]]:
+    """(width, depth, inner min ms, every=1 ratio, every=16 ratio, every=1 median ratio,
+    every=1 median ratio of thread CPU time);
     ``show`` prints each row as it is measured."""
     rows = []
     if show:
         print(f"\nbench_monitor growth: batch {BATCH}, inner={inner} (ratios of min step "
               "times; last column: of medians)")
         print(f"  {'width':>6} {'depth':>5} {'inner ms':>9} {'every=1':>8} {'every=16':>9} "
-              f"{'every=1 median':>14}", flush=True)
+              f"{'every=1 median':>14} {'every=1 cpu med':>15}", flush=True)
     for width, depth, rounds in GROWTH:
         r = interleaved(inner, width, depth, BATCH, rounds)
         base = r["inner"][0]
         row = (width, depth, base * 1e3, r["every=1"][0] / base, r["every=16"][0] / base,
-               r["every=1"][1] / r["inner"][1])
+               r["every=1"][1] / r["inner"][1], r["every=1/cpu"][1] / r["inner/cpu"][1])
         rows.append(row)
         if show:
-            w, d, ms, r1, r16, m1 = row
-            print(f"  {w:6d} {d:5d} {ms:9.2f} {r1:8.3f} {r16:9.3f} {m1:14.3f}", flush=True)
+            w, d, ms, r1, r16, m1, c1 = row
+            print(f"  {w:6d} {d:5d} {ms:9.2f} {r1:8.3f} {r16:9.3f} {m1:14.3f} {c1:15.3f}",
+                  flush=True)
     return rows
 
 
@@ -259,15 +270,18 @@ def quick() -> None:
     t0 = time.perf_counter()
     print(f"bench_monitor quick: torch {torch.__version__}, {torch.get_num_threads()} "
           f"thread(s), batch {BATCH}, {ROUNDS} interleaved steps; start: {_loadavg()}")
-    print(f"  {'inner':>9} {'model':>6} {'inner min':>10} {'inner med':>10} "
+    print(f"  {'inner':>9} {'model':>6} {'time':>4} {'inner min':>10} {'inner med':>10} "
           f"{'every=16 min/med':>17} {'every=1 min/med':>16}")
     for inner, width, depth in (("aot_eager", WIDTH, DEPTH), ("inductor", 256, 2),
                                 ("inductor", WIDTH, DEPTH)):
         r = interleaved(inner, width, depth, BATCH, ROUNDS)
         lo, med = r["inner"]
-        print(f"  {inner:>9} {depth}x{width:<4} {lo * 1e3:8.2f}ms {med * 1e3:8.2f}ms "
-              f"{r['every=16'][0] / lo:8.3f}/{r['every=16'][1] / med:.3f} "
-              f"{r['every=1'][0] / lo:8.3f}/{r['every=1'][1] / med:.3f}", flush=True)
+        for clock in ("", "/cpu"):
+            lo, med = r["inner" + clock]
+            e16, e1 = r["every=16" + clock], r["every=1" + clock]
+            print(f"  {inner:>9} {depth}x{width:<4} {clock or 'wall':>4} {lo * 1e3:8.2f}ms "
+                  f"{med * 1e3:8.2f}ms {e16[0] / lo:8.3f}/{e16[1] / med:.3f} "
+                  f"{e1[0] / lo:8.3f}/{e1[1] / med:.3f}", flush=True)
     test_growth_table()
     print(f"done in {time.perf_counter() - t0:.0f} s; end: {_loadavg()}")
 
