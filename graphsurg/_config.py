@@ -49,10 +49,10 @@ class DiagnoseConfig:
             dead or dormant units, every other ReLU-family layer with at least one dormant
             unit is reported too (its few dormant units get treated with the rest). Off by
             default: a healthy layer has a few rarely-firing units.
-        min_unit_samples: dormancy, dead units and saturation are judged only at sites where
-            every unit was observed at least this many times (a squeeze-excite layer sees one
-            pooled vector per image: a few images say nothing about its units); skipped sites
-            are named in the diagnosis notes.
+        min_unit_samples: dormancy and dead units are judged only at sites where every unit
+            was observed at least this many times (a squeeze-excite layer sees one pooled
+            vector per image: a few images say nothing about its units); skipped sites are
+            named in the diagnosis notes.
         progress: show a progress bar (None: when stderr is a TTY).
         overfit_gap: with ``val_data=``, the model over-fits when the held-out loss exceeds
             ``(1 + overfit_gap) x`` the training loss ...

@@ -37,8 +37,7 @@ def detect_all(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
 
 def detect_notes(m: Measurements, config: DiagnoseConfig) -> list[str]:
     """What the detectors could not judge and why (for the diagnosis notes): sites with too
-    few observations per unit for dormancy or saturation."""
+    few observations per unit for dormancy."""
     from .dead import too_few_samples
-    from .saturation import too_few_samples as too_few_saturating
 
-    return too_few_samples(m, config) + too_few_saturating(m, config)
+    return too_few_samples(m, config)
