@@ -30,16 +30,13 @@ C6 = "issue 14 class 6: design read as disease (narrow layer, LayerScale, SE dor
 C7 = "issue 14 class 7: symbolic_trace fails on Hugging Face models"
 C8 = "issue 14 class 8: ONNX-side gap (Clip typing, gated units, dormancy rule)"
 
-#: surgery on a layer a model calls more than once (ALBERT shares one layer group across depth)
-SHARED = "shared layer: the module is called twice (ALBERT's weight sharing); surgery refuses it"
-
-#: (architecture, check) -> why it fails today; delete a pair when its fix lands. Diagnosis
-#: passes for every QUICK architecture; what is left is surgery: a Pad / depthwise consumer of
-#: the excised units on ONNX, and ALBERT's shared layer (torch and ONNX).
+#: (architecture, check) -> why it fails today; delete a pair when its fix lands. What is
+#: left: MobileNetV2's exported graph is itself only ~1e-5 close to float64 (float32 round-off
+#: through its small-variance BatchNorms), so an exact excision's summation-order change
+#: measures 0.6-1.1e-5 against the fixed 1e-5 tolerance.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("albert", "operate"): SHARED,
-    ("albert", "onnx_legacy"): SHARED + " (ONNX: the shared weights are copied per use)",
-    ("mobilenet_v2", "onnx_legacy"): C5 + " -- Pad / depthwise consumer",
+    ("mobilenet_v2", "onnx_legacy"): "float32 noise floor of the original (1-4e-5 from float64) "
+                                     "above the exact tolerance 1e-5",
 }
 
 

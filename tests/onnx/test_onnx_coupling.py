@@ -222,13 +222,24 @@ def test_se_gate_passes_zero_units() -> None:
     assert op_types(out).count("Mul") == 1 and "HardSigmoid" in op_types(out)
 
 
-def test_se_gate_refuses_a_nonzero_constant() -> None:
+def test_se_gate_of_a_nonzero_constant_is_excised_exactly() -> None:
+    """Units constant at 0.8 before the gate are 0.8 * gate after it (varying per image): the
+    last conv loses their columns and their gated contribution is added back from the gate's
+    removed channels (Gather -> 1x1 Conv -> Add); outputs equal within EXACT_RTOL."""
     g = Graph(const_nodes=True)
-    y, gate = se_block(g, 0.8)
-    relu = next(n.output[0] for n in g.nodes if n.op_type == "Relu")
-    why = refuse(g.model(y, X), relu, [2, 5], 0.8)
-    assert f"gates the units by '{gate}'" in why and "Mul 'mul_" in why
-    assert "only 0 * gate = 0 passes" in why
+    y, _ = se_block(g, 0.8)
+    m = g.model(y, X)
+    relu = next(n.output[0] for n in m.graph.node if n.op_type == "Relu")
+    model = ir.serde.deserialize_model(m)
+    p = Problem("DeadNeurons", Site("layer", relu, "relu", "onnx"), 0.5, units=(2, 5),
+                evidence={"constant": [2, 5], "constant_values": [0.8, 0.8], "channel_dim": 1})
+    excised: dict[str, set[int]] = {}
+    excise_site(model, p, excised, batches=calib(X))
+    out = ir.serde.serialize_model(model)
+    full_check(out)
+    assert (3, 6, 1, 1) in shapes(out)  # the last conv lost the two columns
+    assert "Gather" in op_types(out)
+    assert_same_outputs(m, out, calib(X, n=1, seed=99)[0], EXACT_RTOL)
 
 
 # -- residual Add --------------------------------------------------------------------------
