@@ -44,7 +44,7 @@ class Meta:
 
     Attributes:
         family: text-encoder, decoder, encoder-decoder, speech, vision-cnn, vision-transformer,
-            multimodal, trained-audio (trained weights from a registry wheel).
+            multimodal, trained-audio / trained-vision (trained weights from a registry wheel).
         site: module path of the layer whose output units feed the activation (an FFN
             up-projection, the gate projection of a gated MLP, or a conv channel producer).
         activation: the activation the author wrote after ``site`` (``"gelu"``,
@@ -638,6 +638,20 @@ def crepe_tiny() -> Built:
     return build()
 
 
+def mtcnn_rnet() -> Built:
+    """facenet-pytorch 2.6.0's trained MTCNN R-Net (:mod:`.trained`)."""
+    from .trained import mtcnn_rnet as build
+
+    return build()
+
+
+def mtcnn_onet() -> Built:
+    """facenet-pytorch 2.6.0's trained MTCNN O-Net (:mod:`.trained`)."""
+    from .trained import mtcnn_onet as build
+
+    return build()
+
+
 #: every architecture of the corpus, by name (insertion order = table order)
 ARCHITECTURES: dict[str, Callable[[], Built]] = {f.__name__: f for f in (
     bert, roberta, albert, distilbert, electra, deberta_v2, mpnet,
@@ -647,7 +661,7 @@ ARCHITECTURES: dict[str, Callable[[], Built]] = {f.__name__: f for f in (
     resnet_basic, resnet_bottleneck, mobilenet_v2, efficientnet, regnet, convnext, same_pad_cnn,
     vit, deit, beit, swin,
     clip_text, clip_vision, siglip_vision,
-    crepe_tiny,
+    crepe_tiny, mtcnn_rnet, mtcnn_onet,
 )}
 
 #: the representative third CI runs: one or more of each family and of each failure class
@@ -661,4 +675,6 @@ def model_output(out: Any, meta: Meta) -> torch.Tensor:
     """The tensor of ``out`` the ONNX export returns (``meta.output``)."""
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, tuple):  # several heads (MTCNN): one tensor, heads side by side
+        return torch.cat([o.flatten(1) for o in out], 1)
     return getattr(out, meta.output)  # type: ignore[no-any-return]

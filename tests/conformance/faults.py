@@ -5,7 +5,8 @@ the planted truth: the problem kind, the module path of its site and its units.
   weight rows and a bias of ``DEAD_BIAS`` (for a conv followed by BatchNorm, the norm's scale
   is zeroed and its shift set to ``DEAD_BIAS``). ``DEAD_BIAS`` puts ReLU, ReLU6, GELU (erf
   and tanh forms), QuickGELU and SiLU in their zero region (|f(-50)| < 1e-20); without a
-  bias the pre-activation is exactly 0 and every one of them outputs exactly 0.
+  bias the pre-activation is exactly 0 and every one of them outputs exactly 0; a PReLU
+  (learned negative slope, no zero region) gets a bias of 0 for the same reason.
 - ``collapsed``: the producer's weight replaced by its best rank-1 approximation rescaled to
   the same Frobenius norm (a collapsed, rank-deficient weight: ``Bottleneck``).
 - ``saturated``: the producer of a tanh/sigmoid site scaled by ``SATURATING_GAIN`` so most
@@ -112,7 +113,9 @@ def plant_dead(built: Built) -> Planted | Inapplicable:
         norm.weight[idx] = 0.0
         norm.bias[idx] = DEAD_BIAS
     elif bias is not None:
-        bias[idx] = DEAD_BIAS
+        # a learned-slope PReLU has no zero region: only a pre-activation of exactly 0 is
+        # dead under it (DEAD_BIAS would make a large constant, not a dead unit)
+        bias[idx] = 0.0 if meta.activation == "prelu" else DEAD_BIAS
     return Planted("DeadNeurons", meta.site, units)
 
 

@@ -110,13 +110,19 @@ def _units_of(p: Any) -> tuple[int, ...]:
     return tuple(p.units) or tuple(p.evidence.get("dead", ()))
 
 
+def _matches(p: Any, units: tuple[int, ...]) -> bool:
+    """``p`` is on exactly ``units``: its units, or the units its evidence finds dead (a
+    DeadNeurons problem's units also list the dormant ones around them, e.g. on MTCNN)."""
+    return set(units) in ({*p.units}, {*p.evidence.get("dead", ())})
+
+
 def _found(diagnosis: Any, truth: Planted) -> None:
     at_site = [p for p in diagnosis.problems if p.site.module == truth.module]
     same = [p for p in at_site if p.kind == truth.kind]
     if not same:
         seen = describe(diagnosis.problems) or "no problems"
         raise CheckFailed(f"no {truth.kind} at {truth.module}; reported: {seen}")
-    if truth.units and not any(set(_units_of(p)) == set(truth.units) for p in same):
+    if truth.units and not any(_matches(p, truth.units) for p in same):
         raise CheckFailed(f"{truth.kind} at {truth.module} on units "
                           f"{list(_units_of(same[0]))}, planted {list(truth.units)}")
     if truth.span and not any(set(p.span) <= set(truth.span) for p in same):
@@ -161,13 +167,16 @@ def check_operate(build: Callable[[], Built]) -> str:
         raise CheckFailed("the input model was modified")
     key = (truth.kind, truth.module, truth.units)
     before = issues(res.before)
-    if not any(k[:2] == key[:2] and set(k[2]) == set(key[2]) for k in before):
+    if not any(p.kind == key[0] and p.site.module == key[1] and _matches(p, key[2])
+               for p in res.before.problems):
         raise CheckFailed(f"planted units not diagnosed; before: {describe(res.before.problems)}")
     if res.after is None:
         raise CheckFailed("no diagnosis after surgery")
     after = issues(res.after)
     if any(k[:2] == key[:2] for k in after):
-        raise CheckFailed(f"planted problem still there after surgery ({res.summary()[:200]})")
+        rolled = [f"{r['replacement']}@{r['site']}: {r['reason']}" for r in res.rolled_back]
+        raise CheckFailed("planted problem still there after surgery; rolled back: "
+                          f"{'; '.join(rolled)[:300] or 'nothing'}")
     if not after < before:
         new = [p for p in res.after.problems
                if (p.kind, p.site.module, tuple(p.units)) not in before]
