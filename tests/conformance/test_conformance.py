@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 from .corpus import QUICK
 from .runner import run_check
 
-CI_CHECKS = ("healthy", "dead", "collapsed", "saturated", "operate", "onnx_legacy")
+CI_CHECKS = ("healthy", "dead", "collapsed", "saturated", "vanishing", "operate", "onnx_legacy")
 
 # issue 14's failure classes
 C1 = "issue 14 class 1: decomposed activation read as its pieces (tanh/sigmoid of GELU)"
