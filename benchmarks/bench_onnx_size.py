@@ -130,11 +130,14 @@ class Run:
     seconds: float
     peak_mb: float
     rc: int
+    cpu_s: float = 0.0  # user + system CPU seconds: steadier than wall time on a shared machine
+    load: float = 0.0  # 1-minute load average when it started (``uptime``)
 
 
 def measure(what: str, cmd: list[str]) -> Run:
     """Run ``cmd`` alone; its wall time and peak RSS (``ru_maxrss``, KiB on Linux)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    load = os.getloadavg()[0]
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     assert p.stderr is not None
@@ -144,7 +147,8 @@ def measure(what: str, cmd: list[str]) -> Run:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode not in (0, 1):  # 1: surgery could not meet the certificates (not an error)
         sys.stderr.write(err.decode(errors="replace")[-2000:])
-    return Run(what, dt, usage.ru_maxrss / 1024, p.returncode)
+    return Run(what, dt, usage.ru_maxrss / 1024, p.returncode,
+               usage.ru_utime + usage.ru_stime, load)
 
 
 def measure_all(name: str, *, batch_size: int = 8, seq: int = 128,
@@ -176,8 +180,10 @@ def table(name: str, runs: list[Run]) -> str:
     ort = by.get("ort")
     lines = [f"{name}: {size:.0f} MiB on disk"]
     for r in runs:
-        ratio = f"{r.seconds / ort.seconds:5.2f}x ort" if ort else ""
-        lines.append(f"  {r.what:>13}  {r.seconds:7.2f} s  {r.peak_mb:7.0f} MiB peak  {ratio}"
+        ratio = (f"{r.seconds / ort.seconds:5.2f}x ort wall, {r.cpu_s / ort.cpu_s:5.2f}x ort cpu"
+                 if ort else "")
+        lines.append(f"  {r.what:>13}  {r.seconds:7.2f} s  {r.cpu_s:7.2f} s cpu  "
+                     f"{r.peak_mb:7.0f} MiB peak  {ratio}  (load {r.load:.1f})"
                      + (f"  (exit {r.rc})" if r.rc else ""))
     return "\n".join(lines)
 
