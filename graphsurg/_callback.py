@@ -20,8 +20,8 @@ is rolled back at once. After an edit the monitor's statistics restart.
 Utility replacement (opt-in, ``replace_rate > 0``): continual backprop's generate-and-test
 (Dohare et al., Nature 2024) on every activation site the last diagnosis measured. Every
 ``utility_every`` steps each unit's contribution utility (``mean|h| x sum|outgoing weights|``,
-:func:`graphsurg.detect.dead.contribution_utility`; mean |h| from the monitor's current
-window, relative to the layer's mean) enters a running average (decay ``utility_decay`` per
+:func:`graphsurg.detect.dead.contribution_utility`; mean |h| over the monitor's samples
+window since the previous update) enters a running average (decay ``utility_decay`` per
 step); units older than ``maturity`` steps are eligible and ``replace_rate`` of them per step
 (accumulated) are re-initialised in place by the library's unit-reinitialising replacement
 (fresh incoming weights from the layer's initialiser, outgoing weights zeroed after folding
@@ -129,6 +129,7 @@ class SurgeryCallback:
         self._acc: dict[str, float] = {}
         self._sites: dict[str, Any] = {}  # producer -> activation Site (from the last diagnosis)
         self._groups: dict[str, Any] = {}  # producer -> coupling group (consumers)
+        self._seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # count, sum |h| so far
         self.replaced = 0  # units re-initialised by utility replacement
         # (first step, schedule): e.g. a RampLeakyReLU's slope, raised over ``every`` steps
         self._on_step: list[tuple[int, Callable[[int, int], None]]] = []
@@ -243,8 +244,17 @@ class SurgeryCallback:
                 event = event or self._event()
                 event.reported.append(f"utility replacement at {module}: skipped ({e})")
                 continue
-            ma = st.mean_abs.to(torch.float64)
-            contrib = contribution_utility(ma / ma.mean().clamp_min(1e-12), mass)
+            # mean |h| since the last update (the monitor's window is cumulative): CBP's
+            # running average must not be dominated by what a unit did before its reset
+            n = st.count.to(torch.float64)
+            tot = st.mean_abs.to(torch.float64) * n
+            n0, tot0 = self._seen.get(module, (None, None))
+            if n0 is not None and tot0 is not None and n0.shape == n.shape and bool(
+                    (n >= n0).all()) and bool((n > n0).any()):
+                n, tot = n - n0, tot - tot0
+            self._seen[module] = (st.count.to(torch.float64), st.mean_abs.to(torch.float64)
+                                  * st.count.to(torch.float64))
+            contrib = contribution_utility(tot / n.clamp_min(1.0), mass)
             if module not in self.utility or self.utility[module].numel() != width:
                 self.utility[module] = torch.zeros(width, dtype=torch.float64)
                 self.age[module] = torch.zeros(width, dtype=torch.float64)
