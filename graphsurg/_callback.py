@@ -21,7 +21,7 @@ Utility replacement (opt-in, ``replace_rate > 0``): continual backprop's generat
 (Dohare et al., Nature 2024) on every activation site the last diagnosis measured. Every
 ``utility_every`` steps each unit's contribution utility (``mean|h| x sum|outgoing weights|``,
 :func:`graphsurg.detect.dead.contribution_utility`; mean |h| over the monitor's samples
-window since the previous update) enters a running average (decay ``utility_decay`` per
+since the previous update) enters a running average (decay ``utility_decay`` per
 step); units older than ``maturity`` steps are eligible and ``replace_rate`` of them per step
 (accumulated) are re-initialised in place by the library's unit-reinitialising replacement
 (fresh incoming weights from the layer's initialiser, outgoing weights zeroed after folding
