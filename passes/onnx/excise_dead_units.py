@@ -980,6 +980,9 @@ class _Forward:
     def flow(self, f: _Flow) -> None:
         v = f.value
         if v.is_graph_output():
+            owner = _subgraph_owner(self.model, v.graph)
+            if owner is not None:
+                raise Refused(_leaves_subgraph(self.model, owner, v))
             raise Refused(f"value '{v.name}' is a graph output: its units are visible to the "
                           "caller")
         for node, idx in list(v.uses()):
@@ -1124,6 +1127,39 @@ class _Forward:
             f"units flow into '{name}' (op {op}, input {idx}): coupling through {op} is not "
             "understood"
         )
+
+
+def _subgraph_owner(model: ir.Model, graph: ir.Graph | None
+                    ) -> tuple[ir.Node, str] | None:
+    """The node (If, Loop, Scan) and attribute that own ``graph``, when it is a subgraph."""
+    if graph is None or graph is model.graph:
+        return None
+    for node in model.graph.all_nodes():
+        for name, attr in node.attributes.items():
+            if attr.type == ir.AttributeType.GRAPH and attr.value is graph:
+                return node, name
+            if attr.type == ir.AttributeType.GRAPHS and any(g is graph for g in attr.value):
+                return node, name
+    return None
+
+
+def _leaves_subgraph(model: ir.Model, owner: tuple[ir.Node, str], v: ir.Value) -> str:
+    """The refusal for units that leave a subgraph as an output of its If / Loop: name the
+    node, the branch and what reads the result."""
+    node, branch = owner
+    where = f"{node.op_type} '{node.name}' returns the units from its {branch} ('{v.name}')"
+    graph = v.graph
+    i = next((k for k, o in enumerate(graph.outputs) if o is v), None) if graph else None
+    out = node.outputs[i] if i is not None and i < len(node.outputs) else None
+    if out is not None:
+        readers = sorted({f"{u.op_type} '{u.name}'" for u, _ in out.uses()})
+        if readers:
+            where += f", read by {', '.join(readers[:4])}"
+        inside = sorted({f"{o[0].op_type} '{o[0].name}'" for u, _ in out.uses()
+                         if (o := _subgraph_owner(model, u.graph)) is not None})
+        if inside:
+            where += f" inside {', '.join(inside[:4])}"
+    return where + f": coupling through {node.op_type} is not understood"
 
 
 def _observe(model: ir.Model, name: str, batches: Sequence[Mapping[str, np.ndarray]]
@@ -1463,6 +1499,49 @@ def _use_slice(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     fw.carry(f, node.outputs[0], rank=rank)
 
 
+def _squeeze_axes(fw: _Forward, node: ir.Node) -> list[int] | None:
+    """The ``axes`` of a Squeeze / Unsqueeze: an attribute before opset 13, an input after
+    (None when absent; refuse when computed at run time)."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        a = fw.plan.arr(node, 1)
+        if a is None:
+            raise Refused(f"{node.op_type} '{node.name}' has non-constant axes")
+        return [int(x) for x in a.reshape(-1)]
+    return ints_attr(node, "axes")
+
+
+def _use_squeeze(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """Squeeze / Unsqueeze of other axes than the units' carry the units to their new
+    position (axes mapped through); squeezing the channel axis refuses."""
+    op, name = node.op_type, node.name
+    src = _input(node, 0)
+    rank = f.rank if f.rank is not None else _rank(src)
+    if rank is None:
+        _infer_shapes(fw.model)
+        rank = _rank(src)
+    p = _pos(f.axis, rank)
+    if rank is None or p is None:
+        raise Refused(f"{op} '{name}': rank of '{src.name}' unknown")
+    axes = _squeeze_axes(fw, node)
+    if op == "Squeeze":
+        if axes is None:  # every dimension of size 1
+            if src.shape is None or any(not isinstance(d, int) for d in src.shape):
+                raise Refused(f"Squeeze '{name}' has no axes and the shape of '{src.name}' "
+                              "is not known")
+            axes = [i for i, d in enumerate(src.shape) if d == 1]
+        norm = sorted({a % rank for a in axes})
+        if p in norm:
+            raise Refused(f"Squeeze '{name}' squeezes the units' axis {p}")
+        fw.carry(f, node.outputs[0], axis=p - sum(a < p for a in norm), rank=rank - len(norm))
+        return
+    if axes is None:
+        raise Refused(f"Unsqueeze '{name}' has no axes")
+    out_rank = rank + len(axes)
+    inserted = {a % out_rank for a in axes}
+    kept = [i for i in range(out_rank) if i not in inserted]
+    fw.carry(f, node.outputs[0], axis=kept[p], rank=out_rank)
+
+
 def _use_reshape(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     """A Reshape that keeps the channel dimension (the dims before it kept, the ones after it
     regrouped) carries the units to their new position; else it must be a flatten."""
@@ -1559,13 +1638,25 @@ def _use_shape(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
 
 
 def _use_flatten(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """Flatten (axis 1) / Reshape to ``(N, -1)`` of ``[N, d1, ..., dk]`` with the units on
+    axis ``p >= 1`` (channels first ``[N, C, H, W]`` or channels last ``[N, H, W, C]``, as
+    tf2onnx writes it): unit ``c`` keeps the flat positions ``(o * C + c) * inner + i`` for
+    ``o`` over the dims before ``p`` and ``i`` over those after. The dims after the batch
+    must be known (static or inferred)."""
     src = _input(node, 0)
     shape = _static(src)
+    if shape is None and src.shape is not None:
+        _infer_shapes(fw.model)
+        shape = _static(src)
     name = node.name
-    if shape is None or len(shape) < 2 or not _is_first(f.axis, len(shape)):
-        raise Refused(f"{node.op_type} '{name}': input shape unknown or channels not at axis 1")
-    inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    total = shape[1] * inner
+    p = None if shape is None else _pos(f.axis, len(shape))
+    if shape is None or len(shape) < 2 or p is None or p < 1:
+        raise Refused(f"{node.op_type} '{name}': input shape unknown or the units on the "
+                      "batch axis")
+    outer = int(np.prod(shape[1:p])) if p > 1 else 1
+    inner = int(np.prod(shape[p + 1:])) if len(shape) > p + 1 else 1
+    c = shape[p]
+    total = outer * c * inner
     if node.op_type == "Flatten":
         if int_attr(node, "axis", 1) != 1:
             raise Refused(f"Flatten '{name}' flattens at axis {int_attr(node, 'axis', 1)}")
@@ -1576,10 +1667,14 @@ def _use_flatten(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
             raise Refused(f"Reshape '{name}' is not a flatten to (N, {total}) and does not "
                           "keep the channel axis")
         new_t = target.copy()
-        new_t[1] = total - len(f.rows) * inner
+        new_t[1] = total - len(f.rows) * outer * inner
         fw.plan.set(node, 1, new_t)
-    rows = (f.rows[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
-    fw.carry(f, node.outputs[0], axis=1, rank=2, rows=rows, vals=np.repeat(f.vals, inner))
+    grid = (np.arange(outer)[:, None, None] * c + f.rows[None, :, None]) * inner + np.arange(
+        inner)[None, None, :]
+    vals = np.broadcast_to(f.vals[None, :, None], grid.shape)
+    order = np.argsort(grid.reshape(-1), kind="stable")
+    fw.carry(f, node.outputs[0], axis=1, rank=2, rows=grid.reshape(-1)[order],
+             vals=vals.reshape(-1)[order])
 
 
 def _use_concat(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
@@ -1769,6 +1864,8 @@ _HANDLERS: dict[str, _Handler] = {
     "Upsample": _use_resize,
     "Pad": _use_pad,
     "Slice": _use_slice,
+    "Squeeze": _use_squeeze,
+    "Unsqueeze": _use_squeeze,
     "Concat": _use_concat,
     "Gemm": _use_gemm,
     "MatMul": _use_matmul,
