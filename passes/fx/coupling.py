@@ -90,6 +90,9 @@ _POOL_FUNCS: set[Any] = {
     _F.adaptive_max_pool1d, _F.adaptive_max_pool2d,
 }
 _REDUCE_FUNCS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
+#: functional pads (as traced; the aten overloads for an exported GraphModule)
+_PAD_FUNCS: set[Any] = {_F.pad, torch.constant_pad_nd, torch.ops.aten.pad.default,
+                        torch.ops.aten.constant_pad_nd.default}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
 
@@ -471,6 +474,31 @@ def _pad_module(s: _Step) -> _Walk | None:
     return s.follow(kind, type(s.module).__name__.lower())
 
 
+def _pad_function(s: _Step) -> _Walk | None:
+    """``F.pad`` / ``aten.pad`` / ``aten.constant_pad_nd``: the pad list pads the trailing
+    dims (last dim first); channel-local unless the units sit on a dim padded by a non-zero
+    amount. A constant-mode pad fills the border with a value, recorded as ``"pad"`` (its
+    consumers see the units ``padded``); reflect / replicate / circular repeat the units' own
+    values."""
+    user = s.user
+    raw: Any = user.kwargs.get("pad", user.args[1] if len(user.args) > 1 else None)
+    mode: Any = user.kwargs.get("mode", user.args[2] if len(user.args) > 2 else "constant")
+    if "constant_pad_nd" in s.op:
+        mode = "constant"
+    if not isinstance(raw, list | tuple) or len(raw) % 2 or not all(
+            isinstance(p, int) for p in raw) or not isinstance(mode, str):
+        s.refuse(f"pad at {user.name!r} has a pad list the coupling analysis cannot read "
+                 f"({raw!r}, mode {mode!r})")
+        return None
+    ndim = len(s.in_shape)
+    at = ndim - 1 - s.w.dim  # the unit dim's pair in the pad list (last dim first)
+    if 2 * at + 1 < len(raw) and (raw[2 * at] or raw[2 * at + 1]):
+        s.refuse(f"pad at {user.name!r} pads the unit dim {s.w.dim} by "
+                 f"({raw[2 * at]}, {raw[2 * at + 1]})")
+        return None
+    return s.follow("pad" if mode == "constant" else "other", f"pad({mode})")
+
+
 def _pool_module(s: _Step) -> _Walk | None:
     if s.w.dim != 1:
         s.refuse(f"pooling {s.op!r} over the unit dim")
@@ -670,6 +698,7 @@ _FUNCTION_HANDLERS = _table(
     ((torch.permute,), _permute),
     ((torch.cat,), _cat),
     ((operator.getitem,), _getitem),
+    (_PAD_FUNCS, _pad_function),
 )
 _METHOD_HANDLERS = _table(
     (_ELEMENTWISE_METHODS, _elementwise),

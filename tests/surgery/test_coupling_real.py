@@ -356,3 +356,83 @@ def test_operate_treats_the_gated_unit_once() -> None:
     assert_treated(res, "DeadNeurons", "mlp.gate_proj", GATED_UNITS)
     assert len(res.plan.schemas) == 1, res.summary()
     assert _rel64(res.model, model, data) <= TOL
+
+
+# ---- a functional pad along the time axis (CREPE) ------------------------------------------
+class _TimePad(nn.Module):
+    """conv (along time) -> ReLU -> BatchNorm -> ``F.pad`` of the time axis -> conv -> mean ->
+    Linear, as CREPE's blocks (``pad`` is the pad list; ``mode`` its mode)."""
+
+    def __init__(self, pad: tuple[int, ...] = (0, 0, 1, 2), mode: str = "constant") -> None:
+        super().__init__()
+        self.pad, self.mode = pad, mode
+        self.conv1 = nn.Conv2d(1, 12, (5, 1))
+        self.bn = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12 + sum(pad[4:6]), 6, (4, 1))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(torch.relu(self.conv1(x)))
+        h = torch.nn.functional.pad(h, self.pad, mode=self.mode)
+        return self.head(self.conv2(h).mean((2, 3)))
+
+
+PAD_UNITS = (0, 5, 11)
+
+
+def _time_pad(**kw: object) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    m = _TimePad(**kw)  # type: ignore[arg-type]
+    data = _batches((8, 1, 24, 1))
+    m.train()
+    with torch.no_grad():
+        for x in data:
+            m(x)
+        m.bn.bias.add_(0.5)  # the dead units' constant after the norm is not 0
+    m.eval()
+    with torch.no_grad():
+        m.conv1.weight[list(PAD_UNITS)] = 0.0
+        m.conv1.bias[list(PAD_UNITS)] = -1.0
+    return m, data
+
+
+def _fx_group(model: nn.Module, x: torch.Tensor, producer: str = "conv1"):  # noqa: ANN202
+    gm, why = trace(model)
+    assert gm is not None, why
+    propagate_shapes(gm, (x,))
+    return analyze_fx(gm, producer)
+
+
+def test_functional_pad_of_the_time_axis_passes_the_channels() -> None:
+    """A zero pad of the non-channel dims is channel-local: conv2 consumes the units, and it
+    reads them zero-padded (a constant unit is not constant at the border)."""
+    model, data = _time_pad()
+    g = _fx_group(model, data[0])
+    assert g.ok, g.reason()
+    assert [(c.module, c.padded) for c in g.consumers] == [("conv2", True)]
+    assert [op.kind for op in g.chain] == ["activation", "batchnorm", "pad"]
+
+
+def test_functional_reflect_pad_does_not_pad_the_units() -> None:
+    """A reflection pad repeats the units' own values: followed, but not a zero border."""
+    model, data = _time_pad(mode="reflect")
+    g = _fx_group(model, data[0])
+    assert g.ok, g.reason()
+    assert [(c.module, c.padded) for c in g.consumers] == [("conv2", False)]
+
+
+def test_functional_pad_of_the_channel_dim_is_refused() -> None:
+    model, data = _time_pad(pad=(0, 0, 1, 2, 1, 1))
+    g = _fx_group(model, data[0])
+    assert not g.ok
+    assert "pads the unit dim 1 by (1, 1)" in g.reason()
+
+
+def test_operate_treats_dead_units_before_a_time_pad() -> None:
+    """The units are constant (non-zero) after the norm and zero-padded before conv2: no
+    exact excision exists; operate treats them (a reinit) and leaves the input untouched."""
+    model, data = _time_pad()
+    state = snapshot(model)
+    res = gs.operate(model, data)
+    assert same_state(snapshot(model), state)
+    assert_treated(res, "DeadNeurons", "conv1", PAD_UNITS)

@@ -103,13 +103,11 @@ def test_crepe_planted_dead_units_found_at_their_site() -> None:
     assert found == {("DeadNeurons", "conv5", tuple(CREPE_PLANTED))}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "passes/fx/coupling.py: the F.pad along the time axis between conv5's BatchNorm/pool and "
-    "conv6 is 'not understood by the coupling analysis': reinit_dead and excise_dead refused "
-    "(excision cannot be exact here anyway: BatchNorm turns the dead units into a constant "
-    "the zero-padded border does not carry, which the ONNX side refuses for; reinit_dead is "
-    "the treatment)"))
 def test_crepe_operate_treats_planted_dead_units() -> None:
+    """The F.pad along the time axis between conv5's BatchNorm/pool and conv6 pads no channel:
+    the coupling analysis follows it (recorded as a zero pad, so conv6 reads the units
+    ``padded``). Excision cannot be exact here (BatchNorm turns the dead units into a
+    constant the zero-padded border does not carry); reinit_dead treats them."""
     model = crepe()
     plant_crepe_dead(model)
     s0 = snapshot(model)
