@@ -38,3 +38,5 @@ def test_quick_efficacy_run(tmp_path: Path) -> None:
     assert by["bottleneck"]["max_change"] <= 1e-5  # Net2Net widening is exact
     assert set(by["plasticity"]["metrics"]) == {
         "backprop", "continual backprop", "shrink-and-perturb", "graphsurg"}
+    # the callback's CBP-style utility replacement ran (gs.SurgeryCallback(replace_rate=...))
+    assert by["plasticity"]["metrics"]["graphsurg"]["units replaced"][0] > 0
