@@ -277,6 +277,8 @@ class SurgeryCallback:
             event = event or self._event()
             try:
                 params = r.propose(problem, target)
+                # fold the units' running mean, not their value on this one batch
+                params["unit_means"] = [float(st.mean[i]) for i in units]
             except Refused as e:
                 event.rolled_back.append(f"{r.name} at {module} (utility): refused ({e})")
                 continue

@@ -11,7 +11,9 @@ For each treated unit ``u`` of a producer layer:
   bias 0, running statistics set to the new unit's statistics on the calibration data (so the
   unit fires about half the time in eval mode as well as in training);
 * every consumer's input columns for ``u`` (from the channel-coupling analysis) are zeroed,
-  after folding the unit's mean contribution into the consumer's bias.
+  after folding the unit's mean contribution into the consumer's bias (its mean on the
+  calibration data, or ``params["unit_means"]`` when the caller knows better, e.g. a
+  monitor's running mean while the calibration batch is one example).
 
 A gated unit (``act(gate(x)) * up(x)``, the evidence names the up projection ``partner``)
 is reset in the gate *and* its partners (both rows re-drawn, their biases zeroed); its
@@ -146,6 +148,10 @@ class ReinitDead(Replacement):
             cm = get_layer(target, c.module, grouped=True)
             if problem.kind == "NonFinite":
                 means = torch.zeros(len(units), c.stride, dtype=torch.float64)
+            elif params.get("unit_means") is not None:  # e.g. a monitor's running means
+                means = torch.tensor([float(v) for v in params["unit_means"]],
+                                     dtype=torch.float64).reshape(-1, 1).expand(
+                                         len(units), c.stride)
             else:
                 means, _ = column_stats(target, c, units)
             folded = fold_constant(cm, c, units, means) and folded

@@ -66,3 +66,19 @@ def test_median_live_rescales_to_the_live_rows() -> None:
 def test_unknown_init_is_one_line_error() -> None:
     with pytest.raises(ValueError, match="use one of"):
         ReinitDead(init="xavier")
+
+
+def test_fold_uses_the_callers_unit_means() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        m[0].bias.fill_(1.0)  # live, varying units
+    batches = [torch.randn(4, 8, dtype=torch.float64)]
+    r = ReinitDead()
+    t = Target(copy.deepcopy(m), batches)
+    prob = Problem("DeadNeurons", Site("0", "", "relu"), 0.1, (2, 4))
+    params = {**r.propose(prob, t), "unit_means": [0.5, 2.0]}
+    r.apply(t, prob, params)
+    want = m[2].bias.detach() + m[2].weight.detach()[:, 2] * 0.5 + m[2].weight.detach()[:, 4] * 2
+    torch.testing.assert_close(t.model[2].bias.detach(), want, rtol=1e-12, atol=1e-12)
+    assert float(t.model[2].weight[:, [2, 4]].abs().max()) == 0.0
