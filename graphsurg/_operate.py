@@ -17,7 +17,7 @@ import copy
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -208,8 +208,11 @@ class SurgeryResult:
         for rb in self.rolled_back:
             lines.append(f"rolled back: #{rb['index']} {rb['replacement']} at {rb['site']}: "
                          f"{rb['reason']}")
-        if any(v.variant != "planned" for v in self.verification):
+        if any(v.variant == "fallback" for v in self.verification):
             lines.append("*: the exact fallback variant was applied")
+        if any(v.variant == "alternative" for v in self.verification):
+            lines.append("*: the planned (bounded) treatment was rolled back and the exact "
+                         "alternative applied in its place (see the notes)")
         for e in self.escalations:
             lines.append(f"escalation (round {e['round']}): {e['problem']} at {e['site']}: "
                          f"{e['from']} ({e['from_scale']}) {e['outcome']} -> {e['to']} "
@@ -616,7 +619,8 @@ class _Surgery:
         after: Diagnosis | None = None
         healing: dict[str, Any] = {}
         total: float | None = None
-        for _round in range(len(self.plan.schemas) + 1):
+        # one round per schema that can be dropped, and one per switch to an alternative
+        for _round in range(2 * len(self.plan.schemas) + 1):
             for i, v in self.verif.items():
                 if i not in self.dropped:
                     v.kept, v.reasons, v.problem_after, v.grad_norms = True, [], [], {}
@@ -632,7 +636,7 @@ class _Surgery:
             failed += self.verify_loss(applied, untreated_model, healing, failed)
             if not failed:
                 break
-            self.dropped |= set(failed)
+            self.dropped |= {i for i in failed if not self.to_alternative(i)}
         if not self.kept():
             self.a.restore(self.base)
             after = before
@@ -689,8 +693,9 @@ class _Surgery:
                                        f"max_output_change {self.cert.max_output_change}")
                         continue
                     current = snap_new
-                v.output_change, v.exact, v.variant, v.details = change, a.exact, variant, \
-                    a.details
+                v.output_change, v.exact, v.details = change, a.exact, a.details
+                if v.variant != "alternative" or variant != "planned":
+                    v.variant = variant
                 v.bound = self.cert.exact_tolerance if a.exact else self.cert.max_output_change
                 applied[s.index] = a
                 self.variant[s.index] = dict(params)
@@ -698,12 +703,55 @@ class _Surgery:
                 break
             else:
                 v.fail("; ".join(reasons))
-                self.dropped.add(s.index)
+                alt = self.to_alternative(s.index)
+                if alt is None:
+                    self.dropped.add(s.index)
+                    continue
+                target, a, why = self._try(target, alt, alt.params, done, applied)
+                v = self.verif[alt.index]
+                if a is None:
+                    v.fail(f"alternative: {why}")
+                    self.dropped.add(alt.index)
+                    continue
+                v.exact, v.variant, v.details = a.exact, "alternative", a.details
+                v.bound = self.cert.exact_tolerance
+                applied[alt.index] = a
+                self.variant[alt.index] = dict(alt.params)
+                done.append((alt, dict(alt.params)))
         if undos != self._undos and any(a.on_step is not None for a in applied.values()):
             # an undo restores a copy of the model: the healing hooks of edits applied before
             # it (a slope ramp) would drive modules no longer in it -- replay on a fresh copy
             return self.build([s for s in schemas if s.index in applied], measure=False)
         return applied
+
+    def to_alternative(self, index: int) -> Schema | None:
+        """Put schema ``index``'s exact alternative (:attr:`Schema.alternative`, another
+        replacement's exact treatment of the same problem) in its place in the plan, after
+        the planned (bounded) treatment was rolled back; returns the new schema, or None when
+        it has none. The rolled-back treatment and why are kept in the notes; the alternative
+        is verified like any schema (it has no alternative of its own)."""
+        pos = next(k for k, x in enumerate(self.plan.schemas) if x.index == index)
+        old = self.plan.schemas[pos]
+        alt = old.alternative
+        if alt is None:
+            return None
+        why = "; ".join(self.verif[index].reasons) or "certificates not met"
+        new = replace(old, replacement=str(alt["replacement"]), scale=str(alt["scale"]),
+                      params=dict(alt["params"]), exact=True,
+                      judged_after_healing=bool(alt.get("judged_after_healing", False)),
+                      fallback=None, alternative=None, graph_rewrite=alt.get("graph_rewrite"),
+                      reason=f"exact alternative of {old.replacement} (rolled back: {why[:160]})"
+                             f": {alt.get('reason', '')}")
+        self.plan.schemas[pos] = new
+        old_v = self.verif[index]
+        self.verif[index] = SchemaVerification(index, new.replacement, new.site.address,
+                                               exact=True, variant="alternative",
+                                               round=old_v.round)
+        self.variant.pop(index, None)
+        self.notes.append(f"#{index} {old.replacement} at {old.site.address} was rolled back "
+                          f"({why}); its exact alternative {new.replacement} was applied in "
+                          "its place")
+        return new
 
     def _finite_ref(self) -> bool:
         return all(bool(np.isfinite(_numpy(t)).all()) for t in self.ref_calib)

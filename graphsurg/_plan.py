@@ -83,6 +83,11 @@ class Schema:
             e.g. ``{"activation": "leaky_relu", "negative_slope": 0.01}``) for the
             torch.compile backend and ``apply_plan``; None when it needs new or reshaped
             parameters.
+        alternative: for a bounded schema without an exact ``fallback``: an exact treatment
+            of the same problem by another replacement (``{"replacement", "scale",
+            "params", "reason"}``, checked and proposed at planning), applied in its place
+            when this one is rolled back (it broke ``max_output_change``, a loss certificate
+            or left the problem in place); None when there is none.
     """
 
     index: int
@@ -98,6 +103,7 @@ class Schema:
     reason: str = ""
     escalated_from: dict[str, Any] | None = None
     graph_rewrite: dict[str, Any] | None = None
+    alternative: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +120,7 @@ class Schema:
             "reason": self.reason,
             "escalated_from": self.escalated_from,
             "graph_rewrite": self.graph_rewrite,
+            "alternative": self.alternative,
         }
 
     @classmethod
@@ -132,6 +139,7 @@ class Schema:
             reason=str(d.get("reason", "")),
             escalated_from=d.get("escalated_from"),
             graph_rewrite=d.get("graph_rewrite"),
+            alternative=d.get("alternative"),
         )
 
     def describe(self) -> str:
@@ -532,6 +540,9 @@ def plan_target(target: Any, diagnosis: Diagnosis, order: dict[str, int], *,
         if picked is None:
             result.untreated.append((problem, "; ".join(reasons) or "no viable replacement"))
             continue
+        if len(picked) == 1 and not picked[0].exact and picked[0].fallback is None:
+            rest = options[[g for g, _ in options].index(group) + 1:]
+            picked[0].alternative = _exact_alternative(problem, target, rest, claimed, seed)
         for s in picked:
             r = lib.get(s.replacement)
             for layer in _layers(s):
@@ -551,6 +562,36 @@ def plan_target(target: Any, diagnosis: Diagnosis, order: dict[str, int], *,
                 f"{p.kind} at {p.site.address}: {r}" for p, r in result.untreated),
             result.untreated)
     return result
+
+
+def _exact_alternative(problem: Problem, target: Any,
+                       options: list[tuple[list[Replacement], str]],
+                       claimed: dict[str, tuple[Replacement, int]], seed: int
+                       ) -> dict[str, Any] | None:
+    """The first of ``options`` (single replacements, in the planner's order) that treats
+    ``problem`` exactly at ``target`` and conflicts with no schema planned so far: what
+    operate applies when the bounded schema planned for it is rolled back."""
+    for group, why in options:
+        if len(group) != 1:
+            continue
+        r = group[0]
+        try:
+            if r.check(problem, target) is not None:
+                continue
+            params = r.propose(problem, target, exact=True)
+        except Exception:  # a replacement that cannot say is no alternative
+            continue
+        params["seed"] = seed
+        if not r.is_exact(params):
+            continue
+        alt = Schema(index=-1, problem=problem, replacement=r.name, scale=r.scale,
+                     site=problem.site, params=params, exact=True)
+        if _conflict([alt], [r], claimed):
+            continue
+        return {"replacement": r.name, "scale": r.scale, "params": params,
+                "judged_after_healing": r.judged_after_healing,
+                "graph_rewrite": r.graph_rewrite(params), "reason": why}
+    return None
 
 
 def _layers(s: Schema) -> list[str]:
