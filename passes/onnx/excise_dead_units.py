@@ -34,7 +34,10 @@ before anything changes):
   ReduceMean/Max/Min over other axes (a squeeze-and-excitation squeeze), Slice on other axes, Transpose, Reshape that keeps the channel dimension (or the
   last axis and its width: ``x.view(-1, x.size(-1))``, whose ``Shape`` read follows), depthwise
   Conv/ConvTranspose (a channel whose input is constant 0 becomes its bias), Flatten and
-  flattening Reshape, channel Concat.
+  flattening Reshape (channels first ``[N, C, H, W]`` or channels last ``[N, H, W, C]`` as
+  tf2onnx writes it, trailing dims known: unit ``c`` is the flat positions
+  ``(o * C + c) * inner + i``), Squeeze / Unsqueeze of other axes (axes as an attribute
+  before opset 13, a constant input after), channel Concat.
 * **Joins**: a residual ``Add``/``Sub`` is excised only where the unit is constant in *every*
   branch (the constants summed): a branch that is not itself a flow of the site is measured on
   the calibration ``batches`` and excised at its own source. A gating ``Mul`` (squeeze-and-
@@ -57,9 +60,10 @@ before anything changes):
   every group loses as many channels) / ConvTranspose (only a zero constant folds: a transposed
   convolution spreads its input unevenly over the output).
 
-Anything else (a graph output, Shape/If/LSTM readers, a padded Conv fed a non-zero constant, a
-gate applied to a non-zero constant, a residual branch that varies) refuses the site with the
-node and the reason; nothing is changed there.
+Anything else (a graph output, an If / Loop branch that returns the units -- the refusal
+names the node, the branch and what reads its result --, Shape/LSTM readers, a padded Conv
+fed a non-zero constant, a gate applied to a non-zero constant, a residual branch that
+varies) refuses the site with the node and the reason; nothing is changed there.
 """
 
 from __future__ import annotations
@@ -1645,7 +1649,7 @@ def _use_flatten(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     must be known (static or inferred)."""
     src = _input(node, 0)
     shape = _static(src)
-    if shape is None and src.shape is not None:
+    if shape is None:  # not inferred yet, or partly: infer once more before refusing
         _infer_shapes(fw.model)
         shape = _static(src)
     name = node.name

@@ -46,6 +46,8 @@ class Spec:
     dead_dense: tuple[int, ...] = (0, 3, 7)
     const_nodes: bool = False
     symbolic_hw: bool = False
+    #: the convs' activation: Relu (dead units 0) or Elu (dead units -1, a non-zero constant)
+    conv_act: str = "Relu"
 
     def params(self, drop: bool = False) -> int:
         """The parameter count, with the dead units absent when ``drop``."""
@@ -81,7 +83,7 @@ def build(spec: Spec) -> onnx.ModelProto:
                              name=f"{layer}/Conv2D__6"),
             helper.make_node("Conv", [f"{layer}/Conv2D__6:0", wn, bn], [f"{layer}/BiasAdd:0"],
                              pads=[1, 1, 1, 1], kernel_shape=[3, 3], name=f"{layer}/BiasAdd"),
-            helper.make_node("Relu", [f"{layer}/BiasAdd:0"], [f"{layer}/Relu:0"],
+            helper.make_node(spec.conv_act, [f"{layer}/BiasAdd:0"], [f"{layer}/Relu:0"],
                              name=f"{layer}/Relu"),
             helper.make_node("Transpose", [f"{layer}/Relu:0"], [f"{layer}/Relu__8:0"],
                              perm=[0, 2, 3, 1], name=f"{layer}/Relu__8"),
@@ -161,6 +163,8 @@ def reference(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray
             y = _conv(xs[0], xs[1].astype(np.float64), xs[2].astype(np.float64), a["pads"])
         elif op == "Relu":
             y = np.maximum(xs[0], 0.0)
+        elif op == "Elu":  # alpha 1
+            y = np.where(xs[0] > 0, xs[0], np.expm1(np.minimum(xs[0], 0.0)))
         elif op == "Reshape":
             y = xs[0].reshape([int(s) for s in xs[1]])
         elif op == "MatMul":
@@ -242,6 +246,20 @@ def test_apply_excises_the_channels_last_flatten_exactly(const_nodes: bool) -> N
     onnx.checker.check_model(out, full_check=True)
     for feed in HELD_OUT:
         assert_matches_reference(m, m, feed)  # the float64 reference models the graph
+        assert_matches_reference(out, m, feed)
+
+
+def test_non_zero_constants_fold_through_the_channels_last_flatten() -> None:
+    """Elu units dead at -1: the MatMul rows at their flat NHWC positions are removed and
+    what they contributed (-1 times those rows) folds into the dense bias; other rows
+    would change the outputs."""
+    spec = Spec(conv_act="Elu")
+    m = build(spec)
+    out, res = _apply(m, spec)
+    assert not res.rolled_back, res.rolled_back  # type: ignore[attr-defined]
+    assert sorted(_kept(res).values()) == [2, 3]
+    assert res.size["params_after"] == spec.params(drop=True)  # type: ignore[attr-defined]
+    for feed in HELD_OUT:
         assert_matches_reference(out, m, feed)
 
 
