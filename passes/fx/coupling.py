@@ -90,6 +90,8 @@ _POOL_FUNCS: set[Any] = {
     _F.adaptive_max_pool1d, _F.adaptive_max_pool2d,
 }
 _REDUCE_FUNCS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
+#: norms of a tensor (as ``x.norm(dim=...)``, the method, is handled by name)
+_NORM_FUNCS: set[Any] = {torch.norm, torch.linalg.norm, torch.linalg.vector_norm}
 #: functional pads (as traced; the aten overloads for an exported GraphModule)
 _PAD_FUNCS: set[Any] = {_F.pad, torch.constant_pad_nd, torch.ops.aten.pad.default,
                         torch.ops.aten.constant_pad_nd.default}
@@ -532,8 +534,91 @@ def _elementwise(s: _Step) -> _Walk | None:
     return s.follow("dropout" if "dropout" in s.op else "activation")
 
 
+def _norm_dims(node: fx.Node, ndim: int) -> list[int] | None:
+    """The dims a ``norm`` / ``vector_norm`` / ``F.normalize`` node reduces (None: all)."""
+    # every one of them is (input, p / ord, dim, ...); F.normalize's dim defaults to 1
+    dims: Any = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else (
+        1 if node.target is _F.normalize else None))
+    if dims is None:
+        return None
+    return [int(d) % ndim for d in (dims if isinstance(dims, list | tuple) else [dims])]
+
+
+def _normalisation(s: _Step, at: fx.Node) -> None:
+    """The units are divided by a norm taken over them (``x / x.norm(dim)``,
+    ``F.normalize``): every output element depends on every unit, so no edit of some units
+    keeps the function; refused, saying whether the normalised units are the model output
+    (then an excision would change its width too)."""
+    out = _reaches_output(at)
+    if out:
+        s.refuse(f"the units of {s.group.producer!r} are model outputs (through an L2 "
+                 f"normalisation at {at.name!r}): no surgery keeps the function (a reset "
+                 "changes the output, an excision its width)")
+    else:
+        s.refuse(f"L2 normalisation at {at.name!r} divides the units of {s.group.producer!r} "
+                 "by their norm (changing one unit changes them all)")
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """True when ``node`` is returned by the graph, directly or through one-input functions
+    or methods that keep its shape (a cast, a clone; never a module)."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.name not in seen and u.op != "call_module" and len(_tensor_args_of(u)) == 1 \
+                    and _shape(u) == _shape(n):
+                seen.add(u.name)
+                todo.append(u)
+    return False
+
+
+def _tensor_args_of(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if _shape(a) is not None]
+
+
+def _is_own_norm(other: fx.Node, w: _Walk, ndim: int) -> bool:
+    """``other`` is a norm of the units' tensor taken over the unit dim."""
+    is_norm = (other.op == "call_method" and other.target == "norm") or (
+        other.op == "call_function" and other.target in _NORM_FUNCS)
+    if not is_norm or not other.args or other.args[0] is not w.node:
+        return False
+    dims = _norm_dims(other, ndim)
+    return dims is None or w.dim in dims
+
+
+def _norm(s: _Step) -> _Walk | None:
+    """A norm over the units: silent when it only divides its own input (the division is
+    the normalisation, refused there), else refused as mixing the units."""
+    dims = _norm_dims(s.user, len(s.in_shape))
+    if dims is not None and s.w.dim not in dims:
+        return _unknown(s)
+    divides = [u for u in s.user.users
+               if (u.op == "call_function" and u.target in (operator.truediv, torch.div))
+               or (u.op == "call_method" and u.target == "div")]
+    if divides and len(divides) == len(s.user.users) and all(
+            u.args and u.args[0] is s.w.node for u in divides):
+        return None
+    s.refuse(f"norm at {s.user.name!r} reduces over the units of {s.group.producer!r}")
+    return None
+
+
+def _normalize(s: _Step) -> _Walk | None:
+    dims = _norm_dims(s.user, len(s.in_shape))
+    if dims is not None and s.w.dim not in dims:
+        return s.follow("other")
+    _normalisation(s, s.user)
+    return None
+
+
 def _binary(s: _Step) -> _Walk | None:
     others = [a for a in _tensor_args(s) if a is not s.w.node]
+    if (s.op in ("truediv", "div") and len(others) == 1 and s.user.args
+            and s.user.args[0] is s.w.node and _is_own_norm(others[0], s.w, len(s.in_shape))):
+        _normalisation(s, s.user)
+        return None
     if not others or all(_shape(a) in ((), (1,)) for a in others):  # a scalar operand
         return s.follow("other")
     if (s.op in ("mul", "imul", "mul_") and len(others) == 1 and s.group.partners
@@ -699,6 +784,8 @@ _FUNCTION_HANDLERS = _table(
     ((torch.cat,), _cat),
     ((operator.getitem,), _getitem),
     (_PAD_FUNCS, _pad_function),
+    (_NORM_FUNCS, _norm),
+    ((_F.normalize,), _normalize),
 )
 _METHOD_HANDLERS = _table(
     (_ELEMENTWISE_METHODS, _elementwise),
@@ -707,6 +794,7 @@ _METHOD_HANDLERS = _table(
     (("flatten", "view", "reshape"), _reshape),
     (("transpose",), _transpose),
     (("permute",), _permute),
+    (("norm",), _norm),
 )
 
 

@@ -6,6 +6,8 @@
   MobileNet): the depthwise conv reads unit ``i`` alone, into its own output channel; a
   SiLU-dead unit is constant ~-1e-20 (not 0), so zeroing the depthwise kernel's slice is exact
   although the conv has no bias and the channel is zero-padded;
+- a functional zero pad along the time axis (CREPE) passes the channels, a pad of the channel
+  dim is refused; units L2-normalised into the output (Resemblyzer) are refused as outputs;
 - a gated MLP ``down(silu(gate(x)) * up(x))`` (Llama): the gated unit is reported once, at the
   gate with the up projection as partner.
 
@@ -22,6 +24,7 @@ import torch
 from _helpers import assert_treated, same_state, snapshot
 from graphsurg.passes.fx.capture import capture, find_sites
 from graphsurg.passes.fx.coupling import (
+    CouplingGroup,
     _probe_delta,
     analyze_fx,
     probe_coupling,
@@ -396,7 +399,7 @@ def _time_pad(**kw: object) -> tuple[nn.Module, list[torch.Tensor]]:
     return m, data
 
 
-def _fx_group(model: nn.Module, x: torch.Tensor, producer: str = "conv1"):  # noqa: ANN202
+def _fx_group(model: nn.Module, x: torch.Tensor, producer: str = "conv1") -> CouplingGroup:
     gm, why = trace(model)
     assert gm is not None, why
     propagate_shapes(gm, (x,))
@@ -436,3 +439,62 @@ def test_operate_treats_dead_units_before_a_time_pad() -> None:
     res = gs.operate(model, data)
     assert same_state(snapshot(model), state)
     assert_treated(res, "DeadNeurons", "conv1", PAD_UNITS)
+
+
+# ---- units L2-normalised into the output (Resemblyzer's speaker embedding) -----------------
+class _Embed(nn.Module):
+    """Linear -> ReLU -> ``e / ||e||`` (the embedding is the output) or, with ``head``,
+    ``F.normalize`` then a Linear reading the normalised units."""
+
+    def __init__(self, head: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 3) if head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.relu(self.linear(x))
+        if self.head is not None:
+            return self.head(torch.nn.functional.normalize(e, dim=1))
+        return e / e.norm(dim=1, keepdim=True)
+
+
+EMBED_DEAD = (3, 9)
+
+
+def _embed(head: bool = False) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    m = _Embed(head).eval()
+    with torch.no_grad():
+        m.linear.weight[list(EMBED_DEAD)] = 0.0
+        m.linear.bias[list(EMBED_DEAD)] = -5.0
+    return m, _batches((32, 6))
+
+
+def test_l2_normalised_output_units_are_refused_as_outputs() -> None:
+    model, data = _embed()
+    g = _fx_group(model, data[0], "linear")
+    assert not g.ok
+    assert g.refusals == ["the units of 'linear' are model outputs (through an L2 "
+                          "normalisation at 'truediv'): no surgery keeps the function (a reset "
+                          "changes the output, an excision its width)"]
+
+
+def test_l2_normalisation_before_a_layer_is_refused_as_mixing() -> None:
+    model, data = _embed(head=True)
+    g = _fx_group(model, data[0], "linear")
+    assert not g.ok
+    assert g.refusals == ["L2 normalisation at 'normalize' divides the units of 'linear' by "
+                          "their norm (changing one unit changes them all)"]
+
+
+def test_operate_refuses_dead_output_units_naming_the_cause() -> None:
+    model, data = _embed()
+    state = snapshot(model)
+    try:
+        gs.operate(model, data)
+    except gs.SurgeryFailed as e:
+        assert "are model outputs (through an L2 normalisation at 'truediv')" in str(e)
+    else:
+        raise AssertionError("operate claimed a treatment of L2-normalised output units")
+    finally:
+        assert same_state(snapshot(model), state)

@@ -264,17 +264,19 @@ def test_voice_encoder_planted_dead_units_found() -> None:
     assert dead_at_linear(gs.diagnose(model, data)) == sorted({*before, *planted})
 
 
-@pytest.mark.xfail(strict=True, raises=gs.SurgeryFailed, reason=(
-    "the dead units are the embedding's own output units, L2-normalised into the output: "
-    "passes/fx/coupling.py does not understand 'norm' (e / ||e||) and refuses reinit_dead "
-    "and excise_dead (excision would change the output's width anyway)"))
-def test_voice_encoder_operate_treats_planted_dead_units() -> None:
+def test_voice_encoder_operate_refuses_dead_output_units() -> None:
+    """The dead units are the embedding's own output units, L2-normalised into the output
+    (``e / ||e||``): a reset changes every output element (the norm), an excision the
+    output's width. No surgery keeps the function: operate refuses, naming the cause, claims
+    no treatment, and leaves the input untouched."""
     model, data = voice_encoder(), voice_batches()
-    planted = plant_voice_dead(model, data)
+    plant_voice_dead(model, data)
     s0 = snapshot(model)
-    try:
-        res = gs.operate(model, data)
-    finally:
-        assert same_state(s0, model.state_dict())
-    assert_treated(res, "DeadNeurons", "linear", tuple(res.before.problems[0].units))
-    assert set(planted) <= set(res.before.problems[0].units)
+    with pytest.raises(gs.SurgeryFailed) as e:
+        gs.operate(model, data)
+    assert same_state(s0, model.state_dict())
+    msg = str(e.value)
+    assert "DeadNeurons at linear" in msg
+    assert ("the units of 'linear' are model outputs (through an L2 normalisation at "
+            "'truediv'): no surgery keeps the function") in msg
+    assert [p.site.module for p, _ in e.value.untreated] == ["linear"]
