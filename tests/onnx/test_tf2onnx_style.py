@@ -61,8 +61,9 @@ class Spec:
         return n + self.hw * self.hw * cin * d + d + d * 4 + 4  # int64 targets do not count
 
 
-def _value(name: str, dims: Sequence[int | str]) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
+def _value(name: str, dims: Sequence[int | str] | None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                         None if dims is None else list(dims))
 
 
 def build(spec: Spec) -> onnx.ModelProto:
@@ -346,3 +347,46 @@ def test_conv1d_squeeze_unsqueeze_keep_the_channel_axis(opset: int) -> None:
         feed = {"input_1": np.random.default_rng(200 + i).uniform(-1, 1, (8, 7, 3)).astype(
             np.float32)}
         assert_matches_reference(out, m, feed)
+
+
+def if_branch_model() -> onnx.ModelProto:
+    """Dense -> Relu read inside both branches of an If (``Squeeze`` of a size-1 axis in one,
+    ``Identity`` in the other, as the torch exporter writes ``x.squeeze(0)`` under a dynamic
+    shape, Silero VAD's decoder), whose result a dense layer reads."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((6, 8)) * 0.5).astype(np.float32)
+    b1 = rng.uniform(0.5, 1.0, 8).astype(np.float32)
+    w1[:, [2, 5]], b1[[2, 5]] = 0.0, -1e3
+    inits = {"w1": w1, "b1": b1, "w2": (rng.standard_normal((8, 3)) * 0.5).astype(np.float32),
+             "zero": np.array([0], np.int64), "one": np.array(1, np.int64)}
+    then = helper.make_graph(
+        [helper.make_node("Squeeze", ["h", "zero"], ["sq"], name="dec/Squeeze")], "then", [],
+        [_value("sq", None)])
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["id"], name="dec/Identity")], "else", [],
+        [_value("id", None)])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["mm"], name="enc/MatMul"),
+             helper.make_node("Add", ["mm", "b1"], ["pre"], name="enc/Add"),
+             helper.make_node("Relu", ["pre"], ["h"], name="enc/Relu"),
+             helper.make_node("Shape", ["x"], ["shape"], name="dec/Shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["n"], name="dec/Gather"),
+             helper.make_node("Equal", ["n", "one"], ["single"], name="dec/Equal"),
+             helper.make_node("Squeeze", ["single"], ["cond"], name="dec/Cond"),
+             helper.make_node("If", ["cond"], ["dec"], then_branch=then, else_branch=other,
+                              name="dec/If"),
+             helper.make_node("MatMul", ["dec", "w2"], ["y"], name="head/MatMul")]
+    return _model(nodes, inits, [_value("x", ["n", 4, 6])], [_value("y", ["n", 4, 3])], False, 13)
+
+
+def test_units_leaving_an_if_branch_are_refused_naming_the_if() -> None:
+    m = if_branch_model()
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.uniform(-1, 1, (8, 4, 6)).astype(np.float32)} for _ in range(3)]
+    d = gso.analyze(m, calib)
+    assert [sorted(p.evidence["dead"]) for p in d.of_kind("DeadNeurons")] == [[2, 5]]
+    out, res = gso.apply(m, calib)
+    assert not _kept(res)
+    (rb,) = res.rolled_back
+    assert "If 'dec/If' returns the units from its " in rb["reason"], rb["reason"]
+    assert "read by MatMul 'head/MatMul'" in rb["reason"]
+    assert res.size["params_after"] == res.size["params_before"]
