@@ -31,7 +31,7 @@ from ._data import InputFn, iter_batches, split_held_out
 from ._errors import BadInputError, first_line
 from ._heal import HealLog, LossFn, OptimizerFactory, heal, mean_loss
 from ._ir import IRAdapter
-from ._plan import Schema, SurgeryFailed, SurgeryPlan, plan, plan_target
+from ._plan import Schema, SurgeryFailed, SurgeryPlan, _layers, plan, plan_target
 from ._problems import Diagnosis, Problem, _finite, _table
 from ._verify import (
     UNIT_KINDS,
@@ -566,7 +566,9 @@ def plan_on(adapter: IRAdapter, diagnosis: Diagnosis, lib: Library, cert: Certif
 
 class _Surgery:
     """build -> heal -> verify -> roll back, round after round until every kept schema meets
-    the certificates. Every build restores the base snapshot first."""
+    the certificates. Every build restores the base snapshot first. A rolled-back bounded
+    schema with an exact alternative (:attr:`Schema.alternative`) is replaced by it and the
+    round repeated, rather than dropped."""
 
     def __init__(self, adapter: IRAdapter, surgery_plan: SurgeryPlan, lib: Library,
                  cert: Certificates, cfg: DiagnoseConfig, train: list[Any], held: list[Any],
@@ -655,8 +657,9 @@ class _Surgery:
     def build(self, schemas: list[Schema], *, measure: bool) -> dict[int, Applied]:
         """Apply ``schemas`` in order to the restored base. ``measure``: the first build of a
         round -- each bounded edit's output change on the calibration batches is held to
-        ``max_output_change`` (its exact fallback is tried when it breaks it) and an edit that
-        refuses is dropped; otherwise the variants chosen then are replayed."""
+        ``max_output_change`` (its exact fallback is tried when it breaks it, then its exact
+        alternative, :meth:`to_alternative`) and an edit that refuses is dropped; otherwise
+        the variants chosen then are replayed."""
         self.a.restore(self.base)
         target = self.a.target(self.calib, seed=self.seed)
         applied: dict[int, Applied] = {}
@@ -733,7 +736,9 @@ class _Surgery:
         pos = next(k for k, x in enumerate(self.plan.schemas) if x.index == index)
         old = self.plan.schemas[pos]
         alt = old.alternative
-        if alt is None:
+        # renumbered units would break another kept schema's indices at the same layers
+        if alt is None or any(set(_layers(x)) & set(_layers(old)) for x in self.kept()
+                              if x.index != index):
             return None
         why = "; ".join(self.verif[index].reasons) or "certificates not met"
         new = replace(old, replacement=str(alt["replacement"]), scale=str(alt["scale"]),
