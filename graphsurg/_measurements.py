@@ -33,6 +33,13 @@ class SiteMeasure:
         channel_dim: the unit axis the statistics were taken along.
         partner: for a gated unit (``act(gate(x)) * up(x)``, op ``"swiglu"``/``"geglu"``...),
             the up projection (``module`` is the gate projection); ``""`` otherwise.
+        role: what the graph says the activation is for (both adapters read it off the graph;
+            ``""`` when neither applies or the graph is unknown):
+            ``"output"``: its values reach a graph output through no parametrised layer (a
+            probability/output head: CREPE's pitch-bin sigmoid, a detector's score sigmoid);
+            ``"gate"``: a sigmoid-family activation (bounds ``[0, high]``) whose output, through
+            layout ops only, is used solely as a factor of products whose other factor does
+            not derive from it (a squeeze-excite / GLU-style gate).
     """
 
     module: str
@@ -45,6 +52,11 @@ class SiteMeasure:
     sample: torch.Tensor | None = None
     channel_dim: int = -1
     partner: str = ""
+    role: str = ""
+
+
+#: the values of :attr:`SiteMeasure.role`
+ROLES: tuple[str, ...] = ("", "output", "gate")
 
 
 @dataclass
@@ -94,4 +106,4 @@ class Measurements:
     notes: list[str] = field(default_factory=list)
 
 
-__all__ = ["LayerMeasure", "Measurements", "SiteMeasure"]
+__all__ = ["ROLES", "LayerMeasure", "Measurements", "SiteMeasure"]

@@ -36,8 +36,10 @@ def detect_all(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
 
 
 def detect_notes(m: Measurements, config: DiagnoseConfig) -> list[str]:
-    """What the detectors could not judge and why (for the diagnosis notes): sites with too
-    few observations per unit for dormancy."""
+    """What the detectors could not judge or left out and why (for the diagnosis notes):
+    sites with too few observations per unit for dormancy; saturated units read as design
+    (an output head, a gate stuck open)."""
     from .dead import too_few_samples
+    from .saturation import design_notes
 
-    return too_few_samples(m, config)
+    return too_few_samples(m, config) + design_notes(m, config)

@@ -300,6 +300,7 @@ class ActSite:
     module: str  # module path owning the node (for messages)
     activation: Activation | None = None  # family and bounds (None for a bare layer output)
     partner: str = ""
+    role: str = ""  # "output" | "gate" | "" (see graphsurg._measurements.SiteMeasure.role)
 
 
 # transposes a weight goes through in `x @ W.T` (aten, torch functions, methods)
@@ -778,6 +779,8 @@ def find_sites(
             products.add(mul)
             site = ActSite(mul.name, g.name, g.family, producer, cd, index[mul],
                            owner(mul) or producer, g, partner)
+        else:
+            site.role = site_role(node, act, kinds, index)
         acts.append(site)
     for node, mod in layer_of_node.items():
         # a layer output that no activation follows is observed itself
@@ -837,6 +840,113 @@ def _gated_product(node: fx.Node, site: ActSite, kinds: dict[fx.Node, tuple[str,
     if _shape(others[0]) != _shape(node):
         return None
     return mul, partner
+
+
+#: ops that only read a value's shape: they neither carry its values nor use them
+_SHAPE_READ = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+#: ops a gate's values pass through unchanged on their way to the product (besides layout
+#: ops): copies, dropout and broadcasts
+_GATE_PASS = {aten.clone.default, aten.contiguous.default, aten._to_copy.default,
+              aten.dropout.default, aten.expand.default, aten.expand_as.default, F.dropout,
+              "contiguous", "expand", "expand_as", "clone"}
+#: how many nodes a role walk visits at most (beyond it the role is unknown: "")
+_ROLE_WALK = 512
+
+
+def _reads_shape(u: fx.Node) -> bool:
+    return (u.op == "call_function" and u.target in _SHAPE_READ) or (
+        u.op == "call_method" and u.target in ("size", "dim"))
+
+
+def site_role(node: fx.Node, act: Activation, kinds: dict[fx.Node, tuple[str, str] | None],
+              index: dict[fx.Node, int]) -> str:
+    """What the graph says the activation ``node`` is for (``SiteMeasure.role``):
+
+    * ``"output"``: every value derived from it through non-layer ops reaches the graph's
+      output and no parametrised layer (``kinds``: :func:`_classify` of the graph's nodes);
+    * ``"gate"``: ``act`` is bounded below by 0 (sigmoid family) and its output, through
+      layout/copy/broadcast ops only, is used solely as a factor of two-operand products whose
+      other factor does not derive from it (squeeze-excite, GLU-style gates);
+    * ``""`` otherwise, or when the walk is longer than ``_ROLE_WALK`` nodes.
+    """
+    if _is_output_head(node, kinds):
+        return "output"
+    if act.low == 0.0 and act.high is not None and _is_gate(node, kinds, index):
+        return "gate"
+    return ""
+
+
+def _is_output_head(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None]) -> bool:
+    seen: set[fx.Node] = set()
+    todo = [u for u in node.users if not _reads_shape(u)]
+    reached = False
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if len(seen) > _ROLE_WALK:
+            return False
+        if u.op == "output":
+            reached = True
+            continue
+        c = kinds.get(u)
+        if c is not None and c[0] == "layer":
+            return False
+        todo.extend(v for v in u.users if not _reads_shape(v))
+    return reached
+
+
+def _derives_from(value: Any, node: fx.Node, index: dict[fx.Node, int]) -> bool | None:
+    """Whether ``value`` is computed from ``node`` (only nodes after ``node`` in graph order
+    can be); None when the walk is too long to tell."""
+    todo = [value] if isinstance(value, fx.Node) else []
+    seen: set[fx.Node] = set()
+    start = index[node]
+    while todo:
+        v = todo.pop()
+        if v is node:
+            return True
+        if v in seen or index.get(v, -1) <= start:
+            continue
+        seen.add(v)
+        if len(seen) > _ROLE_WALK:
+            return None
+        todo.extend(v.all_input_nodes)
+    return False
+
+
+def _is_gate(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None],
+             index: dict[fx.Node, int]) -> bool:
+    frontier = [u for u in node.users if not _reads_shape(u)]
+    seen: set[fx.Node] = set()
+    products = 0
+    while frontier:
+        u = frontier.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if len(seen) > _ROLE_WALK:
+            return False
+        c = kinds.get(u)
+        passes = (c is not None and c[0] == "layout") or (
+            u.op in ("call_function", "call_method") and u.target in _GATE_PASS)
+        if passes:
+            frontier.extend(v for v in u.users if not _reads_shape(v))
+            continue
+        is_mul = ((u.op == "call_function" and u.target in _MUL)
+                  or (u.op == "call_method" and u.target == "mul"))
+        if not is_mul or len(u.args) != 2 or u.kwargs:
+            return False
+        ins = [a for a in u.args if isinstance(a, fx.Node)]
+        gates = [a for a in ins if a is node or a in seen]
+        others = [a for a in ins if a not in gates]
+        if len(gates) != 1 or len(others) != 1 or others[0].op == "get_attr":
+            return False  # a product with a constant scales the gate; it gates nothing
+        if _derives_from(others[0], node, index) is not False:
+            return False
+        products += 1
+    return products > 0
 
 
 def _follows_activation(node: fx.Node, kinds: dict[fx.Node, tuple[str, str] | None]) -> bool:

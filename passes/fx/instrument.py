@@ -187,7 +187,7 @@ def measurements_from(observers: Sequence[Observer], layers: Sequence[LayerEntry
             module=o.site.producer or o.site.module, node=o.site.node, op=o.site.op,
             family=o.site.family, order=k, stats=o.stats,
             saturated_fraction=o.saturated_fraction(), sample=o.sample(),
-            channel_dim=o.site.channel_dim, partner=o.site.partner))
+            channel_dim=o.site.channel_dim, partner=o.site.partner, role=o.site.role))
     out_layers = []
     for k, (path, kind, w, nxt) in enumerate(layers):
         g = grad_sq.get(path)

@@ -481,6 +481,7 @@ class ObservedSite:
     channel_dim: int
     order: int
     partner: str = ""  # a gated unit's up projection
+    role: str = ""  # "output" | "gate" | "" (see graphsurg._measurements.SiteMeasure.role)
 
 
 @dataclass
@@ -507,6 +508,7 @@ def find_sites(model: ir.Model) -> tuple[list[LayerSite], list[ObservedSite]]:
     found: list[tuple[int, ObservedSite]] = []
     observed: set[str] = set()
     gated_muls: dict[ir.Node, Activation] = {}
+    acts_at: list[tuple[ir.Node, Activation, ObservedSite | None]] = []
 
     def add(at: ir.Node, s: ObservedSite) -> None:
         if s.value and s.value not in observed:
@@ -542,6 +544,10 @@ def find_sites(model: ir.Model) -> tuple[list[LayerSite], list[ObservedSite]]:
                                   axis, 0, label[up]))
             continue
         add(n, ObservedSite(n.outputs[0].name or "", module, act.name, act.family, act, axis, 0))
+        acts_at.append((n, act, found[-1][1] if found and found[-1][0] == index[n] else None))
+    for n, act, site in acts_at:  # roles need every layer known (layer_nodes is complete)
+        if site is not None:
+            site.role = site_role(n, act, layer_nodes, index)
     follows = {**recognised, **gated_muls}
     for n in layers_in_order(nodes, layer_nodes):
         if not _follows_activation(n, follows):
@@ -558,6 +564,108 @@ def find_sites(model: ir.Model) -> tuple[list[LayerSite], list[ObservedSite]]:
     for ls in layers:
         ls.next_modules = [label[u] for u in _next_layers(ls.node, layer_nodes)]
     return layers, sites
+
+
+#: ops a gate's values pass through unchanged on their way to the product (besides
+#: :data:`LAYOUT`): copies, dropout and broadcasts
+_GATE_PASS = frozenset({"Identity", "Dropout", "Expand"})
+#: how many nodes a role walk visits at most (beyond it the role is unknown: "")
+_ROLE_WALK = 512
+
+
+def _value_uses(v: ir.Value) -> list[ir.Node]:
+    return [u for u, _ in v.uses() if u.op_type not in _SHAPE_OPS]
+
+
+def site_role(node: ir.Node, act: Activation, layer_nodes: set[ir.Node],
+              index: dict[ir.Node, int]) -> str:
+    """What the graph says the activation ``node`` is for (``SiteMeasure.role``), as the
+    torch adapter reads it (``passes.fx.capture.site_role``):
+
+    * ``"output"``: every value derived from it through non-layer nodes reaches a graph
+      output and no layer of ``layer_nodes``;
+    * ``"gate"``: ``act`` is bounded below by 0 (sigmoid family) and its output, through
+      layout/copy/broadcast ops only, is used solely as a factor of two-input ``Mul`` nodes
+      whose other input does not derive from it (squeeze-excite, GLU-style gates);
+    * ``""`` otherwise, or when a walk is longer than ``_ROLE_WALK`` nodes.
+    """
+    if _is_output_head(node, layer_nodes):
+        return "output"
+    if act.low == 0.0 and act.high is not None and _is_gate(node, index):
+        return "gate"
+    return ""
+
+
+def _is_output_head(node: ir.Node, layer_nodes: set[ir.Node]) -> bool:
+    outputs = _graph_outputs(node)
+    reached = any(v in outputs for v in node.outputs)
+    todo = [u for v in node.outputs for u in _value_uses(v)]
+    seen: set[ir.Node] = set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if len(seen) > _ROLE_WALK or u in layer_nodes:
+            return False
+        for v in u.outputs:
+            reached = reached or v in outputs
+            todo.extend(_value_uses(v))
+    return reached
+
+
+def _derives_from(value: ir.Value, node: ir.Node, index: dict[ir.Node, int]) -> bool | None:
+    """Whether ``value`` is computed from ``node`` (only nodes after ``node`` in graph order
+    can be); None when the walk is too long to tell."""
+    start = index[node]
+    todo = [value.producer()]
+    seen: set[ir.Node] = set()
+    while todo:
+        p = todo.pop()
+        if p is node:
+            return True
+        if p is None or p in seen or index.get(p, -1) <= start:
+            continue
+        seen.add(p)
+        if len(seen) > _ROLE_WALK:
+            return None
+        todo.extend(i.producer() for i in p.inputs if i is not None)
+    return False
+
+
+def _is_gate(node: ir.Node, index: dict[ir.Node, int]) -> bool:
+    outputs = _graph_outputs(node)
+    if any(v in outputs for v in node.outputs):
+        return False
+    frontier = [(u, v) for v in node.outputs for u in _value_uses(v)]
+    carried = set(node.outputs)  # the gate's values, as they travel to the products
+    seen: set[ir.Node] = set()
+    products = 0
+    while frontier:
+        u, via = frontier.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if len(seen) > _ROLE_WALK or not _default_domain(u):
+            return False
+        if (u.op_type in LAYOUT or u.op_type in _GATE_PASS) and u.inputs and u.inputs[0] is via:
+            if any(v in outputs for v in u.outputs):
+                return False
+            carried.update(u.outputs)
+            frontier.extend((c, v) for v in u.outputs for c in _value_uses(v))
+            continue
+        if u.op_type != "Mul" or len(u.inputs) != 2:
+            return False
+        gates = [i for i in u.inputs if i in carried]
+        others = [i for i in u.inputs if i not in carried]
+        if len(gates) != 1 or len(others) != 1 or others[0] is None:
+            return False  # the gate times itself
+        if const_array(others[0]) is not None:
+            return False  # a product with a constant scales the gate; it gates nothing
+        if _derives_from(others[0], node, index) is not False:
+            return False
+        products += 1
+    return products > 0
 
 
 def layers_in_order(nodes: list[ir.Node], layer_nodes: set[ir.Node]) -> list[ir.Node]:
@@ -661,7 +769,7 @@ class _Accumulator:
             module=self.site.module, node=self.site.value, op=self.site.op,
             family=self.site.family, order=self.site.order, stats=self.stats,
             saturated_fraction=satf, sample=torch.cat(self._sample) if self._sample else None,
-            channel_dim=self.site.channel_dim, partner=self.site.partner)
+            channel_dim=self.site.channel_dim, partner=self.site.partner, role=self.site.role)
 
 
 def weight_tensor(arr: np.ndarray) -> torch.Tensor:
