@@ -70,10 +70,6 @@ def test_crepe_hears_pitch() -> None:
     assert err.max().item() < 50
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 14 class 6 (design read as disease): CREPE's output is a sigmoid over 360 pitch "
-    "bins; bins of pitches absent from the data sit at ~0, read as Saturation at "
-    "'classifier' (graphsurg/detect/saturation.py judges the model's own output layer)"))
 def test_crepe_raises_no_false_alarm() -> None:
     assert keys(crepe_diagnose(crepe(), loss=True)) == set()
 
