@@ -31,23 +31,29 @@ def _saturated(s: SiteMeasure, config: DiagnoseConfig) -> torch.Tensor:
     return (s.saturated_fraction >= config.saturation_fraction) & (s.stats.count > 0)
 
 
-def _open(s: SiteMeasure) -> torch.Tensor | None:
-    """Boolean per unit: the unit's mean lies above its activation's centre (a saturated unit
-    with it sits at the upper bound); None when the activation's bounds are not known."""
+def _open(s: SiteMeasure, config: DiagnoseConfig) -> torch.Tensor | None:
+    """Boolean per unit: the unit sits at its activation's upper bound: its mean is at least
+    ``high - (high - low) * (1 - saturation_fraction) - margin``, the least mean of a unit
+    within ``margin`` of ``high`` on a ``saturation_fraction`` of its values (a gate that is
+    open on 60% of the inputs and shut on the rest is no gate stuck open). None when the
+    activation's bounds are not known."""
     act = ACTIVATIONS.get(s.op)
     if act is None or act.low is None or act.high is None:
         return None
-    return s.stats.mean.double() > (act.low + act.high) / 2.0
+    span = act.high - act.low
+    least = act.high - span * (1.0 - config.saturation_fraction) - config.saturation_margin
+    return s.stats.mean.double() >= least
 
 
-def _by_design(s: SiteMeasure, sat: torch.Tensor) -> tuple[torch.Tensor, str]:
+def _by_design(s: SiteMeasure, sat: torch.Tensor,
+               config: DiagnoseConfig) -> tuple[torch.Tensor, str]:
     """The saturated units that are design, not disease, and why ("" when none)."""
     none = torch.zeros_like(sat)
     if s.role == "output":
         return sat, ("an output head (reaches a graph output through no layer): confident "
                      "outputs are what training asks of it")
     if s.role == "gate":
-        up = _open(s)
+        up = _open(s, config)
         if up is None:
             return none, ""
         return sat & up, "a gate stuck open (at its upper bound) passes its channel unchanged"
@@ -60,7 +66,7 @@ def detect_saturation(m: Measurements, config: DiagnoseConfig) -> list[Problem]:
         if s.family != "saturating" or s.saturated_fraction is None:
             continue
         sat = _saturated(s, config)
-        design, _ = _by_design(s, sat)
+        design, _ = _by_design(s, sat, config)
         units_l = torch.nonzero(sat & ~design).flatten().tolist()
         if not units_l:
             continue
@@ -96,7 +102,7 @@ def design_notes(m: Measurements, config: DiagnoseConfig) -> list[str]:
         if s.family != "saturating" or s.saturated_fraction is None or not s.role:
             continue
         sat = _saturated(s, config)
-        design, why = _by_design(s, sat)
+        design, why = _by_design(s, sat, config)
         n = int(design.sum())
         if n == 0:
             continue

@@ -243,3 +243,28 @@ def test_roles_agree_across_irs() -> None:
         o_roles = [(s.op, s.role) for s in o_sites if s.family == "saturating"]
         assert t_roles == o_roles and t_roles, (t_roles, o_roles)
         assert {r for _, r in t_roles} == ({"", "output"} if isinstance(m, Head) else {"gate"})
+
+
+def test_onnx_gate_that_flips_between_shut_and_open_is_reported() -> None:
+    """A GLU-style gate ``sigmoid(a(x)) * b(x)``: units pinned open are design; units that
+    saturate but flip between shut and open with the input are no gate stuck open."""
+    rng = np.random.default_rng(3)
+    wa = rng.standard_normal((8, 8)) * 0.3
+    ba = np.zeros(8)
+    ba[:3] = 30.0  # always open
+    wa[3:6] = 0.0
+    wa[3:6, 0] = 3000.0  # sign of x[:, 0]: shut about half the time, open the rest
+    nodes = [
+        helper.make_node("Gemm", ["x", "wa", "ba"], ["a"], name="a", transB=1),
+        helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+        helper.make_node("Gemm", ["x", "wb", "bb"], ["b"], name="b", transB=1),
+        helper.make_node("Mul", ["s", "b"], ["g"], name="glu"),
+        helper.make_node("Gemm", ["g", "wo", "bo"], ["y"], name="out", transB=1),
+    ]
+    inits = [_init("wa", wa), _init("ba", ba),
+             _init("wb", rng.standard_normal((8, 8)) * 0.3), _init("bb", np.zeros(8)),
+             _init("wo", rng.standard_normal((2, 8)) * 0.3), _init("bo", np.zeros(2))]
+    d = gso.analyze(_model(nodes, inits, ["n", 8], {"y": ["n", 2]}), _feeds((64, 8)))
+    assert _saturation(d).get("a") == (3, 4, 5), d.summary()
+    (note,) = _notes_naming(d, "a:")
+    assert "3/8" in note and "gate stuck open" in note
