@@ -75,8 +75,7 @@ def test_crepe_raises_no_false_alarm() -> None:
 
 
 def test_crepe_body_raises_no_false_alarm() -> None:
-    """Trained and healthy: no problem at any conv layer (gradients measured too); the one
-    problem reported is the output sigmoid's (the xfail above)."""
+    """Trained and healthy: no problem at any conv layer (gradients measured too)."""
     model = crepe()
     s0 = snapshot(model)
     found = keys(crepe_diagnose(model, loss=True))
