@@ -678,6 +678,7 @@ class _Surgery:
             attempts = [("planned", s.params)] + (
                 [("fallback", s.fallback)] if s.fallback is not None else [])
             reasons: list[str] = []
+            broke = False  # an attempt applied and broke max_output_change (did not raise)
             for variant, params in attempts:
                 target, a, why = self._try(target, s, params, done, applied)
                 if a is None:
@@ -691,6 +692,7 @@ class _Surgery:
                     snap_new = self.a.run(self.calib)
                     change = output_change(snap_new, current, self.ref_calib).rel
                     if not change <= self.cert.max_output_change:
+                        broke = True
                         target = self._replay(done, applied)
                         reasons.append(f"{variant}: output change {change:.3g} > "
                                        f"max_output_change {self.cert.max_output_change}")
@@ -706,7 +708,9 @@ class _Surgery:
                 break
             else:
                 v.fail("; ".join(reasons))
-                alt = self.to_alternative(s.index)
+                # a replacement that raised is reported, not replaced: the alternative answers
+                # a broken certificate only
+                alt = self.to_alternative(s.index) if broke else None
                 if alt is None:
                     self.dropped.add(s.index)
                     continue
