@@ -140,7 +140,13 @@ def plant_saturated(built: Built) -> Planted | Inapplicable:
     layer.weight.mul_(SATURATING_GAIN)
     if getattr(layer, "bias", None) is not None:
         layer.bias.mul_(SATURATING_GAIN)
-        layer.bias.add_(torch.where(layer.bias < 0, -SATURATING_SHIFT, SATURATING_SHIFT))
+        # push each unit further the way its bias points; a zero bias (EfficientNet's SE
+        # expand layer is zero-initialised) alternates by unit, so half the units saturate
+        # at the lower bound: a sigmoid gate stuck open everywhere is design, not disease
+        sign = torch.sign(layer.bias)
+        alt = 1.0 - 2.0 * (torch.arange(sign.numel(), device=sign.device) % 2).to(sign.dtype)
+        sign = torch.where(sign == 0, alt, sign)
+        layer.bias.add_(sign * SATURATING_SHIFT)
     return Planted("Saturation", built.meta.saturating)
 
 
