@@ -170,6 +170,10 @@ class _Flow:
     vals: np.ndarray
     #: the layer whose output units these are (a site's address is ``layer:value``)
     layer: str = ""
+    #: set by a constant-mode Pad whose value differs from the constants, read by one Conv:
+    #: ``(pads before, pads after, pad value, the Pad input's value)`` -- the units hold
+    #: their constants on the interior only, the pad value on that border
+    border: tuple[list[int], list[int], float, ir.Value] | None = None
 
 
 @dataclass
@@ -526,6 +530,10 @@ def _plan_source(a: ir.Value, rows: np.ndarray, plan: _Plan
             region[id(node)] = node
             stack.append(_input(node, 0))
             continue
+        if op == "PRelu" and len(node.inputs) == 2 and const_array(node.inputs[1]) is not None:
+            region[id(node)] = node  # the per-channel slope loses the rows below
+            stack.append(_input(node, 0))
+            continue
         if op == "BatchNormalization" or (op in (_ACT_OPS | {"Identity", "Dropout"})
                                           and _unary(node) is not None):
             region[id(node)] = node
@@ -737,6 +745,12 @@ def _source_region_node(node: ir.Node, axis: int, rank: int | None, width: int,
             if arr is None:
                 raise Refused(f"BatchNormalization '{node.name}' has non-constant parameters")
             plan.set(node, i, np.delete(arr, rows, axis=0))
+    elif node.op_type == "PRelu":
+        slope = plan.arr(node, 1)
+        assert slope is not None
+        e = _per_channel_edit(slope, axis, rank, width, rows, f"slope of PRelu '{node.name}'")
+        if e is not None:
+            plan.set(node, 1, e)
     elif node.op_type in _BINARY:
         for i in (0, 1):
             c = plan.arr(node, i)
@@ -1004,11 +1018,12 @@ class _Forward:
 
     def carry(self, f: _Flow, out: ir.Value, *, axis: int | None = None,
               rank: int | None = None, rows: np.ndarray | None = None,
-              vals: np.ndarray | None = None) -> None:
+              vals: np.ndarray | None = None,
+              border: tuple[list[int], list[int], float, ir.Value] | None = None) -> None:
         """Continue the flow at ``out`` (same units unless given)."""
         f2 = _Flow(out, f.axis if axis is None else axis, f.rank if rank is None else rank,
                    f.rows if rows is None else rows, f.vals if vals is None else vals,
-                   f.layer)
+                   f.layer, border)
         self.plan.shape(out, f2.axis, len(f2.rows))
         self.plan.record(f2.layer, out, f2.rows)
         self.flow(f2)
@@ -1192,24 +1207,37 @@ def _use_unary(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     fw.carry(f, node.outputs[0], vals=fn(f.vals))
 
 
-def _use_binary_const(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
-    """``x op c`` / ``c op x`` with a constant ``c``: per-channel constants lose the rows."""
-    c = fw.plan.arr(node, 1 - idx)
+def _const_at_rows(fw: _Forward, f: _Flow, node: ir.Node, i: int, what: str) -> np.ndarray:
+    """The broadcast constant input ``i`` of ``node`` at the flow's units (float64, one per
+    unit); a per-channel constant loses the rows in the plan."""
+    c = fw.plan.arr(node, i)
     assert c is not None
     rank = f.rank if f.rank is not None else _rank(node.outputs[0])
     if rank is None and f.axis == -1:  # broadcasting aligns the last axes: the constant's
         rank = max(np.ndim(c), 1)      # own rank places the units
-    what = f"constant of {node.op_type} '{node.name}'"
     e = _per_channel_edit(c, f.axis, rank, -1, f.rows, what)
     cv = np.asarray(c, np.float64)
     if e is None:
-        at = np.broadcast_to(cv.reshape(-1)[:1] if cv.size else cv, f.vals.shape)
-    else:
-        p = _pos(f.axis, rank)
-        assert p is not None and rank is not None
-        full = cv.reshape((1,) * (rank - cv.ndim) + cv.shape)
-        at = np.take(full, f.rows, axis=p).reshape(-1)
-        fw.plan.set(node, 1 - idx, e)
+        return np.broadcast_to(cv.reshape(-1)[:1] if cv.size else cv, f.vals.shape)
+    p = _pos(f.axis, rank)
+    assert p is not None and rank is not None
+    full = cv.reshape((1,) * (rank - cv.ndim) + cv.shape)
+    fw.plan.set(node, i, e)
+    return np.take(full, f.rows, axis=p).reshape(-1)
+
+
+def _use_prelu(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """``PRelu(x, slope)`` with a constant slope (scalar or per channel): element-wise per
+    unit, ``c -> c if c >= 0 else slope[u] * c``; a per-channel slope loses the rows."""
+    if len(node.inputs) < 2 or fw.plan.arr(node, 1) is None:
+        raise Refused(f"PRelu '{node.name}' has a non-constant slope")
+    slope = _const_at_rows(fw, f, node, 1, f"slope of PRelu '{node.name}'")
+    fw.carry(f, node.outputs[0], vals=np.where(f.vals >= 0, f.vals, slope * f.vals))
+
+
+def _use_binary_const(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
+    """``x op c`` / ``c op x`` with a constant ``c``: per-channel constants lose the rows."""
+    at = _const_at_rows(fw, f, node, 1 - idx, f"constant of {node.op_type} '{node.name}'")
     fn = _BINARY[node.op_type]
     vals = fn(f.vals, at) if idx == 0 else fn(at, f.vals)
     fw.carry(f, node.outputs[0], vals=np.asarray(vals, np.float64))
@@ -1476,9 +1504,42 @@ def _use_pad(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
         else:
             value = float_attr(node, "value", 0.0)
         if np.any(f.vals != value):
-            raise Refused(f"Pad '{name}' pads with {value:g}, not the units' constant "
-                          f"{float(f.vals[f.vals != value][0]):g}: the border is not constant")
+            why = (f"Pad '{name}' pads with {value:g}, not the units' constant "
+                   f"{float(f.vals[f.vals != value][0]):g}: the border is not constant")
+            border = _pad_border(node, pads, rank, f, value, why)
+            fw.carry(f, node.outputs[0], rank=rank, border=border)
+            return
     fw.carry(f, node.outputs[0], rank=rank)
+
+
+def _pad_border(node: ir.Node, pads: np.ndarray, rank: int | None, f: _Flow, value: float,
+                why: str) -> tuple[list[int], list[int], float, ir.Value]:
+    """A constant-mode Pad (``value``) of units constant at ``k != value`` read by one
+    ungrouped Conv (the legacy exporter's explicit padding): the Conv sees ``k`` on the
+    interior and ``value`` on the border, a fixed map it adds back
+    (:func:`_padded_constant_map`); the pads of the spatial axes must be known and not
+    negative, the batch axis unpadded."""
+    use = _only_use(node.outputs[0])
+    conv = use[0] if use is not None else None
+    wc = const_array(conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
+    if (use is None or conv is None or conv.op_type != "Conv" or conv.domain not in _ONNX
+            or use[1] != 0 or wc is None
+            or (int_attr(conv, "group", 1) > 1 and wc.shape[1] == 1)):  # fmt: skip
+        raise Refused(why + " (and it is not read by one ungrouped Conv that could add the "
+                      "border's map back)")
+    if rank is None or _pos(f.axis, rank) != 1:
+        raise Refused(why + " (rank unknown)")
+    n = len(pads) // 2
+    axes = const_array(node.inputs[3]) if len(node.inputs) > 3 else None
+    ax = list(range(n)) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+    lo, hi = [0.0] * rank, [0.0] * rank
+    for j, a in enumerate(ax):
+        lo[a], hi[a] = float(pads[j]), float(pads[j + n])
+    if any(np.isnan(x) for x in lo + hi):
+        raise Refused(why + " (pads computed at run time from symbolic dimensions)")
+    if lo[0] or hi[0] or any(x < 0 for x in lo + hi):
+        raise Refused(why + " (it pads the batch axis or crops)")
+    return [int(x) for x in lo[2:]], [int(x) for x in hi[2:]], value, _input(node, 0)
 
 
 def _use_slice(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
@@ -1819,21 +1880,105 @@ def _use_conv(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     wsum = w.astype(np.float64).sum(axis=spatial) if spatial else w.astype(np.float64)
     fold = np.zeros(c_out)
     parts = []
+    removed_w = np.zeros((c_out, len(rows), *w.shape[2:]))  # the removed columns, ungrouped
     for i in range(g):
         sl = slice(i * per_out, (i + 1) * per_out)
         sel = grp == i
         fold[sl] = wsum[sl][:, local[sel]] @ vals[sel]
+        removed_w[sl, np.flatnonzero(sel)] = w[sl][:, local[sel]].astype(np.float64)
         parts.append(np.delete(w[sl], local[sel], axis=1))
+    if not np.any(fold) and not (nonzero and _padded(node)) and f.border is None:
+        plan.set(node, 1, np.concatenate(parts, axis=0))
+        plan.sinks.append(f"Conv '{name}'")
+        return
+    if _padded(node) or f.border is not None:
+        cmap = _padded_constant_map(fw, node, removed_w, vals, f.border)
+        if not np.allclose(cmap, cmap.reshape(c_out, -1)[:, :1].reshape(
+                (c_out,) + (1,) * (cmap.ndim - 1)), rtol=0.0, atol=0.0):
+            plan.set(node, 1, np.concatenate(parts, axis=0))
+            plan.sinks.append(f"Conv '{name}' (+ the constant channels' map, zero padding)")
+            plan.add_bias_after.append((node, cmap[None].astype(w.dtype)))
+            return
+        fold = cmap.reshape(c_out, -1)[:, 0]  # no padding reaches the constant channels
     plan.set(node, 1, np.concatenate(parts, axis=0))
     plan.sinks.append(f"Conv '{name}'")
     if not np.any(fold):
         return
-    if _padded(node):
-        raise Refused(
-            f"Conv '{name}' pads its input: a non-zero constant channel is not foldable exactly"
-        )
     b, has = _bias(plan, node, c_out, w.dtype)
     plan.set(node, 2, (b + fold).astype(b.dtype if has else w.dtype))
+
+
+def _conv_geometry(node: ir.Node, spatial: Sequence[int], kernel: Sequence[int]
+                   ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """``(pads_lo, pads_hi, strides, dilations)`` of Conv ``node`` on an input of the given
+    spatial dims (``auto_pad`` resolved as onnxruntime does)."""
+    n = len(spatial)
+    strides = ints_attr(node, "strides") or [1] * n
+    dil = ints_attr(node, "dilations") or [1] * n
+    auto = node.attributes.get("auto_pad")
+    mode = "NOTSET" if auto is None else auto.as_string()
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        lo, hi = [], []
+        for d, k, s_, dl in zip(spatial, kernel, strides, dil, strict=True):
+            out = -(-d // s_)
+            total = max(0, (out - 1) * s_ + (k - 1) * dl + 1 - d)
+            small = total // 2
+            lo.append(small if mode == "SAME_UPPER" else total - small)
+            hi.append(total - lo[-1])
+        return lo, hi, strides, dil
+    if mode == "VALID":
+        return [0] * n, [0] * n, strides, dil
+    pads = ints_attr(node, "pads") or [0] * (2 * n)
+    return list(pads[:n]), list(pads[n:]), strides, dil
+
+
+def _padded_constant_map(fw: _Forward, node: ir.Node, removed_w: np.ndarray,
+                         vals: np.ndarray,
+                         border: tuple[list[int], list[int], float, ir.Value] | None = None
+                         ) -> np.ndarray:
+    """What the removed input channels, constant at ``vals``, contribute to the output of the
+    zero-padded Conv ``node`` (weights of those columns ``removed_w``: ``[C_out, n, k...]``):
+    ``M[o, ...] = sum_c vals_c * conv(1-image with zero padding, W[o, c])``, exactly in
+    float64; needs the input's spatial dims static, or refuses. With ``border`` (a Pad
+    before the Conv, value ``v``): the image is 1 on the Pad's input, and the Pad's border
+    adds ``v * conv(border indicator, sum_c W[o, c])``."""
+    name = node.name
+    x = _input(node, 0) if border is None else border[3]
+    dims = None if x.shape is None else list(x.shape)[2:]
+    if dims is None or any(not isinstance(d, int) for d in dims):
+        _infer_shapes(fw.model)
+        dims = None if x.shape is None else list(x.shape)[2:]
+    if dims is None or len(dims) != removed_w.ndim - 2 or any(
+            not isinstance(d, int) or d <= 0 for d in dims):  # fmt: skip
+        raise Refused(f"Conv '{name}' pads its input and the spatial shape of '{x.name}' is "
+                      f"symbolic ({'unknown' if x.shape is None else list(x.shape)}): the "
+                      "border map of the non-zero constant channels cannot be computed")
+    inner = [int(d) for d in dims]  # type: ignore[arg-type]
+    b_lo, b_hi = (border[0], border[1]) if border is not None else ([0] * len(inner),) * 2
+    if len(b_lo) != len(inner):
+        raise Refused(f"Conv '{name}': the Pad before it has another rank")
+    spatial = [d + a + b for d, a, b in zip(inner, b_lo, b_hi, strict=True)]
+    kernel = list(removed_w.shape[2:])
+    lo, hi, strides, dil = _conv_geometry(node, spatial, kernel)
+    ones = np.zeros([d + a + b for d, a, b in zip(spatial, lo, hi, strict=True)])
+    frame = ones.copy()
+    frame[tuple(slice(a, a + d) for a, d in zip(lo, spatial, strict=True))] = 1.0
+    ones[tuple(slice(a + e, a + e + d) for a, e, d in zip(lo, b_lo, inner, strict=True))] = 1.0
+    out_dims = [(p - ((k - 1) * dl + 1)) // s_ + 1
+                for p, k, dl, s_ in zip(ones.shape, kernel, dil, strides, strict=True)]
+    if any(d <= 0 for d in out_dims):
+        raise Refused(f"Conv '{name}': kernel larger than its padded input")
+    wk = np.einsum("oc...,c->o...", removed_w, np.asarray(vals, np.float64))
+    images = [(wk, ones)]
+    if border is not None and border[2] != 0.0:  # the Pad's border holds its value v
+        images.append((removed_w.sum(axis=1) * border[2], frame - ones))
+    out = np.zeros([removed_w.shape[0], *out_dims])
+    for kern, img in images:
+        for off in np.ndindex(*kernel):
+            win = img[tuple(slice(o * dl, o * dl + (n - 1) * s_ + 1, s_)
+                            for o, dl, n, s_ in zip(off, dil, out_dims, strides, strict=True))]
+            out += kern[(slice(None), *off)].reshape(-1, *([1] * len(out_dims))) * win[None]
+    return out
 
 
 def _depthwise(fw: _Forward, f: _Flow, node: ir.Node, m: int, new_w: np.ndarray,
@@ -1860,6 +2005,7 @@ _HANDLERS: dict[str, _Handler] = {
     **{op: _use_pool for op in _POOLS},
     **{op: _use_reduce for op in ("ReduceMean", "ReduceMax", "ReduceMin")},
     "BatchNormalization": _use_batchnorm,
+    "PRelu": _use_prelu,
     "Flatten": _use_flatten,
     "Reshape": _use_reshape,
     "Shape": _use_shape,
@@ -1900,7 +2046,7 @@ def _execute(graph: ir.Graph, plan: _Plan) -> None:
             node.resize_inputs(i + 1)
         if node.inputs[i] is None:
             node.replace_input_with(i, new_initializer(graph, f"{node.name or node.op_type}_bias", arr))
-        else:
+        elif not _set_stored(node, i, arr):
             set_const(graph, node, i, arr)
     for node, name, value in plan.attrs:
         node.attributes[name] = ir.AttrInt64(name, value)
@@ -1926,6 +2072,34 @@ def _execute(graph: ir.Graph, plan: _Plan) -> None:
         graph.insert_after(node, add)
         for n, i in uses:
             n.replace_input_with(i, add.outputs[0])
+        if out.is_graph_output():  # the Add's result takes the output's place and name
+            outs = graph.outputs
+            outs[list(outs).index(out)] = add.outputs[0]
+            add.outputs[0].name, out.name = out.name, f"{out.name}_unbiased"
+
+
+def _set_stored(node: ir.Node, i: int, arr: np.ndarray) -> bool:
+    """Input ``i`` of ``node`` is ``Cast(initializer)`` (bf16/fp16 weights cast to float32
+    where used), read only there: edit the initializer in its stored element type, when
+    ``arr`` round-trips through it exactly (a removed row or column does; a folded bias may
+    not, and is then written as a new float32 initializer by the caller). True when done."""
+    v = node.inputs[i]
+    cast = v.producer() if v is not None else None
+    if (v is None or cast is None or cast.op_type != "Cast" or cast.domain not in _ONNX
+            or _only_use(v) is None or not cast.inputs or cast.inputs[0] is None):  # fmt: skip
+        return False
+    src = cast.inputs[0]
+    if (not src.is_initializer() or src.const_value is None or src.is_graph_input()
+            or src.is_graph_output() or len(src.uses()) != 1):  # fmt: skip
+        return False
+    stored = src.const_value.dtype.numpy()
+    back = arr.astype(stored)
+    if not np.array_equal(back.astype(arr.dtype), arr):
+        return False
+    src.const_value = ir.Tensor(np.ascontiguousarray(back), name=src.name)
+    src.shape = ir.Shape(arr.shape)
+    v.shape = ir.Shape(arr.shape)
+    return True
 
 
 def _add_back_gated(graph: ir.Graph, mul: ir.Node, gi: int, keep: np.ndarray, rows: np.ndarray,
