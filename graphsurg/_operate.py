@@ -14,6 +14,7 @@ finds the edits that broke it and the rest are kept.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -561,7 +562,20 @@ def plan_on(adapter: IRAdapter, diagnosis: Diagnosis, lib: Library, cert: Certif
         return plan_target(adapter.target(calib, seed=seed), diagnosis, order, library=lib,
                            certificates=cert, prefer=prefer, seed=seed)
     finally:
-        adapter.restore(work)
+        _take_back(adapter, work)
+
+
+def _take_back(adapter: IRAdapter, snapshot: Any) -> None:
+    """Restore a snapshot that is not used again: an adapter whose ``restore`` takes
+    ``consume`` installs it without a copy."""
+    try:
+        consume = "consume" in inspect.signature(adapter.restore).parameters
+    except (TypeError, ValueError):
+        consume = False
+    if consume:
+        adapter.restore(snapshot, consume=True)  # type: ignore[call-arg]
+    else:
+        adapter.restore(snapshot)
 
 
 class _Surgery:
@@ -589,6 +603,7 @@ class _Surgery:
                       for s in surgery_plan.schemas}
         self._input_loss = input_loss
         self._undos = 0
+        self._resolution: float | None = None
         self.variant: dict[int, dict[str, Any]] = {}
         self.dropped: set[int] = set()
         self.notes: list[str] = []
@@ -791,6 +806,24 @@ class _Surgery:
         return target
 
     # -- verify ----------------------------------------------------------------------------
+    def resolution(self) -> float:
+        """The input model's own floating-point resolution on the held-out batches: the
+        relative output change from re-rounding every weight within one ulp of its dtype
+        (:meth:`jitter_weights` of the adapter; 0 for an adapter without it, or when the
+        comparison cannot be made). An exact edit (a different float summation order) cannot
+        be held below it. Measured once, on the base model; the working model is left at
+        the base (the caller rebuilds)."""
+        if self._resolution is None:
+            self._resolution = 0.0
+            jitter = getattr(self.a, "jitter_weights", None)
+            if jitter is not None and self.held:
+                self.a.restore(self.base)
+                jitter(seed=self.seed)
+                rel = output_change(self.a.run(self.held), self.ref_held).rel
+                self._resolution = rel if math.isfinite(rel) else 0.0
+                self.a.restore(self.base)
+        return self._resolution
+
     def verify_exact_group(self, applied: dict[int, Applied]) -> list[int]:
         """The exact edits, together, must keep the held-out output within
         ``exact_tolerance``; when they do not, bisection finds the sites that break it."""
@@ -811,6 +844,15 @@ class _Surgery:
             output_change(self.a.run(self.held), self.ref_held).rel
         for s in exact:
             self.verif[s.index].output_change = first
+        if first > tol and self.resolution() > tol:
+            tol = self.resolution()
+            self.notes.append(
+                f"exact edits judged at {tol:.3g}, not exact_tolerance "
+                f"{self.cert.exact_tolerance}: re-rounding every weight of the input model "
+                f"(within an ulp) moves its held-out output that much already")
+            if first <= tol:
+                self.build(self.kept(), measure=False)
+                return []
         if first <= tol:
             if bounded:
                 self.build(self.kept(), measure=False)

@@ -94,6 +94,19 @@ class TorchAdapter:
         if self._target is not None:
             self._target.set_model(self._model)
 
+    def jitter_weights(self, *, seed: int = 0) -> None:
+        """Re-round every floating parameter of the working model: multiply it by ``1 + u``
+        with ``u`` uniform within one ulp (machine epsilon) of its dtype, rounded back
+        (seeded). The output change this
+        makes is the model's own floating-point resolution (see ``_operate``'s exact check)."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.is_floating_point():
+                    ulp = torch.finfo(p.dtype).eps
+                    u = (torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1)
+                    p.copy_((p.double() * (1 + u * ulp)).to(p.dtype))
+
     def target(self, batches: Sequence[Batch], *, seed: int = 0) -> Target:
         """A :class:`graphsurg.passes.fx.target.Target` over the working model (edited in
         place by the library's torch appliers) and calibration ``batches``."""

@@ -30,14 +30,8 @@ C6 = "issue 14 class 6: design read as disease (narrow layer, LayerScale, SE dor
 C7 = "issue 14 class 7: symbolic_trace fails on Hugging Face models"
 C8 = "issue 14 class 8: ONNX-side gap (Clip typing, gated units, dormancy rule)"
 
-#: (architecture, check) -> why it fails today; delete a pair when its fix lands. What is
-#: left: MobileNetV2's exported graph is itself only ~1e-5 close to float64 (float32 round-off
-#: through its small-variance BatchNorms), so an exact excision's summation-order change
-#: measures 0.6-1.1e-5 against the fixed 1e-5 tolerance.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("mobilenet_v2", "onnx_legacy"): "float32 noise floor of the original (1-4e-5 from float64) "
-                                     "above the exact tolerance 1e-5",
-}
+#: (architecture, check) -> why it fails today; delete a pair when its fix lands.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _params() -> list[pytest.param]:
