@@ -374,7 +374,8 @@ def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
     nothing and kept the node order (it only annotated shapes), there is nothing to verify
     (the held-out batches run once, to fail on bad data, when no edit was verified on them);
     otherwise the reference output is the untouched snapshot's."""
-    before = adapter.snapshot()
+    # the untouched model, to verify against and roll back to (nothing to verify: no copy)
+    before = adapter.snapshot() if held else None
     order = list(adapter.model.graph)
     p = Cleanup()
     p(adapter.model)
@@ -385,10 +386,11 @@ def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
     if held and not changed and not result.applied:
         adapter.run(held)  # nothing ran the held-out batches yet: bad data still fails here
     elif held and changed:
+        assert before is not None
         ref = OnnxAdapter(before, threads=adapter.threads).run(held)
         change = output_change(adapter.run(held), ref)
         if not change.within(cert.exact_tolerance):
-            adapter.restore(before)
+            adapter.restore(before, consume=True)
             result.rolled_back.append({"index": -1, "replacement": CLEANUP, "site": "graph",
                                        "reason": f"output change {change.rel:.3g} > exact "
                                                  f"tolerance {cert.exact_tolerance}"})

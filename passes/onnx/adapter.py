@@ -11,8 +11,11 @@ batches        calibration data in any form of :mod:`graphsurg.passes.onnx.input
                checked against the model's inputs, batch axes read from the model
 observe        onnxruntime with the observed values as extra outputs, reduced batch by
                batch with ``graphsurg.kernels`` (:mod:`graphsurg.passes.onnx.observe`)
-run            an onnxruntime session: the floating outputs of every batch
-snapshot       ``ir.Model.clone()``; ``restore`` installs a clone of the snapshot
+run            an onnxruntime session: the floating outputs of every batch; the session is
+               kept for the next run while the model's generation is unchanged
+snapshot       ``ir.Model.clone()``; ``restore`` installs a clone of the snapshot, takes
+               the snapshot over (``consume=True``), or does nothing when the working model
+               is the unedited copy that snapshot was taken from
 target         :class:`graphsurg.passes.onnx.target.OnnxTarget` (what ``apply_onnx`` edits)
 halve          a feed dict cut in two along each input's batch axis (unbatched inputs
                go whole to both halves)
@@ -28,6 +31,7 @@ with the facade).
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ from graphsurg._measurements import Measurements
 from ._common import (
     Feed,
     ModelLike,
+    OrtSession,
     has_external_tensors,
     lift_constants,
     load_model,
@@ -73,6 +78,14 @@ class OnnxAdapter:
                             "use OnnxAdapter.open(path_or_proto_or_model)")
         self._model = model
         self.threads = threads
+        #: the model's generation: bumped whenever the working model may have been edited
+        #: (``model`` or a target's ``model`` handed out, a restore); the cached onnxruntime
+        #: session and the "unedited since snapshot" shortcut are valid for one generation
+        self._gen = 0
+        self._session: tuple[onnx_ir.Model, int, OrtSession] | None = None
+        #: (snapshot, working model, generation) when the working model is an unedited copy
+        #: of that snapshot
+        self._pristine: tuple[weakref.ref[onnx_ir.Model], onnx_ir.Model, int] | None = None
         self._specs: list[InputSpec] | None = None
         #: the model came with external data: it is saved with external data, even when
         #: every external tensor was edited (and so is held in memory) by then
@@ -94,8 +107,14 @@ class OnnxAdapter:
 
     @property
     def model(self) -> onnx_ir.Model:
-        """The working ``onnx_ir.Model`` (edited in place by the library's ONNX appliers)."""
+        """The working ``onnx_ir.Model`` (edited in place by the library's ONNX appliers).
+        Taking it counts as an edit (a new generation): take it again after a :meth:`run`
+        before editing it further."""
+        self._edited()
         return self._model
+
+    def _edited(self) -> None:
+        self._gen += 1
 
     def batches(self, data: DataLike, *, batch_size: int = 64,
                 batch_axes: BatchAxes | None = None, max_batches: int | None = None,
@@ -124,7 +143,13 @@ class OnnxAdapter:
 
     def run(self, batches: Sequence[Feed]) -> list[np.ndarray]:
         """The floating outputs of every batch, in order (one array per output per batch)."""
-        sess = ort_session(self._model, threads=self.threads)
+        cached = self._session
+        if cached is not None and cached[0] is self._model and cached[1] == self._gen:
+            sess = cached[2]
+        else:
+            self._session = None  # the old session (and its weights) go before the new one
+            sess = ort_session(self._model, threads=self.threads)
+            self._session = (self._model, self._gen, sess)
         out: list[np.ndarray] = []
         for feed in batches:
             out.extend(r for r in sess.run(None, feed)
@@ -132,15 +157,51 @@ class OnnxAdapter:
         return out
 
     def snapshot(self) -> onnx_ir.Model:
-        return self._model.clone()
+        snap = self._model.clone()
+        self._pristine = (weakref.ref(snap), self._model, self._gen)
+        return snap
 
-    def restore(self, snapshot: onnx_ir.Model) -> None:
-        """Make the working model a copy of ``snapshot`` (which stays usable). The working
-        model becomes a new object: take :attr:`model` / :meth:`target` again afterwards."""
-        self._model = snapshot.clone()
+    def restore(self, snapshot: onnx_ir.Model, *, consume: bool = False) -> None:
+        """Make the working model a copy of ``snapshot`` (which stays usable), or
+        ``snapshot`` itself with ``consume=True`` (the caller does not use it again: no copy).
+        Without ``consume``, nothing is copied when the working model has not been handed
+        out (:attr:`model`, :meth:`target`) since ``snapshot`` was taken of it or restored
+        from it. Take :attr:`model` / :meth:`target` again afterwards."""
+        p = self._pristine
+        if consume:
+            self._model = snapshot
+            self._pristine = None
+        elif p is not None and p[0]() is snapshot and p[1] is self._model and p[2] == self._gen:
+            return  # the working model is an unedited copy of the snapshot
+        else:
+            self._model = snapshot.clone()
+        self._edited()
+        if not consume:
+            self._pristine = (weakref.ref(snapshot), self._model, self._gen)
+
+    def jitter_weights(self, *, seed: int = 0) -> None:
+        """Re-round every float16/32/64 initializer of the working model: multiply it by
+        ``1 + u`` with ``u`` uniform within one ulp (machine epsilon) of its dtype and round
+        back (seeded; new tensors, so snapshots sharing the old ones are untouched). The
+        output change this makes is the model's own floating-point resolution (see
+        ``_operate``'s exact check)."""
+        self._edited()  # a new generation: the cached session holds the old weights
+        rng = np.random.default_rng(seed)
+        for v in self._model.graph.initializers.values():
+            t = v.const_value
+            if t is None:
+                continue
+            a = t.numpy()
+            if a.dtype not in (np.float16, np.float32, np.float64) or a.size < 2:
+                continue
+            ulp = float(np.finfo(a.dtype).eps)
+            u = rng.uniform(-1.0, 1.0, a.shape)
+            v.const_value = ir.tensor((a * (1.0 + u * ulp)).astype(a.dtype), name=v.name)
 
     def target(self, batches: Sequence[Feed], *, seed: int = 0) -> OnnxTarget:
-        return OnnxTarget(self._model, batches, seed=seed)
+        """The working model to edit (every access to the target's ``model`` is a new
+        generation, so a cached session never runs a model edited since)."""
+        return _TrackedTarget(self, batches, seed=seed)
 
     def halve(self, batch: Mapping[str, np.ndarray]) -> tuple[Feed, Feed] | None:
         """Cut a feed dict in two along each input's batch axis (as :meth:`batches` read
@@ -160,6 +221,26 @@ class OnnxAdapter:
         return save_model_files(self._model, path,
                                 save_external_data=save_external_data or self.external_data,
                                 external_data_size_threshold=external_data_size_threshold)
+
+
+class _TrackedTarget(OnnxTarget):
+    """An :class:`OnnxTarget` on an adapter's working model whose ``model`` marks the adapter
+    edited (a new generation) whenever an applier takes it."""
+
+    def __init__(self, adapter: OnnxAdapter, batches: Sequence[Feed], *, seed: int = 0
+                 ) -> None:
+        self._adapter = adapter
+        super().__init__(adapter._model, batches, seed=seed)
+
+    @property  # type: ignore[override]
+    def model(self) -> onnx_ir.Model:
+        self._adapter._edited()
+        return self._tracked_model
+
+    @model.setter
+    def model(self, m: onnx_ir.Model) -> None:
+        self._adapter._edited()
+        self._tracked_model = m
 
 
 __all__ = ["OnnxAdapter"]

@@ -1,0 +1,100 @@
+"""The ONNX adapter's model generation (issue 15, speed): one onnxruntime session per
+unedited model, and no copy on a restore that has nothing to undo -- never at the price of
+running or restoring a stale model."""
+
+from __future__ import annotations
+
+import graphsurg.passes.onnx.adapter as adapter_mod
+import numpy as np
+import onnx_ir as ir
+import pytest
+from graphsurg.passes.onnx.adapter import OnnxAdapter
+from onnx import TensorProto, helper, numpy_helper
+
+W = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+FEED = {"x": np.array([[1.0, -1.0], [0.5, 2.0]], np.float32)}
+
+
+def _adapter() -> OnnxAdapter:
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                          [numpy_helper.from_array(W, "w")])  # fmt: skip
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    return OnnxAdapter.open(proto)[0]
+
+
+def _expect(w: np.ndarray) -> np.ndarray:
+    return FEED["x"].astype(np.float64) @ w.astype(np.float64)
+
+
+def _set_w(model: ir.Model, w: np.ndarray) -> None:
+    model.graph.initializers["w"].const_value = ir.tensor(w, name="w")
+
+
+@pytest.fixture
+def sessions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the onnxruntime sessions the adapter builds."""
+    made: list[int] = []
+    real = adapter_mod.ort_session
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        made.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(adapter_mod, "ort_session", counting)
+    return made
+
+
+def _out(a: OnnxAdapter) -> np.ndarray:
+    (y,) = a.run([FEED])
+    return y.astype(np.float64)
+
+
+def test_session_reused_until_an_edit(sessions: list[int]) -> None:
+    a = _adapter()
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    assert len(sessions) == 1  # the unedited model: one session
+    # an edit through a target taken before the run, made after it: never the stale session
+    t = a.target([FEED])
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    _set_w(t.model, 2 * W)
+    np.testing.assert_allclose(_out(a), _expect(2 * W), rtol=1e-6)
+    # an edit through adapter.model
+    _set_w(a.model, 3 * W)
+    np.testing.assert_allclose(_out(a), _expect(3 * W), rtol=1e-6)
+    assert len(sessions) == 4  # one per generation that ran
+
+
+def test_restore_without_edit_copies_nothing_and_with_edit_undoes(sessions: list[int]) -> None:
+    a = _adapter()
+    base = a.snapshot()
+    working = a._model
+    a.restore(base)  # nothing handed out since the snapshot: nothing to undo, no copy
+    assert a._model is working and a._model is not base
+    _set_w(a.target([FEED]).model, 5 * W)
+    a.restore(base)  # edited: a fresh copy of the snapshot, the snapshot still usable
+    assert a._model is not working and a._model is not base
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    _set_w(a.model, 7 * W)
+    np.testing.assert_allclose(_out(a), _expect(7 * W), rtol=1e-6)
+    a.restore(base)  # the restored copy edited, then restored again
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    np.testing.assert_allclose(base.graph.initializers["w"].const_value.numpy(), W)
+    # consume: the snapshot itself becomes the working model
+    a.restore(base, consume=True)
+    assert a._model is base
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+
+
+def test_restore_of_another_snapshot_is_never_skipped() -> None:
+    a = _adapter()
+    old = a.snapshot()
+    _set_w(a.model, 2 * W)
+    newer = a.snapshot()  # of the edited model
+    a.restore(old)
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    a.restore(newer)
+    np.testing.assert_allclose(_out(a), _expect(2 * W), rtol=1e-6)
