@@ -2,11 +2,22 @@
 
 For each treated unit ``u`` of a producer layer:
 
-* its incoming weights are re-drawn with the layer's initialiser (``init="layer"``, the
-  default: nn.Linear's / nn.Conv's kaiming-uniform(a=sqrt 5), as ReDo does) or, with
-  ``ReinitDead(init="median_live")``, re-drawn and rescaled to the median norm of the live
-  units' rows; its bias is zeroed. The plain initialiser is the default because the
-  efficacy benchmark measured the rescale costing held-out loss (benchmarks/efficacy);
+* its incoming weights are re-drawn with the layer's initialiser (nn.Linear's / nn.Conv's
+  kaiming-uniform(a=sqrt 5), as ReDo does) and its bias is zeroed. With the default
+  ``init="calibrated"`` each drawn unit is then checked on the calibration data: a trained
+  layer's live rows grow far beyond the initialiser's scale (CREPE's conv5: row norms ~13
+  against the draw's ~0.6), so a fresh unit's mean ``|act(z)|`` is ~1% of the layer's and
+  the unit is dormant by ReDo's own score (``<= tau`` of the layer mean) the moment it is
+  reset, on held-out data too. A unit whose score on the calibration data is below
+  ``REVIVE * tau`` (``tau`` from the problem's evidence) gets its bias set to minus its
+  median pre-activation when it fires on under a quarter of the inputs (data-dependent
+  init: it then fires on about half), and its row and bias scaled up so its score is
+  ``REVIVE * tau`` -- the smallest change that clears the threshold with margin; units
+  that already pass keep ReDo's draw untouched. ``init="layer"`` is ReDo's draw without
+  the check; ``init="median_live"`` rescales every drawn row to the median norm of the
+  live rows (the efficacy benchmark measured that rescale costing held-out loss:
+  benchmarks/efficacy). The check applies to a ReLU-family activation right after the
+  layer (no BatchNorm between: that one is reset to standardise the unit, below; no gate);
 * a BatchNorm between the layer and the activation gets channel ``u`` reset: weight 1,
   bias 0, running statistics set to the new unit's statistics on the calibration data (so the
   unit fires about half the time in eval mode as well as in training);
@@ -32,8 +43,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
+from .._activations import REFERENCES, family
 from .._problems import Problem
 from ..passes.fx.coupling import CouplingGroup
 from ._base import Applied, Refused, Replacement, Target
@@ -63,12 +77,17 @@ class ReinitDead(Replacement):
     priority = 10
     reinitialises_units = True
     live_edit = "parameters"
-    inits = ("layer", "median_live")
+    inits = ("calibrated", "layer", "median_live")
+    #: a calibrated unit's target score, in units of the detector's ``tau``: 3x margin over
+    #: the dormancy threshold for the held-out data's spread
+    REVIVE = 3.0
 
-    def __init__(self, *, init: str = "layer") -> None:
-        """``init``: how a reset unit's incoming weights are drawn -- ``"layer"`` (the layer's
-        plain initialiser, ReDo's choice) or ``"median_live"`` (that draw rescaled to the
-        median norm of the layer's live rows)."""
+    def __init__(self, *, init: str = "calibrated") -> None:
+        """``init``: how a reset unit's incoming weights are drawn -- ``"calibrated"`` (the
+        layer's plain initialiser, then units that would be dormant on the calibration data
+        re-centred and scaled just past the threshold), ``"layer"`` (the plain initialiser
+        alone, ReDo's choice) or ``"median_live"`` (that draw rescaled to the median norm of
+        the layer's live rows)."""
         if init not in self.inits:
             raise ValueError(f"ReinitDead(init={init!r}): unknown initialisation; use one of "
                              f"{list(self.inits)}")
@@ -169,12 +188,17 @@ class ReinitDead(Replacement):
         for p in [path, *partners]:
             self._redraw(target, p, idx, params, applied)
         applied.modules += [p for p in partners if p not in applied.modules]
-        # 3) reset per-channel BatchNorm between the layer and the activation
         bns = group.batchnorms()
+        if (params.get("init", "layer") == "calibrated" and not partners
+                and problem.kind == "DeadNeurons" and not self._norm_first(target, path, bns)):
+            self._calibrate(target, problem, idx, applied)
+        # 3) reset per-channel BatchNorm on the path to the consumers (between the layer and
+        #    the activation, or after the activation as in CREPE): running statistics from
+        #    the norm's own input
         if bns:
-            out = target.capture(path, output=True).to(torch.float64)
-            ch = out.movedim(1, 0).reshape(out.shape[1], -1)[idx]
             for bn_path in bns:
+                inp = target.capture(bn_path).to(torch.float64)
+                ch = inp.movedim(1, 0).reshape(inp.shape[1], -1)[idx]
                 bn: Any = target.model.get_submodule(bn_path)
                 with torch.no_grad():
                     if getattr(bn, "affine", False):
@@ -220,3 +244,69 @@ class ReinitDead(Replacement):
         applied.touch(f"{path}.weight", unit_dim(layer), units)
         if layer.bias is not None:
             applied.touch(f"{path}.bias", 0, units)
+
+    @staticmethod
+    def _norm_first(target: Target, path: str, bns: list[str]) -> bool:
+        """Whether one of ``bns`` reads the layer's output itself (it sits between the layer
+        and the activation: its reset standardises the unit, so the layer's row and bias
+        do not set the unit's firing)."""
+        if not bns:
+            return False
+        out = target.capture(path, output=True)
+        return any(torch.equal(target.capture(b), out) for b in bns)
+
+    def _calibrate(self, target: Target, problem: Problem, idx: torch.Tensor,
+                   applied: Applied) -> None:
+        """Check the redrawn units ``idx`` of the site's layer on the calibration data: a unit
+        whose score ``mean|act(z_u)| / mean_live mean|act(z_j)|`` is below ``REVIVE * tau``
+        is re-centred (bias ``-median(z_u)`` when it fires on under a quarter of the inputs)
+        and its row and bias scaled up so the score is ``REVIVE * tau`` (never down: a
+        re-centred unit already past it keeps its scale). Deterministic: no
+        draw, only the calibration batches."""
+        op = problem.site.op
+        if family(op) != "relu" or op not in REFERENCES:
+            return
+        act = REFERENCES[op]
+        path = problem.site.module
+        layer = get_layer(target, path)
+        out = target.capture(path, output=True).to(torch.float64)
+        dim = 1 if isinstance(layer, nn.modules.conv._ConvNd) else out.dim() - 1
+        z = out.movedim(dim, 0).reshape(out.shape[dim], -1).numpy()
+        mag = np.abs(act(z)).mean(1)
+        live = np.ones(z.shape[0], dtype=bool)
+        live[idx.numpy()] = False
+        live &= np.isfinite(mag)
+        if not live.any():
+            return
+        ref = float(mag[live].mean())
+        tau = float(problem.evidence.get("tau", 0.1))
+        want = self.REVIVE * tau * ref
+        if not (ref > 0 and np.isfinite(ref)):
+            return
+        scales: dict[int, float] = {}
+        with torch.no_grad():
+            for u in (int(i) for i in idx):
+                if mag[u] >= want:
+                    continue
+                zu = z[u]
+                shift = 0.0
+                if layer.bias is not None and float((zu > 0).mean()) < 0.25:
+                    shift = -float(np.median(zu))
+                y = zu + shift
+                s = 1.0
+                for _ in range(8):  # fixed point; one step for the ReLU (homogeneous)
+                    m = float(np.abs(act(s * y)).mean())
+                    if m <= 0 or not np.isfinite(m):
+                        break
+                    s *= want / m
+                    if abs(m / want - 1.0) < 1e-3:
+                        break
+                s = max(s, 1.0)  # re-centred units already past the threshold keep their scale
+                if not np.isfinite(s) or (s == 1.0 and shift == 0.0):
+                    continue
+                weight_rows(layer)[u] *= s
+                if layer.bias is not None:
+                    layer.bias[u] = s * shift
+                scales[u] = s
+        if scales:
+            applied.details["calibrated"] = {u: round(v, 4) for u, v in scales.items()}

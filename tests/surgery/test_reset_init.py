@@ -1,6 +1,7 @@
-"""ReinitDead's reset initialisation: by default the layer's plain initialiser (ReDo's choice,
-nn.Linear's kaiming-uniform: |w| <= 1/sqrt(fan_in), not rescaled), the live-median rescale
-on request; the edit stays exact for dead units either way."""
+"""ReinitDead's reset initialisation: ``init="layer"`` is the layer's plain initialiser (ReDo's
+choice, nn.Linear's kaiming-uniform: |w| <= 1/sqrt(fan_in), not rescaled), the default
+``"calibrated"`` adds a check on the calibration data (tests/surgery/test_reinit_trained.py),
+the live-median rescale on request; the edit stays exact for dead units either way."""
 
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def test_reset_is_exact_on_dead_units(init: str | None) -> None:
     assert float(m[0].bias[[1, 5]].abs().max()) == 0.0
 
 
-def test_default_reset_draws_from_the_layer_initialiser() -> None:
-    _, m, _ = _reset(None)
+def test_layer_reset_draws_from_the_layer_initialiser() -> None:
+    _, m, _ = _reset("layer")
     rows = m[0].weight.detach()[[1, 5]]
     bound = 1 / math.sqrt(64)
     assert float(rows.abs().max()) <= bound
