@@ -26,7 +26,9 @@ before anything changes):
   width entry is rewritten) -- a decomposed activation
   (``x * HardSigmoid(x)``, Clip/Div/Mul HardSwish) and a sum of layers whose values nothing
   else reads (``relu(conv1(x) + conv2(y))``) included.
-* **Pass-through** (the constants are carried): element-wise activations, Identity/Dropout,
+* **Pass-through** (the constants are carried): element-wise activations (PRelu with a
+  constant slope, scalar or per channel: ``c if c >= 0 else slope[u] * c``, the slope loses
+  the rows; also between the layer and the units, as MTCNN's exports have it), Identity/Dropout,
   per-channel constant arithmetic, BatchNormalization, pooling, Resize/Upsample that keep the
   channel axis, Pad that leaves the channel axis alone (a constant pad value only equal to the
   constant; pads computed at run time -- the legacy exporter's "same" padding -- are
@@ -58,11 +60,22 @@ before anything changes):
   nothing is).
 * **Sinks** (columns removed, constant folded into the bias): Gemm / MatMul / Conv (grouped when
   every group loses as many channels) / ConvTranspose (only a zero constant folds: a transposed
-  convolution spreads its input unevenly over the output).
+  convolution spreads its input unevenly over the output). A Conv that zero-pads (``pads``,
+  ``auto_pad``, or an explicit constant-mode ``Pad`` before it, the legacy exporter's way; any
+  pad value) sees a non-zero constant ``k`` inside and the pad value on the border (CREPE:
+  ReLU -> BatchNormalization makes a dead channel ``k != 0``): the removed channels'
+  contribution is a fixed map ``M[o, ...] = sum_c k_c conv(1-image, W[o, c])`` computed in
+  float64 and added after the Conv as a constant ``[1, C_out, *spatial_out]`` (folded into the
+  bias when no padding reaches it). It needs the input's spatial dims: static, inferred, or
+  measured on one calibration batch when every graph input is static; symbolic refuses.
+
+Weights stored in another type behind a ``Cast`` (bf16/fp16 checkpoints run in float32) are
+edited in their stored type when the edited array round-trips exactly (removed rows/columns
+do); otherwise (a folded bias) the new constant is a float32 initializer.
 
 Anything else (a graph output, an If / Loop branch that returns the units -- the refusal
 names the node, the branch and what reads its result --, Shape/LSTM readers, a padded Conv
-fed a non-zero constant, a gate applied to a non-zero constant, a residual branch that
+fed a non-zero constant whose input dims are symbolic, a gate applied to a non-zero constant, a residual branch that
 varies) refuses the site with the node and the reason; nothing is changed there.
 """
 
@@ -1908,6 +1921,18 @@ def _use_conv(fw: _Forward, f: _Flow, node: ir.Node, idx: int) -> None:
     plan.set(node, 2, (b + fold).astype(b.dtype if has else w.dtype))
 
 
+def _observed_dims(fw: _Forward, x: ir.Value) -> list[int] | None:
+    """The spatial dims of ``x`` measured on one calibration batch, when every graph input
+    has a fully static shape (then so has ``x``: shape inference lost them only through ops
+    it does not fold, such as Pad amounts computed from ``Shape``); else None."""
+    ins = list(fw.model.graph.inputs)
+    if not fw.batches or not x.name or any(
+            v.shape is None or any(not isinstance(d, int) for d in v.shape) for v in ins):
+        return None
+    (got,) = _observe(fw.model, x.name, fw.batches[:1])
+    return [int(d) for d in got.shape[2:]]
+
+
 def _conv_geometry(node: ir.Node, spatial: Sequence[int], kernel: Sequence[int]
                    ) -> tuple[list[int], list[int], list[int], list[int]]:
     """``(pads_lo, pads_hi, strides, dilations)`` of Conv ``node`` on an input of the given
@@ -1948,11 +1973,15 @@ def _padded_constant_map(fw: _Forward, node: ir.Node, removed_w: np.ndarray,
     if dims is None or any(not isinstance(d, int) for d in dims):
         _infer_shapes(fw.model)
         dims = None if x.shape is None else list(x.shape)[2:]
+    if dims is None or any(not isinstance(d, int) for d in dims):
+        dims = _observed_dims(fw, x)
     if dims is None or len(dims) != removed_w.ndim - 2 or any(
             not isinstance(d, int) or d <= 0 for d in dims):  # fmt: skip
         raise Refused(f"Conv '{name}' pads its input and the spatial shape of '{x.name}' is "
-                      f"symbolic ({'unknown' if x.shape is None else list(x.shape)}): the "
-                      "border map of the non-zero constant channels cannot be computed")
+                      f"symbolic ({'unknown' if x.shape is None else list(x.shape)}) and "
+                      "cannot be measured (a graph input has symbolic dims, or no calibration "
+                      "batch): the border map of the non-zero constant channels cannot be "
+                      "computed")
     inner = [int(d) for d in dims]  # type: ignore[arg-type]
     b_lo, b_hi = (border[0], border[1]) if border is not None else ([0] * len(inner),) * 2
     if len(b_lo) != len(inner):

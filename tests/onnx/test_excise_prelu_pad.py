@@ -224,6 +224,34 @@ def test_constant_channel_through_explicit_pad_into_conv(pad_value: float) -> No
     _close(_run(m, x), ref)
 
 
+def test_padded_conv_input_dims_lost_by_inference_are_measured() -> None:
+    """A static-shape model (the runner's exports) whose first Pad takes its pads from a
+    Concat (shape inference does not fold it, so every later spatial dim is unknown, as in
+    CREPE's legacy export): the conv's input dims are measured on one calibration batch."""
+    m, p = _crepe_like([7, 9])
+    g = m.graph
+    g.node[0].input[0] = "xp"
+    g.node.insert(0, helper.make_node("Concat", ["p_lo", "p_hi"], ["p_all"], axis=0,
+                                      name="pads_cat"))
+    g.node.insert(1, helper.make_node("Pad", ["x", "p_all"], ["xp"], name="pad_in"))
+    g.initializer.extend([numpy_helper.from_array(np.array([0, 0, 0, 0], np.int64), "p_lo"),
+                          numpy_helper.from_array(np.array([0, 0, 0, 0], np.int64), "p_hi")])
+    g.input[0].type.tensor_type.shape.dim[0].dim_value = 5
+    g.output[0].type.tensor_type.shape.dim[0].dim_value = 5
+    onnx.checker.check_model(m, full_check=True)
+    model = ir.serde.deserialize_model(m)
+    x = np.random.default_rng(7).standard_normal((5, 3, 7, 9)).astype(np.float32)
+    prob = Problem("DeadNeurons", Site("conv1", "a", "relu", "onnx"), 0.5, units=tuple(DEAD),
+                   evidence={"constant": DEAD, "constant_values": [0.0, 0.0],
+                             "channel_dim": 1})
+    excise_site(model, prob, {}, batches=[{"x": x}])
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert _shapes(out)["W2"] == (4, 4, 3, 3)
+    x2 = np.random.default_rng(8).standard_normal((5, 3, 7, 9)).astype(np.float32)
+    _close(_run(out, x2), _crepe_ref(p, x2))
+
+
 def test_constant_channel_into_padded_conv_with_symbolic_shape_is_refused() -> None:
     """With symbolic spatial dims the border map cannot be computed: refused, saying so,
     and nothing changed."""
