@@ -557,6 +557,10 @@ def plan_on(adapter: IRAdapter, diagnosis: Diagnosis, lib: Library, cert: Certif
                     data=calib or None, input_fn=getattr(adapter, "input_fn", None),
                     prefer=prefer, seed=seed)
     order = {p.site.module: i for i, p in reversed(list(enumerate(diagnosis.problems)))}
+    scratch = getattr(adapter, "scratch_target", None)
+    if scratch is not None:  # a copy made only when a check takes the target's model
+        return plan_target(scratch(calib, seed=seed), diagnosis, order, library=lib,
+                           certificates=cert, prefer=prefer, seed=seed)
     work = adapter.snapshot()  # the planner's checks may edit the target's model
     try:
         return plan_target(adapter.target(calib, seed=seed), diagnosis, order, library=lib,

@@ -203,6 +203,13 @@ class OnnxAdapter:
         generation, so a cached session never runs a model edited since)."""
         return _TrackedTarget(self, batches, seed=seed)
 
+    def scratch_target(self, batches: Sequence[Feed], *, seed: int = 0) -> OnnxTarget:
+        """A target on a private copy of the working model for checks that may edit it (the
+        planner's): the copy is made when the target's ``model`` is first taken, so checks
+        that read only the diagnosis cost no copy. Take it and use it before the working
+        model is edited."""
+        return _ScratchTarget(self._model, batches, seed=seed)
+
     def halve(self, batch: Mapping[str, np.ndarray]) -> tuple[Feed, Feed] | None:
         """Cut a feed dict in two along each input's batch axis (as :meth:`batches` read
         them; unbatched inputs go whole to both halves). None when the batched inputs do not
@@ -241,6 +248,26 @@ class _TrackedTarget(OnnxTarget):
     def model(self, m: onnx_ir.Model) -> None:
         self._adapter._edited()
         self._tracked_model = m
+
+
+
+class _ScratchTarget(OnnxTarget):
+    """An :class:`OnnxTarget` on a copy of a model, made on the first access to ``model``."""
+
+    def __init__(self, model: onnx_ir.Model, batches: Sequence[Feed], *, seed: int = 0
+                 ) -> None:
+        self._copy: onnx_ir.Model | None = None
+        super().__init__(model, batches, seed=seed)
+
+    @property  # type: ignore[override]
+    def model(self) -> onnx_ir.Model:
+        if self._copy is None:
+            self._copy = self._source.clone()
+        return self._copy
+
+    @model.setter
+    def model(self, m: onnx_ir.Model) -> None:
+        self._source, self._copy = m, None
 
 
 __all__ = ["OnnxAdapter"]

@@ -98,3 +98,22 @@ def test_restore_of_another_snapshot_is_never_skipped() -> None:
     np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
     a.restore(newer)
     np.testing.assert_allclose(_out(a), _expect(2 * W), rtol=1e-6)
+
+
+def test_scratch_target_copies_on_first_access_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's target: no copy while only the diagnosis is read; once its model is
+    taken, edits to it never reach the working model."""
+    a = _adapter()
+    clones: list[int] = []
+    real = ir.Model.clone
+
+    def counting(self: ir.Model) -> ir.Model:
+        clones.append(1)
+        return real(self)
+
+    monkeypatch.setattr(ir.Model, "clone", counting)
+    t = a.scratch_target([FEED])
+    assert t.batches and not clones
+    _set_w(t.model, 9 * W)
+    assert t.model is t.model and len(clones) == 1
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
