@@ -8,8 +8,9 @@ For each treated unit ``u`` of a producer layer:
   layer's live rows grow far beyond the initialiser's scale (CREPE's conv5: row norms ~13
   against the draw's ~0.6), so a fresh unit's mean ``|act(z)|`` is ~1% of the layer's and
   the unit is dormant by ReDo's own score (``<= tau`` of the layer mean) the moment it is
-  reset, on held-out data too. A unit whose score on the calibration data is below
-  ``REVIVE * tau`` (``tau`` from the problem's evidence) gets its bias set to minus its
+  reset, on held-out data too. A unit whose score on the calibration data (the detector's:
+  over every unit of the layer, the redrawn ones included) is below ``REVIVE * tau``
+  (``tau`` from the problem's evidence) gets its bias set to minus its
   median pre-activation when it fires on under a quarter of the inputs (data-dependent
   init: it then fires on about half), and its row and bias scaled up so its score is
   ``REVIVE * tau`` -- the smallest change that clears the threshold with margin; units
@@ -81,6 +82,9 @@ class ReinitDead(Replacement):
     #: a calibrated unit's target score, in units of the detector's ``tau``: 3x margin over
     #: the dormancy threshold for the held-out data's spread
     REVIVE = 3.0
+    #: a drawn unit is adjusted when its score is at most ``CHECK * tau`` (flagged, or within
+    #: a factor 2 of it); ReDo's draws above that are kept as drawn
+    CHECK = 2.0
 
     def __init__(self, *, init: str = "calibrated") -> None:
         """``init``: how a reset unit's incoming weights are drawn -- ``"calibrated"`` (the
@@ -257,12 +261,14 @@ class ReinitDead(Replacement):
 
     def _calibrate(self, target: Target, problem: Problem, idx: torch.Tensor,
                    applied: Applied) -> None:
-        """Check the redrawn units ``idx`` of the site's layer on the calibration data: a unit
-        whose score ``mean|act(z_u)| / mean_live mean|act(z_j)|`` is below ``REVIVE * tau``
-        is re-centred (bias ``-median(z_u)`` when it fires on under a quarter of the inputs)
-        and its row and bias scaled up so the score is ``REVIVE * tau`` (never down: a
-        re-centred unit already past it keeps its scale). Deterministic: no
-        draw, only the calibration batches."""
+        """Check the redrawn units ``idx`` of the site's layer on the calibration data with
+        the detector's own score, ``mean|act(z_u)| / mean_j mean|act(z_j)|`` over every unit
+        of the layer (the redrawn ones included: where most of a layer is reset, as in a
+        dying-ReLU run, the fresh draws set the layer's scale and pass as drawn). A unit
+        scoring below ``REVIVE * tau`` is re-centred (bias ``-median(z_u)`` when it fires on
+        under a quarter of the inputs) and its row and bias scaled up until it scores
+        ``REVIVE * tau`` (never down: a re-centred unit already past it keeps its scale).
+        Deterministic: no draw, only the calibration batches."""
         op = problem.site.op
         if family(op) != "relu" or op not in REFERENCES:
             return
@@ -273,40 +279,44 @@ class ReinitDead(Replacement):
         dim = 1 if isinstance(layer, nn.modules.conv._ConvNd) else out.dim() - 1
         z = out.movedim(dim, 0).reshape(out.shape[dim], -1).numpy()
         mag = np.abs(act(z)).mean(1)
-        live = np.ones(z.shape[0], dtype=bool)
-        live[idx.numpy()] = False
-        live &= np.isfinite(mag)
-        if not live.any():
+        if not bool(np.isfinite(mag).all()):
             return
-        ref = float(mag[live].mean())
         tau = float(problem.evidence.get("tau", 0.1))
-        want = self.REVIVE * tau * ref
-        if not (ref > 0 and np.isfinite(ref)):
-            return
+        has_bias = layer.bias is not None
+        shifts: dict[int, float] = {}
         scales: dict[int, float] = {}
-        with torch.no_grad():
-            for u in (int(i) for i in idx):
-                if mag[u] >= want:
-                    continue
-                zu = z[u]
-                shift = 0.0
-                if layer.bias is not None and float((zu > 0).mean()) < 0.25:
-                    shift = -float(np.median(zu))
-                y = zu + shift
-                s = 1.0
+        for _ in range(6):  # raising units raises the layer mean: a few passes settle it
+            ref = float(mag.mean())
+            want = self.REVIVE * tau * ref
+            if not ref > 0:
+                return
+            low = [int(u) for u in idx if mag[int(u)] < want * (1.0 - 1e-3)
+                   and (int(u) in scales or mag[int(u)] <= self.CHECK * tau * ref)]
+            if not low:
+                break
+            for u in low:
+                if u not in shifts:
+                    rare = float((z[u] > 0).mean()) < 0.25
+                    shifts[u] = -float(np.median(z[u])) if has_bias and rare else 0.0
+                y = z[u] + shifts[u]
+                sc = scales.get(u, 1.0)
                 for _ in range(8):  # fixed point; one step for the ReLU (homogeneous)
-                    m = float(np.abs(act(s * y)).mean())
-                    if m <= 0 or not np.isfinite(m):
+                    m = float(np.abs(act(sc * y)).mean())
+                    if not (m > 0 and np.isfinite(m)):
                         break
-                    s *= want / m
-                    if abs(m / want - 1.0) < 1e-3:
+                    sc *= want / m
+                    if abs(m / want - 1.0) < 1e-4:
                         break
-                s = max(s, 1.0)  # re-centred units already past the threshold keep their scale
-                if not np.isfinite(s) or (s == 1.0 and shift == 0.0):
-                    continue
-                weight_rows(layer)[u] *= s
-                if layer.bias is not None:
-                    layer.bias[u] = s * shift
-                scales[u] = s
-        if scales:
-            applied.details["calibrated"] = {u: round(v, 4) for u, v in scales.items()}
+                sc = max(sc, 1.0)  # re-centred units past the threshold keep their scale
+                if not np.isfinite(sc):
+                    sc = 1.0
+                scales[u] = sc
+                mag[u] = float(np.abs(act(sc * y)).mean())
+        done = {u: sc for u, sc in scales.items() if sc != 1.0 or shifts.get(u, 0.0) != 0.0}
+        with torch.no_grad():
+            for u, sc in done.items():
+                weight_rows(layer)[u] *= sc
+                if has_bias:
+                    layer.bias[u] = sc * shifts.get(u, 0.0)
+        if done:
+            applied.details["calibrated"] = {u: round(v, 4) for u, v in done.items()}
