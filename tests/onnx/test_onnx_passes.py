@@ -27,7 +27,6 @@ from graphsurg.passes.onnx.relu_to_leaky_relu import ReluToLeakyReluPass, leaky_
 from graphsurg import SurgeryResult
 from graphsurg import onnx as gso
 from graphsurg._compare import output_change
-from graphsurg._errors import Refused
 
 # Excision removes terms that are exactly c * w from float32 sums and folds them into the
 # bias: the result differs from the original by summation-order round-off only, a few ulps
@@ -100,10 +99,12 @@ def test_excise_refuses_residual_coupling(exported) -> None:
     assert "residual Add" in refusal.reason and "couples the units with another branch" in refusal.reason
 
 
-def test_excise_refuses_padded_conv_with_nonzero_constant(exported) -> None:
+def test_excise_padded_conv_with_nonzero_constant_adds_the_border_map(exported) -> None:
     """Two channels constant at tanh(0.5) != 0 feed a zero-padded Conv: the border pixels see
-    the padding, not the constant, so no bias can absorb them. (The detector leaves constant
-    tanh units to Saturation, so the problem is written here as the applier reads it.)"""
+    the padding, not the constant, so no bias absorbs them; with the spatial shape static,
+    their exact contribution is a constant [1, C_out, H, W] map added after the conv. (The
+    detector leaves constant tanh units to Saturation, so the problem is written here as the
+    applier reads it.)"""
     from graphsurg._problems import Problem, Site
 
     proto = onnx.load(str(exported("padded_tanh")))
@@ -114,12 +115,12 @@ def test_excise_refuses_padded_conv_with_nonzero_constant(exported) -> None:
                       units=(1, 4), evidence={"constant": [1, 4], "constant_values": [c, c],
                                               "channel_dim": 1})
     excised: dict[str, set[int]] = {}
-    with pytest.raises(Refused, match="pads its input"):
-        excise_site(model, problem, excised)
-    assert excised == {}  # nothing was changed: the dry run refused before any edit
+    excise_site(model, problem, excised)
     out = ir.serde.serialize_model(model)
-    assert op_types(out) == op_types(proto) and n_params(out) == n_params(proto)
-    assert_same_outputs(proto, out, feeds("padded_tanh", n=1, seed=7)[0], 0.0)
+    convs = sorted(tuple(t.dims) for t in out.graph.initializer if len(t.dims) == 4)
+    # c1 6 -> 4 outputs, c2 6 -> 4 inputs; the border map [1, 4, 6, 6] added after c2
+    assert convs == [(1, 4, 6, 6), (4, 3, 3, 3), (4, 4, 3, 3)] and "Add" in op_types(out)
+    assert_same_outputs(proto, out, feeds("padded_tanh", n=1, seed=7)[0], 1e-5)
 
 
 def test_relu_to_leaky_relu_on_dying_units(exported) -> None:
