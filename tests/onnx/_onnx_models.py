@@ -138,7 +138,8 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, *, dynamo: bool,
 
 class PaddedTanhCNN(nn.Module):
     """conv -> tanh -> padded conv: two tanh channels are constant at tanh(0.5) != 0, which a
-    zero-padded convolution cannot absorb exactly (excision must refuse)."""
+    zero-padded convolution's bias cannot absorb (the border sees the padding): excision adds
+    their exact contribution as a constant map after the conv."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
