@@ -232,3 +232,31 @@ def test_silero_vad_excision_is_exact(tmp_path) -> None:
     for seed in range(100, 104):
         assert_same_outputs(vad, out, vad_feed(seed, n=8), EXACT_RTOL)
     assert _sha(vad).startswith(SILERO.sha256)
+
+
+# -- NudeNet's YOLOv8n detector (12 MB: SiLU, a detection head of Sigmoids over 2100 anchors) --
+YOLO = WheelModel("nudenet", "3.4.2", "nudenet/320n.onnx", "c15d8273adad2d0a")
+
+
+def scenes(seed: int, n: int = 4, size: int = 320) -> np.ndarray:
+    """``n`` images ``[n, 3, size, size]`` in [0, 1] with object-free structure: smooth
+    blocks of colour (low-frequency noise upsampled) plus a little pixel noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 1, (n, 3, size // 32, size // 32)).astype(np.float32)
+    x = np.kron(base, np.ones((1, 1, 32, 32), np.float32))
+    return np.clip(x + rng.normal(0, 0.05, x.shape).astype(np.float32), 0, 1)
+
+
+@pytest.mark.slow
+def test_yolo_healthy_has_no_false_alarm(tmp_path) -> None:
+    """A healthy trained detector on images with nothing to detect: its class-score Sigmoids
+    sit near 0 (an output head, design: not Saturation) and no unit is dead, so analyze
+    reports nothing and apply changes nothing."""
+    yolo = fetch(YOLO)
+    calib = [{"images": scenes(i)} for i in range(8)]
+    d = gso.analyze(yolo, calib)
+    assert not d.problems, d.summary()
+    assert any("output head" in n for n in d.notes), d.notes
+    out, res = gso.apply(yolo, calib, output=tmp_path / "yolo.onnx")
+    assert res.size["params_after"] == res.size["params_before"]
+    assert_same_outputs(yolo, out, {"images": scenes(99, n=1)}, 0.0)
