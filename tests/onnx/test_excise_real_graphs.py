@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphsurg import onnx as gso
 from graphsurg._errors import Refused
 from graphsurg._problems import Problem, Site
+from tests.onnx.test_onnx_coupling import Graph
 
 TOL = 1e-5  # float32 round-off of the folded sums against a float64 reference
 OPSET = 18
@@ -40,33 +41,12 @@ DEAD = [1, 4]
 BIG = np.iinfo(np.int64).max
 
 
-class G:
-    """A small graph under construction."""
+class G(Graph):
+    """test_onnx_coupling's graph builder, with the input shape given whole (symbolic dims
+    allowed), opset 18 and IR 9."""
 
-    def __init__(self, seed: int = 0) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.rng = np.random.default_rng(seed)
-        self.n = 0
-
-    def name(self, base: str) -> str:
-        self.n += 1
-        return f"{base}_{self.n}"
-
-    def const(self, a: np.ndarray, base: str = "c") -> str:
-        name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(a), name))
-        return name
-
-    def op(self, op: str, inputs: list[str], **attrs: object) -> str:
-        out = self.name(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
-
-    def w(self, *shape: int, scale: float = 0.5) -> np.ndarray:
-        return (self.rng.standard_normal(shape) * scale).astype(np.float32)
-
-    def model(self, out: str, x_shape: list[object], out_rank: int) -> onnx.ModelProto:
+    def model(self, out: str, x_shape: list[object], out_rank: int = 4  # type: ignore[override]
+              ) -> onnx.ModelProto:
         g = helper.make_graph(
             self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
             [helper.make_tensor_value_info(out, TensorProto.FLOAT,
