@@ -406,7 +406,7 @@ def write_self_contained(model: ir.Model, path: str | os.PathLike[str]) -> None:
             f.write(_field(_GRAPH_INITIALIZER, n))
             f.write(meta)
             if arr is not None:
-                f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+                f.write(np.ascontiguousarray(arr).view(np.uint8).data)
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:

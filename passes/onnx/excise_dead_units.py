@@ -1969,7 +1969,7 @@ def _padded_constant_map(fw: _Forward, node: ir.Node, removed_w: np.ndarray,
     adds ``v * conv(border indicator, sum_c W[o, c])``."""
     name = node.name
     x = _input(node, 0) if border is None else border[3]
-    dims = None if x.shape is None else list(x.shape)[2:]
+    dims: list[Any] | None = None if x.shape is None else list(x.shape)[2:]
     if dims is None or any(not isinstance(d, int) for d in dims):
         _infer_shapes(fw.model)
         dims = None if x.shape is None else list(x.shape)[2:]
