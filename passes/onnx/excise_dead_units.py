@@ -2090,21 +2090,8 @@ def _execute(graph: ir.Graph, plan: _Plan) -> None:
     for mul, gi, keep, rows, conv, corr in plan.gated:
         _add_back_gated(graph, mul, gi, keep, rows, conv, corr)
     for node, fold in plan.add_bias_after:
-        out = node.outputs[0]
-        uses = list(out.uses())
         bias = new_initializer(graph, f"{node.name or 'MatMul'}_folded_bias", fold)
-        add = ir.Node("", "Add", [out, bias], name=f"{node.name}_folded_bias_add",
-                      num_outputs=1)  # fmt: skip
-        add.outputs[0].name = f"{out.name}_biased"
-        add.outputs[0].type = out.type
-        add.outputs[0].shape = out.shape
-        graph.insert_after(node, add)
-        for n, i in uses:
-            n.replace_input_with(i, add.outputs[0])
-        if out.is_graph_output():  # the Add's result takes the output's place and name
-            outs = graph.outputs
-            outs[list(outs).index(out)] = add.outputs[0]
-            add.outputs[0].name, out.name = out.name, f"{out.name}_unbiased"
+        _add_after(graph, node, bias, "folded_bias")
 
 
 def _set_stored(node: ir.Node, i: int, arr: np.ndarray) -> bool:
@@ -2129,6 +2116,24 @@ def _set_stored(node: ir.Node, i: int, arr: np.ndarray) -> bool:
     src.shape = ir.Shape(arr.shape)
     v.shape = ir.Shape(arr.shape)
     return True
+
+
+def _add_after(graph: ir.Graph, node: ir.Node, addend: ir.Value, tag: str) -> None:
+    """Insert ``Add(node's output, addend)`` after ``node`` and rewire every reader of the
+    output to it; a graph output's place and name pass to the Add's result."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    add = ir.Node("", "Add", [out, addend], name=f"{node.name}_{tag}_add", num_outputs=1)
+    add.outputs[0].name = f"{out.name}_{tag}"
+    add.outputs[0].type = out.type
+    add.outputs[0].shape = out.shape
+    graph.insert_after(node, add)
+    for n, i in uses:
+        n.replace_input_with(i, add.outputs[0])
+    if out.is_graph_output():
+        outs = graph.outputs
+        outs[list(outs).index(out)] = add.outputs[0]
+        add.outputs[0].name, out.name = out.name, f"{out.name}_before_{tag}"
 
 
 def _add_back_gated(graph: ir.Graph, mul: ir.Node, gi: int, keep: np.ndarray, rows: np.ndarray,
@@ -2162,17 +2167,4 @@ def _add_back_gated(graph: ir.Graph, mul: ir.Node, gi: int, keep: np.ndarray, ro
     cc.outputs[0].name = f"{base}_gated_constants_out"
     cc.outputs[0].type = g.type
     graph.insert_before(mul, cc)
-    out = conv.outputs[0]
-    uses = list(out.uses())
-    add = ir.Node("", "Add", [out, cc.outputs[0]], name=f"{conv.name}_gated_constants_add",
-                  num_outputs=1)
-    add.outputs[0].name = f"{out.name}_gated"
-    add.outputs[0].type = out.type
-    add.outputs[0].shape = out.shape
-    graph.insert_after(conv, add)
-    for n, i in uses:
-        n.replace_input_with(i, add.outputs[0])
-    if out.is_graph_output():
-        outs = graph.outputs
-        outs[list(outs).index(out)] = add.outputs[0]
-        add.outputs[0].name, out.name = out.name, f"{out.name}_ungated"
+    _add_after(graph, conv, cc.outputs[0], "gated_constants")
