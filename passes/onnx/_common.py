@@ -8,6 +8,7 @@ naming the problem and the fix (:class:`OnnxInputError`).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -199,6 +200,118 @@ def check_weightless(model: ir.Model, where: str, *, full_check: bool = False) -
         raise OnnxInputError(f"{where} is not a valid ONNX model: {first}") from None
 
 
+def _check_bare_file(bare: onnx.ModelProto, full_check: bool) -> None:
+    """``onnx.checker.check_model`` on a weightless proto (its large weights are
+    :data:`IN_MEMORY` placeholders), through a file beside an empty placeholder file: the
+    checker insists that external data exists as a regular file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / IN_MEMORY).touch()
+        p = Path(d) / "model.onnx"
+        p.write_bytes(bare.SerializeToString())
+        onnx.checker.check_model(str(p), full_check=full_check)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def infer_and_check(model: ir.Model, where: str, *, full_check: bool = True,
+                    infer: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str]]:
+    """One serialization of ``model``'s graph (weights apart, :func:`weights_apart`) for both
+    onnx shape inference and the checker, where the cleanup pass and
+    ``check_model(full_check=True)`` each serialized it and inferred shapes once more.
+
+    With ``full_check``: strict shape inference with type checks (what
+    ``check_model(full_check=True)`` runs) and the structural checker on its result; a failure
+    raises. Without it, inference is best effort (a failure is a note and the shapes stay as
+    they are). The inferred types and shapes are set on ``model``'s values by name
+    (:func:`merge_inferred`, as onnx-ir's ``ShapeInferencePass`` merges them).
+
+    Returns:
+        ``(weightless proto, its weights by name, notes)``; the proto (shapes inferred) is
+        the output's graph: :func:`with_weights` puts the weights back.
+
+    Raises:
+        OnnxInputError: ``full_check`` and the checker or strict inference refuses the model.
+    """
+    notes: list[str] = []
+    with weights_apart(model) as arrays, initializers_as_inputs(model):
+        bare = ir.serde.serialize_model(model)
+    out = bare
+    if infer or full_check:
+        try:
+            out = onnx.shape_inference.infer_shapes(bare, check_type=True,
+                                                    strict_mode=full_check,
+                                                    data_prop=not full_check)
+        except Exception as e:  # the inference raises several types
+            if full_check:
+                raise OnnxInputError(f"{where} is not a valid ONNX model: {_first_line(e)}") \
+                    from None
+            notes.append(f"shape inference skipped: {type(e).__name__}")
+    if full_check:
+        try:
+            _check_bare_file(out, full_check=False)
+        except Exception as e:  # the checker raises several types
+            raise OnnxInputError(f"{where} is not a valid ONNX model: {_first_line(e)}") from None
+    if infer and out is not bare:
+        merge_inferred(model, out)
+    return out, arrays, notes
+
+
+def merge_inferred(model: ir.Model, inferred: onnx.ModelProto) -> None:
+    """Set the types and shapes that onnx inferred (``inferred``'s value infos and outputs,
+    subgraphs included) on ``model``'s values of the same name that have none (onnx-ir's
+    ``ShapeInferencePass`` merge without deserializing the whole model again; a value whose
+    type and shape are known keeps them: the edits keep their values' shapes, and strict
+    inference fails on a disagreement)."""
+    infos: dict[str, onnx.TypeProto] = {}
+    stack = [inferred.graph]
+    while stack:
+        g = stack.pop()
+        for vi in (*g.value_info, *g.output, *g.input):
+            if vi.HasField("type"):
+                infos.setdefault(vi.name, vi.type)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
+    for graph in model.graphs():
+        for v in (*graph.inputs, *(o for n in graph for o in n.outputs)):
+            if v.shape is not None and v.type is not None:
+                continue  # known (an edit keeps its values' shapes; strict inference agreed)
+            t = infos.get(v.name) if v.name else None
+            if t is None:
+                continue
+            shape = ir.serde.deserialize_type_proto_for_shape(t)
+            if shape is not None:
+                v.shape = shape
+            typ = ir.serde.deserialize_type_proto_for_type(t)
+            if typ is not None and v.type is None:
+                v.type = typ
+
+
+def with_weights(bare: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """``bare`` (from :func:`infer_and_check`) with its :data:`IN_MEMORY` placeholders filled
+    from ``arrays``, in place: the self-contained model ``ir.serde.serialize_model`` writes."""
+    for t in bare.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), None)
+        if loc != IN_MEMORY or t.name not in arrays:
+            continue
+        arr = arrays[t.name]
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        del t.external_data[:]
+        t.ClearField("data_location")
+        t.raw_data = np.ascontiguousarray(arr).tobytes()
+    return bare
+
+
 def load_model(model: ModelLike) -> tuple[ir.Model, str]:
     """Load ``model`` into a fresh ``ir.Model`` (never the caller's object) and return it with
     the kind it came as (``"path"``, ``"proto"`` or ``"ir"``).
@@ -215,8 +328,10 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
     if isinstance(model, onnx.ModelProto):
         where = "the ModelProto"
         _check_header(model, where)
-        loaded = _tensors_in_arrays(_deserialize(_densify_sparse(model, where), where), where)
-        check_weightless(loaded, where)
+        dense = _densify_sparse(model, where)
+        loaded = _tensors_in_arrays(_deserialize(dense, where), where)
+        if not _check_small_proto(dense, where):
+            check_weightless(loaded, where)
         return _initializers_apart(loaded), "proto"
     if not isinstance(model, str | os.PathLike):
         raise OnnxInputError(
@@ -235,12 +350,39 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
         ) from None
     _check_external_data(proto, path.parent, where)
     _check_header(proto, where)
-    loaded = _deserialize(_densify_sparse(proto, where), where)
+    proto = _densify_sparse(proto, where)
+    loaded = _deserialize(proto, where)
+    checked = _check_small_proto(proto, where)
     del proto  # the tensors are read out of it once (below), then it is freed
     ir.external_data.set_base_dir(loaded.graph, path.parent)
     loaded = _tensors_in_arrays(loaded, where)
-    check_weightless(loaded, where)
+    if not checked:
+        check_weightless(loaded, where)
     return _initializers_apart(loaded), "path"
+
+
+#: a model up to this size is checked as the proto it was read as (one C++ copy of it);
+#: a larger one without its weights (:func:`check_weightless`)
+SMALL_PROTO_BYTES = 64 * 2**20
+
+
+def _check_small_proto(proto: onnx.ModelProto, where: str) -> bool:
+    """``onnx.checker.check_model`` on ``proto`` itself when it holds no external data and is
+    at most :data:`SMALL_PROTO_BYTES` (the checker copies it once in C++), where serializing
+    the deserialized graph again costs more than the check (a 10k-node graph: ~1 s of
+    Python). False when not checked here (too large, or external data).
+
+    Raises:
+        OnnxInputError: the checker refuses the model (its first line).
+    """
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer) \
+            or proto.ByteSize() > SMALL_PROTO_BYTES:
+        return False
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:  # the checker raises several types
+        raise OnnxInputError(f"{where} is not a valid ONNX model: {_first_line(e)}") from None
+    return True
 
 
 #: element types whose tensors are held as numpy arrays and handed to onnxruntime as
@@ -310,19 +452,21 @@ def save_model_files(
     *,
     save_external_data: bool = False,
     external_data_size_threshold: int = 1024,
+    bare: tuple[onnx.ModelProto, Mapping[str, np.ndarray]] | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` atomically with :func:`graphsurg._files.atomic_outputs`:
     ``path`` (and its data file) hold the old content or the new, never half of it.
 
     With ``save_external_data`` (or when the model already holds external tensors), tensors
     larger than ``external_data_size_threshold`` bytes go to ``<name>.data`` next to it; the
-    model and its data file are written together. Returns every file written.
+    model and its data file are written together. Returns every file written. ``bare``: see
+    :func:`write_self_contained` (used for a self-contained file only).
     """
     out = Path(path)
     external = save_external_data or has_external_tensors(model)
     if not external:
         with atomic_outputs(out) as (tmp,):
-            write_self_contained(model, tmp)
+            write_self_contained(model, tmp, bare=bare)
         return [out]
     data = out.with_name(out.name + ".data")
     # tensors that live in the data file being replaced are read into memory first: after
@@ -360,7 +504,9 @@ _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 _PROTO_LIMIT = 2**31 - 1
 
 
-def write_self_contained(model: ir.Model, path: str | os.PathLike[str]) -> None:
+def write_self_contained(model: ir.Model, path: str | os.PathLike[str], *,
+                         bare: tuple[onnx.ModelProto, Mapping[str, np.ndarray]] | None = None
+                         ) -> None:
     """Write ``model`` as one self-contained ``.onnx`` file (what ``ir.save(model, path)``
     writes) without building it in memory: the graph is serialized with its large weights as
     placeholders (:func:`weights_apart`), and the file is streamed as the protobuf encoding of
@@ -369,11 +515,19 @@ def write_self_contained(model: ir.Model, path: str | os.PathLike[str]) -> None:
     weightless graph, not two more copies of the weights (the ``ModelProto`` and its
     serialized bytes).
 
+    ``bare``: the model's weightless proto and its weights, as :func:`infer_and_check`
+    returned them (taken over: the proto is emptied), instead of serializing the graph again.
+
     Raises:
         OnnxInputError: the model is 2 GB or more (save it with external data).
     """
-    with weights_apart(model) as arrays, initializers_as_inputs(model):
-        proto = ir.serde.serialize_model(model)
+    with contextlib.ExitStack() as stack:
+        if bare is None:
+            arrays: Mapping[str, np.ndarray] = stack.enter_context(weights_apart(model))
+            stack.enter_context(initializers_as_inputs(model))
+            proto = ir.serde.serialize_model(model)
+        else:
+            proto, arrays = bare
         inits = list(proto.graph.initializer)
         del proto.graph.initializer[:]
         records: list[tuple[bytes, np.ndarray | None]] = []
@@ -503,27 +657,22 @@ def parameter_count(model: ir.Model) -> int:
     """Elements of every floating-point initializer and Constant-node tensor, subgraphs
     included (shape constants and other integer tensors are not parameters)."""
     total = 0
-    graphs = [model.graph, *(n_sub for n in ir.traversal.RecursiveGraphIterator(model.graph)
-                             for a in n.attributes.values()
-                             for n_sub in _subgraphs(a))]
+    graphs = list(model.graphs())  # the main graph and every subgraph
     for g in graphs:
         for v in g.initializers.values():
             t = v.const_value
             if t is not None and t.dtype.is_floating_point():
-                total += int(np.prod(t.shape.numpy(), dtype=np.int64))
-    for n in ir.traversal.RecursiveGraphIterator(model.graph):
-        t = constant_tensor(n)
-        if t is not None and t.dtype.is_floating_point():
-            total += int(np.prod(t.shape.numpy(), dtype=np.int64))
+                total += math.prod(t.shape.numpy())
+    for g in graphs:
+        for n in g:
+            if n.op_type != "Constant":
+                continue
+            t = constant_tensor(n)
+            if t is not None and t.dtype.is_floating_point():
+                total += math.prod(t.shape.numpy())
     return total
 
 
-def _subgraphs(a: Any) -> list[ir.Graph]:
-    if a.type == ir.AttributeType.GRAPH:
-        return [a.as_graph()]
-    if a.type == ir.AttributeType.GRAPHS:
-        return list(a.as_graphs())
-    return []
 
 
 # -- onnxruntime -----------------------------------------------------------------------------

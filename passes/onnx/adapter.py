@@ -220,14 +220,19 @@ class OnnxAdapter:
         return halve_feed(specs, batch)
 
     def save(self, path: str | os.PathLike[str], *, save_external_data: bool = False,
-             external_data_size_threshold: int = 1024, **options: Any) -> list[Path]:
+             external_data_size_threshold: int = 1024,
+             bare: tuple[Any, Mapping[str, np.ndarray]] | None = None,
+             **options: Any) -> list[Path]:
         """Write the working model to ``path`` atomically (with ``<name>.data`` beside it when
-        it holds external tensors or ``save_external_data``); return the files written."""
+        it holds external tensors or ``save_external_data``); return the files written.
+        ``bare=(proto, arrays)`` from :func:`~._common.infer_and_check` of the current model
+        saves serializing its graph again (taken over)."""
         if options:
             raise TypeError(f"OnnxAdapter.save got unknown options {sorted(options)}")
         return save_model_files(self._model, path,
                                 save_external_data=save_external_data or self.external_data,
-                                external_data_size_threshold=external_data_size_threshold)
+                                external_data_size_threshold=external_data_size_threshold,
+                                bare=bare)
 
 
 class _TrackedTarget(OnnxTarget):
