@@ -26,6 +26,7 @@ rows plus the pivot and the count). Counts are exact in float64 below 2**53.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -273,20 +274,159 @@ def _sums_one(x: torch.Tensor, cd: int, thr: float | None) -> torch.Tensor:
         return partial_sums(x, cd, thr)
 
 
+_SQ_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+typedef float vf __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));
+#define BLOCK 2048
+
+/* out[t] = sum of x_t[i]^2 over the n[t] contiguous values at ptr[t]: float32 squares summed
+   in eight 16-lane float32 accumulators over blocks of BLOCK values (16 values a lane), each
+   block's lanes added into a float64 total (rounding does not grow with the size). The same
+   order whatever the alignment or the thread. */
+void sq_sums_f32(const int64_t *ptr, const int64_t *n, int64_t k, double *out) {
+    for (int64_t t = 0; t < k; ++t) {
+        const float *x = (const float *)(intptr_t)ptr[t];
+        const int64_t m = n[t];
+        double s = 0;
+        int64_t i = 0;
+        while (i + BLOCK <= m) {
+            vf a[8] = {{0}};
+            for (int64_t e = i + BLOCK; i < e; i += 128) {
+                for (int j = 0; j < 8; ++j) {
+                    vf v; memcpy(&v, x + i + 16 * j, 64);
+                    a[j] += v * v;
+                }
+            }
+            vf r = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            for (int l = 0; l < 16; ++l) s += (double)r[l];
+        }
+        for (; i < m; ++i) s += (double)x[i] * (double)x[i];
+        out[t] = s;
+    }
+}
+
+void sq_sums_f64(const int64_t *ptr, const int64_t *n, int64_t k, double *out) {
+    for (int64_t t = 0; t < k; ++t) {
+        const double *x = (const double *)(intptr_t)ptr[t];
+        const int64_t m = n[t];
+        vd a[8] = {{0}};
+        int64_t i = 0;
+        for (; i + 64 <= m; i += 64) {
+            for (int j = 0; j < 8; ++j) {
+                vd v; memcpy(&v, x + i + 8 * j, 64);
+                a[j] += v * v;
+            }
+        }
+        vd r = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        double s = 0;
+        for (int l = 0; l < 8; ++l) s += r[l];
+        for (; i < m; ++i) s += x[i] * x[i];
+        out[t] = s;
+    }
+}
+"""
+
+_sq_lib_state: list[Any] = []  # [lib or None] once tried
+#: total values above which several threads (torch's reduction) beat the one-thread C loop
+_SQ_ONE_THREAD_MAX = 1 << 22
+
+
+def _sq_lib() -> Any:
+    """The small C library of :data:`_SQ_SOURCE` (built and cached like the statistics
+    kernel's, see ``_neuron_stats_cpu``), or None where it cannot be built."""
+    if _sq_lib_state:
+        return _sq_lib_state[0]
+    import ctypes
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from . import _neuron_stats_cpu as cpu
+
+    lib = None
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is not None and sys.platform.startswith("linux") and \
+            not os.environ.get("GRAPHSURG_NO_NATIVE"):
+        key = hashlib.sha256("\0".join([_SQ_SOURCE, " ".join(cpu._FLAGS), cc,
+                                        cpu._cpu_key()]).encode()).hexdigest()[:16]
+        for d in (cpu._cache_dir(), Path(tempfile.gettempdir()) / f"graphsurg-{os.getuid()}"):
+            so = d / f"sq_sums_{key}.so"
+            try:
+                if not so.exists():
+                    d.mkdir(parents=True, exist_ok=True)
+                    with tempfile.TemporaryDirectory(dir=d) as tmp:
+                        src = Path(tmp) / "sq_sums.c"
+                        src.write_text(_SQ_SOURCE)
+                        out = Path(tmp) / "sq_sums.so"
+                        subprocess.run([cc, *cpu._FLAGS, str(src), "-o", str(out)],
+                                       check=True, capture_output=True, timeout=120)
+                        os.replace(out, so)  # atomic: concurrent builders see a whole file
+                lib = ctypes.CDLL(str(so))
+            except (OSError, subprocess.SubprocessError):
+                continue
+            vp, i64 = ctypes.c_void_p, ctypes.c_int64
+            for name in ("sq_sums_f32", "sq_sums_f64"):
+                f = getattr(lib, name)
+                f.argtypes = [vp, vp, i64, vp]
+                f.restype = None
+            break
+    _sq_lib_state.append(lib)
+    return lib
+
+
+def _sq_sums_native(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Sums of squares (float64) of contiguous CPU float32 or float64 tensors of one dtype,
+    in one C call, or None where that does not apply."""
+    dt = ts[0].dtype
+    if dt not in (torch.float32, torch.float64):
+        return None
+    total = 0
+    for t in ts:
+        if t.dtype != dt or not t.is_cpu or not t.is_contiguous():
+            return None
+        total += t.numel()
+    if total > _SQ_ONE_THREAD_MAX and torch.get_num_threads() > 1:
+        return None
+    lib = _sq_lib()
+    if lib is None:
+        return None
+    import ctypes
+
+    k = len(ts)
+    arr = ctypes.c_int64 * k
+    ptrs = arr(*[t.data_ptr() for t in ts])
+    ns = arr(*[t.numel() for t in ts])
+    out = torch.empty(k, dtype=torch.float64)
+    fn = lib.sq_sums_f32 if dt == torch.float32 else lib.sq_sums_f64
+    fn(ptrs, ns, k, out.data_ptr())
+    return out
+
+
 def multi_grad_sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum of squares of each tensor (float64, one value per tensor, on their device).
 
     One multi-tensor reduction per dtype: on CUDA the Triton multi-tensor kernel
-    (:func:`graphsurg.kernels.grad_sq_norms`), on CPU ``torch._foreach_norm`` for float32 and
-    float64 groups (other dtypes are upcast by ``grad_sq_norms``).
+    (:func:`graphsurg.kernels.grad_sq_norms`); on CPU, for contiguous tensors of one float32
+    or float64 dtype, one call of a small C loop accumulating in float64 (a training step's
+    gradients: no tensor op at all), else ``torch._foreach_norm`` for float32 and float64
+    groups (other dtypes are upcast by ``grad_sq_norms``).
     """
     from ._norms import grad_sq_norms
 
-    ts = [t.detach() if t.requires_grad else t for t in tensors]  # no op per tensor
-    if not ts:
+    if not tensors:
         return torch.zeros(0, dtype=torch.float64)
+    ts = [t.detach() if t.requires_grad else t for t in tensors]  # no op per tensor
     if ts[0].is_cuda:
         return grad_sq_norms(ts).to(torch.float64)
+    fast = _sq_sums_native(ts)
+    if fast is not None:
+        return fast
     out = torch.empty(len(ts), dtype=torch.float64)
     groups: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(ts):

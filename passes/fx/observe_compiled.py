@@ -134,6 +134,7 @@ class GraphRecord:
     # first ``n_sums`` rows filled (merged K at a time, and before any read)
     sums: torch.Tensor | None = None
     n_sums: int = 0
+    kept: list[torch.Tensor] = field(default_factory=list)  # the same, on CPU: the tensors
     # squared norms of every gradient summed over the calls that had all of them, and how
     # many calls that was (added to their layers, ``param_layer``/``param_steps``, on read)
     param_sq: torch.Tensor | None = None
@@ -142,23 +143,40 @@ class GraphRecord:
     param_steps: torch.Tensor | None = None
 
     def accumulate(self, sums: torch.Tensor) -> None:
-        """Keep the ``(9, C_total)`` raw sums of one call (one copy); they are merged into
-        :attr:`stats` ``K`` calls at a time (:meth:`flush`), so a sampled call pays one
-        tensor op here instead of an exact merge's fifteen."""
+        """Keep the ``(9, C_total)`` raw sums of one call; they are merged into :attr:`stats`
+        ``K`` calls at a time (:meth:`flush`), so a sampled call pays no exact merge. On CPU
+        the call's own sums tensor is kept (a fresh output every call: no tensor op); on a
+        GPU it is copied into a buffer (a CUDA-graph replay may overwrite its outputs)."""
+        if not sums.is_cuda:
+            kept = self.kept
+            if kept and kept[0].shape != sums.shape:
+                self.flush()
+            kept.append(sums)
+            if len(kept) >= self.keep_calls(sums):
+                self.flush()
+            return
         buf = self.sums
         if buf is None or buf.shape[1:] != sums.shape or buf.device != sums.device:
             self.flush()
-            k = max(1, min(_MERGE_CALLS, _MERGE_BYTES // max(1, 8 * sums.numel())))
-            buf = self.sums = torch.empty((k, *sums.shape), dtype=torch.float64,
-                                          device=sums.device)
+            buf = self.sums = torch.empty((self.keep_calls(sums), *sums.shape),
+                                          dtype=torch.float64, device=sums.device)
         buf[self.n_sums].copy_(sums)
         self.n_sums += 1
         if self.n_sums == buf.shape[0]:
             self.flush()
 
+    @staticmethod
+    def keep_calls(sums: torch.Tensor) -> int:
+        """K: how many calls' sums are kept before they are merged."""
+        return max(1, min(_MERGE_CALLS, _MERGE_BYTES // max(1, 8 * sums.numel())))
+
     def flush(self) -> None:
         """Merge the kept sums into :attr:`stats` and the kept gradient norms into
         :attr:`grad_sq` (exact; called before every read)."""
+        if self.kept:
+            kept, self.kept = self.kept, []
+            merged = merge_packed_many(packed_from_sums(torch.stack(kept)))
+            self.stats = merge_packed(self.stats, merged)
         if self.n_sums and self.sums is not None:
             merged = merge_packed_many(packed_from_sums(self.sums[: self.n_sums]))
             self.stats = merge_packed(self.stats, merged)
@@ -171,8 +189,9 @@ class GraphRecord:
 
     def add_all_grads(self, sq: torch.Tensor) -> None:
         """Add the squared norms of every gradient of one call (``param_layer`` order)."""
-        if self.param_sq is None or self.param_sq.device != sq.device:
-            self.flush()
+        if self.param_sq is not None and self.param_sq.device != sq.device:
+            self.flush()  # (a merge with the kept sums only when the device changes)
+        if self.param_sq is None:
             self.param_sq = torch.zeros_like(sq, dtype=torch.float64)
         self.param_sq += sq
         self.param_calls += 1
@@ -234,6 +253,7 @@ class GraphRecord:
         self.sampled = 0
         self.stats = None
         self.n_sums = 0
+        self.kept = []
         self.param_sq = None
         self.param_calls = 0
         self.rows = [[] for _ in self.observers]
@@ -285,9 +305,25 @@ def _first_rows(x: torch.Tensor, channel_dim: int, n: int) -> torch.Tensor:
     return x.movedim(cd, -1).reshape(-1, x.shape[cd])[:n].clone()
 
 
+def _no_rows(x: torch.Tensor) -> torch.Tensor:
+    """An empty placeholder for the rows of a site the graph returns anyway (traceable)."""
+    return x.new_zeros((0, 1), dtype=torch.float32)
+
+
+def _output_position(orig: Any, node: fx.Node) -> int | None:
+    """Where ``node`` is among the graph's original outputs (-1: it is the single output)."""
+    if isinstance(orig, (tuple, list)):
+        for j, o in enumerate(orig):
+            if o is node:
+                return j
+        return None
+    return -1 if orig is node else None
+
+
 def observed_graph(gm: fx.GraphModule, nodes: Sequence[str],
                    segments: Sequence[Segment] | None = None,
-                   sample_rows: int | None = None) -> tuple[fx.GraphModule, int]:
+                   sample_rows: int | None = None,
+                   row_outputs: dict[int, int] | None = None) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` that also returns a detached alias of each node in ``nodes``.
 
     With ``segments``, it first returns one more output: the ``(9, C_total)`` raw sums of
@@ -295,6 +331,10 @@ def observed_graph(gm: fx.GraphModule, nodes: Sequence[str],
     aliases -- or, with ``sample_rows`` too, a copy of each site's first ``sample_rows`` rows
     instead of an alias. Returns the new graph module and the number of original outputs (-1: a single
     non-tuple output). ``gm`` is unchanged.
+
+    ``row_outputs`` (with ``sample_rows``): filled with the sites that are themselves outputs
+    of the graph (site index -> output position, -1: the single output); their extra output
+    is an empty ``(0, C)`` tensor and the rows are read from the output (no copy per call).
     """
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
@@ -313,8 +353,15 @@ def observed_graph(gm: fx.GraphModule, nodes: Sequence[str],
         src = val_map[by_name[name]]
         if segments and sample_rows is not None:
             # no alias of an intermediate (aot_autograd regenerates those on every call):
-            # a copy of the first rows, for the row sample
+            # a copy of the first rows, for the row sample -- or, for a site the graph
+            # returns anyway, nothing (the caller reads the output)
             cd = next((s.channel_dim for s in segments if s.observer == k), -1)
+            pos = _output_position(orig, src) if row_outputs is not None else None
+            if pos is not None:
+                assert row_outputs is not None
+                row_outputs[k] = pos
+                extra.append(graph.call_function(_no_rows, (src,)))
+                continue
             extra.append(graph.call_function(_first_rows, (src, cd, sample_rows)))
             continue
         d = graph.call_function(torch.ops.aten.detach.default, (src,))
@@ -364,14 +411,16 @@ def site_key(site: Any) -> tuple[str, ...]:
     return (site.module, site.producer, site.op, site.node)
 
 
-def _backward_node(out: Any, n_args: int) -> Any:
+def _backward_node(out: Any, n_args: int, checked: bool = False) -> Any:
     """The autograd node of the compiled function that produced ``out``, when it takes the
-    graph's inputs one for one (aot_autograd's ``CompiledFunctionBackward``), else None."""
+    graph's inputs one for one (aot_autograd's ``CompiledFunctionBackward``), else None.
+    ``checked``: a node of this compiled function passed that test before (its inputs do
+    not change from call to call), only its type is checked."""
     for t in out if isinstance(out, (tuple, list)) else (out,):
         if isinstance(t, torch.Tensor) and t.grad_fn is not None:
             node = t.grad_fn
             if type(node).__name__ == "CompiledFunctionBackward" and \
-                    len(node.next_functions) == n_args:
+                    (checked or len(node.next_functions) == n_args):
                 return node
             return None
     return None
@@ -404,6 +453,10 @@ class MonitoredCall:
         self.step_mask = steps
         record.param_layer, record.param_steps = self.param_pos, steps
         self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._node_checked = False  # a backward node of this function matched the inputs
+        #: sites that are also outputs of the graph: their rows are read from the output
+        #: (site index -> output position, -1: the single output), not copied by the graph
+        self.row_outputs: dict[int, int] = {}
         record.reset()
 
     def __call__(self, *args: Any) -> Any:
@@ -438,11 +491,16 @@ class MonitoredCall:
                     xs, [s.channel_dim for s in rec.segments],
                     [s.sat_threshold for s in rec.segments]))
             if rec.rows_needed:
+                if self.row_outputs:
+                    acts = list(acts)
+                    for k, j in self.row_outputs.items():
+                        acts[k] = (real if j < 0 else real[j]).detach().clone()
                 rec.take_rows(acts)
         rec.weights = {m: args[i] for m, i in self.weight_index.items()}
-        for h in rec.pending:
-            h.remove()
-        rec.pending.clear()
+        if rec.pending:
+            for h in rec.pending:
+                h.remove()
+            rec.pending.clear()
         if self.param_idx and torch.is_grad_enabled():
             self._arm(real, args)
         return real
@@ -456,39 +514,40 @@ class MonitoredCall:
     def _reduce(self, grads: Sequence[Any]) -> None:
         """Squared norms of this step's parameter gradients (``grads[j]`` of parameter
         ``param_idx[j]``, None where none arrived), in one multi-tensor call."""
+        if all(g is not None for g in grads):  # every gradient: one call and one add
+            self.record.add_all_grads(multi_grad_sq_norms(grads))
+            return
         have = [j for j, g in enumerate(grads) if g is not None]
         if not have:
             return
-        gs = [grads[j] for j in have]
-        sq = multi_grad_sq_norms(gs)
-        if len(have) == len(grads):  # every gradient: one add, per layer when read
-            self.record.add_all_grads(sq)
-            return
+        sq = multi_grad_sq_norms([grads[j] for j in have])
         pos, steps = self._layer_tensors(sq.device)
-        if len(have) != len(grads):
-            sel = torch.tensor(have, dtype=torch.int64, device=sq.device)
-            pos = pos.index_select(0, sel)
-            steps = torch.zeros_like(steps)
-            steps[pos] = self.step_mask.to(sq.device).index_select(0, pos)
+        sel = torch.tensor(have, dtype=torch.int64, device=sq.device)
+        pos = pos.index_select(0, sel)
+        steps = torch.zeros_like(steps)
+        steps[pos] = self.step_mask.to(sq.device).index_select(0, pos)
         self.record.add_grads(sq, pos, steps)
+
+    def _post(self, grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
+        """The one-shot hook on the compiled backward node (armed by :meth:`_arm`)."""
+        rec = self.record
+        if rec.pending:
+            rec.pending.pop().remove()  # one-shot: the next sampled call arms it again
+        self._reduce([grad_inputs[i] for i in self.param_idx])
 
     def _arm(self, out: Any, args: Sequence[Any]) -> None:
         rec = self.record
-        if not any(isinstance(args[i], torch.Tensor) and args[i].requires_grad
-                   for i in self.param_idx):
-            return
-        node = _backward_node(out, len(args))
         idx = self.param_idx
+        for i in idx:
+            a = args[i]
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                break
+        else:
+            return
+        node = _backward_node(out, len(args), self._node_checked)
         if node is not None:
-            box: list[Any] = []
-
-            def post(grad_inputs: Sequence[Any], grad_outputs: Sequence[Any]) -> None:
-                box[0].remove()  # one-shot: the next sampled call arms it again
-                self._reduce([grad_inputs[i] for i in idx])
-
-            h = node.register_hook(post)
-            box.append(h)
-            rec.pending.append(h)
+            self._node_checked = True
+            rec.pending.append(node.register_hook(self._post))
             return
         # no compiled backward node (inner="eager"): one-shot hooks, reduced when all fired
         got: list[Any] = [None] * len(idx)
@@ -559,13 +618,15 @@ def monitor_graph(sink: MonitorSink, gm: fx.GraphModule, example_inputs: Sequenc
         nodes = [s.node for s in sites.acts]
         use_graph = graph_stats and bool(segments)
         rows = max((o.sample_rows for o in observers), default=0)
+        row_outputs: dict[int, int] = {}
         ogm, n_out = observed_graph(gm, nodes, segments if use_graph else None,
-                                    rows if use_graph else None)
+                                    rows if use_graph else None, row_outputs)
         plain = inner(gm, example_inputs) if sink.every != 1 else None
         observed = inner(ogm, example_inputs)
         call = MonitoredCall(sink, record, plain, observed, n_out,
                              len(nodes) + (1 if use_graph else 0), param_layer, weight_index,
                              in_graph=use_graph)
+        call.row_outputs = row_outputs
     record.index = sink.add_graph(record)
     return call, record
 

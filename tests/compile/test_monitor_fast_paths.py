@@ -1,0 +1,171 @@
+"""The monitor's per-sampled-call fast paths against float64 references computed eagerly:
+the one-call C sum of squares of the gradients, sums kept by reference (CPU) and merged K
+calls at a time, and the row sample of a site the graph returns (read from the output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _compile_models import batches, mse
+from graphsurg.kernels import multi_grad_sq_norms
+from graphsurg.kernels._multi_stats import _sq_lib, _sq_sums_native
+
+import graphsurg as gs
+
+
+def _ref_sq(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.double().square().sum() for t in ts])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_sum_of_squares_equals_float64(dtype: torch.dtype) -> None:
+    """Sizes around the C loop's vector width (16) and block (2048), an empty tensor, a
+    matrix and large values: within float32 rounding of the squares (float32 lanes sum at
+    most 16 squares before float64 takes over), float64 to 1e-13."""
+    if _sq_lib() is None:
+        pytest.skip("no C compiler: multi_grad_sq_norms uses torch._foreach_norm")
+    g = torch.Generator().manual_seed(0)
+    sizes = [(0,), (1,), (15,), (16,), (17,), (2047,), (2048,), (2049,), (256, 256),
+             (100_003,)]
+    ts = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in sizes]
+    ts.append((torch.randn(33, 17, generator=g, dtype=torch.float64) * 1e4).to(dtype))
+    got = _sq_sums_native(ts)
+    assert got is not None and got.dtype == torch.float64
+    rtol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got, _ref_sq(ts), rtol=rtol, atol=0)
+    torch.testing.assert_close(multi_grad_sq_norms(ts), got, rtol=0, atol=0)
+
+
+def test_sum_of_squares_fallbacks_equal_float64() -> None:
+    """Tensors the C loop does not take (a transposed view, mixed dtypes, bfloat16) go
+    through torch's reductions, still within float32 rounding of float64."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(64, 48, generator=g)
+    cases = [[a.t(), a], [a, a.double()], [a.bfloat16(), a]]
+    for ts in cases:
+        if len({t.dtype for t in ts}) == 1:
+            assert _sq_sums_native(ts) is None  # not contiguous
+        torch.testing.assert_close(multi_grad_sq_norms(ts), _ref_sq(ts), rtol=1e-5, atol=0)
+
+
+def _relu_mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 2))
+
+
+def _monitored(in_graph: bool, n: int, k: int, monkeypatch: pytest.MonkeyPatch
+               ) -> tuple[gs.Monitor, torch.nn.Module]:
+    import graphsurg.passes.fx.observe_compiled as oc
+    from torch._dynamo.backends.registry import lookup_backend
+
+    monkeypatch.setattr(oc, "_MERGE_CALLS", k)
+    torch._dynamo.reset()
+    model = _relu_mlp()
+    mon = gs.Monitor(every=1)
+    inner = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        return oc.monitor_graph(mon, gm, example_inputs, inner, in_graph=in_graph)[0]
+
+    c = torch.compile(model, backend=backend)
+    for x, y in batches(n):
+        mse(c(x), (x, y)).backward()
+    return mon, model
+
+
+@pytest.mark.parametrize("in_graph", [True, False])
+def test_kept_sums_merge_to_float64_statistics(in_graph: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seven sampled calls, sums kept by reference and merged three at a time (two full
+    merges, one partial at read): every site's statistics and every layer's gradient norm
+    equal the float64 ones of all seven batches (float32 sums of 32 rows: 1e-5)."""
+    n = 7
+    mon, _ = _monitored(in_graph, n, 3, monkeypatch)
+    rec = mon.graphs[0]
+    assert mon.sampled == n and len(rec.kept) == n % 3 and rec.n_sums == 0
+    stats = mon.stats()
+    model = _relu_mlp().double()
+    data = batches(n)
+    xs = torch.cat([x for x, _ in data]).double()
+    h1 = torch.relu(model[0](xs))
+    h2 = torch.relu(model[2](h1))
+    ref = {"0": h1, "2": h2, "4": model[4](h2)}
+    assert sorted(a.split(":")[0] for a in stats) == ["0", "2", "4"]
+    for addr, s in stats.items():
+        r = ref[addr.split(":")[0]]
+        assert torch.equal(s.count, torch.full((r.shape[1],), r.shape[0]))
+        assert torch.equal(s.n_nonpos, (r <= 0).sum(0))
+        torch.testing.assert_close(s.exact_mean(), r.mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s.var.double(), r.var(0, correction=0), atol=1e-6,
+                                   rtol=1e-4)
+        torch.testing.assert_close(s.absmax.double(), r.abs().amax(0), atol=0, rtol=1e-6)
+    # gradient norms: root mean square over the steps of each layer's gradient norm
+    sq: dict[str, float] = {}
+    for x, y in data:
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x.double()), y.double()).backward()
+        for i in (0, 2, 4):
+            layer = model[i]
+            assert isinstance(layer, torch.nn.Linear)
+            assert layer.weight.grad is not None and layer.bias.grad is not None
+            v = float(layer.weight.grad.square().sum() + layer.bias.grad.square().sum())
+            sq[str(i)] = sq.get(str(i), 0.0) + v
+    norms = mon.grad_norms()
+    assert sorted(norms) == ["0", "2", "4"]
+    for layer, v in sq.items():
+        assert norms[layer] == pytest.approx((v / n) ** 0.5, rel=1e-5)
+
+
+def test_row_sample_of_an_output_site_is_read_from_the_output(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the graph path the head's output is a site and the graph's output: the graph
+    returns no copy of it (an empty placeholder) and its row sample, taken from the output,
+    equals the kernel path's and the eager activations' first rows."""
+    samples = {}
+    for in_graph in (True, False):
+        mon, _ = _monitored(in_graph, 3, 64, monkeypatch)
+        mon.stats()  # fills the observers (statistics and row samples) from the graph
+        call_rows = {o.site.node: o.sample() for o in mon._observers.values()}
+        samples[in_graph] = call_rows
+    assert samples[True].keys() == samples[False].keys() and len(samples[True]) == 3
+    model = _relu_mlp()
+    xs = torch.cat([x for x, _ in batches(3)])
+    with torch.no_grad():
+        h1 = torch.relu(model[0](xs))
+        h2 = torch.relu(model[2](h1))
+        out = model[4](h2)
+    for node, rows in samples[True].items():
+        other = samples[False][node]
+        assert rows is not None and other is not None
+        torch.testing.assert_close(rows, other, atol=0, rtol=0)
+    got_out = [r for r in samples[True].values() if r is not None and r.shape[1] == 2]
+    assert len(got_out) == 1
+    torch.testing.assert_close(got_out[0], out[: got_out[0].shape[0]], atol=1e-6, rtol=1e-5)
+
+
+def test_in_graph_path_returns_no_copy_of_an_output_site() -> None:
+    """The observed graph's extra output for a site that is also the graph's output is an
+    empty placeholder, and the wrapper knows to read that site's rows from the output."""
+    import graphsurg.passes.fx.observe_compiled as oc
+    from torch._dynamo.backends.registry import lookup_backend
+
+    mon = gs.Monitor(every=1)
+    calls: list[oc.MonitoredCall] = []
+    inner = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        fn, _ = oc.monitor_graph(mon, gm, example_inputs, inner, in_graph=True)
+        calls.append(fn)
+        return fn
+
+    model = _relu_mlp()
+    c = torch.compile(model, backend=backend)
+    x, y = batches(1)[0]
+    mse(c(x), (x, y)).backward()
+    (call,) = calls
+    assert len(call.row_outputs) == 1
+    (site, pos), = call.row_outputs.items()
+    assert pos == 0  # Dynamo's graph returns a tuple: the model's output is its first
+    assert mon.graphs[0].observers[site].site.module == "4"  # the head's output
