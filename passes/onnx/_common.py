@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -341,8 +342,13 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
     where = f"'{path}'"
     if not path.is_file():
         raise OnnxInputError(f"{where} does not exist or is not a file; pass a .onnx model file")
+    inline: set[str] = set()
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        got = _read_weights_mapped(path) if path.stat().st_size > SMALL_PROTO_BYTES else None
+        if got is not None:
+            proto, inline = got
+        else:
+            proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
         raise OnnxInputError(
             f"{where} is not an ONNX model or is truncated ({type(e).__name__}); "
@@ -356,9 +362,121 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
     del proto  # the tensors are read out of it once (below), then it is freed
     ir.external_data.set_base_dir(loaded.graph, path.parent)
     loaded = _tensors_in_arrays(loaded, where)
+    for name in inline:
+        v = loaded.graph.initializers.get(name)
+        if v is not None and isinstance(v.const_value, ir.ExternalTensor):
+            _MAPPED_INLINE.add(v.const_value)
     if not checked:
         check_weightless(loaded, where)
     return _initializers_apart(loaded), "path"
+
+
+#: tensors stored inline in a large model's own file and read memory-mapped from it
+#: (:func:`_read_weights_mapped`): external tensors to onnx-ir, not external data to the user
+_MAPPED_INLINE: weakref.WeakSet[ir.ExternalTensor] = weakref.WeakSet()
+#: an inline tensor at least this large is memory-mapped from the model file
+_MAP_MIN_BYTES = 1024
+
+
+def _varint_at(buf: Any, i: int) -> tuple[int, int]:
+    """The varint at ``buf[i]`` and the index after it."""
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _wire_fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """The protobuf fields of ``buf[start:end]``: ``(number, wire type, value start, value
+    end, field start)``."""
+    i = start
+    while i < end:
+        fs = i
+        key, i = _varint_at(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, j = _varint_at(buf, i)
+        elif wire == 1:
+            j = i + 8
+        elif wire == 2:
+            n, i = _varint_at(buf, i)
+            j = i + n
+        elif wire == 5:
+            j = i + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if j > end:
+            raise ValueError("truncated field")
+        yield number, wire, i, j, fs
+        i = j
+
+
+def _entry(key: str, value: str) -> bytes:
+    """A ``StringStringEntryProto`` as ``TensorProto.external_data`` (field 13) holds it."""
+    k, v = key.encode(), value.encode()
+    body = _field(1, len(k)) + k + _field(2, len(v)) + v
+    return _field(_TENSOR_EXTERNAL_DATA, len(body)) + body
+
+
+def _read_weights_mapped(path: Path) -> tuple[onnx.ModelProto, set[str]] | None:
+    """Parse the model file at ``path`` without its large inline weights: each initializer's
+    ``raw_data`` of at least :data:`_MAP_MIN_BYTES` becomes an external-data reference to
+    the same file at that field's offset (onnx-ir memory-maps it on use), so neither
+    protobuf nor graphsurg holds a copy of the weights -- the page cache does, shared with
+    onnxruntime. Returns the proto and the names of the tensors so read; None when the file
+    is not laid out as expected (the caller parses it whole)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        graphs = [(vs, ve, fs) for n, w, vs, ve, fs in _wire_fields(buf, 0, len(buf))
+                  if n == _MODEL_GRAPH and w == 2]
+        if len(graphs) != 1:
+            return None
+        gs, ge, gfs = graphs[0]
+        parts: list[bytes] = []
+        names: set[str] = set()
+        loc = _entry("location", path.name)
+        for n, w, vs, ve, fs in _wire_fields(buf, gs, ge):
+            if n == _GRAPH_INITIALIZER and w == 2:
+                tensor = _tensor_mapped(buf, vs, ve, loc)
+                if tensor is not None:
+                    body, name = tensor
+                    parts.append(_field(_GRAPH_INITIALIZER, len(body)) + body)
+                    names.add(name)
+                    continue
+            parts.append(buf[fs:ve])
+        graph = b"".join(parts)
+        model = buf[:gfs] + _field(_MODEL_GRAPH, len(graph)) + graph + buf[ge:]
+    return onnx.ModelProto.FromString(model), names
+
+
+def _tensor_mapped(buf: Any, start: int, end: int, loc: bytes) -> tuple[bytes, str] | None:
+    """The ``TensorProto`` at ``buf[start:end]`` with its ``raw_data`` replaced by an
+    external-data reference to its place in the file, and its name; None to keep it as it
+    is (small, already external, or no raw data)."""
+    raw: tuple[int, int] | None = None
+    name = ""
+    keep: list[bytes] = []
+    for n, w, vs, ve, fs in _wire_fields(buf, start, end):
+        if n == _TENSOR_RAW_DATA and w == 2:
+            raw = (vs, ve)
+            continue
+        if n in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
+            return None
+        if n == _TENSOR_NAME and w == 2:
+            name = bytes(buf[vs:ve]).decode("utf-8", "replace")
+        keep.append(buf[fs:ve])
+    if raw is None or raw[1] - raw[0] < _MAP_MIN_BYTES or not name:
+        return None
+    keep += [loc, _entry("offset", str(raw[0])), _entry("length", str(raw[1] - raw[0])),
+             bytes([_TENSOR_DATA_LOCATION << 3, onnx.TensorProto.EXTERNAL])]
+    return b"".join(keep), name
 
 
 #: a model up to this size is checked as the proto it was read as (one C++ copy of it);
@@ -375,8 +493,12 @@ def _check_small_proto(proto: onnx.ModelProto, where: str) -> bool:
     Raises:
         OnnxInputError: the checker refuses the model (its first line).
     """
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer) \
-            or proto.ByteSize() > SMALL_PROTO_BYTES:
+    inits = proto.graph.initializer
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
+        return False
+    # the weights' size from their dims (8 bytes an element at most): ByteSize() itself
+    # takes seconds on a 400 MB proto
+    if 8 * sum(math.prod(t.dims) for t in inits) > SMALL_PROTO_BYTES:
         return False
     try:
         onnx.checker.check_model(proto)
@@ -429,8 +551,11 @@ def _initializers_apart(model: ir.Model) -> ir.Model:
 
 
 def has_external_tensors(model: ir.Model) -> bool:
+    """The model holds external data (tensors read memory-mapped from its own file are
+    not)."""
     return any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        isinstance(v.const_value, ir.ExternalTensor) and v.const_value not in _MAPPED_INLINE
+        for v in model.graph.initializers.values()
     )
 
 
@@ -498,8 +623,10 @@ def _field(number: int, length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(length)
 
 
-#: field numbers of onnx.proto used by :func:`write_self_contained`
+#: field numbers of onnx.proto used by :func:`write_self_contained` and
+#: :func:`_read_weights_mapped`
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
 #: the protobuf limit of one message (a larger model must be saved with external data)
 _PROTO_LIMIT = 2**31 - 1
 
