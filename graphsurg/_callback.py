@@ -18,15 +18,34 @@ batch breaks ``certificates.max_output_change`` (or ``exact_tolerance`` for an e
 is rolled back at once. After an edit the monitor's statistics restart.
 
 Utility replacement (opt-in, ``replace_rate > 0``): continual backprop's generate-and-test
-(Dohare et al., Nature 2024) on every activation site the last diagnosis measured. Every
-``utility_every`` steps each unit's contribution utility (``mean|h| x sum|outgoing weights|``,
-:func:`graphsurg.detect.dead.contribution_utility`; mean |h| over the monitor's samples
-since the previous update) enters a running average (decay ``utility_decay`` per
-step); units older than ``maturity`` steps are eligible and ``replace_rate`` of them per step
-(accumulated) are re-initialised in place by the library's unit-reinitialising replacement
-(fresh incoming weights from the layer's initialiser, outgoing weights zeroed after folding
-the unit's mean into the consumer's bias), lowest utility first -- live-but-useless units
-included, not only dormant ones. Units reset by either path restart at age 0.
+(Dohare et al., Nature 2024, Algorithm 1) on every activation site the monitor measures
+(found from its first diagnosis; the callback's step 0 is every unit's birth):
+
+* utility: each unit's contribution ``mean|h| x sum|outgoing weights|``
+  (:func:`graphsurg.detect.dead.contribution_utility`; mean |h| over the monitor's samples
+  since the previous update, the outgoing weights as they are after the optimizer step)
+  enters a running average ``u <- eta^n u + (1 - eta^n) contribution`` over the ``n`` steps
+  since the previous update (``eta = utility_decay``), with no bias correction. With
+  ``utility_every=1`` and a ``Monitor(every=1)`` that is CBP's per-step utility exactly;
+  otherwise it is estimated from the samples the monitor took (a window without a sample
+  reuses the previous window's mean |h|);
+* schedule: CBP's own, step by step, whatever ``utility_every``: every step each unit ages by
+  one, the units older than ``maturity`` are eligible, ``replace_rate`` per eligible unit is
+  added to the accumulated count and ``int(count)`` of them, lowest utility first, are
+  replaced at that step (their age and utility restart at 0 there). The replacements due in
+  the ``utility_every`` steps of a window are made at its end, with the ages they would
+  have had, so the number replaced per task is CBP's;
+* replacement: the library's unit-reinitialising replacement (``reinit_dead``) with CBP's
+  generator: fresh incoming weights from the layer's initialiser (``init="layer"``: nn.Linear
+  / nn.Conv's kaiming-uniform, a fresh draw for every replacement), bias 0, outgoing weights
+  0 (no fold of the unit's mean into the consumer's bias: Algorithm 1 has none); the
+  optimizer's moments of exactly those slices are zeroed. It is CBP's rule, not a repair:
+  it is not rolled back on the output-change certificate;
+* a site under utility replacement leaves its dead units to it (a dead unit has utility 0
+  and is replaced first once mature): the periodic diagnosis reports them instead of
+  resetting them, as CBP has no second reset.
+
+Units reset by either path restart at age 0.
 
 Under torch.distributed every rank gets the same diagnosis from the monitor and the edits
 draw from seeded generators, so every replica makes the same edit.
@@ -35,6 +54,7 @@ draw from seeded generators, so every replica makes the same edit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -75,10 +95,13 @@ class SurgeryCallback:
         input_fn: ``batch -> (args, kwargs)`` when batches are not ``(inputs, targets)``.
         seed: seeds the edits' random draws (same seed on every rank: the same edits).
         replace_rate: CBP's replacement rate rho: the fraction of mature units replaced per
-            step, lowest contribution utility first (0: off, the default).
+            step, lowest contribution utility first (0: off, the default). See the module
+            docstring for the algorithm (Dohare et al. 2024, Algorithm 1).
         maturity: a unit is eligible for utility replacement when older than this many steps.
         utility_decay: decay per step of the utility's running average (CBP's eta).
-        utility_every: update utilities and replace every this many steps.
+        utility_every: update utilities and make the replacements due every this many
+            steps (the count and the ages follow CBP step by step; ``1`` with a
+            ``Monitor(every=1)``: CBP exactly).
 
     Example:
         >>> mon = gs.Monitor(every=4)
@@ -127,10 +150,14 @@ class SurgeryCallback:
         self.utility: dict[str, torch.Tensor] = {}
         self.age: dict[str, torch.Tensor] = {}
         self._acc: dict[str, float] = {}
-        self._sites: dict[str, Any] = {}  # producer -> activation Site (from the last diagnosis)
+        self._sites: dict[str, Any] = {}  # producer -> activation Site (from the diagnoses)
+        self._skip: set[str] = set()  # producers utility replacement cannot treat
+        self._sought = False  # whether the sites were looked up before the first round
         self._groups: dict[str, Any] = {}  # producer -> coupling group (consumers)
         self._seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # count, sum |h| so far
-        self.replaced = 0  # units re-initialised by utility replacement
+        self._mean_abs: dict[str, torch.Tensor] = {}  # mean |h| of the last measured window
+        self._accounted: dict[str, int] = {}  # step up to which ages and counts have run
+        self.replaced = 0  # replacements made by utility replacement (CBP's count)
         # (first step, schedule): e.g. a RampLeakyReLU's slope, raised over ``every`` steps
         self._on_step: list[tuple[int, Callable[[int, int], None]]] = []
 
@@ -161,13 +188,22 @@ class SurgeryCallback:
             return event
         diagnosis = self.monitor.diagnose()
         if self.replace_rate > 0:
-            self._sites = {r.site.module: r.site for r in diagnosis.layers.values()
-                           if r.kind == "activation" and r.site.module}
+            self._learn_sites(diagnosis)
         # every round diagnoses a fresh window: statistics since the last round only. After an
         # edit, older statistics describe a model that no longer exists; without an edit, a
         # cumulative window hides units that die late (their early firing keeps them "alive").
         self.monitor.reset()
+        self._seen.clear()
         event.problems = [f"{p.kind} at {p.site.address}" for p in diagnosis.problems]
+        if self.replace_rate > 0:
+            # CBP's generate-and-test is the only reset at its sites: their dead units have
+            # utility 0 and are the first it replaces once mature
+            left = [p for p in diagnosis.problems
+                    if p.kind == "DeadNeurons" and p.site.module in self.utility]
+            event.reported += [f"{p.kind} at {p.site.address}: left to utility replacement"
+                               for p in left]
+            diagnosis = dataclasses.replace(
+                diagnosis, problems=[p for p in diagnosis.problems if p not in left])
         if not diagnosis.problems:
             return event
         from .library import default_library
@@ -206,15 +242,25 @@ class SurgeryCallback:
             self.age[module][idx] = 0.0
             self.utility[module][idx] = 0.0
 
+    def _learn_sites(self, diagnosis: Any) -> None:
+        """Add the activation sites of ``diagnosis`` to those under utility replacement."""
+        self._sites.update({r.site.module: r.site for r in diagnosis.layers.values()
+                            if r.kind == "activation" and r.site.module
+                            and r.site.module not in self._skip})
+
     def _replace_low_utility(self, batch: Any) -> CallbackEvent | None:
-        """Update every known site's running utility and re-initialise the lowest-utility
-        mature units (CBP's generate-and-test; see the module docstring)."""
+        """Update every known site's running utility, run CBP's per-step schedule over the
+        steps since the last update and make the replacements it calls for (continual
+        backprop's generate-and-test; see the module docstring)."""
         from ._problems import Problem
-        from .detect.dead import contribution_utility, lowest_utility
+        from .detect.dead import contribution_utility
         from .library import Target, default_library
         from .library._base import Refused
         from .library._edit import coupled, get_layer, weight_rows
 
+        if not self._sites and not self._sought and self.monitor.sampled > 0:
+            self._sought = True  # the sites, before the first round (later: each round's)
+            self._learn_sites(self.monitor.diagnose())
         if not self._sites:
             return None
         lib = self.library if self.library is not None else default_library()
@@ -222,14 +268,24 @@ class SurgeryCallback:
         if not resetters:
             return None
         stats = {addr.rpartition(":")[0]: st for addr, st in self.monitor.stats().items()}
-        decay = self.utility_decay ** self.utility_every
         target = Target(self.model, [batch], input_fn=self.input_fn, seed=self.seed)
         event: CallbackEvent | None = None
-        for module, site in self._sites.items():
+        for module, site in list(self._sites.items()):
             st = stats.get(module)
-            if st is None or int(st.count.max()) == 0:
-                continue
-            width = int(st.channels)
+            if st is not None and int(st.count.max()) == 0:
+                st = None  # nothing measured since the monitor's last reset
+            if st is not None and (module not in self.utility
+                                   or self.utility[module].numel() != int(st.channels)):
+                width = int(st.channels)  # a new site (born at step 0) or a resized layer
+                self.utility[module] = torch.zeros(width, dtype=torch.float64)
+                self.age[module] = torch.zeros(width, dtype=torch.float64)
+                self._acc[module] = 0.0
+                self._accounted[module] = 0 if module not in self._accounted else self.steps
+                self._mean_abs.pop(module, None)
+                self._seen.pop(module, None)
+            if module not in self.utility:
+                continue  # not measured yet: its steps are accounted for when it is
+            width = self.utility[module].numel()
             try:
                 group = self._groups.get(module) or coupled(target, module)
                 self._groups[module] = group
@@ -240,58 +296,105 @@ class SurgeryCallback:
                         rows, cols = c.weight_index(j, w.shape)
                         mass[j] += float(w.detach()[rows, cols].abs().sum())
             except (Refused, ValueError, AttributeError) as e:
-                self._sites = {k: v for k, v in self._sites.items() if k != module}
+                self._sites.pop(module, None)
+                self._skip.add(module)
+                for d in (self.utility, self.age, self._acc, self._accounted):
+                    d.pop(module, None)
                 event = event or self._event()
                 event.reported.append(f"utility replacement at {module}: skipped ({e})")
                 continue
-            # mean |h| since the last update (the monitor's window is cumulative): CBP's
-            # running average must not be dominated by what a unit did before its reset
-            n = st.count.to(torch.float64)
-            tot = st.mean_abs.to(torch.float64) * n
-            n0, tot0 = self._seen.get(module, (None, None))
-            if n0 is not None and tot0 is not None and n0.shape == n.shape and bool(
-                    (n >= n0).all()) and bool((n > n0).any()):
-                n, tot = n - n0, tot - tot0
-            self._seen[module] = (st.count.to(torch.float64), st.mean_abs.to(torch.float64)
-                                  * st.count.to(torch.float64))
-            contrib = contribution_utility(tot / n.clamp_min(1.0), mass)
-            if module not in self.utility or self.utility[module].numel() != width:
-                self.utility[module] = torch.zeros(width, dtype=torch.float64)
-                self.age[module] = torch.zeros(width, dtype=torch.float64)
-                self._acc[module] = 0.0
-            u = self.utility[module].mul_(decay).add_((1 - decay) * contrib)
-            self.age[module] += self.utility_every
-            eligible = self.age[module] > self.maturity
-            self._acc[module] += self.replace_rate * self.utility_every * int(eligible.sum())
-            k = int(self._acc[module])
-            if k < 1:
+            if st is not None:
+                self._window_mean_abs(module, st)
+            n_steps = self.steps - self._accounted[module]
+            self._accounted[module] = self.steps
+            mean_abs = self._mean_abs.get(module)
+            if n_steps <= 0 or mean_abs is None:
                 continue
-            self._acc[module] -= k
-            units = lowest_utility(u, eligible, k)
+            decay = self.utility_decay ** n_steps
+            self.utility[module].mul_(decay).add_(
+                (1 - decay) * contribution_utility(mean_abs, mass))
+            units, count, before = self._schedule(module, n_steps)
             if not units:
                 continue
+            u = before[0]
             problem = Problem("DeadNeurons", site, severity=len(units) / width,
                               units=tuple(units), evidence={"width": width, "utility": [
                                   float(u[i]) for i in units], "source": "utility"})
             r = resetters[0]
             event = event or self._event()
-            try:
-                params = r.propose(problem, target)
-                # fold the units' running mean, not their value on this one batch
-                params["unit_means"] = [float(st.mean[i]) for i in units]
-            except Refused as e:
-                event.rolled_back.append(f"{r.name} at {module} (utility): refused ({e})")
-                continue
-            schema = SimpleNamespace(replacement=r.name, problem=problem, params=params)
-            outcome = self._apply(schema, batch, event)
             label = f"{r.name} at {module} (utility, {len(units)} unit(s))"
+            seed = self.seed * 1_000_033 + self.steps  # a fresh draw for every replacement
+            # CBP's generator: the layer's initialiser, outgoing weights 0, no fold (the
+            # replacement checks the units and their consumers itself)
+            params = {"units": units, "init": "layer", "unit_means": [0.0] * len(units),
+                      "exact": False}
+            schema = SimpleNamespace(replacement=r.name, problem=problem, params=params)
+            outcome = self._apply(schema, batch, event, seed=seed, certify=False)
             if outcome == "applied":
                 event.applied.append(label)
-                self.replaced += len(units)
-                self._restart(module, units)
-            else:
+                self.replaced += count
+            else:  # not replaced: the units keep their age and utility
+                idx = torch.tensor(units, dtype=torch.long)
+                self.utility[module][idx] = u[idx]
+                self.age[module][idx] = before[1][idx] + n_steps
                 event.rolled_back.append(f"{label}: {outcome}")
         return event
+
+    def _window_mean_abs(self, module: str, st: Any) -> None:
+        """Mean |h| per unit over the monitor's samples since the previous update (its
+        statistics are cumulative since its last reset); units without a new sample keep
+        the previous window's value."""
+        n = st.count.to(torch.float64)
+        tot = st.mean_abs.to(torch.float64) * n
+        n0, tot0 = self._seen.get(module, (None, None))
+        if n0 is not None and tot0 is not None and n0.shape == n.shape and bool(
+                (n >= n0).all()):
+            dn, dtot = n - n0, tot - tot0
+        else:  # first window, or the monitor restarted since
+            dn, dtot = n, tot
+        self._seen[module] = (n, tot)
+        new = dtot / dn.clamp_min(1.0)
+        prev = self._mean_abs.get(module)
+        if prev is not None and prev.shape == new.shape:
+            new = torch.where(dn > 0, new, prev)
+        elif not bool((dn > 0).all()):
+            new = torch.where(dn > 0, new, tot / n.clamp_min(1.0))
+        if bool((n > 0).any()):
+            self._mean_abs[module] = new
+
+    def _schedule(self, module: str, n_steps: int
+                  ) -> tuple[list[int], int, tuple[torch.Tensor, torch.Tensor]]:
+        """CBP's schedule over ``n_steps`` steps at ``module``, step by step: ages +1, the
+        eligible units (age > maturity) add ``replace_rate`` each to the accumulated count,
+        ``int(count)`` of them, lowest utility first, are replaced (age and utility 0 from
+        that step on). Returns the units to re-initialise now, how many replacements were
+        due (a unit can be due twice when ``maturity < n_steps``) and the (utility, age)
+        before the window's replacements."""
+        from .detect.dead import lowest_utility
+
+        u, age = self.utility[module], self.age[module]
+        before = (u.clone(), age.clone())
+        chosen: set[int] = set()
+        count = 0
+        for _ in range(n_steps):
+            age += 1
+            eligible = age > self.maturity
+            n_eligible = int(eligible.sum())
+            if n_eligible == 0:
+                continue
+            self._acc[module] += self.replace_rate * n_eligible
+            k = int(self._acc[module])
+            if k < 1:
+                continue
+            self._acc[module] -= k
+            units = lowest_utility(u, eligible, k)
+            if units:
+                idx = torch.tensor(units, dtype=torch.long)
+                age[idx] = 0.0
+                u[idx] = 0.0
+                chosen.update(units)
+                count += len(units)
+        return sorted(chosen), count, before
 
     def _event(self) -> CallbackEvent:
         event = CallbackEvent(self.steps)
@@ -299,19 +402,27 @@ class SurgeryCallback:
         return event
 
     # -- one schema ---------------------------------------------------------------------------
-    def _apply(self, schema: Any, batch: Any, event: CallbackEvent) -> str:
+    def _apply(self, schema: Any, batch: Any, event: CallbackEvent, *, seed: int | None = None,
+               certify: bool = True) -> str:
+        """Apply one schema to the live model. ``certify=False`` (CBP's replacement, a rule
+        rather than a repair): no output-change check, and a consumer bias the edit did not
+        change (no fold) keeps its optimizer moments."""
         from .library import Target, default_library
         from .library._base import Refused
 
         lib = self.library if self.library is not None else default_library()
         work = copy.deepcopy(self.model)
-        target = Target(work, [batch], input_fn=self.input_fn, seed=self.seed)
+        target = Target(work, [batch], input_fn=self.input_fn,
+                        seed=self.seed if seed is None else seed)
         replacement = lib.get(schema.replacement)
         try:
             applied = replacement.apply(target, schema.problem, schema.params)
         except Refused as e:
             return f"refused ({e})"
-        before = self._output(batch)
+        if not certify and not any(float(v) for v in schema.params.get("unit_means") or ()):
+            for c in applied.details.get("consumers") or ():
+                applied.touched.pop(f"{c}.bias", None)
+        before = self._output(batch) if certify else None
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         swapped: list[tuple[str, nn.Module]] = []
         if replacement.live_edit == "module":
@@ -336,10 +447,11 @@ class SurgeryCallback:
                     dst = live.get(name, live_b.get(name))
                     if dst is not None and dst.shape == t.shape and not torch.equal(dst, t):
                         dst.copy_(t)
-        after = self._output(batch)
-        change = _relative_change(before, after)
-        bound = (self.certificates.exact_tolerance if applied.exact
-                 else self.certificates.max_output_change)
+        change, bound = 0.0, 0.0
+        if before is not None:
+            change = _relative_change(before, self._output(batch))
+            bound = (self.certificates.exact_tolerance if applied.exact
+                     else self.certificates.max_output_change)
         if change > bound:
             with torch.no_grad():
                 for where, old in swapped:

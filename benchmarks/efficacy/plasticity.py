@@ -21,7 +21,10 @@ Arms, all from the same initial network and the same stream:
 * **shrink-and-perturb** (Ash & Adams 2020) applied every step: ``w <- (1-lambda) w + sigma eps``;
 * **graphsurg**: ``gs.SurgeryCallback`` on the live model, trained through
   ``torch.compile(backend="graphsurg")`` with a ``gs.Monitor``, operating once per task on
-  that task's statistics (each round diagnoses the window since the last round).
+  that task's statistics (each round diagnoses the window since the last round), with the
+  library's CBP (``replace_rate=rho``): CBP's schedule and generator, the utility estimated
+  from the monitor's samples (one step in 5) every 10 steps; the hidden layer's dead units
+  are left to it.
 
 Scaled for a 2-core CPU: tasks last ``T`` examples (the paper uses 10,000), and CBP's
 replacement rate is scaled by ``10000 / T`` so that as many units are replaced per task.
@@ -139,8 +142,9 @@ class Arm:
             mon = gs.Monitor(every=5)
             self.fwd = torch.compile(m, backend="graphsurg", options={"monitor": mon,
                                                                        "inner": "aot_eager"})
-            # diagnosis once per task (dead units: reinit_dead) and CBP's utility replacement
-            # at CBP's rate (gs.SurgeryCallback(replace_rate=...), a library feature)
+            # diagnosis once per task and CBP's generate-and-test at CBP's rate
+            # (gs.SurgeryCallback(replace_rate=...), a library feature; it takes the dead
+            # units of the layers it manages)
             self.cb = gs.SurgeryCallback(m, self.opt, mon, every=per_task, seed=seed,
                                          replace_rate=rho, maturity=100, utility_every=10)
         self.errs: list[float] = []
@@ -318,9 +322,10 @@ def run(seeds: list[int], quick: bool, out: Path) -> dict[str, Any]:
                   f"ReLU. CBP: rho={1e-4 * 10_000 / per_task:g}, maturity 100, eta 0.99. "
                   f"Shrink-and-perturb: lambda={SP[0]:g}, sigma={SP[1]:g} every step (its "
                   "3x3 grid is in FINDINGS). graphsurg: gs.SurgeryCallback "
-                  "diagnosing every task (Monitor(every=5), a one-task window; reinit_dead of "
-                  f"dead units) with utility replacement at CBP's rate (replace_rate="
-                  f"{1e-4 * 10_000 / per_task:g}, maturity 100, utility every 10 steps)."),
+                  "diagnosing every task (Monitor(every=5), a one-task window) with CBP's "
+                  f"utility replacement (replace_rate={1e-4 * 10_000 / per_task:g}, maturity "
+                  "100, CBP's schedule and generator; utility from the monitor's samples, "
+                  "updated every 10 steps; dead units left to it)."),
         "table": table(["arm"] + cols + [], rows),
         "metrics": metrics,
         "plots": ["plasticity.png"],

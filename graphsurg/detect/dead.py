@@ -102,14 +102,15 @@ def site_utility(m: Measurements, s: SiteMeasure) -> torch.Tensor | None:
 def lowest_utility(utility: torch.Tensor, eligible: torch.Tensor, k: int,
                    exclude: Sequence[int] = ()) -> list[int]:
     """The ``k`` eligible units (``eligible``: boolean mask, e.g. CBP's "older than the
-    maturity threshold") with the lowest utility, never all of a layer's units."""
+    maturity threshold") with the lowest utility, never all of a layer's units; equal
+    utilities (e.g. fresh units, all 0) go lowest index first."""
     ok = eligible.clone()
     ok[list(exclude)] = False
     idx = ok.nonzero().flatten()
     k = min(k, idx.numel(), utility.numel() - 1)
     if k <= 0:
         return []
-    return sorted(int(i) for i in idx[utility[idx].argsort()[:k]])
+    return sorted(int(i) for i in idx[utility[idx].argsort(stable=True)[:k]])
 
 
 def _observations(s: SiteMeasure) -> int:
