@@ -36,12 +36,11 @@ from graphsurg.kernels import (
     NeuronStats,
     merge_packed,
     multi_grad_sq_norms,
-    packed_from_sums,
     packed_to_stats,
     partial_sums,
     partial_sums_many,
 )
-from graphsurg.kernels._multi_stats import merge_packed_many
+from graphsurg.kernels._multi_stats import merge_sums_many
 
 from .dynamo_sites import DynamoSites, find_dynamo_sites
 from .instrument import Observer
@@ -175,11 +174,9 @@ class GraphRecord:
         :attr:`grad_sq` (exact; called before every read)."""
         if self.kept:
             kept, self.kept = self.kept, []
-            merged = merge_packed_many(packed_from_sums(torch.stack(kept)))
-            self.stats = merge_packed(self.stats, merged)
+            self.stats = merge_packed(self.stats, merge_sums_many(torch.stack(kept)))
         if self.n_sums and self.sums is not None:
-            merged = merge_packed_many(packed_from_sums(self.sums[: self.n_sums]))
-            self.stats = merge_packed(self.stats, merged)
+            self.stats = merge_packed(self.stats, merge_sums_many(self.sums[: self.n_sums]))
             self.n_sums = 0
         if self.param_calls and self.param_sq is not None:
             assert self.param_layer is not None and self.param_steps is not None

@@ -169,3 +169,33 @@ def test_in_graph_path_returns_no_copy_of_an_output_site() -> None:
     (site, pos), = call.row_outputs.items()
     assert pos == 0  # Dynamo's graph returns a tuple: the model's output is its first
     assert mon.graphs[0].observers[site].site.module == "4"  # the head's output
+
+
+def test_merge_of_raw_sums_equals_packed_merge_and_float64() -> None:
+    """``merge_sums_many`` (what a graph's flush runs on its kept sums) is bit for bit the
+    merge of the packed statistics of each call, and matches float64 statistics of all the
+    calls' values (offset data, a non-finite value, a saturation threshold)."""
+    from graphsurg.kernels import packed_from_sums, partial_sums
+    from graphsurg.kernels._multi_stats import merge_packed_many, merge_sums_many
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(37, 50, generator=g) * 3 + 1e4 for _ in range(6)]
+    xs[2][3, 3] = float("nan")  # (not in a first row: that column would pivot at 0)
+    xs[4][5, 7] = float("inf")
+    sums = torch.stack([partial_sums(x, -1, 1e4 + 2.0) for x in xs])
+    got = merge_sums_many(sums)
+    assert torch.equal(got, merge_packed_many(packed_from_sums(sums)))
+    allx = torch.cat(xs).double()
+    fin = torch.isfinite(allx)
+    n = fin.sum(0).double()
+    xf = torch.where(fin, allx, 0.0)
+    mean = xf.sum(0) / n
+    m2 = (torch.where(fin, allx - mean, 0.0) ** 2).sum(0)
+    torch.testing.assert_close(got[0], n, atol=0, rtol=0)
+    torch.testing.assert_close(got[1], mean, atol=1e-6, rtol=0)  # float32 sums of 37 rows
+    torch.testing.assert_close(got[2], m2, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(got[3], xf.abs().sum(0), atol=0, rtol=1e-6)
+    torch.testing.assert_close(got[5], xf.abs().amax(0), atol=0, rtol=0)
+    torch.testing.assert_close(got[6], (~fin).sum(0).double(), atol=0, rtol=0)
+    torch.testing.assert_close(got[7], (fin & (allx.abs() >= 1e4 + 2.0)).sum(0).double(),
+                               atol=0, rtol=0)
