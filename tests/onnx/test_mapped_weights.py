@@ -126,3 +126,19 @@ def test_a_truncated_large_file_is_one_line(tmp_path: Path, mapped: None) -> Non
         load_model(bad)
     msg = str(e.value)
     assert "\n" not in msg and "bad.onnx" in msg
+
+
+def test_sessions_read_the_models_own_weights(tmp_path: Path, mapped: None) -> None:
+    """onnxruntime is fed the model's arrays (the mapped file's pages) on every run instead
+    of being handed initializers it would copy; its outputs are the plain session's."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(), str(path))
+    model, _ = load_model(path)
+    sess = _common.ort_session(model)
+    assert [i.name for i in sess.get_inputs()] == ["x"]  # the weights are not the user's inputs
+    assert set(sess.weights) == {"W", "b", "V"}
+    for name, arr in sess.weights.items():
+        assert np.shares_memory(arr, model.graph.initializers[name].const_value.numpy())
+    for feed in _data(2, seed=3):
+        (got,), (want,) = sess.run(None, feed), run_ort(path, feed)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
