@@ -25,6 +25,7 @@ rows plus the pivot and the count). Counts are exact in float64 below 2**53.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -212,7 +213,7 @@ def partial_sums_many(xs: Sequence[torch.Tensor], channel_dims: Sequence[int],
     widths = [int(v.shape[1]) for v in vs]
     total = sum(widths)
     firsts = torch.cat([v[0] for v in vs])
-    pivot = torch.where(torch.isfinite(firsts), firsts, torch.zeros((), dtype=firsts.dtype))
+    pivot = torch.nan_to_num(firsts, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite: 0
     nthreads = max(1, torch.get_num_threads())
     parts = max(1, min(8 * nthreads, min(int(v.shape[0]) for v in vs) // _PART_ROWS))
     buf = torch.zeros(parts, 7 * total, dtype=torch.float64)
@@ -229,33 +230,33 @@ def partial_sums_many(xs: Sequence[torch.Tensor], channel_dims: Sequence[int],
                                bp + k * row_b + 7 * off * 8)))
         off += c
     cpu._run(calls, nthreads)
-    blocks = buf.sum(0) if parts > 1 else buf[0]
+    # each site's block is its own (7, c): side by side with one cat (no gather)
+    flat = buf.sum(0) if parts > 1 else buf[0]
+    sums7 = _side_by_side(flat, widths)
     if parts > 1:
-        maxes = buf.amax(0)
-    layout = _layout(tuple(widths))
-    flat = torch.where(layout.is_max, maxes, blocks) if parts > 1 else blocks
-    sums7 = flat[layout.perm].view(7, total)
-    if not bool(torch.isfinite(sums7[:3]).all()):  # a float32 lane overflowed: exact per site
+        sums7[_MAX_ROW] = _side_by_side(buf.amax(0), widths)[_MAX_ROW]
+    if not math.isfinite(float(sums7[:3].sum())):  # a float32 lane overflowed: exact per site
         return torch.cat([_sums_one(x, cd, thr) for x, cd, thr
                           in zip(xs, channel_dims, sat_thresholds, strict=True)], dim=1)
-    n_fin = layout.rows_per_column(tuple(int(v.shape[0]) for v in vs)) - sums7[6]
+    n_fin = _layout(tuple(widths)).rows_per_column(tuple(int(v.shape[0]) for v in vs)) \
+        - sums7[6]
     return torch.cat([sums7, pivot.to(torch.float64)[None], n_fin[None]])
+
+
+def _side_by_side(flat: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
+    """``(7 * sum C,)`` per-site ``(7, c)`` blocks, one after the other -> ``(7, sum C)``."""
+    if len(widths) == 1:
+        return flat.view(7, widths[0])
+    blocks = []
+    off = 0
+    for c in widths:
+        blocks.append(flat[7 * off: 7 * (off + c)].view(7, c))
+        off += c
+    return torch.cat(blocks, dim=1)
 
 
 class _Layout:
     def __init__(self, widths: tuple[int, ...]) -> None:
-        total = sum(widths)
-        perm = torch.empty(7 * total, dtype=torch.int64)
-        is_max = torch.zeros(7 * total, dtype=torch.bool)
-        off = 0
-        for c in widths:
-            for r in range(7):
-                src = 7 * off + r * c + torch.arange(c)
-                perm[r * total + off: r * total + off + c] = src
-                if r == _MAX_ROW:
-                    is_max[src] = True
-            off += c
-        self.perm, self.is_max = perm, is_max
         self.widths = widths
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
 

@@ -199,3 +199,48 @@ def test_merge_of_raw_sums_equals_packed_merge_and_float64() -> None:
     torch.testing.assert_close(got[6], (~fin).sum(0).double(), atol=0, rtol=0)
     torch.testing.assert_close(got[7], (fin & (allx.abs() >= 1e4 + 2.0)).sum(0).double(),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [7, 1024])
+def test_batched_kernel_sums_side_by_side_equal_float64(rows: int) -> None:
+    """``partial_sums_many`` (the batched C call; 1024 rows run as 4 blocks whose sums and
+    maxima are combined) puts each site's seven sums side by side: per column, the
+    statistics equal float64 ones -- a row layout with a stride, a non-finite first value
+    (pivot 0), a saturation threshold, and a site whose float32 squares overflow (exact
+    per-site fallback)."""
+    from graphsurg.kernels import packed_from_sums, partial_sums_many
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(rows, 40, generator=g) * 2 + 5
+    b = torch.randn(rows, 64, generator=g)[:, 8:56]  # row stride 64, 48 channels
+    c = torch.randn(rows, 3, 24, generator=g).reshape(rows * 3, 24)
+    a[0, 1] = float("nan")
+    c[2, 5] = float("inf")
+    big = torch.randn(rows, 8, generator=g) * 1e25 + 1e30  # float32 d*d overflows
+    xs = [a, b, c]
+    thrs: list[float | None] = [None, 1.5, 0.5]
+    for sites, ts in ((xs, thrs), (xs + [big], thrs + [None])):
+        packed = packed_from_sums(partial_sums_many(sites, [-1] * len(sites), ts))
+        off = 0
+        for x, thr in zip(sites, ts, strict=True):
+            w = x.shape[1]
+            p = packed[:, off: off + w]
+            off += w
+            xd = x.double()
+            fin = torch.isfinite(xd)
+            n = fin.sum(0).double()
+            xf = torch.where(fin, xd, 0.0)
+            mean = xf.sum(0) / n
+            var = (torch.where(fin, xd - mean, 0.0) ** 2).sum(0) / n
+            scale = xf.abs().amax(0)
+            torch.testing.assert_close(p[0], n, atol=0, rtol=0)
+            torch.testing.assert_close(p[1], mean, atol=1e-6 * float(scale.max()), rtol=1e-5)
+            torch.testing.assert_close(p[2] / n, var, atol=1e-6 * float(scale.max()) ** 2,
+                                       rtol=1e-4)
+            torch.testing.assert_close(p[3], xf.abs().sum(0), atol=0, rtol=1e-5)
+            torch.testing.assert_close(p[4], ((xd <= 0) & fin).sum(0).double(), atol=0,
+                                       rtol=0)
+            torch.testing.assert_close(p[5], scale, atol=0, rtol=0)
+            torch.testing.assert_close(p[6], (~fin).sum(0).double(), atol=0, rtol=0)
+            sat = (fin & (xd.abs() >= thr)).sum(0).double() if thr is not None else 0 * n
+            torch.testing.assert_close(p[7], sat, atol=0, rtol=0)
