@@ -318,7 +318,10 @@ def load_model(model: ModelLike) -> tuple[ir.Model, str]:
     the kind it came as (``"path"``, ``"proto"`` or ``"ir"``).
 
     Files are read with onnx-ir: external data is memory-mapped (no 2 GB protobuf limit) after
-    its paths were checked to stay inside the model's folder.
+    its paths were checked to stay inside the model's folder. A file over
+    :data:`SMALL_PROTO_BYTES` is read without its inline weights, which are memory-mapped
+    from the file itself (``ir.ExternalTensor`` at their offsets; ``ir.save`` and
+    :func:`save_model_files` write them out, self-contained by default).
 
     Raises:
         OnnxInputError: the file is missing, not ONNX, truncated, or its external data is
@@ -600,6 +603,10 @@ def save_model_files(
         t = v.const_value
         if isinstance(t, ir.ExternalTensor) and Path(t.path).resolve() == data.resolve():
             v.const_value = ir.tensor(t.numpy(), name=t.name)
+        elif t is not None and t in _MAPPED_INLINE:
+            # written from the mapped array itself: onnx-ir would copy an external tensor
+            # of another file into memory and close its map under the arrays that use it
+            v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
     with atomic_outputs(out, data) as (tmp, _tmp_data), initializers_as_inputs(model):
         ir.save(model, tmp, external_data=data.name,
                 size_threshold_bytes=external_data_size_threshold)

@@ -26,9 +26,9 @@ EXACT = 1e-5
 
 @pytest.fixture
 def mapped(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every model file counts as large and every weight of 16 bytes or more is mapped."""
+    """Every model file counts as large and every weight of 20 bytes or more is mapped."""
     monkeypatch.setattr(_common, "SMALL_PROTO_BYTES", 0)
-    monkeypatch.setattr(_common, "_MAP_MIN_BYTES", 16)
+    monkeypatch.setattr(_common, "_MAP_MIN_BYTES", 20)
 
 
 def _mlp() -> onnx.ModelProto:
@@ -38,7 +38,7 @@ def _mlp() -> onnx.ModelProto:
     b = np.full(12, 0.2, np.float32)
     b[DEAD] = -100.0
     v = (rng.standard_normal((4, 12)) * 0.3).astype(np.float32)
-    c = np.full(1, 0.5, np.float32)  # 4 bytes: stays inline
+    c = np.full(4, 0.5, np.float32)  # 16 bytes: stays inline (mapped at 16)
     nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="fc1", transB=1),
              helper.make_node("Relu", ["h"], ["a"], name="act"),
              helper.make_node("Gemm", ["a", "V"], ["y0"], name="fc2", transB=1),
@@ -63,7 +63,7 @@ def test_weights_are_read_in_place_and_equal(tmp_path: Path, mapped: None) -> No
     path = tmp_path / "m.onnx"
     onnx.save(proto, str(path))
     read, names = _common._read_weights_mapped(path)  # type: ignore[misc]
-    assert names == {"W", "b", "V"}  # "c" (8 bytes) stays inline
+    assert names == {"W", "b", "V"}  # "c" (16 bytes) stays inline
     onnx.external_data_helper.load_external_data_for_model(read, str(tmp_path))
     want = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     got = {t.name: numpy_helper.to_array(t) for t in read.graph.initializer}
@@ -142,3 +142,19 @@ def test_sessions_read_the_models_own_weights(tmp_path: Path, mapped: None) -> N
     for feed in _data(2, seed=3):
         (got,), (want,) = sess.run(None, feed), run_ort(path, feed)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_mapped_model_saved_with_external_data(tmp_path: Path, mapped: None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--save-external-data`` on a mapped model: onnx-ir would copy the mapped tensors
+    (another file's external data to it) and close their map under the session's arrays."""
+    monkeypatch.setattr(_common, "_MAP_MIN_BYTES", 16)  # "c" too: a mapped tensor the excision leaves alone
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(), str(path))
+    out = tmp_path / "elsewhere" / "out.onnx"  # another folder: onnx-ir moves the data
+    gso.apply(path, _data(), output=out, save_external_data=True,
+              external_data_size_threshold=16)
+    assert out.with_name("out.onnx.data").exists()
+    for feed in _data(2, seed=5):
+        (a,), (b,) = run_ort(path, feed), run_ort(out, feed)
+        np.testing.assert_allclose(b, a, rtol=EXACT, atol=EXACT)
