@@ -55,6 +55,23 @@ def partial_sums(x: torch.Tensor, channel_dim: int, sat_threshold: float | None
     test reads ``where(finite, x, 1)`` instead, and counts are sums of the accumulation
     dtype (exact below 2**24 values per channel; int64 above that or with symbolic shapes).
     """
+    return torch.stack(partial_sums_rows(x, channel_dim, sat_threshold))
+
+
+def _sum_rows(d: torch.Tensor, a: torch.Tensor, dims: list[int], *counts: torch.Tensor,
+              dtype: torch.dtype | None = torch.float64) -> list[torch.Tensor]:
+    n_nonpos, n_sat, n_nonfin, pivot, n_fin = counts
+    rows = [d.sum(dims), (d * d).sum(dims), a.sum(dims), a.amax(dims), n_nonpos, n_sat,
+            n_nonfin, pivot, n_fin]
+    return rows if dtype is None else [r.to(dtype) for r in rows]
+
+
+def partial_sums_rows(x: torch.Tensor, channel_dim: int, sat_threshold: float | None,
+                      dtype: torch.dtype | None = torch.float64) -> list[torch.Tensor]:
+    """:func:`partial_sums` as its nine ``(C,)`` rows (``torch.stack`` of them is
+    ``partial_sums``), for a graph that lays the rows of many sites out in one tensor.
+    ``dtype=None``: each row in the type it was computed in (the accumulation type, or
+    int64 counts), not converted to float64."""
     cd = channel_dim % x.dim()
     dims = [d for d in range(x.dim()) if d != cd]
     acc = acc_dtype(x.dtype)
@@ -80,10 +97,26 @@ def partial_sums(x: torch.Tensor, channel_dim: int, sat_threshold: float | None
         n_sat = torch.zeros_like(n_fin)
     else:
         n_sat = (a >= sat_threshold).to(cnt).sum(dims)
-    f64 = torch.float64
-    return torch.stack([d.sum(dims).to(f64), (d * d).sum(dims).to(f64), a.sum(dims).to(f64),
-                        a.amax(dims).to(f64), n_nonpos.to(f64), n_sat.to(f64),
-                        n_nonfin.to(f64), pivot.to(f64), n_fin.to(f64)])
+    return _sum_rows(d, a, dims, n_nonpos, n_sat, n_nonfin, pivot, n_fin, dtype=dtype)
+
+
+def packed_partial_sums(xs: Sequence[torch.Tensor], channel_dims: Sequence[int],
+                        sat_thresholds: Sequence[float | None]) -> torch.Tensor:
+    """The ``(9, sum C)`` sums of every tensor in ``xs`` side by side (rows of
+    :func:`partial_sums`) as ONE ``cat`` of every site's rows, in torch ops only: in a
+    graph, inductor writes each site's reductions straight into their slices of one output
+    buffer (no per-site buffers, no copy into the result).
+
+    The result is float32 when every row was computed in float32 (float32 activations and
+    counts below 2**24 values per channel: every value is then exact in float32 and
+    converting to float64 later gives :func:`partial_sums`' values bit for bit), else
+    float64.
+    """
+    rows = [partial_sums_rows(x, cd, thr, dtype=None)
+            for x, cd, thr in zip(xs, channel_dims, sat_thresholds, strict=True)]
+    f32 = all(r.dtype == torch.float32 for site in rows for r in site)
+    flat = [r[k] if f32 else r[k].to(torch.float64) for k in range(SUM_ROWS) for r in rows]
+    return torch.cat(flat).view(SUM_ROWS, -1)
 
 
 def packed_from_sums(sums: torch.Tensor) -> torch.Tensor:
@@ -464,5 +497,5 @@ def multi_grad_sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 __all__ = ["PACKED_ROWS", "SUM_ROWS", "all_reduce_packed", "merge_packed", "merge_packed_many",
            "merge_sums_many",
-           "multi_grad_sq_norms", "packed_from_sums", "packed_to_stats", "partial_sums",
-           "partial_sums_many", "stats_to_packed"]
+           "multi_grad_sq_norms", "packed_from_sums", "packed_partial_sums", "packed_to_stats",
+           "partial_sums", "partial_sums_many", "partial_sums_rows", "stats_to_packed"]

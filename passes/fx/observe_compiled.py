@@ -37,10 +37,9 @@ from graphsurg.kernels import (
     merge_packed,
     multi_grad_sq_norms,
     packed_to_stats,
-    partial_sums,
     partial_sums_many,
 )
-from graphsurg.kernels._multi_stats import merge_sums_many
+from graphsurg.kernels._multi_stats import merge_sums_many, packed_partial_sums
 
 from .dynamo_sites import DynamoSites, find_dynamo_sites
 from .instrument import Observer
@@ -142,7 +141,8 @@ class GraphRecord:
     param_steps: torch.Tensor | None = None
 
     def accumulate(self, sums: torch.Tensor) -> None:
-        """Keep the ``(9, C_total)`` raw sums of one call; they are merged into :attr:`stats`
+        """Keep the ``(9, C_total)`` raw sums of one call (float64, or float32 where every
+        value is exact in float32: the graph's own sums); they are merged into :attr:`stats`
         ``K`` calls at a time (:meth:`flush`), so a sampled call pays no exact merge. On CPU
         the call's own sums tensor is kept (a fresh output every call: no tensor op); on a
         GPU it is copied into a buffer (a CUDA-graph replay may overwrite its outputs)."""
@@ -174,7 +174,8 @@ class GraphRecord:
         :attr:`grad_sq` (exact; called before every read)."""
         if self.kept:
             kept, self.kept = self.kept, []
-            self.stats = merge_packed(self.stats, merge_sums_many(torch.stack(kept)))
+            self.stats = merge_packed(self.stats,
+                                      merge_sums_many(torch.stack(kept).to(torch.float64)))
         if self.n_sums and self.sums is not None:
             self.stats = merge_packed(self.stats, merge_sums_many(self.sums[: self.n_sums]))
             self.n_sums = 0
@@ -287,10 +288,15 @@ def site_segments(observers: Sequence[Observer], examples: Sequence[Any]
     return segs, used
 
 
-def _site_sums(x: torch.Tensor, centre: float, channel_dim: int, sat_threshold: float | None
-               ) -> torch.Tensor:
-    x = x.detach()
-    return partial_sums(x - centre if centre != 0.0 else x, channel_dim, sat_threshold)
+def _packed_site_sums(xs: Sequence[torch.Tensor], centres: Sequence[float],
+                      channel_dims: Sequence[int], sat_thresholds: Sequence[float | None]
+                      ) -> torch.Tensor:
+    """The ``(9, C_total)`` sums of every segment, laid out by one ``cat`` of every
+    segment's rows (:func:`graphsurg.kernels._multi_stats.packed_partial_sums`: inductor
+    writes each row into its slice of the one output buffer)."""
+    ys = [x.detach() - c if c != 0.0 else x.detach()
+          for x, c in zip(xs, centres, strict=True)]
+    return packed_partial_sums(ys, channel_dims, sat_thresholds)
 
 
 def _first_rows(x: torch.Tensor, channel_dim: int, n: int) -> torch.Tensor:
@@ -341,11 +347,10 @@ def observed_graph(gm: fx.GraphModule, nodes: Sequence[str],
     by_name = {n.name: n for n in gm.graph.nodes}
     extra: list[fx.Node] = []
     if segments:
-        parts = [graph.call_function(
-            _site_sums, (val_map[by_name[nodes[s.observer]]], s.centre if s.sat else 0.0,
-                         s.channel_dim, s.sat_threshold))
-                 for s in segments]
-        extra.append(graph.call_function(torch.cat, (parts,), {"dim": 1}))
+        extra.append(graph.call_function(_packed_site_sums, (
+            [val_map[by_name[nodes[s.observer]]] for s in segments],
+            [s.centre if s.sat else 0.0 for s in segments],
+            [s.channel_dim for s in segments], [s.sat_threshold for s in segments])))
     for k, name in enumerate(nodes):
         src = val_map[by_name[name]]
         if segments and sample_rows is not None:

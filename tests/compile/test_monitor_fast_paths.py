@@ -244,3 +244,32 @@ def test_batched_kernel_sums_side_by_side_equal_float64(rows: int) -> None:
             torch.testing.assert_close(p[6], (~fin).sum(0).double(), atol=0, rtol=0)
             sat = (fin & (xd.abs() >= thr)).sum(0).double() if thr is not None else 0 * n
             torch.testing.assert_close(p[7], sat, atol=0, rtol=0)
+
+
+def test_packed_partial_sums_is_the_sites_partial_sums_side_by_side() -> None:
+    """What the observed graph computes (one cat of every site's rows; float32 when every
+    value is exact in float32) converts to float64 bit for bit equal to each site's
+    ``partial_sums`` side by side; a float64 site makes the whole result float64; and the
+    statistics match float64 ones."""
+    from graphsurg.kernels import packed_from_sums, partial_sums
+    from graphsurg.kernels._multi_stats import packed_partial_sums
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(33, 20, generator=g) * 4 + 1e3
+    b = torch.randn(5, 12, 7, generator=g)  # channels on dim 1 of a 3-d tensor
+    a[4, 2] = float("nan")
+    b[0, 3, 0] = float("-inf")  # the first value of channel 3: pivot 0
+    specs = [(a, -1, None), (b, 1, 0.5)]
+    whole = torch.cat([partial_sums(x, cd, t) for x, cd, t in specs], dim=1)
+    got = packed_partial_sums([x for x, _, _ in specs], [cd for _, cd, _ in specs],
+                              [t for _, _, t in specs])
+    assert got.dtype == torch.float32
+    assert torch.equal(got.double(), whole)
+    got64 = packed_partial_sums([a.double(), b], [-1, 1], [None, 0.5])
+    assert got64.dtype == torch.float64
+    assert torch.equal(got64[:, 20:], whole[:, 20:])
+    ad = a.double()
+    fin = torch.isfinite(ad)
+    mean = torch.where(fin, ad, 0.0).sum(0) / fin.sum(0)
+    torch.testing.assert_close(packed_from_sums(got.double())[1, :20], mean, atol=1e-4,
+                               rtol=0)  # float32 sums of 33 values near 1e3
