@@ -6,3 +6,6 @@ this folder). See ``RESULTS.md`` for the set-ups and the findings.
 """
 
 EXPERIMENTS = ("dying_relu", "vanishing", "bottleneck", "plasticity")
+#: run only when named by ``--only`` (not in the default list, so not in ``--quick``/CI:
+#: importing ``transformers`` alone takes longer than the other quick experiments together)
+OPTIONAL = ("transformer",)

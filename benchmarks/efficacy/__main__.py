@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import EXPERIMENTS
+from . import EXPERIMENTS, OPTIONAL
 from .common import paired
 
 #: per experiment: (metric, graphsurg arms, baselines) for the paired-by-seed comparison
@@ -26,6 +26,8 @@ PAIRED = {
     "bottleneck": ("loss", ["graphsurg widen"], ["wide from scratch", "untreated"]),
     "plasticity": ("error, all tasks", ["graphsurg"],
                    ["continual backprop", "shrink-and-perturb", "backprop"]),
+    "transformer": ("final loss", ["graphsurg callback", "graphsurg operate"],
+                    ["ReDo", "untreated"]),
 }
 
 
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                                  description="graphsurg efficacy experiments")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    ap.add_argument("--only", default="", help=f"comma-separated subset of {EXPERIMENTS}")
+    ap.add_argument("--only", default="",
+                    help=f"comma-separated subset of {EXPERIMENTS + OPTIONAL} (default: "
+                         f"{', '.join(EXPERIMENTS)}; {', '.join(OPTIONAL)} only when named)")
     ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: here)")
     ap.add_argument("--findings", type=Path, default=HERE / "FINDINGS.md",
                     help="hand-written findings inserted into RESULTS.md (when present)")
@@ -118,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'RESULTS.md'}")
         return 0
     names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
-    bad = [n for n in names if n not in EXPERIMENTS]
+    bad = [n for n in names if n not in EXPERIMENTS + OPTIONAL]
     if bad or args.seeds < 1:
-        print(f"unknown experiment(s) {bad}; known: {', '.join(EXPERIMENTS)}"
+        print(f"unknown experiment(s) {bad}; known: {', '.join(EXPERIMENTS + OPTIONAL)}"
               if bad else "--seeds must be >= 1", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and old.is_file():  # keep the other experiments' last results
         new = {r["name"]: r for r in results}
         prev = {r["name"]: r for r in json.loads(old.read_text())}
-        results = [new.get(n) or prev[n] for n in EXPERIMENTS if n in new or n in prev]
+        results = [new.get(n) or prev[n] for n in EXPERIMENTS + OPTIONAL
+                   if n in new or n in prev]
     findings = args.findings.read_text() if args.findings and args.findings.is_file() and \
         not args.quick else ""
     write_results(results, args.out, args, time.perf_counter() - t0, findings)
