@@ -409,6 +409,7 @@ def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
     otherwise the reference output is the untouched snapshot's."""
     # the untouched model, to verify against and roll back to (nothing to verify: no copy)
     before = adapter.snapshot() if held else None
+    gen = adapter.generation
     order = list(adapter.model.graph)
     p = Cleanup(infer_shapes=False)  # inferred once, with the final check (_finish)
     p(adapter.model)
@@ -416,6 +417,8 @@ def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
     changed = p.rewrites > 0 or len(order) != adapter.model.graph.num_nodes() or any(
         a is not b for a, b in zip(order, adapter.model.graph, strict=False))
     del order
+    if not changed:
+        adapter.unchanged_since(gen)  # the session kept from before runs it (no new one)
     if held and not changed and not result.applied:
         adapter.run(held)  # nothing ran the held-out batches yet: bad data still fails here
     elif held and changed:

@@ -82,7 +82,9 @@ class OnnxAdapter:
         #: (``model`` or a target's ``model`` handed out, a restore); the cached onnxruntime
         #: session and the "unedited since snapshot" shortcut are valid for one generation
         self._gen = 0
-        self._session: tuple[onnx_ir.Model, int, OrtSession] | None = None
+        #: (model, generation, session, output names to ask for or None): the last session,
+        #: kept for runs of the same model generation (observe's included)
+        self._session: tuple[onnx_ir.Model, int, OrtSession, list[str] | None] | None = None
         #: (snapshot, working model, generation) when the working model is an unedited copy
         #: of that snapshot
         self._pristine: tuple[weakref.ref[onnx_ir.Model], onnx_ir.Model, int] | None = None
@@ -116,6 +118,18 @@ class OnnxAdapter:
     def _edited(self) -> None:
         self._gen += 1
 
+    @property
+    def generation(self) -> int:
+        """The working model's generation (a new one on every hand-out, restore or edit)."""
+        return self._gen
+
+    def unchanged_since(self, generation: int) -> None:
+        """The model was handed out since ``generation`` but not changed (the caller checked
+        it): the session kept from that generation still runs it."""
+        c = self._session
+        if c is not None and c[0] is self._model and c[1] == generation:
+            self._session = (c[0], self._gen, c[2], c[3])
+
     def batches(self, data: DataLike, *, batch_size: int = 64,
                 batch_axes: BatchAxes | None = None, max_batches: int | None = None,
                 loader: str | None = None) -> list[Mapping[str, np.ndarray]]:
@@ -136,7 +150,12 @@ class OnnxAdapter:
                 loss_fn: LossFn | None = None) -> Measurements:
         """Stream ``batches`` through onnxruntime and return the measurements
         ``graphsurg.detect`` judges (no gradients: ``loss_fn`` is not used)."""
-        m = observe_model(self._model, batches, config, threads=self.threads)
+        self._session = None  # the old session (and its weights) go before the new one
+
+        def keep(sess: OrtSession, outputs: list[str]) -> None:
+            self._session = (self._model, self._gen, sess, outputs)
+
+        m = observe_model(self._model, batches, config, threads=self.threads, on_session=keep)
         if loss_fn is not None:
             m.notes.append("gradients not checked: an ONNX model has no gradients here")
         return m
@@ -145,14 +164,14 @@ class OnnxAdapter:
         """The floating outputs of every batch, in order (one array per output per batch)."""
         cached = self._session
         if cached is not None and cached[0] is self._model and cached[1] == self._gen:
-            sess = cached[2]
+            sess, names = cached[2], cached[3]
         else:
             self._session = None  # the old session (and its weights) go before the new one
-            sess = ort_session(self._model, threads=self.threads)
-            self._session = (self._model, self._gen, sess)
+            sess, names = ort_session(self._model, threads=self.threads), None
+            self._session = (self._model, self._gen, sess, None)
         out: list[np.ndarray] = []
         for feed in batches:
-            out.extend(r for r in sess.run(None, feed)
+            out.extend(r for r in sess.run(names, feed)
                        if isinstance(r, np.ndarray) and np.issubdtype(r.dtype, np.floating))
         return out
 

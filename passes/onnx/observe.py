@@ -63,7 +63,7 @@ from graphsurg._config import DiagnoseConfig
 from graphsurg._layers import einsum_layer
 from graphsurg._measurements import LayerMeasure, Measurements, SiteMeasure
 
-from ._common import KNOWN_DOMAINS, Feed, ort_session, weights_apart
+from ._common import KNOWN_DOMAINS, Feed, OrtSession, ort_session, weights_apart
 from ._pass import const_array
 from .structure import bypassed_layers
 
@@ -793,8 +793,13 @@ def weight_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def observe_model(model: ir.Model, batches: Iterable[Feed], config: DiagnoseConfig, *,
-                  threads: int | None = None) -> Measurements:
-    """Measure ``model`` (left unchanged) on validated feed dicts. See the module doc."""
+                  threads: int | None = None,
+                  on_session: Callable[[OrtSession, list[str]], None] | None = None
+                  ) -> Measurements:
+    """Measure ``model`` (left unchanged) on validated feed dicts. See the module doc.
+    ``on_session(session, output names)``: the session built (the model's outputs plus the
+    observed values) is handed over, to run the unchanged model again without building
+    another."""
     layers, sites = find_sites(model)
     notes: list[str] = []
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes()
@@ -841,6 +846,8 @@ def observe_model(model: ir.Model, batches: Iterable[Feed], config: DiagnoseConf
             v.type = None
     out_names = [o.name for o in sess.get_outputs()]
     final = [v.name or "" for v in model.graph.outputs]
+    if on_session is not None:
+        on_session(sess, final)
     accs = [_Accumulator(s, config.saturation_margin, config.rank_sample) for s in kept]
 
     n_batches = input_nonfinite = output_nonfinite = 0
