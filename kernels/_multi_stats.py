@@ -147,22 +147,35 @@ def merge_packed_many(p: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def merge_sums_many(sums: torch.Tensor) -> torch.Tensor:
-    """``(K, 9, C)`` raw sums of K calls (:func:`partial_sums` rows) -> their merged ``(8, C)``
-    packed statistics: ``merge_packed_many(packed_from_sums(sums))`` computed from the sums'
-    rows directly, with the same float64 operations (no ``(K, 8, C)`` intermediate: about
-    half the passes over the data)."""
+def merge_sums_many(sums: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """``(K, 9, C)`` float64 raw sums of K calls (:func:`partial_sums` rows) -> their merged
+    ``(8, C)`` packed statistics: ``merge_packed_many(packed_from_sums(sums))`` computed from
+    the sums' rows directly, with the same float64 operations (bit for bit; no ``(K, 8, C)``
+    intermediate). ``scratch=True``: ``sums`` may be overwritten, and the ``(K, C)``
+    intermediates are written into its rows (no allocation the size of the data, which a
+    flush of a large ``K`` would otherwise pay in page faults)."""
     s1, s2, n = sums[:, 0], sums[:, 1], sums[:, 8]
-    c = n.clamp_min(1)
-    mean_k = sums[:, 7] + s1 / c  # each call's mean
-    m2_k = (s2 - s1 * s1 / c).clamp_min(0)
+    abs_sum, absmax = sums[:, 2].sum(0), sums[:, 3].amax(0)
+    nonpos, sat, nonfin = sums[:, 4].sum(0), sums[:, 5].sum(0), sums[:, 6].sum(0)
     total = n.sum(0)
-    mu0 = mean_k[0]
-    mean = mu0 + (n * (mean_k - mu0)).sum(0) / total.clamp_min(1)
-    dev = mean_k - mean
-    return torch.stack([total, mean, m2_k.sum(0) + (n * dev * dev).sum(0), sums[:, 2].sum(0),
-                        sums[:, 4].sum(0), sums[:, 3].amax(0), sums[:, 6].sum(0),
-                        sums[:, 5].sum(0)])
+    if scratch:  # rows 2-6 are read: they hold the intermediates from here on
+        c = torch.clamp_min(n, 1, out=sums[:, 2])
+        mean_k = sums[:, 7].add_(torch.div(s1, c, out=sums[:, 3]))  # each call's mean
+        m2_k = s2.sub_(s1.mul_(s1).div_(c)).clamp_min_(0)
+        mu0 = mean_k[0].clone()
+        t = torch.sub(mean_k, mu0, out=sums[:, 4])
+        mean = mu0 + torch.mul(n, t, out=t).sum(0) / total.clamp_min(1)
+        dev = torch.sub(mean_k, mean, out=sums[:, 5])
+        m2 = m2_k.sum(0) + torch.mul(n, dev, out=sums[:, 6]).mul_(dev).sum(0)
+    else:
+        c = n.clamp_min(1)
+        mean_k = sums[:, 7] + s1 / c  # each call's mean
+        m2_k = (s2 - s1 * s1 / c).clamp_min(0)
+        mu0 = mean_k[0]
+        mean = mu0 + (n * (mean_k - mu0)).sum(0) / total.clamp_min(1)
+        dev = mean_k - mean
+        m2 = m2_k.sum(0) + (n * dev * dev).sum(0)
+    return torch.stack([total, mean, m2, abs_sum, nonpos, absmax, nonfin, sat])
 
 
 def merge_packed(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

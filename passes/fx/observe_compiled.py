@@ -133,6 +133,8 @@ class GraphRecord:
     sums: torch.Tensor | None = None
     n_sums: int = 0
     kept: list[torch.Tensor] = field(default_factory=list)  # the same, on CPU: the tensors
+    work: torch.Tensor | None = None  # float64 workspace the kept sums are merged in
+    work32: torch.Tensor | None = None  # and where float32 sums are stacked first
     # squared norms of every gradient summed over the calls that had all of them, and how
     # many calls that was (added to their layers, ``param_layer``/``param_steps``, on read)
     param_sq: torch.Tensor | None = None
@@ -174,8 +176,24 @@ class GraphRecord:
         :attr:`grad_sq` (exact; called before every read)."""
         if self.kept:
             kept, self.kept = self.kept, []
-            self.stats = merge_packed(self.stats,
-                                      merge_sums_many(torch.stack(kept).to(torch.float64)))
+            # stacked into a float64 workspace kept from flush to flush (no allocation of
+            # the data's size, hence no page faults), merged in place
+            # (float32 sums are stacked in float32 first: a stack into another dtype
+            # converts tensor by tensor)
+            n, dt = len(kept), kept[0].dtype
+            work = self.work
+            if work is None or work.shape[0] < n or work.shape[1:] != kept[0].shape:
+                k = max(n, self.keep_calls(kept[0]))
+                work = self.work = torch.empty((k, *kept[0].shape), dtype=torch.float64)
+                self.work32 = None
+            if dt == torch.float32 and all(t.dtype == dt for t in kept):
+                w32 = self.work32
+                if w32 is None or w32.shape != work.shape:
+                    w32 = self.work32 = torch.empty(work.shape, dtype=torch.float32)
+                sums = work[:n].copy_(torch.stack(kept, out=w32[:n]))
+            else:
+                sums = torch.stack(kept, out=work[:n])
+            self.stats = merge_packed(self.stats, merge_sums_many(sums, scratch=True))
         if self.n_sums and self.sums is not None:
             self.stats = merge_packed(self.stats, merge_sums_many(self.sums[: self.n_sums]))
             self.n_sums = 0

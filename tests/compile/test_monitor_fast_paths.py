@@ -185,6 +185,8 @@ def test_merge_of_raw_sums_equals_packed_merge_and_float64() -> None:
     sums = torch.stack([partial_sums(x, -1, 1e4 + 2.0) for x in xs])
     got = merge_sums_many(sums)
     assert torch.equal(got, merge_packed_many(packed_from_sums(sums)))
+    work = sums.clone()  # in place, the intermediates in the sums' own rows: the same bits
+    assert torch.equal(merge_sums_many(work, scratch=True), got)
     allx = torch.cat(xs).double()
     fin = torch.isfinite(allx)
     n = fin.sum(0).double()
