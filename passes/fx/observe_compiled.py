@@ -5,18 +5,23 @@ The backend compiles two variants of each Dynamo graph with the inner backend:
 * the *plain* graph, unchanged -- what every skipped call runs, so a skipped call costs a
   counter increment and nothing else;
 * the *observed* graph. With ``inner="inductor"`` (or CUDA inputs) it computes every site's
-  raw sums *inside the graph* (:func:`graphsurg.kernels.partial_sums`, plain torch ops after
-  the producer, so inductor fuses them with it) and returns them for all sites as one extra
-  ``(9, sum of widths)`` output; with other inner backends on CPU it returns a detached alias
-  of each site (no copy) and the wrapper reduces all of them in one batched call of the C
-  kernel (:func:`graphsurg.kernels.partial_sums_many`).
+  raw sums *inside the graph* (plain torch ops after the producer, so inductor fuses them
+  with it) and returns them for all sites as ONE extra ``(9, sum of widths)`` output built
+  by one ``cat`` of every site's rows (:func:`graphsurg.kernels._multi_stats.
+  packed_partial_sums`: inductor's wrapper allocates that one buffer and the reductions
+  write into its slices; float32 where every value is exact in float32); with other inner
+  backends on CPU it returns a detached alias of each site (no copy) and the wrapper reduces
+  all of them in one batched call of the C kernel
+  (:func:`graphsurg.kernels.partial_sums_many`).
 
-Either way a sampled call then folds the sums of every site into the graph's packed
-statistics with one exact Chan merge (:func:`graphsurg.kernels.merge_packed`), and arms one
-hook on the compiled function's backward node: when backward has produced the gradients of
-every parameter of the graph, the hook reduces them all in one multi-tensor call
-(:func:`graphsurg.kernels.multi_grad_sq_norms`) and adds them per layer with one
-``index_add``. (Where the inner backend leaves no such node -- ``inner="eager"`` -- one-shot
+Either way a sampled call keeps the sums (on CPU the output tensor itself, no tensor op);
+the graph merges K calls' sums at once and before any read
+(:func:`graphsurg.kernels._multi_stats.merge_sums_many`, then one exact Chan merge,
+:func:`graphsurg.kernels.merge_packed`). It arms one hook on the compiled function's
+backward node: when backward has produced the gradients of every parameter of the graph,
+the hook reduces them all in one call (:func:`graphsurg.kernels.multi_grad_sq_norms`: one
+C loop on CPU) and adds them with one ``+=``; they reach their layers (one ``index_add``)
+when read. (Where the inner backend leaves no such node -- ``inner="eager"`` -- one-shot
 gradient hooks per parameter do the same.) Per-site :class:`NeuronStats` are built only when
 someone reads them (:meth:`GraphRecord.site_stats`).
 
