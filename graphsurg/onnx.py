@@ -303,8 +303,8 @@ def apply(
                                  "overwrites its inputs -- pass another -o/output path")
     if out_path is not None:
         _no_collision_with_external_data(adapter, model, out_path)
-    nodes_before, params_before = _size(adapter.model)
-    notes = _custom_ops(adapter.model)
+    nodes_before, params_before = _size(adapter.current)
+    notes = _custom_ops(adapter.current)
     diagnosis: Diagnosis | None = None
     if isinstance(diagnosis_or_data, Diagnosis):
         diagnosis = diagnosis_or_data
@@ -320,9 +320,9 @@ def apply(
         result.verified_on = "not verified: a diagnosis was given without data"
     if cleanup:
         _cleanup(adapter, result, held_out if held_out is not None else batches[-1:], cert)
-    result.model = adapter.model
+    result.model = adapter.current
     result.notes = notes + result.notes
-    nodes_after, params_after = _size(adapter.model)
+    nodes_after, params_after = _size(adapter.current)
     result.size = {"nodes_before": nodes_before, "nodes_after": nodes_after,
                    "params_before": params_before, "params_after": params_after}
     return _finish(adapter, kind, model, out_path, result, full_check=full_check,
@@ -347,7 +347,7 @@ def _no_collision_with_external_data(adapter: OnnxAdapter, model: Any, out_path:
     replace the data the input still reads."""
     from graphsurg._files import check_no_collision
 
-    ext = _external_files(adapter.model)
+    ext = _external_files(adapter.current)
     outputs: list[tuple[str, Any]] = [("output", out_path)]
     if ext:  # a model holding external data is written with external data
         outputs.append(("output's external data", out_path.with_name(out_path.name + ".data")))
@@ -382,7 +382,7 @@ def _operate(adapter: OnnxAdapter, batches: list[Any], held_out: list[Any] | Non
                                diagnosis=diagnosis, rediagnose=False)
     except SurgeryFailed as e:
         d = diagnosis if diagnosis is not None else _diagnosis_of(adapter, batches, config)
-        return SurgeryResult(model=adapter.model,
+        return SurgeryResult(model=adapter.current,
                              plan=SurgeryPlan(untreated=e.untreated, certificates=cert),
                              before=d, after=None, ir="onnx",
                              verified_on="nothing to verify: the model was not edited",
@@ -410,12 +410,12 @@ def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
     # the untouched model, to verify against and roll back to (nothing to verify: no copy)
     before = adapter.snapshot() if held else None
     gen = adapter.generation
-    order = list(adapter.model.graph)
+    order = list(adapter.current.graph)
     p = Cleanup(infer_shapes=False)  # inferred once, with the final check (_finish)
     p(adapter.model)
     result.notes += list(p.notes)
-    changed = p.rewrites > 0 or len(order) != adapter.model.graph.num_nodes() or any(
-        a is not b for a, b in zip(order, adapter.model.graph, strict=False))
+    changed = p.rewrites > 0 or len(order) != adapter.current.graph.num_nodes() or any(
+        a is not b for a, b in zip(order, adapter.current.graph, strict=False))
     del order
     if not changed:
         adapter.unchanged_since(gen)  # the session kept from before runs it (no new one)

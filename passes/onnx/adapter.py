@@ -115,6 +115,11 @@ class OnnxAdapter:
         self._edited()
         return self._model
 
+    @property
+    def current(self) -> onnx_ir.Model:
+        """The working model, to read only (not a new generation, unlike :attr:`model`)."""
+        return self._model
+
     def _edited(self) -> None:
         self._gen += 1
 
@@ -170,6 +175,7 @@ class OnnxAdapter:
             sess, names = ort_session(self._model, threads=self.threads), None
             self._session = (self._model, self._gen, sess, None)
         out: list[np.ndarray] = []
+        sess.runs = 0  # errors name the batch by its place in ``batches``
         for feed in batches:
             out.extend(r for r in sess.run(names, feed)
                        if isinstance(r, np.ndarray) and np.issubdtype(r.dtype, np.floating))

@@ -117,3 +117,46 @@ def test_scratch_target_copies_on_first_access_only(monkeypatch: pytest.MonkeyPa
     _set_w(t.model, 9 * W)
     assert t.model is t.model and len(clones) == 1
     np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+
+
+def test_observation_session_runs_the_unchanged_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``apply`` on a model with nothing to treat builds one session: observation's runs the
+    held-out batch too (bad data there still fails); an edit after observation gets a new
+    one, whose output is the edited model's."""
+    import graphsurg.passes.onnx.observe as observe_mod
+
+    from graphsurg import onnx as gso
+
+    made: list[str] = []
+    for mod in (adapter_mod, observe_mod):
+        real = mod.ort_session
+
+        def counting(*a, _real=real, _where=mod.__name__, **k):  # type: ignore[no-untyped-def]
+            made.append(_where)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mod, "ort_session", counting)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                           helper.make_node("Relu", ["h"], ["y"], name="act")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                          [numpy_helper.from_array(W, "w")])  # fmt: skip
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((16, 2)).astype(np.float32)} for _ in range(4)]
+    _, result = gso.apply(proto, data)
+    assert not result.applied and made == [observe_mod.__name__]
+    bad = [*data[:3], {"x": np.ones((16, 3), np.float32)}]  # the held-out batch is wrong
+    with pytest.raises(gso.OnnxInputError):
+        gso.apply(proto, bad)
+
+    a = _adapter()
+    made.clear()
+    from graphsurg._config import DiagnoseConfig
+
+    a.observe([FEED], DiagnoseConfig())
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    assert made == [observe_mod.__name__]  # the observation's session ran it
+    _set_w(a.model, 2 * W)
+    np.testing.assert_allclose(_out(a), _expect(2 * W), rtol=1e-6)
+    assert made == [observe_mod.__name__, adapter_mod.__name__]
