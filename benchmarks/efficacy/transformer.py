@@ -143,16 +143,18 @@ def _acts(model: nn.Module) -> str:
     return ", ".join(type(a).__name__ for _i, a, _o in ffn_blocks(model))
 
 
-def run(seeds: list[int], quick: bool, out: Path, *,
-        arms: tuple[str, ...] | None = None) -> dict[str, Any]:
+def run(seeds: list[int], quick: bool, out: Path, *, arms: tuple[str, ...] | None = None,
+        n_calib: int | None = None) -> dict[str, Any]:
     """The experiment (``--quick``: a tiny model, a few steps, no callback arm: compiling
-    the model through Dynamo alone takes ~30 s)."""
+    the model through Dynamo alone takes ~30 s). ``arms`` and ``n_calib`` (the number of
+    training batches given to ``gs.operate``) are there for ablations."""
     t0 = time.perf_counter()
     if arms is None:
         arms = ARMS[:3] if quick else ARMS
     hidden, ffn, seq, bs = (32, 64, 8, 32) if quick else (64, 256, 16, 64)
     n_train = 8 if quick else 48
-    n_calib = 8 if quick else 16  # batches given to gs.operate (diagnosis + healing)
+    if n_calib is None:  # batches given to gs.operate (diagnosis + healing)
+        n_calib = 8 if quick else 16
     break_steps = 60 if quick else 300
     steps = 40 if quick else 600
     check = 20 if quick else 50
