@@ -102,7 +102,7 @@ def train(model: nn.Module, batches: Sequence[Batch], steps: int, *, lr: float =
     for s in range(start, start + steps):
         b = batches[s % len(batches)]
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn((forward or model)(b[0]), b)
+        loss = loss_fn((model if forward is None else forward)(b[0]), b)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
