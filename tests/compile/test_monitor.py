@@ -382,7 +382,7 @@ def test_statistics_in_the_graph_do_not_change_what_backward_saves() -> None:
 
 def test_sums_kept_and_merged_k_calls_at_a_time_equal_merging_every_call(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sampled call keeps its sums (one copy) and the graph merges them K calls at a time
+    """A sampled call keeps its sums (by reference on CPU, no copy) and the graph merges them K calls at a time
     and before any read: K=1 (merge every call), K=2 (full buffers and a partial one) and
     the default give the same statistics and gradient norms."""
     import graphsurg.passes.fx.observe_compiled as oc
