@@ -408,7 +408,7 @@ def _cleanup(adapter: OnnxAdapter, result: SurgeryResult, held: list[Any],
     (the held-out batches run once, to fail on bad data, when no edit was verified on them);
     otherwise the reference output is the untouched snapshot's."""
     # the untouched model, to verify against and roll back to (nothing to verify: no copy)
-    before = adapter.snapshot() if held else None
+    before = adapter.snapshot(lazy=False) if held else None
     gen = adapter.generation
     order = list(adapter.current.graph)
     p = Cleanup(infer_shapes=False)  # inferred once, with the final check (_finish)

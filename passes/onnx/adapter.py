@@ -87,11 +87,13 @@ class OnnxAdapter:
         self._session: tuple[onnx_ir.Model, int, OrtSession, list[str] | None] | None = None
         #: (snapshot, working model, generation) when the working model is an unedited copy
         #: of that snapshot
-        self._pristine: tuple[weakref.ref[onnx_ir.Model], onnx_ir.Model, int] | None = None
+        self._pristine: tuple[weakref.ref[Any], onnx_ir.Model, int] | None = None
         self._specs: list[InputSpec] | None = None
         #: the model came with external data: it is saved with external data, even when
         #: every external tensor was edited (and so is held in memory) by then
         self.external_data = has_external_tensors(model)
+        #: (the caller's model, the working model read from it) for :meth:`snapshot`
+        self._source: tuple[ModelLike, onnx_ir.Model] | None = None
 
     @classmethod
     def open(cls, model_like: ModelLike, *, threads: int | None = None
@@ -105,7 +107,10 @@ class OnnxAdapter:
         """
         model, kind = load_model(model_like)
         lift_constants(model)
-        return cls(model, threads=threads), kind
+        adapter = cls(model, threads=threads)
+        if kind in ("proto", "ir"):  # held by the caller: read again rather than copied
+            adapter._source = (model_like, model)
+        return adapter, kind
 
     @property
     def model(self) -> onnx_ir.Model:
@@ -181,18 +186,36 @@ class OnnxAdapter:
                        if isinstance(r, np.ndarray) and np.issubdtype(r.dtype, np.floating))
         return out
 
-    def snapshot(self) -> onnx_ir.Model:
-        snap = self._model.clone()
+    def snapshot(self, *, lazy: bool = True) -> onnx_ir.Model | _Reread:
+        """A copy of the working model for :meth:`restore`. While the working model is the
+        one read from a ``ModelProto`` / ``onnx_ir.Model`` the caller holds, unedited and
+        never handed out, the snapshot is a note to read that source again (no copy: a
+        restore that has anything to undo reads it then). ``lazy=False``: an
+        ``onnx_ir.Model`` always."""
+        src = self._source
+        snap: onnx_ir.Model | _Reread
+        if lazy and src is not None and src[1] is self._model and self._gen == 0:
+            snap = _Reread(src[0])
+        else:
+            snap = self._model.clone()
         self._pristine = (weakref.ref(snap), self._model, self._gen)
         return snap
 
-    def restore(self, snapshot: onnx_ir.Model, *, consume: bool = False) -> None:
+    def restore(self, snapshot: onnx_ir.Model | _Reread, *, consume: bool = False) -> None:
         """Make the working model a copy of ``snapshot`` (which stays usable), or
         ``snapshot`` itself with ``consume=True`` (the caller does not use it again: no copy).
         Without ``consume``, nothing is copied when the working model has not been handed
         out (:attr:`model`, :meth:`target`) since ``snapshot`` was taken of it or restored
         from it. Take :attr:`model` / :meth:`target` again afterwards."""
         p = self._pristine
+        if isinstance(snapshot, _Reread):
+            if p is not None and p[0]() is snapshot and p[1] is self._model \
+                    and p[2] == self._gen:
+                return  # the working model is still the source as read
+            self._model = snapshot.read()
+            self._edited()
+            self._pristine = (weakref.ref(snapshot), self._model, self._gen)
+            return
         if consume:
             self._model = snapshot
             self._pristine = None
@@ -258,6 +281,19 @@ class OnnxAdapter:
                                 save_external_data=save_external_data or self.external_data,
                                 external_data_size_threshold=external_data_size_threshold,
                                 bare=bare)
+
+
+class _Reread:
+    """A snapshot of a model as it was read from a ``ModelProto`` / ``onnx_ir.Model`` the
+    caller holds (:meth:`OnnxAdapter.snapshot`): restoring it reads that source again."""
+
+    def __init__(self, source: ModelLike) -> None:
+        self.source = source
+
+    def read(self) -> onnx_ir.Model:
+        model, _ = load_model(self.source)
+        lift_constants(model)
+        return model
 
 
 class _TrackedTarget(OnnxTarget):

@@ -70,7 +70,7 @@ def test_session_reused_until_an_edit(sessions: list[int]) -> None:
 
 def test_restore_without_edit_copies_nothing_and_with_edit_undoes(sessions: list[int]) -> None:
     a = _adapter()
-    base = a.snapshot()
+    base = a.snapshot(lazy=False)  # a copy (the lazy snapshot: the test below)
     working = a._model
     a.restore(base)  # nothing handed out since the snapshot: nothing to undo, no copy
     assert a._model is working and a._model is not base
@@ -160,3 +160,32 @@ def test_observation_session_runs_the_unchanged_model(monkeypatch: pytest.Monkey
     _set_w(a.model, 2 * W)
     np.testing.assert_allclose(_out(a), _expect(2 * W), rtol=1e-6)
     assert made == [observe_mod.__name__, adapter_mod.__name__]
+
+
+def test_snapshot_of_a_callers_model_is_read_again_only_to_undo(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot of a model read from the caller's ModelProto, unedited, copies nothing: a
+    restore with nothing to undo does nothing, one after an edit reads the proto again."""
+    reads: list[int] = []
+    real = adapter_mod.load_model
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        reads.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(adapter_mod, "load_model", counting)
+    a = _adapter()
+    assert len(reads) == 1
+    snap = a.snapshot()
+    assert not isinstance(snap, ir.Model)  # no copy taken
+    a.restore(snap)
+    assert len(reads) == 1  # nothing to undo
+    _set_w(a.model, 3 * W)
+    np.testing.assert_allclose(_out(a), _expect(3 * W), rtol=1e-6)
+    a.restore(snap)
+    assert len(reads) == 2  # read again to undo the edit
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    _set_w(a.model, 5 * W)  # and again: the snapshot stays usable
+    a.restore(snap)
+    np.testing.assert_allclose(_out(a), _expect(W), rtol=1e-6)
+    assert isinstance(a.snapshot(), ir.Model)  # no longer the model read from the source

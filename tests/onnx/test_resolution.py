@@ -65,7 +65,7 @@ def test_resolution_tracks_conditioning_and_jitter_leaves_snapshots_alone() -> N
     assert resolution(mlp(0.5)) < 1e-6  # well conditioned: the fixed 1e-5 applies
     assert resolution(mlp(1e4)) > 1e-5  # 1e4-sized sums cancelling to ~1
     a, _ = OnnxAdapter.open(mlp(1e4))
-    snap = a.snapshot()
+    snap = a.snapshot(lazy=False)  # a copy, to look into
     before = {n: v.const_value.numpy().copy() for n, v in snap.graph.initializers.items()}
     a.jitter_weights(seed=0)
     after = {n: v.const_value.numpy() for n, v in a.model.graph.initializers.items()}
