@@ -223,3 +223,34 @@ def paired(treated: Sequence[float], baseline: Sequence[float]) -> str:
     t_p = (2 * _t_sf(abs(m) / (s / math.sqrt(n)), n - 1)) if n > 1 and s > 0 else math.nan
     return (f"difference {m:+.3g} ± {s:.2g}, lower on {wins} of {n} seeds, paired t-test "
             f"p={t_p:.2g}, sign test p={sign_p:.2g}")
+
+
+def train_checkpointed(m: nn.Module, tr: Sequence[Batch], held: Sequence[Batch],
+                       xh: torch.Tensor, ls: list[float], ds: list[float], *, steps: int,
+                       check: int, done: int, opt: torch.optim.Optimizer, every: Any = None,
+                       forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       after: Callable[[Any], Any] | None = None) -> None:
+    """Train ``m`` from step ``done`` (the steps spent inside operate's healing) to
+    ``steps``, appending the held-out loss and the dormant fraction to ``ls`` / ``ds`` every
+    ``check`` steps (NaN for the checkpoints inside the healing). A ``every`` with a
+    ``batch`` attribute (ReDo) is given the training batch of each span."""
+    s = done
+    if done:  # the model right after operate (and its healing)
+        while len(ls) < done // check:
+            ls.append(math.nan)
+            ds.append(math.nan)
+        if done % check == 0:
+            ls.append(eval_loss(m, held))
+            ds.append(dormant_fraction(m, xh))
+    while s < steps:
+        n = min(check - s % check, steps - s)
+        if hasattr(every, "batch"):
+            every.batch = tr[s % len(tr)][0]
+        train(m, tr, n, opt=opt, start=s, every=every, forward=forward, after=after)
+        s += n
+        if s % check == 0 or s == steps:
+            while len(ls) < s // check:
+                ls.append(math.nan)
+                ds.append(math.nan)
+            ls.append(eval_loss(m, held))
+            ds.append(dormant_fraction(m, xh))

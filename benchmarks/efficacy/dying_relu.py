@@ -22,7 +22,6 @@ then continues at lr 1e-3 for the same number of steps in four arms:
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from torch import nn
 import graphsurg as gs
 from graphsurg._zoo import _teacher_batches
 
-from .common import dormant_fraction, eval_loss, fmt, mse, plot_xy, table, train
+from .common import dormant_fraction, eval_loss, fmt, mse, plot_xy, table, train, train_checkpointed
 
 ARMS = ("untreated", "ReDo", "graphsurg operate", "graphsurg activation_swap",
         "graphsurg callback")
@@ -150,27 +149,9 @@ def run(seeds: list[int], quick: bool, out: Path, *, arms: tuple[str, ...] = ARM
                                     options={"monitor": mon, "inner": "aot_eager"})
                 cb = gs.SurgeryCallback(m, opt, mon, every=check, seed=seed, library=library)
             # checkpoints every `check` steps; healing steps count towards the budget
-            s = done
-            if done:  # the model right after operate (and its healing)
-                while len(ls) < done // check:
-                    ls.append(math.nan)
-                    ds.append(math.nan)
-                if done % check == 0:
-                    ls.append(eval_loss(m, held))
-                    ds.append(dormant_fraction(m, xh))
-            while s < steps:
-                n = min(check - s % check, steps - s)
-                if isinstance(every, ReDo):
-                    every.batch = tr[s % len(tr)][0]
-                train(m, tr, n, opt=opt, start=s, every=every, forward=fwd,
-                      after=None if cb is None else cb.step)
-                s += n
-                if s % check == 0 or s == steps:
-                    while len(ls) < s // check:  # steps spent inside operate's healing
-                        ls.append(math.nan)
-                        ds.append(math.nan)
-                    ls.append(eval_loss(m, held))
-                    ds.append(dormant_fraction(m, xh))
+            train_checkpointed(m, tr, held, xh, ls, ds, steps=steps, check=check, done=done,
+                               opt=opt, every=every, forward=fwd,
+                               after=None if cb is None else cb.step)
             if cb is not None:
                 applied = [a for e in cb.history for a in e.applied]
                 metrics[arm].setdefault("schemas kept", []).append(len(applied))

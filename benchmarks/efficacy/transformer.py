@@ -25,7 +25,6 @@ continues at lr 1e-3 in four arms:
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,17 @@ from torch import nn
 
 import graphsurg as gs
 
-from .common import Batch, dormant_fraction, eval_loss, fmt, mse, plot_xy, table, train
+from .common import (
+    Batch,
+    dormant_fraction,
+    eval_loss,
+    fmt,
+    mse,
+    plot_xy,
+    table,
+    train,
+    train_checkpointed,
+)
 
 ARMS = ("untreated", "ReDo", "graphsurg operate", "graphsurg callback")
 VOCAB = 64
@@ -218,27 +227,9 @@ def run(seeds: list[int], quick: bool, out: Path, *, arms: tuple[str, ...] | Non
                     return _c(x)  # type: ignore[no-any-return]
 
                 cb = gs.SurgeryCallback(m, opt, mon, every=check, seed=seed)
-            s = done
-            if done:  # the model right after operate (and its healing)
-                while len(ls) < done // check:
-                    ls.append(math.nan)
-                    ds.append(math.nan)
-                if done % check == 0:
-                    ls.append(eval_loss(m, held))
-                    ds.append(dormant_fraction(m, xh))
-            while s < steps:
-                n = min(check - s % check, steps - s)
-                if isinstance(every, ReDo):
-                    every.batch = tr[s % len(tr)][0]
-                train(m, tr, n, opt=opt, start=s, every=every, forward=fwd,
-                      after=None if cb is None else cb.step)
-                s += n
-                if s % check == 0 or s == steps:
-                    while len(ls) < s // check:
-                        ls.append(math.nan)
-                        ds.append(math.nan)
-                    ls.append(eval_loss(m, held))
-                    ds.append(dormant_fraction(m, xh))
+            train_checkpointed(m, tr, held, xh, ls, ds, steps=steps, check=check, done=done,
+                               opt=opt, every=every, forward=fwd,
+                               after=None if cb is None else cb.step)
             if isinstance(every, ReDo):
                 metrics[arm].setdefault("units reset", []).append(every.resets)
             if cb is not None:
