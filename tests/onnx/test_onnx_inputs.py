@@ -272,10 +272,10 @@ def test_const_array_reads_every_constant_form() -> None:
 
 
 def test_real_paddle_classifier_with_minus_one_batch(tmp_path: Path) -> None:
-    path = Path("/work/models-cache/rapidocr/rapidocr_onnxruntime/models/"
-                "ch_ppocr_mobile_v2.0_cls_infer.onnx")
-    if not path.is_file():
-        pytest.skip("PP-OCR cls model not in /work/models-cache (fetch it as MODELS.md says)")
+    from _wheels import fetch
+    from test_onnx_real import CLS
+
+    path = fetch(CLS)  # the wheel's model file (skipped with the reason when unavailable)
     a, _ = OnnxAdapter.open(path)
     assert parameter_count(a.model) > 100_000  # 308 Constant-node weights, counted
     rng = np.random.default_rng(0)
@@ -335,9 +335,10 @@ def test_sparse_initializer_is_written_dense(tmp_path: Path) -> None:
 
 
 def test_real_silero_state_on_axis_1(tmp_path: Path) -> None:
-    path = Path("/work/models-cache/silero/silero_vad/data/silero_vad_16k_op15.onnx")
-    if not path.is_file():
-        pytest.skip("silero_vad model not in /work/models-cache (fetch it as MODELS.md says)")
+    from _wheels import fetch
+    from test_onnx_real import SILERO
+
+    path = fetch(SILERO)
     a, _ = OnnxAdapter.open(path)
     assert {s.name: s.axis for s in input_specs(a.model)} == {"input": 0, "state": 1,
                                                                "sr": None}
