@@ -445,8 +445,10 @@ def _finish(adapter: OnnxAdapter, kind: str, model: Any, out_path: Path | None,
     bare = None
     if full_check or infer_shapes:
         try:
+            # the shapes go into the output; into the working model only when it is the
+            # output (an onnx_ir.Model came in)
             proto, arrays, notes = infer_and_check(m, "the result", full_check=full_check,
-                                                   infer=infer_shapes)
+                                                   infer=infer_shapes, merge=kind == "ir")
         except OnnxInputError as e:  # a graphsurg bug: the model is kept out
             raise RuntimeError(f"graphsurg produced a model that fails onnx.checker: {e}") \
                 from e

@@ -219,7 +219,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def infer_and_check(model: ir.Model, where: str, *, full_check: bool = True,
-                    infer: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str]]:
+                    infer: bool = True, merge: bool = True
+                    ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str]]:
     """One serialization of ``model``'s graph (weights apart, :func:`weights_apart`) for both
     onnx shape inference and the checker, where the cleanup pass and
     ``check_model(full_check=True)`` each serialized it and inferred shapes once more.
@@ -227,8 +228,9 @@ def infer_and_check(model: ir.Model, where: str, *, full_check: bool = True,
     With ``full_check``: strict shape inference with type checks (what
     ``check_model(full_check=True)`` runs) and the structural checker on its result; a failure
     raises. Without it, inference is best effort (a failure is a note and the shapes stay as
-    they are). The inferred types and shapes are set on ``model``'s values by name
-    (:func:`merge_inferred`, as onnx-ir's ``ShapeInferencePass`` merges them).
+    they are). With ``merge``, the inferred types and shapes are also set on ``model``'s
+    values by name (:func:`merge_inferred`, as onnx-ir's ``ShapeInferencePass`` merges them;
+    not needed when only the returned proto is written or handed back).
 
     Returns:
         ``(weightless proto, its weights by name, notes)``; the proto (shapes inferred) is
@@ -256,7 +258,7 @@ def infer_and_check(model: ir.Model, where: str, *, full_check: bool = True,
             _check_bare_file(out, full_check=False)
         except Exception as e:  # the checker raises several types
             raise OnnxInputError(f"{where} is not a valid ONNX model: {_first_line(e)}") from None
-    if infer and out is not bare:
+    if infer and merge and out is not bare:
         merge_inferred(model, out)
     return out, arrays, notes
 
