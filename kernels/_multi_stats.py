@@ -400,47 +400,23 @@ _SQ_ONE_THREAD_MAX = 1 << 22
 
 def _sq_lib() -> Any:
     """The small C library of :data:`_SQ_SOURCE` (built and cached like the statistics
-    kernel's, see ``_neuron_stats_cpu``), or None where it cannot be built."""
+    kernel's, :func:`._neuron_stats_cpu.compile_library`), or None where it cannot be
+    built or ``GRAPHSURG_NO_NATIVE`` is set."""
     if _sq_lib_state:
         return _sq_lib_state[0]
     import ctypes
-    import hashlib
     import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
 
-    from . import _neuron_stats_cpu as cpu
+    from ._neuron_stats_cpu import compile_library
 
-    lib = None
-    cc = shutil.which(os.environ.get("CC", "gcc"))
-    if cc is not None and sys.platform.startswith("linux") and \
-            not os.environ.get("GRAPHSURG_NO_NATIVE"):
-        key = hashlib.sha256("\0".join([_SQ_SOURCE, " ".join(cpu._FLAGS), cc,
-                                        cpu._cpu_key()]).encode()).hexdigest()[:16]
-        for d in (cpu._cache_dir(), Path(tempfile.gettempdir()) / f"graphsurg-{os.getuid()}"):
-            so = d / f"sq_sums_{key}.so"
-            try:
-                if not so.exists():
-                    d.mkdir(parents=True, exist_ok=True)
-                    with tempfile.TemporaryDirectory(dir=d) as tmp:
-                        src = Path(tmp) / "sq_sums.c"
-                        src.write_text(_SQ_SOURCE)
-                        out = Path(tmp) / "sq_sums.so"
-                        subprocess.run([cc, *cpu._FLAGS, str(src), "-o", str(out)],
-                                       check=True, capture_output=True, timeout=120)
-                        os.replace(out, so)  # atomic: concurrent builders see a whole file
-                lib = ctypes.CDLL(str(so))
-            except (OSError, subprocess.SubprocessError):
-                continue
-            vp, i64 = ctypes.c_void_p, ctypes.c_int64
-            for name in ("sq_sums_f32", "sq_sums_f64"):
-                f = getattr(lib, name)
-                f.argtypes = [vp, vp, i64, vp]
-                f.restype = None
-            break
+    lib = None if os.environ.get("GRAPHSURG_NO_NATIVE") else compile_library(_SQ_SOURCE,
+                                                                              "sq_sums")
+    if lib is not None:
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        for name in ("sq_sums_f32", "sq_sums_f64"):
+            f = getattr(lib, name)
+            f.argtypes = [vp, vp, i64, vp]
+            f.restype = None
     _sq_lib_state.append(lib)
     return lib
 

@@ -271,42 +271,48 @@ def _cpu_key() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build() -> ctypes.CDLL | None:
+def compile_library(source: str, stem: str) -> ctypes.CDLL | None:
+    """Build the C ``source`` with :data:`_FLAGS` into ``<cache>/<stem>_<key>.so`` (the key:
+    source, flags, compiler and CPU; written atomically, so concurrent builders never see
+    half a file) and load it. None where there is no C compiler on Linux or no cache folder
+    is writable."""
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None or not sys.platform.startswith("linux"):
         return None
     key = hashlib.sha256(
-        "\0".join([_C_SOURCE, " ".join(_FLAGS), cc, _cpu_key()]).encode()
+        "\0".join([source, " ".join(_FLAGS), cc, _cpu_key()]).encode()
     ).hexdigest()[:16]
     for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"graphsurg-{os.getuid()}"):
-        so = d / f"neuron_stats_{key}.so"
+        so = d / f"{stem}_{key}.so"
         try:
             if not so.exists():
                 d.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=d) as tmp:
-                    src = Path(tmp) / "neuron_stats.c"
-                    src.write_text(_C_SOURCE)
-                    out = Path(tmp) / "neuron_stats.so"
-                    subprocess.run(
-                        [cc, *_FLAGS, str(src), "-o", str(out)],
-                        check=True,
-                        capture_output=True,
-                        timeout=120,
-                    )
-                    os.replace(out, so)  # atomic: concurrent builders never see half a file
-            lib = ctypes.CDLL(str(so))
+                    src = Path(tmp) / f"{stem}.c"
+                    src.write_text(source)
+                    out = Path(tmp) / f"{stem}.so"
+                    subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], check=True,
+                                   capture_output=True, timeout=120)
+                    os.replace(out, so)
+            return ctypes.CDLL(str(so))
         except (OSError, subprocess.SubprocessError):
             continue
-        i64, dbl, vp = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-        for sfx in _SUFFIX.values():
-            f = getattr(lib, f"stats_rows_{sfx}")
-            f.argtypes = [vp, i64, i64, i64, vp, dbl, vp]
-            f.restype = None
-            g = getattr(lib, f"stats_inner_{sfx}")
-            g.argtypes = [vp, i64, i64, i64, i64, i64, vp, dbl, vp]
-            g.restype = None
-        return lib
     return None
+
+
+def _build() -> ctypes.CDLL | None:
+    lib = compile_library(_C_SOURCE, "neuron_stats")
+    if lib is None:
+        return None
+    i64, dbl, vp = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    for sfx in _SUFFIX.values():
+        f = getattr(lib, f"stats_rows_{sfx}")
+        f.argtypes = [vp, i64, i64, i64, vp, dbl, vp]
+        f.restype = None
+        g = getattr(lib, f"stats_inner_{sfx}")
+        g.argtypes = [vp, i64, i64, i64, i64, i64, vp, dbl, vp]
+        g.restype = None
+    return lib
 
 
 def _get_lib() -> ctypes.CDLL | None:
