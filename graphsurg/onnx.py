@@ -331,12 +331,15 @@ def apply(
 
 
 def _external_files(m: ir.Model) -> list[Path]:
-    """The external-data files the model's tensors live in (memory-mapped, read lazily)."""
+    """The external-data files the model's tensors live in (memory-mapped, read lazily);
+    not the model file itself, whose large inline weights are read mapped too."""
+    from graphsurg.passes.onnx._common import is_mapped_inline
+
     files: set[Path] = set()
     for g in (m.graph, *m.graph.subgraphs()):
         for v in g.initializers.values():
             t = v.const_value
-            if isinstance(t, ir.ExternalTensor):
+            if isinstance(t, ir.ExternalTensor) and not is_mapped_inline(t):
                 files.add(Path(t.path))
     return sorted(files)
 

@@ -169,8 +169,7 @@ def _deserialize(proto: onnx.ModelProto, where: str) -> ir.Model:
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx-ir refuses a malformed graph before the checker sees it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxInputError(f"{where} is not a valid ONNX model: {first}") from None
+        raise OnnxInputError(f"{where} is not a valid ONNX model: {_first_line(e)}") from None
 
 
 def check_weightless(model: ir.Model, where: str, *, full_check: bool = False) -> None:
@@ -185,20 +184,12 @@ def check_weightless(model: ir.Model, where: str, *, full_check: bool = False) -
     Raises:
         OnnxInputError: the checker refuses the model (its first line).
     """
-    import tempfile
-
     try:
         with weights_apart(model):
             bare = ir.serde.serialize_model(model)
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / IN_MEMORY).touch()
-            p = Path(d) / "model.onnx"
-            p.write_bytes(bare.SerializeToString())
-            del bare
-            onnx.checker.check_model(str(p), full_check=full_check)
+        _check_bare_file(bare, full_check)
     except Exception as e:  # the checker raises several types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxInputError(f"{where} is not a valid ONNX model: {first}") from None
+        raise OnnxInputError(f"{where} is not a valid ONNX model: {_first_line(e)}") from None
 
 
 def _check_bare_file(bare: onnx.ModelProto, full_check: bool) -> None:
@@ -501,9 +492,11 @@ def _check_small_proto(proto: onnx.ModelProto, where: str) -> bool:
     inits = proto.graph.initializer
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
         return False
-    # the weights' size from their dims (8 bytes an element at most): ByteSize() itself
-    # takes seconds on a 400 MB proto
-    if 8 * sum(math.prod(t.dims) for t in inits) > SMALL_PROTO_BYTES:
+    # the weights' size from their dims (8 bytes an element at most), Constant-node weights
+    # (Paddle2ONNX, tf2onnx) included: ByteSize() itself takes seconds on a 400 MB proto
+    consts = [a.t for n in proto.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    if 8 * sum(math.prod(t.dims) for t in (*inits, *consts)) > SMALL_PROTO_BYTES:
         return False
     try:
         onnx.checker.check_model(proto)
@@ -555,11 +548,18 @@ def _initializers_apart(model: ir.Model) -> ir.Model:
     return model
 
 
+def is_mapped_inline(t: Any) -> bool:
+    """``t`` is a weight stored inline in the model's own file and read memory-mapped from
+    it (:func:`_read_weights_mapped`): an ``ir.ExternalTensor`` to onnx-ir, not the user's
+    external data."""
+    return t is not None and t in _MAPPED_INLINE
+
+
 def has_external_tensors(model: ir.Model) -> bool:
     """The model holds external data (tensors read memory-mapped from its own file are
     not)."""
     return any(
-        isinstance(v.const_value, ir.ExternalTensor) and v.const_value not in _MAPPED_INLINE
+        isinstance(v.const_value, ir.ExternalTensor) and not is_mapped_inline(v.const_value)
         for v in model.graph.initializers.values()
     )
 
@@ -605,7 +605,7 @@ def save_model_files(
         t = v.const_value
         if isinstance(t, ir.ExternalTensor) and Path(t.path).resolve() == data.resolve():
             v.const_value = ir.tensor(t.numpy(), name=t.name)
-        elif t is not None and t in _MAPPED_INLINE:
+        elif t is not None and is_mapped_inline(t):
             # written from the mapped array itself: onnx-ir would copy an external tensor
             # of another file into memory and close its map under the arrays that use it
             v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)

@@ -105,8 +105,7 @@ class OnnxAdapter:
             OnnxInputError: the file is missing, not ONNX, truncated, or its external data is
                 missing or outside the model's folder (one line).
         """
-        model, kind = load_model(model_like)
-        lift_constants(model)
+        model, kind = _read(model_like)
         adapter = cls(model, threads=threads)
         if kind in ("proto", "ir"):  # held by the caller: read again rather than copied
             adapter._source = (model_like, model)
@@ -291,9 +290,15 @@ class _Reread:
         self.source = source
 
     def read(self) -> onnx_ir.Model:
-        model, _ = load_model(self.source)
-        lift_constants(model)
-        return model
+        return _read(self.source)[0]
+
+
+def _read(model_like: ModelLike) -> tuple[onnx_ir.Model, str]:
+    """A private ``onnx_ir.Model`` of ``model_like`` and its kind, Constant-node weights
+    lifted to initializers: what :meth:`OnnxAdapter.open` and a :class:`_Reread` install."""
+    model, kind = load_model(model_like)
+    lift_constants(model)
+    return model, kind
 
 
 class _TrackedTarget(OnnxTarget):

@@ -158,3 +158,15 @@ def test_a_mapped_model_saved_with_external_data(tmp_path: Path, mapped: None,
     for feed in _data(2, seed=5):
         (a,), (b,) = run_ort(path, feed), run_ort(out, feed)
         np.testing.assert_allclose(b, a, rtol=EXACT, atol=EXACT)
+
+
+def test_a_mapped_model_file_is_not_external_data_to_the_output(tmp_path: Path,
+                                                                mapped: None) -> None:
+    """The output of a mapped model is self-contained, so no ``<output>.data`` is written and
+    the input (here named like one) is not in its way; the input stays byte-identical."""
+    path = tmp_path / "out.onnx.data"
+    onnx.save(_mlp(), str(path))
+    before = _sha(path)
+    out = tmp_path / "out.onnx"
+    gso.apply(path, _data(), output=out)
+    assert _sha(path) == before and onnx.load(str(out)).graph.node
