@@ -27,7 +27,8 @@ class Cleanup(GraphsurgPass):
         before_nodes = model.graph.num_nodes()
         before_inits = len(model.graph.initializers)
         modified = RemoveUnusedNodesPass()(model).modified
-        modified |= TopologicalSortPass()(model).modified
+        if not _is_sorted(model.graph):  # an excision edits constants in place: no new order
+            modified |= TopologicalSortPass()(model).modified
         if self.infer_shapes:
             try:
                 ShapeInferencePass(strict_mode=False)(model)
@@ -39,3 +40,19 @@ class Cleanup(GraphsurgPass):
         if self.rewrites:
             self.notes.append(f"removed {removed} node(s) and {removed_inits} initializer(s)")
         return ir.passes.PassResult(model, modified)
+
+
+def _is_sorted(graph: ir.Graph) -> bool:
+    """Whether every node of ``graph`` reads only graph inputs, initializers and values of
+    the nodes before it (one pass; a graph with subgraphs is sorted anyway: their outer-scope
+    reads are not followed here)."""
+    seen = {id(v) for v in graph.inputs}
+    seen.update(id(v) for v in graph.initializers.values())
+    graph_attrs = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+    for node in graph:
+        if any(a.type in graph_attrs for a in node.attributes.values()):
+            return False
+        if any(v is not None and id(v) not in seen for v in node.inputs):
+            return False
+        seen.update(id(v) for v in node.outputs)
+    return True

@@ -210,6 +210,9 @@ class _Plan:
     #: gated constants added back: (Mul, gate input, kept, units, Conv, correction weight)
     gated: list[tuple[ir.Node, int, np.ndarray, np.ndarray, ir.Node, np.ndarray]] = field(
         default_factory=list)
+    #: :func:`_shared_alike` of the finished plan (set by :func:`_check_shared`, read by
+    #: :func:`_execute`: the edits do not change in between)
+    shared: dict[int, tuple[ir.Value, list[np.ndarray], bool]] | None = None
 
     def record(self, layer: str, v: ir.Value, rows: np.ndarray) -> None:
         """Note that ``rows`` of ``v`` go: a diagnosis site there (an activation's output,
@@ -962,7 +965,8 @@ def _check_shared(plan: _Plan) -> None:
     """A layer weight read by several layers (tied, not merely equal constants the exporter
     deduplicated) must get the same edit at every use: copying it would grow the model.
     Other shared constants (biases, per-channel scales) are copied where their uses differ."""
-    for root, arrs, alike in _shared_alike(plan).values():
+    plan.shared = _shared_alike(plan)
+    for root, arrs, alike in plan.shared.values():
         readers = _readers(root)
         if alike or not any(i == 1 and n.op_type in _LAYERS for n, i in readers):
             continue
@@ -2055,7 +2059,8 @@ _HANDLERS: dict[str, _Handler] = {
 # -- execution ---------------------------------------------------------------------------
 def _execute(graph: ir.Graph, plan: _Plan) -> None:
     shared_done: set[int] = set()
-    alike = {k for k, (_, _, same) in _shared_alike(plan).items() if same}
+    shared = plan.shared if plan.shared is not None else _shared_alike(plan)
+    alike = {k for k, (_, _, same) in shared.items() if same}
     for node, i, arr in plan.edits.values():
         root = _root(node.inputs[i]) if i < len(node.inputs) else None
         if root is not None and id(root) in alike:  # edited alike at every use: once, shared
