@@ -5,6 +5,7 @@ Net2Net copies (``symmetry="copies"``) stay available."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def _mlp() -> tuple[nn.Sequential, list[torch.Tensor]]:
     return m, [torch.randn(32, 8, dtype=torch.float64) for _ in range(2)]
 
 
-def _widen(model: nn.Module, batches: list[torch.Tensor], site: str, **kw: str
+def _widen(model: nn.Module, batches: list[torch.Tensor], site: str, **kw: Any
            ) -> tuple[nn.Module, dict]:
     t = Target(copy.deepcopy(model), batches)
     r = Widen(**kw)
@@ -95,3 +96,38 @@ def test_pairs_through_batchnorm_are_exact(training: bool) -> None:
 def test_unknown_symmetry_is_one_line_error() -> None:
     with pytest.raises(ValueError, match="use one of"):
         Widen(symmetry="mirror")
+
+
+def test_row_and_column_scales_scale_the_draw_and_stay_exact() -> None:
+    """``row_scale`` / ``column_scale`` multiply the pairs' fresh rows / outgoing columns (the
+    same seeded draw as at 1.0); the widening stays exact (float64, 1e-12 relative)."""
+    model, batches = _mlp()
+    x = torch.cat(batches)
+    ref, d1 = _widen(model, batches, "2", row_scale=1.0, column_scale=1.0)
+    m, d = _widen(model, batches, "2", row_scale=0.25, column_scale=2.0)
+    assert (d1["row_scale"], d1["column_scale"]) == (1.0, 1.0)
+    assert (d["row_scale"], d["column_scale"]) == (0.25, 2.0)
+    with torch.no_grad():
+        want, got = model(x), m(x)
+    assert float((got - want).norm() / want.norm()) <= 1e-12
+    assert torch.equal(m[2].weight[:3], model[2].weight)  # existing units untouched
+    assert torch.equal(m[4].weight[:, :3], model[4].weight)
+    # the draws are float32 (then cast): 1e-6 relative
+    torch.testing.assert_close(m[2].weight[3:], 0.25 * ref[2].weight[3:], rtol=1e-6, atol=0)
+    torch.testing.assert_close(m[4].weight[:, 3:], 2.0 * ref[4].weight[:, 3:], rtol=1e-6,
+                               atol=0)
+    assert float(m[2].weight[3:].abs().max()) > 0  # not zero rows (those read as rank collapse)
+
+
+def test_default_scales_are_carried_by_the_plan() -> None:
+    model, batches = _mlp()
+    _, d = _widen(model, batches, "2")
+    assert (d["row_scale"], d["column_scale"]) == (Widen().row_scale, Widen().column_scale)
+    assert (Widen().row_scale, Widen().column_scale) == (0.25, 2.0)
+
+
+@pytest.mark.parametrize("kw", [{"row_scale": 0.0}, {"column_scale": -1.0},
+                                {"row_scale": float("nan")}])
+def test_bad_scale_is_one_line_error(kw: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="positive finite"):
+        Widen(**kw)
