@@ -122,6 +122,8 @@ class Widen(Replacement):
         if new_width <= width:
             raise Refused(f"new_width={new_width} does not widen {path!r} (width {width})")
         pairs = params.get("symmetry", "copies") == "pairs"
+        init_scales = {"row_scale": float(params.get("row_scale", self.row_scale)),
+                       "column_scale": float(params.get("column_scale", self.column_scale))}
         n_new = new_width - width
         if pairs:  # both units of a pair name the same source (BatchNorm/PReLU channel)
             src = list(range(width)) + [(k // 2) % width for k in range(n_new)]
@@ -141,8 +143,7 @@ class Widen(Replacement):
             s = c.stride
             block = slice(c.start, c.start + new_width * s)
             if pairs:
-                _pair_columns(w, c.start, s, width, new_width, gen,
-                              float(params.get("column_scale", self.column_scale)))
+                _pair_columns(w, c.start, s, width, new_width, gen, init_scales["column_scale"])
                 new_mods[c.module] = resized(cm, w, None if cm.bias is None
                                              else cm.bias.detach())
                 continue
@@ -161,13 +162,10 @@ class Widen(Replacement):
             new_mods[c.module] = resized(cm, w, None if cm.bias is None else cm.bias.detach())
         install_width_change(target, applied, group, path, layer, sidx, new_mods)
         if pairs:
-            _fresh_rows(get_layer(target, path), width, new_width, gen,
-                        float(params.get("row_scale", self.row_scale)))
+            _fresh_rows(get_layer(target, path), width, new_width, gen, init_scales["row_scale"])
         applied.details.update({"width_before": width, "width_after": new_width,
                                 "symmetry": "pairs" if pairs else "copies",
-                                **({"row_scale": float(params.get("row_scale", self.row_scale)),
-                                    "column_scale": float(params.get("column_scale", self.column_scale))}
-                                   if pairs else {}),
+                                **(init_scales if pairs else {}),
                                 "consumers": [c.module for c in group.consumers],
                                 "batchnorms": group.batchnorms(), "coupling": group.source})
         return applied

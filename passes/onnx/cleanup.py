@@ -27,7 +27,9 @@ class Cleanup(GraphsurgPass):
         before_nodes = model.graph.num_nodes()
         before_inits = len(model.graph.initializers)
         modified = RemoveUnusedNodesPass()(model).modified
-        if not _is_sorted(model.graph):  # an excision edits constants in place: no new order
+        # an excision edits constants in place and keeps the order: no whole-graph sort then
+        # (functions are sorted by the pass too: a model with any is always sorted)
+        if model.functions or not _is_sorted(model.graph):
             modified |= TopologicalSortPass()(model).modified
         if self.infer_shapes:
             try:

@@ -133,28 +133,27 @@ class _CBP:
         self.age = torch.zeros(width, dtype=torch.float64)
         self.acc = 0.0
 
-    def ages(self) -> list[int]:
-        """Only the schedule (no utility): the units due this step."""
+    def _due(self) -> tuple[torch.Tensor, int]:
+        """Age +1; the units past maturity and how many of them are replaced this step."""
         self.age += 1
         eligible = (self.age > MATURITY).nonzero().flatten()
         self.acc += RHO * eligible.numel()
         k = int(self.acc)
         if k < 1:
-            return []
+            return eligible, 0
         self.acc -= k
+        return eligible, k
+
+    def ages(self) -> list[int]:
+        """Only the schedule (no utility): the units due this step."""
+        eligible, k = self._due()
         self.age[eligible[:k]] = 0.0
         return [int(i) for i in eligible[:k]]
 
     def step(self, h: torch.Tensor, w_out: torch.Tensor) -> list[int]:
         contrib = h.double().abs().mean(0) * w_out.double().abs().sum(0)
         self.u = ETA * self.u + (1 - ETA) * contrib
-        self.age += 1
-        eligible = (self.age > MATURITY).nonzero().flatten()
-        self.acc += RHO * eligible.numel()
-        k = int(self.acc)
-        if k < 1:
-            return []
-        self.acc -= k
+        eligible, k = self._due()
         worst = eligible[self.u[eligible].argsort(stable=True)[:k]]
         self.u[worst] = 0.0
         self.age[worst] = 0.0

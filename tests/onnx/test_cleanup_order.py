@@ -36,7 +36,7 @@ def test_out_of_order_graph_is_sorted() -> None:
     assert _is_sorted(m.graph)
 
 
-def test_graph_with_a_subgraph_is_always_sorted_by_the_pass() -> None:
+def test_graph_with_a_subgraph_is_never_taken_as_sorted() -> None:
     m = _model(swap=False)
     cond = ir.Value(name="c", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
     m.graph.inputs.append(cond)
