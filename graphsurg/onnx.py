@@ -294,6 +294,12 @@ def apply(
             raise OnnxInputError(str(e)) from None
     inexact = allow_inexact or (max_output_change is not None and passes is not None)
     names, cleanup = selection(passes, inexact=inexact, library=library)
+    if isinstance(diagnosis_or_data, Diagnosis) and data is None and library is None \
+            and cleanup and isinstance(model, onnx.ModelProto) \
+            and _only_excision(diagnosis_or_data, names):
+        plain = _apply_plain(model, diagnosis_or_data, names, cert, config, seed, full_check)
+        if plain is not None:
+            return plain  # type: ignore[return-value]
     adapter, kind = OnnxAdapter.open(model)
     out_path = _out_path(model, kind, output)
     for d in (diagnosis_or_data, data):  # the calibration data is an input too
@@ -328,6 +334,64 @@ def apply(
     return _finish(adapter, kind, model, out_path, result, full_check=full_check,
                    infer_shapes=cleanup, save_external_data=save_external_data,
                    external_data_size_threshold=external_data_size_threshold)
+
+
+def _only_excision(diagnosis: Diagnosis, names: Sequence[str]) -> bool:
+    """Whether ``excise_dead`` is the only selected replacement that treats a problem of
+    ``diagnosis``."""
+    lib = _library(None)
+    kinds = {p.kind for p in diagnosis.problems}
+    return "excise_dead" in names and not any(
+        kinds & set(lib.get(n).treats) for n in names if n != "excise_dead")
+
+
+def _apply_plain(model: onnx.ModelProto, diagnosis: Diagnosis, names: list[str],
+                 cert: Certificates, config: DiagnoseConfig | None, seed: int,
+                 full_check: bool) -> tuple[onnx.ModelProto, SurgeryResult] | None:
+    """:func:`apply` of a diagnosis without data to a ``ModelProto`` whose every excision
+    site is plain (:mod:`graphsurg.passes.onnx.plain`): the same spine over
+    :class:`~graphsurg.passes.onnx.plain_adapter.PlainAdapter`, edited on a copy of the
+    proto, never read into onnx-ir; None when the model or a site is not plain (then
+    :func:`apply` takes the general path). A plain model has nothing for the cleanup to
+    remove or sort: what remains of it is the shape inference, with the final check."""
+    from graphsurg.passes.onnx._common import (
+        _check_header,
+        _check_small_proto,
+        _small,
+        infer_and_check_proto,
+    )
+    from graphsurg.passes.onnx.plain import ProtoIndex, custom_ops, parameters, plain_reason
+    from graphsurg.passes.onnx.plain_adapter import PlainAdapter
+
+    where = "the ModelProto"
+    _check_header(model, where)
+    if model.graph.sparse_initializer:
+        return None
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    index = ProtoIndex(work)
+    if plain_reason(work, index, diagnosis.problems) is not None or not _small(work):
+        return None
+    adapter = PlainAdapter(work, index)
+    nodes_before, params_before = len(work.graph.node), parameters(work)
+    notes = custom_ops(work)
+    result = _operate(adapter, [], [], diagnosis, names, cert, config, seed, None)
+    result.verified_on = "not verified: a diagnosis was given without data"
+    out = adapter.current
+    result.notes = notes + result.notes
+    result.size = {"nodes_before": nodes_before, "nodes_after": len(out.graph.node),
+                   "params_before": params_before, "params_after": parameters(out)}
+    try:
+        out, more = infer_and_check_proto(out, "the result", full_check=full_check,
+                                          check=onnx.checker.check_model)
+    except OnnxInputError as e:
+        # the input is checked (as load_model checks it) only when the result fails: the
+        # plain edits keep a valid model valid, so a bad input is what fails here
+        _check_small_proto(model, where)
+        raise RuntimeError(f"graphsurg produced a model that fails onnx.checker: {e}") from e
+    result.notes += more
+    result.model = out
+    return out, result
 
 
 def _external_files(m: ir.Model) -> list[Path]:

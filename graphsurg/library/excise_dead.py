@@ -12,7 +12,8 @@ is removed from the gate, its partners and the consumers together; Hugging Face'
 (GPT-2) is a layer like a Linear (its units are weight columns).
 
 Appliers: ``apply_torch`` (torch.fx channel coupling) and ``apply_onnx``
-(:func:`graphsurg.passes.onnx.excise_dead_units.excise_site`: producer rows, consumer columns
+(:func:`graphsurg.passes.onnx.excise_dead_units.excise_site`, or on the protobuf
+:func:`graphsurg.passes.onnx.plain.excise` for a plain model: producer rows, consumer columns
 with constant folding, coupling through Concat/BatchNormalization/pooling/Flatten, depthwise
 convs, runtime-computed pads, ReduceMean squeezes, squeeze-and-excitation gates and weights
 shared between layers; it reads the evidence keys ``constant`` / ``constant_values`` /
@@ -106,8 +107,14 @@ class ExciseDead(Replacement):
         """Excise the site's constant units from ``target.model`` (an ``onnx_ir.Model``);
         records them in ``target.excised``."""
         from ..passes.onnx.excise_dead_units import excise_site
+        from ..passes.onnx.plain_adapter import PlainTarget
 
-        done = excise_site(target.model, problem, target.excised, batches=target.batches)
+        if isinstance(target, PlainTarget):  # a plain model, edited on its protobuf
+            from ..passes.onnx.plain import excise
+
+            done = excise(target.model, target.index, target.tensors, problem, target.excised)
+        else:
+            done = excise_site(target.model, problem, target.excised, batches=target.batches)
         return Applied(exact=True, modules=[done.producer], units=done.units,
                        details={"width_before": done.width_before,
                                 "width_after": done.width_after, "consumers": done.sinks})

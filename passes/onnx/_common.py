@@ -11,7 +11,7 @@ import contextlib
 import math
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -230,13 +230,29 @@ def infer_and_check(model: ir.Model, where: str, *, full_check: bool = True,
     Raises:
         OnnxInputError: ``full_check`` and the checker or strict inference refuses the model.
     """
-    notes: list[str] = []
     with weights_apart(model) as arrays, initializers_as_inputs(model):
         bare = ir.serde.serialize_model(model)
-    out = bare
+    out, notes = infer_and_check_proto(bare, where, full_check=full_check, infer=infer)
+    if infer and merge and out is not bare:
+        merge_inferred(model, out)
+    return out, arrays, notes
+
+
+def infer_and_check_proto(proto: onnx.ModelProto, where: str, *, full_check: bool = True,
+                          infer: bool = True, check: Callable[[onnx.ModelProto], None] | None
+                          = None) -> tuple[onnx.ModelProto, list[str]]:
+    """:func:`infer_and_check` on a ``ModelProto``: ``(proto with shapes inferred, notes)``.
+    ``check`` runs the structural checker (default: on a file beside the :data:`IN_MEMORY`
+    placeholder, for a weightless proto).
+
+    Raises:
+        OnnxInputError: ``full_check`` and the checker or strict inference refuses the model.
+    """
+    notes: list[str] = []
+    out = proto
     if infer or full_check:
         try:
-            out = onnx.shape_inference.infer_shapes(bare, check_type=True,
+            out = onnx.shape_inference.infer_shapes(proto, check_type=True,
                                                     strict_mode=full_check,
                                                     data_prop=not full_check)
         except Exception as e:  # the inference raises several types
@@ -246,12 +262,13 @@ def infer_and_check(model: ir.Model, where: str, *, full_check: bool = True,
             notes.append(f"shape inference skipped: {type(e).__name__}")
     if full_check:
         try:
-            _check_bare_file(out, full_check=False)
+            if check is None:
+                _check_bare_file(out, full_check=False)
+            else:
+                check(out)
         except Exception as e:  # the checker raises several types
             raise OnnxInputError(f"{where} is not a valid ONNX model: {_first_line(e)}") from None
-    if infer and merge and out is not bare:
-        merge_inferred(model, out)
-    return out, arrays, notes
+    return out, notes
 
 
 def merge_inferred(model: ir.Model, inferred: onnx.ModelProto) -> None:
@@ -480,6 +497,18 @@ def _tensor_mapped(buf: Any, start: int, end: int, loc: bytes) -> tuple[bytes, s
 SMALL_PROTO_BYTES = 64 * 2**20
 
 
+def _small(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` holds no external data and at most :data:`SMALL_PROTO_BYTES`."""
+    inits = proto.graph.initializer
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
+        return False
+    # the weights' size from their dims (8 bytes an element at most), Constant-node weights
+    # (Paddle2ONNX, tf2onnx) included: ByteSize() itself takes seconds on a 400 MB proto
+    consts = [a.t for n in proto.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    return 8 * sum(math.prod(t.dims) for t in (*inits, *consts)) <= SMALL_PROTO_BYTES
+
+
 def _check_small_proto(proto: onnx.ModelProto, where: str) -> bool:
     """``onnx.checker.check_model`` on ``proto`` itself when it holds no external data and is
     at most :data:`SMALL_PROTO_BYTES` (the checker copies it once in C++), where serializing
@@ -489,14 +518,7 @@ def _check_small_proto(proto: onnx.ModelProto, where: str) -> bool:
     Raises:
         OnnxInputError: the checker refuses the model (its first line).
     """
-    inits = proto.graph.initializer
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
-        return False
-    # the weights' size from their dims (8 bytes an element at most), Constant-node weights
-    # (Paddle2ONNX, tf2onnx) included: ByteSize() itself takes seconds on a 400 MB proto
-    consts = [a.t for n in proto.graph.node if n.op_type == "Constant"
-              for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
-    if 8 * sum(math.prod(t.dims) for t in (*inits, *consts)) > SMALL_PROTO_BYTES:
+    if not _small(proto):
         return False
     try:
         onnx.checker.check_model(proto)

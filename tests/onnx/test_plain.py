@@ -1,0 +1,299 @@
+"""The plain lane: ``gso.apply`` of a diagnosis without data to a ``ModelProto`` whose every
+excision site is plain edits the protobuf (``graphsurg.passes.onnx.plain``) and must give
+the model the general path (onnx-ir, ``excise_site``) gives: the same initializers bit for
+bit, the same nodes, value shapes and result -- and never read the model into onnx-ir.
+Everything that is not plain goes the general way."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graphsurg.passes.onnx.plain import ProtoIndex, plain_reason
+from onnx import TensorProto, helper, numpy_helper
+
+import graphsurg.onnx as G
+from graphsurg import onnx as gso
+
+RNG = np.random.default_rng(0)
+
+
+def _layer(op: str, x: str, name: str, n_in: int, n_out: int, inits: list, *,
+           dead: tuple[int, ...] = (), const: float = -4.0, bias: bool = True,
+           trans_b: int = 1, pads: int = 0) -> tuple[list[onnx.NodeProto], str]:
+    """One layer whose units ``dead`` compute the constant ``const`` (zero weights)."""
+    if op == "Conv":
+        w = RNG.standard_normal((n_out, n_in, 3, 3)).astype(np.float32) * 0.3
+    elif op == "Gemm" and trans_b:
+        w = RNG.standard_normal((n_out, n_in)).astype(np.float32) * 0.3
+    else:
+        w = RNG.standard_normal((n_in, n_out)).astype(np.float32) * 0.3
+    b = (RNG.standard_normal(n_out) * 0.1 + 0.3).astype(np.float32)
+    for u in dead:
+        if op == "Conv" or (op == "Gemm" and trans_b):
+            w[u] = 0.0
+        else:
+            w[:, u] = 0.0
+        b[u] = const
+    inits.append(numpy_helper.from_array(w, f"{name}_w"))
+    nodes: list[onnx.NodeProto] = []
+    ins = [x, f"{name}_w"]
+    if bias and op != "MatMul":
+        inits.append(numpy_helper.from_array(b, f"{name}_b"))
+        ins.append(f"{name}_b")
+    attrs: dict = {}
+    if op == "Gemm":
+        attrs["transB"] = trans_b
+    if op == "Conv":
+        attrs["pads"] = [pads] * 4
+        attrs["kernel_shape"] = [3, 3]
+    nodes.append(helper.make_node(op, ins, [f"{name}_y"], name=name, **attrs))
+    out = f"{name}_y"
+    if op == "MatMul" and bias:
+        inits.append(numpy_helper.from_array(b, f"{name}_add_b"))
+        nodes.append(helper.make_node("Add", [out, f"{name}_add_b"], [f"{name}_z"],
+                                      name=f"{name}_add"))
+        out = f"{name}_z"
+    return nodes, out
+
+
+def _mlp(op: str = "Gemm", act: str = "Relu", *, trans_b: int = 1, const: float = -4.0,
+         width: int = 12, value_info: bool = False) -> onnx.ModelProto:
+    inits: list = []
+    nodes: list = []
+    x = "x"
+    dims = [6, width, width, 3]
+    for i in range(3):
+        dead = (1, 4, 7) if i < 2 else ()
+        ns, x = _layer(op, x, f"fc{i}", dims[i], dims[i + 1], inits, dead=dead, const=const,
+                       trans_b=trans_b)
+        nodes += ns
+        if i < 2:
+            nodes.append(helper.make_node(act, [x], [f"a{i}"], name=f"act{i}"))
+            x = f"a{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                       ["n", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return onnx.shape_inference.infer_shapes(m) if value_info else m
+
+
+def _cnn(pads: int, act: str = "Relu", const: float = -4.0) -> onnx.ModelProto:
+    inits: list = []
+    nodes: list = []
+    n1, x = _layer("Conv", "x", "c0", 3, 8, inits, dead=(2, 5), const=const, pads=pads)
+    nodes += n1 + [helper.make_node(act, [x], ["a0"], name="act0")]
+    n2, x = _layer("Conv", "a0", "c1", 8, 4, inits, pads=pads)
+    nodes += n2
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                       ["n", 3, 10, 10])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT,
+                                                         ["n", 4, 10 - 4 * (1 - pads),
+                                                          10 - 4 * (1 - pads)])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+def _data(m: onnx.ModelProto, n: int = 64) -> dict[str, np.ndarray]:
+    i = m.graph.input[0]
+    shape = [n if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
+    return {i.name: RNG.standard_normal(shape).astype(np.float32)}
+
+
+_ACT = {"Relu": lambda c: max(c, 0.0), "LeakyRelu": lambda c: c if c >= 0 else 0.01 * c,
+        "Sigmoid": lambda c: 1.0 / (1.0 + np.exp(-c)), "Tanh": np.tanh}
+
+
+def _diagnosis(m: onnx.ModelProto, act: str, const: float) -> gso.Diagnosis:
+    """The dead units _layer planted (every activation site with them), as analyze names
+    them: ``constant`` units and their ``constant_values``."""
+    from graphsurg import Problem, Site
+
+    problems = []
+    for n in m.graph.node:
+        if n.op_type != act:
+            continue
+        layer = n.name.replace("act", "fc" if not m.graph.node[0].op_type == "Conv" else "c")
+        w = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == f"{layer}_w")
+        node = next(x for x in m.graph.node if x.name == layer)
+        conv = w.ndim == 4
+        by_row = conv or (node.op_type == "Gemm" and any(a.name == "transB" and a.i
+                                                         for a in node.attribute))
+        rows = w if by_row else w.T
+        dead = [u for u in range(rows.shape[0]) if not rows[u].any()]
+        value = float(_ACT[act](const))
+        problems.append(Problem("DeadNeurons", Site(layer, n.output[0], act.lower(), "onnx"),
+                                len(dead) / rows.shape[0], tuple(dead),
+                                evidence={"width": rows.shape[0], "constant": dead,
+                                          "constant_values": [value] * len(dead),
+                                          "channel_dim": 1 if conv else -1}))
+    return gso.Diagnosis(problems=problems, capture="onnxruntime", batches=1)
+
+
+def _both(m: onnx.ModelProto, diag: gso.Diagnosis, monkeypatch: pytest.MonkeyPatch):
+    """(plain result, general result) of the same diagnosis; the plain one never opens the
+    model in onnx-ir."""
+    with monkeypatch.context() as mp:
+        def refuse(*a, **k):
+            raise AssertionError("the plain lane read the model into onnx-ir")
+        mp.setattr(G.OnnxAdapter, "open", refuse)
+        plain = gso.apply(m, diag)
+    with monkeypatch.context() as mp:
+        mp.setattr(G, "_apply_plain", lambda *a, **k: None)
+        slow = gso.apply(m, diag)
+    return plain, slow
+
+
+def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    ib = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert ia.keys() == ib.keys()
+    for k in ia:
+        assert ia[k].dtype == ib[k].dtype and ia[k].shape == ib[k].shape, k
+        assert np.array_equal(ia[k], ib[k]), k
+    assert [(n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+    va = {v.name: v.type for v in (*a.graph.value_info, *a.graph.output)}
+    vb = {v.name: v.type for v in (*b.graph.value_info, *b.graph.output)}
+    for k in va.keys() & vb.keys():  # (the general path also describes the initializers)
+        assert va[k] == vb[k], k
+    assert {n.name for n in a.graph.node if n.output[0] not in va} <= set()
+
+
+def _outputs(m: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(s.run(None, feed)[0], np.float64)
+
+
+CASES = [
+    ("gemm transB=1, Relu", lambda: _mlp("Gemm", "Relu"), "Relu", -4.0),
+    ("gemm transB=0, Relu", lambda: _mlp("Gemm", "Relu", trans_b=0), "Relu", -4.0),
+    ("gemm, Sigmoid (non-zero constants fold)", lambda: _mlp("Gemm", "Sigmoid", const=-3.0),
+     "Sigmoid", -3.0),
+    ("gemm, LeakyRelu (negative constants fold)", lambda: _mlp("Gemm", "LeakyRelu"),
+     "LeakyRelu", -4.0),
+    ("matmul + Add, Tanh (fold into the Add)", lambda: _mlp("MatMul", "Tanh", const=0.7),
+     "Tanh", 0.7),
+    ("matmul + Add, Relu, value infos", lambda: _mlp("MatMul", "Relu", value_info=True),
+     "Relu", -4.0),
+    ("gemm, Relu, value infos", lambda: _mlp("Gemm", "Relu", value_info=True), "Relu", -4.0),
+    ("conv padded, Relu (zero constants)", lambda: _cnn(pads=1), "Relu", -4.0),
+    ("conv unpadded, Sigmoid (folds into the bias)",
+     lambda: _cnn(pads=0, act="Sigmoid", const=-3.0), "Sigmoid", -3.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_plain_lane_gives_the_general_paths_model(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    m = case[1]()
+    diag = _diagnosis(m, case[2], case[3])
+    sites = 1 if m.graph.node[0].op_type == "Conv" else 2
+    assert len(diag.problems) == sites
+    before = m.SerializeToString()
+    assert plain_reason(m, ProtoIndex(m), diag.problems) is None
+    (a, ra), (b, rb) = _both(m, diag, monkeypatch)
+    assert m.SerializeToString() == before  # the input proto is untouched
+    _same_model(a, b)
+    assert ra.size == rb.size and ra.size["params_after"] < ra.size["params_before"]
+    assert len(ra.kept_at("excise_dead")) == len(rb.kept_at("excise_dead")) == sites
+    assert [v.units for v in ra.applied.values()] == [v.units for v in rb.applied.values()]
+    assert [v.details for v in ra.applied.values()] == [v.details for v in rb.applied.values()]
+    assert ra.verified_on == rb.verified_on
+    feed = _data(m, 32)
+    ref = _outputs(m, feed)
+    got = _outputs(a, feed)
+    # float32 models: the excised model's outputs against the original's, in float64
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_a_diagnosis_from_analyze_takes_the_plain_lane(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The deployment flow: analyze with data, then apply the diagnosis alone."""
+    m = _mlp("Gemm", "Relu")
+    diag = gso.analyze(m, [_data(m) for _ in range(2)])
+    assert len(diag.of_kind("DeadNeurons")) == 2, diag.summary()
+    (a, ra), (b, rb) = _both(m, diag, monkeypatch)
+    _same_model(a, b)
+    assert ra.size == rb.size and len(ra.kept_at("excise_dead")) == 2
+
+
+def _with(m: onnx.ModelProto, edit) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    edit(out)
+    return out
+
+
+def _share_weight(m: onnx.ModelProto) -> None:
+    m.graph.node.append(helper.make_node("MatMul", ["x", "fc0_w"], ["extra"], name="extra"))
+    m.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    m.graph.node[0].attribute[0].i = 0  # (a shape the extra MatMul can read)
+
+
+NOT_PLAIN = [
+    ("the site value is also a graph output",
+     lambda m: m.graph.output.append(helper.make_tensor_value_info("a0", TensorProto.FLOAT,
+                                                                   None)),
+     "graph output"),
+    ("an unused initializer",
+     lambda m: m.graph.initializer.append(numpy_helper.from_array(np.zeros(2, np.float32),
+                                                                  "spare")),
+     "unused"),
+    ("a Constant node",
+     lambda m: m.graph.node.insert(0, helper.make_node(
+         "Constant", [], ["k"], value=numpy_helper.from_array(np.ones(1, np.float32)))),
+     "Constant"),
+    ("out of order",
+     lambda m: m.graph.node.insert(0, m.graph.node.pop(1)), "not sorted"),
+    ("IR 3", lambda m: setattr(m, "ir_version", 3), "IR < 4"),
+]
+
+
+@pytest.mark.parametrize("case", NOT_PLAIN, ids=[c[0] for c in NOT_PLAIN])
+def test_what_is_not_plain_is_named(case) -> None:  # type: ignore[no-untyped-def]
+    from graphsurg import Problem, Site
+
+    m = _with(_mlp("Gemm", "Relu"), case[1])
+    p = Problem("DeadNeurons", Site("fc0", "a0", "relu", "onnx"), 0.25, (1,),
+                evidence={"width": 12, "constant": [1], "constant_values": [0.0],
+                          "channel_dim": -1})
+    why = plain_reason(m, ProtoIndex(m), [p])
+    assert why is not None and case[2] in why, why
+
+
+def test_a_residual_join_goes_the_general_way(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A residual Add after the site is excise_site's (not plain): apply tries the plain
+    lane, which declines, and the general path treats the model."""
+    m = _mlp("Gemm", "Relu")
+    nodes = list(m.graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.name == "fc1")
+    nodes[at].input[0] = "res"
+    nodes.insert(at, helper.make_node("Add", ["a0", "a0"], ["res"], name="res_add"))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    diag = _diagnosis(m, "Relu", -4.0)
+    idx = ProtoIndex(m)
+    assert "res_add" in (plain_reason(m, idx, diag.problems) or "")
+    called = []
+    real = G._apply_plain
+    monkeypatch.setattr(G, "_apply_plain", lambda *a, **k: called.append(1) or real(*a, **k))
+    out, res = gso.apply(m, diag)
+    assert called and len(res.kept_at("excise_dead")) >= 1
+
+
+def test_a_bad_input_is_named_as_the_input() -> None:
+    """The plain lane checks the input only when the result fails the checker: a bad input
+    still gets load_model's one-line error naming it."""
+    from graphsurg import Problem, Site
+
+    m = _mlp("Gemm", "Relu")
+    m.graph.node[1].attribute.append(helper.make_attribute("bogus", 1))  # Relu has no 'bogus'
+    p = Problem("DeadNeurons", Site("fc0", "a0", "relu", "onnx"), 0.25, (1, 4, 7),
+                evidence={"width": 12, "constant": [1, 4, 7], "constant_values": [0.0] * 3,
+                          "channel_dim": -1})
+    with pytest.raises(gso.OnnxInputError, match="the ModelProto is not a valid ONNX model"):
+        gso.apply(m, gso.Diagnosis(problems=[p], capture="onnxruntime"))
