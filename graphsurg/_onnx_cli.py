@@ -44,7 +44,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("-p", "--passes", default=None,
                    help="comma-separated replacement names (default: every exact one; see "
                         "list-passes)")  # fmt: skip
-    b.add_argument("--diagnosis", default=None, help="use this diagnosis JSON instead of analysing")
+    b.add_argument("--diagnosis", default=None,
+                   help="use this diagnosis JSON instead of analysing; without calibration "
+                        "data the edits are applied unverified (the summary says so)")
     b.add_argument("--max-output-change", type=float, default=None,
                    help="bound on ||f'-f||/||f|| for edits that are not exact; with -p it "
                         "also allows them")  # fmt: skip
@@ -80,12 +82,17 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="rows per batch (default 64)")
 
 
-def _calibration(args: argparse.Namespace, gso: Any) -> tuple[Any, dict[str, Any]]:
-    """``(data, keyword arguments)`` for gso.analyze / gso.apply from the options."""
+def _calibration(args: argparse.Namespace, gso: Any, *, optional: bool = False
+                 ) -> tuple[Any, dict[str, Any]]:
+    """``(data, keyword arguments)`` for gso.analyze / gso.apply from the options; with
+    ``optional`` (apply with ``--diagnosis``) no data at all gives None."""
     from graphsurg.passes.onnx.inputs import parse_batch_axes
 
     given = [o for o, v in (("--data", args.data), ("--load-inputs", args.load_inputs),
                             ("--data-loader-script", args.data_loader_script)) if v]
+    if optional and not given:
+        return None, {"batch_size": args.batch_size,
+                      "batch_axes": parse_batch_axes(args.batch_axis)}
     if len(given) != 1:
         raise gso.OnnxInputError(
             "pass exactly one of --data, --load-inputs, --data-loader-script"
@@ -154,7 +161,7 @@ def _apply(args: argparse.Namespace, gso: Any) -> int:
     out_data = args.output + ".data" if args.output else None
     _no_collision(args, gso, [("-o", args.output), ("-o's data file", out_data),
                               ("--report", args.report)])
-    calib, kw = _calibration(args, gso)
+    calib, kw = _calibration(args, gso, optional=bool(args.diagnosis))
     if args.diagnosis:
         try:
             diag = Diagnosis.from_json(Path(args.diagnosis).read_text())

@@ -295,9 +295,9 @@ def apply(
     inexact = allow_inexact or (max_output_change is not None and passes is not None)
     names, cleanup = selection(passes, inexact=inexact, library=library)
     if isinstance(diagnosis_or_data, Diagnosis) and data is None and library is None \
-            and cleanup and isinstance(model, onnx.ModelProto) \
-            and _only_excision(diagnosis_or_data, names):
-        plain = _apply_plain(model, diagnosis_or_data, names, cert, config, seed, full_check)
+            and cleanup and not save_external_data and _only_excision(diagnosis_or_data, names):
+        plain = _apply_plain(model, diagnosis_or_data, names, cert, config, seed, full_check,
+                             output)
         if plain is not None:
             return plain  # type: ignore[return-value]
     adapter, kind = OnnxAdapter.open(model)
@@ -345,16 +345,20 @@ def _only_excision(diagnosis: Diagnosis, names: Sequence[str]) -> bool:
         kinds & set(lib.get(n).treats) for n in names if n != "excise_dead")
 
 
-def _apply_plain(model: onnx.ModelProto, diagnosis: Diagnosis, names: list[str],
-                 cert: Certificates, config: DiagnoseConfig | None, seed: int,
-                 full_check: bool) -> tuple[onnx.ModelProto, SurgeryResult] | None:
-    """:func:`apply` of a diagnosis without data to a ``ModelProto`` whose every excision
-    site is plain (:mod:`graphsurg.passes.onnx.plain`): the same spine over
-    :class:`~graphsurg.passes.onnx.plain_adapter.PlainAdapter`, edited on a copy of the
-    proto, never read into onnx-ir; None when the model or a site is not plain (then
-    :func:`apply` takes the general path). A plain model has nothing for the cleanup to
-    remove or sort: what remains of it is the shape inference, with the final check."""
+def _apply_plain(model: Any, diagnosis: Diagnosis, names: list[str], cert: Certificates,
+                 config: DiagnoseConfig | None, seed: int, full_check: bool,
+                 output: str | os.PathLike[str] | None) -> tuple[Any, SurgeryResult] | None:
+    """:func:`apply` of a diagnosis without data to a ``ModelProto`` or a model file (of at
+    most 64 MiB, no external data) whose every excision site is plain
+    (:mod:`graphsurg.passes.onnx.plain`): the same spine over
+    :class:`~graphsurg.passes.onnx.plain_adapter.PlainAdapter`, edited on a private proto,
+    never read into onnx-ir; None when the model or a site is not plain (then :func:`apply`
+    takes the general path, which also names a bad file). A plain model has nothing for the
+    cleanup to remove or sort: what remains of it is the shape inference, with the final
+    check."""
+    from graphsurg._files import atomic_outputs, check_no_collision
     from graphsurg.passes.onnx._common import (
+        SMALL_PROTO_BYTES,
         _check_header,
         _check_small_proto,
         _small,
@@ -363,12 +367,32 @@ def _apply_plain(model: onnx.ModelProto, diagnosis: Diagnosis, names: list[str],
     from graphsurg.passes.onnx.plain import ProtoIndex, custom_ops, parameters, plain_reason
     from graphsurg.passes.onnx.plain_adapter import PlainAdapter
 
-    where = "the ModelProto"
-    _check_header(model, where)
-    if model.graph.sparse_initializer:
+    out_path = None
+    if isinstance(model, onnx.ModelProto):
+        where = "the ModelProto"
+        _check_header(model, where)
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    elif isinstance(model, str | os.PathLike):
+        path = Path(model)
+        where = f"'{path}'"
+        try:
+            if not path.is_file() or path.stat().st_size > SMALL_PROTO_BYTES:
+                return None
+            work = onnx.load(str(path), load_external_data=False)
+        except Exception:  # the general path reads it again and says what is wrong
+            return None
+        _check_header(work, where)
+        out_path = _out_path(model, "path", output)
+        assert out_path is not None
+        try:
+            check_no_collision([model], [("output", out_path)])
+        except BadInputError as e:
+            raise OnnxInputError(str(e)) from None
+    else:
         return None
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    if work.graph.sparse_initializer:
+        return None
     index = ProtoIndex(work)
     if plain_reason(work, index, diagnosis.problems) is not None or not _small(work):
         return None
@@ -387,11 +411,19 @@ def _apply_plain(model: onnx.ModelProto, diagnosis: Diagnosis, names: list[str],
     except OnnxInputError as e:
         # the input is checked (as load_model checks it) only when the result fails: the
         # plain edits keep a valid model valid, so a bad input is what fails here
-        _check_small_proto(model, where)
+        if isinstance(model, onnx.ModelProto):
+            _check_small_proto(model, where)
+        else:
+            _check_small_proto(onnx.load(str(model), load_external_data=False), where)
         raise RuntimeError(f"graphsurg produced a model that fails onnx.checker: {e}") from e
     result.notes += more
     result.model = out
-    return out, result
+    if out_path is None:
+        return out, result
+    with atomic_outputs(out_path) as (tmp,):
+        tmp.write_bytes(out.SerializeToString())
+    result.output = str(out_path)
+    return (out_path if isinstance(model, Path) else str(out_path)), result
 
 
 def _external_files(m: ir.Model) -> list[Path]:

@@ -387,6 +387,49 @@ def excise_site(model: ir.Model, problem: Problem,
         Refused: with the reason (coupling not understood, no constant unit, ...).
     """
     site = problem.site.address
+    left = units_left(problem, excised)
+    if isinstance(left, Excision):
+        return left
+    units, consts, all_units, gone, seen_w = left
+    graph = model.graph
+    _shapes_ready(model)
+    v = _value_named(model, problem.site.node)
+    if v is None:
+        raise Refused(f"value '{problem.site.node}' is not in the model")
+    plan, axis, rank, width, producer = _plan(model, v, units,
+                                               np.asarray(consts, np.float64), batches)
+    if seen_w is None and plan.inferred:
+        raise Refused(f"the width after Reshape '{plan.inferred[0]}' is not known statically "
+                      f"and the evidence at {site} does not say it ('width')")
+    if seen_w is not None and int(seen_w) != width:
+        raise Refused(f"the evidence measured {seen_w} units at '{v.name}' but its producer "
+                      f"{producer} has {width}")
+    dim = problem.evidence.get("channel_dim")
+    if dim is not None and rank is not None and int(dim) % rank != _pos(axis, rank):
+        raise Refused(f"the evidence measured units along axis {dim} of '{v.name}' but its "
+                      f"producer's units are along axis {axis}")
+    _execute(graph, plan)
+    if excised is not None:
+        done = {k: {int(r) for r in v} for k, v in plan.joined.items()}
+        for addr, removed in plan.removed.items():
+            done.setdefault(addr, set()).update(int(r) for r in removed)
+        record_excised(excised, site, done, all_units)
+    kept_units = sorted(units) if gone else all_units
+    return Excision(site, producer, kept_units, width, width - len(units),
+                    list(plan.sinks), dict(plan.joined))
+
+
+def units_left(problem: Problem, excised: dict[str, set[int]] | None
+               ) -> Excision | tuple[list[int], list[Any], list[int], list[int], int | None]:
+    """The evidence's constant units at ``problem``'s site and their values, renumbered
+    past the units another site's edit already removed there (``excised``), as
+    ``(units, values, all units, gone, width seen now)``; a no-op :class:`Excision` when
+    none is left.
+
+    Raises:
+        Refused: not DeadNeurons, no constant unit, or values that do not match them.
+    """
+    site = problem.site.address
     if problem.kind != "DeadNeurons":
         raise Refused(f"excise_dead_units treats DeadNeurons, not {problem.kind}")
     units = [int(u) for u in problem.evidence.get("constant", [])]
@@ -402,49 +445,27 @@ def excise_site(model: ir.Model, problem: Problem,
     seen_w = problem.evidence.get("width")
     if gone:  # removed with another site (a depthwise conv's groups, a residual branch...)
         left = [(u, c) for u, c in zip(units, consts, strict=True) if u not in set(gone)]
+        w = int(seen_w) - len(gone) if seen_w is not None else None
         if not left:  # nothing to do here; kept as a no-op, so that when the edit that
             # removed them is rolled back, this site's own edit is made on the rebuilt model
-            w = int(seen_w) - len(gone) if seen_w is not None else -1
-            return Excision(site, problem.site.module, [], w, w,
+            return Excision(site, problem.site.module, [], -1 if w is None else w,
+                            -1 if w is None else w,
                             [f"none: units {all_units[:8]} were already removed with another "
                              "site's edit (depthwise groups, a residual branch, a shared "
                              "weight)"])
-        units = [_renumber(u, gone) for u, _ in left]
-        consts = [c for _, c in left]
-    graph = model.graph
-    _shapes_ready(model)
-    v = _value_named(model, problem.site.node)
-    if v is None:
-        raise Refused(f"value '{problem.site.node}' is not in the model")
-    plan, axis, rank, width, producer = _plan(model, v, units,
-                                               np.asarray(consts, np.float64), batches)
-    if gone and seen_w is not None:
-        seen_w = int(seen_w) - len(gone)
-    if seen_w is None and plan.inferred:
-        raise Refused(f"the width after Reshape '{plan.inferred[0]}' is not known statically "
-                      f"and the evidence at {site} does not say it ('width')")
-    if seen_w is not None and int(seen_w) != width:
-        raise Refused(f"the evidence measured {seen_w} units at '{v.name}' but its producer "
-                      f"{producer} has {width}")
-    dim = problem.evidence.get("channel_dim")
-    if dim is not None and rank is not None and int(dim) % rank != _pos(axis, rank):
-        raise Refused(f"the evidence measured units along axis {dim} of '{v.name}' but its "
-                      f"producer's units are along axis {axis}")
-    _execute(graph, plan)
-    if excised is not None:
-        # every site the edit reached, in its original numbering (rows are numbered as
-        # before this edit: map them through what was removed there before)
-        done = {k: {int(r) for r in v} for k, v in plan.joined.items()}
-        for addr, removed in plan.removed.items():
-            done.setdefault(addr, set()).update(int(r) for r in removed)
-        done.pop(site, None)
-        before = {k: sorted(excised.get(k, set())) for k in done}
-        for addr, reached in done.items():
-            excised.setdefault(addr, set()).update(_original(r, before[addr]) for r in reached)
-        excised.setdefault(site, set()).update(all_units)
-    kept_units = sorted(units) if gone else all_units
-    return Excision(site, producer, kept_units, width, width - len(units),
-                    list(plan.sinks), dict(plan.joined))
+        return [_renumber(u, gone) for u, _ in left], [c for _, c in left], all_units, gone, w
+    return units, list(consts), all_units, gone, None if seen_w is None else int(seen_w)
+
+
+def record_excised(excised: dict[str, set[int]], site: str, done: dict[str, set[int]],
+                   all_units: list[int]) -> None:
+    """Note in ``excised`` the units of ``site`` and of every other site the edit reached
+    (``done``: address -> rows numbered as before this edit), in their original numbering."""
+    done.pop(site, None)
+    before = {k: sorted(excised.get(k, set())) for k in done}
+    for addr, reached in done.items():
+        excised.setdefault(addr, set()).update(_original(r, before[addr]) for r in reached)
+    excised.setdefault(site, set()).update(all_units)
 
 
 def _renumber(u: int, gone: Sequence[int]) -> int:

@@ -45,10 +45,10 @@ from .excise_dead_units import (
     Excision,
     _is_first,
     _is_last,
-    _original,
     _per_channel_edit,
     _pos,
-    _renumber,
+    record_excised,
+    units_left,
 )
 
 _ONNX = ("", "ai.onnx")
@@ -361,31 +361,10 @@ def excise(model: onnx.ModelProto, index: ProtoIndex, tensors: _Tensors, problem
         Refused: as ``excise_site`` (the site is not plain: :func:`site_reason` first).
     """
     site = problem.site.address
-    if problem.kind != "DeadNeurons":
-        raise Refused(f"excise_dead_units treats DeadNeurons, not {problem.kind}")
-    units = [int(u) for u in problem.evidence.get("constant", [])]
-    if not units:
-        raise Refused(f"no unit at {site} is constant on the data (evidence 'constant' is "
-                      "empty): removing dormant units would change the function")
-    consts = problem.evidence.get("constant_values")
-    if consts is None or len(consts) != len(units):
-        raise Refused(f"evidence at {site} has {len(units)} constant unit(s) but "
-                      f"{0 if consts is None else len(consts)} constant value(s)")
-    gone = sorted(excised.get(site, set()))
-    all_units = sorted(units)
-    seen_w = problem.evidence.get("width")
-    if gone:
-        left = [(u, c) for u, c in zip(units, consts, strict=True) if u not in set(gone)]
-        if not left:
-            n_left = int(seen_w) - len(gone) if seen_w is not None else -1
-            return Excision(site, problem.site.module, [], n_left, n_left,
-                            [f"none: units {all_units[:8]} were already removed with another "
-                             "site's edit (depthwise groups, a residual branch, a shared "
-                             "weight)"])
-        units = [_renumber(u, gone) for u, _ in left]
-        consts = [c for _, c in left]
-        if seen_w is not None:
-            seen_w = int(seen_w) - len(gone)
+    left = units_left(problem, excised)
+    if isinstance(left, Excision):
+        return left
+    units, consts, all_units, gone, seen_w = left
     s = _site(model, index, problem)
     g = model.graph
     layer = g.node[s.layer]
@@ -519,11 +498,7 @@ def excise(model: onnx.ModelProto, index: ProtoIndex, tensors: _Tensors, problem
         p = index.producer.get(name)
         if p is not None and g.node[p].op_type in _SITE and g.node[p].domain in _ONNX:
             done.setdefault(f"{producer}:{name}", set()).update(int(r) for r in rows)
-    done.pop(site, None)
-    before = {k: sorted(excised.get(k, set())) for k in done}
-    for addr, reached in done.items():
-        excised.setdefault(addr, set()).update(_original(r, before[addr]) for r in reached)
-    excised.setdefault(site, set()).update(all_units)
+    record_excised(excised, site, done, all_units)
     kept_units = sorted(units) if gone else all_units
     return Excision(site, producer, kept_units, width, width - len(units), sinks)
 

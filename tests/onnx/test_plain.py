@@ -297,3 +297,31 @@ def test_a_bad_input_is_named_as_the_input() -> None:
                           "channel_dim": -1})
     with pytest.raises(gso.OnnxInputError, match="the ModelProto is not a valid ONNX model"):
         gso.apply(m, gso.Diagnosis(problems=[p], capture="onnxruntime"))
+
+
+def test_a_model_file_and_the_cli_take_the_plain_lane(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``graphsurg onnx apply m.onnx --diagnosis d.json -o out.onnx``: the file is written
+    atomically and is the general path's model; the input file is untouched."""
+    from graphsurg import _cli
+
+    m = _mlp("MatMul", "Relu", value_info=True)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, str(src))
+    before = src.read_bytes()
+    diag = _diagnosis(m, "Relu", -4.0)
+    d = tmp_path / "d.json"
+    d.write_text(diag.to_json())
+    out = tmp_path / "out.onnx"
+    with monkeypatch.context() as mp:
+        def refuse(*a, **k):
+            raise AssertionError("the plain lane read the model into onnx-ir")
+        mp.setattr(G.OnnxAdapter, "open", refuse)
+        assert _cli.main(["onnx", "apply", str(src), "--diagnosis", str(d), "-o", str(out)]) == 0
+    with monkeypatch.context() as mp:
+        mp.setattr(G, "_apply_plain", lambda *a, **k: None)
+        ref, _ = gso.apply(m, diag)
+    _same_model(onnx.load(str(out)), ref)
+    assert src.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".graphsurg-")]
+    with pytest.raises(gso.OnnxInputError, match="is the input file"):
+        gso.apply(str(src), diag, output=str(src))
