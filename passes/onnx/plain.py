@@ -89,7 +89,12 @@ class ProtoIndex:
         self.producer: dict[str, int] = {}
         self.uses: dict[str, list[tuple[int, int]]] = {}
         self.ops: list[tuple[str, str]] = []
-        self.init = {t.name: i for i, t in enumerate(g.initializer)}
+        self.init: dict[str, int] = {}
+        #: each initializer's element type, by position
+        self.init_types: list[int] = []
+        for i, t in enumerate(g.initializer):
+            self.init[t.name] = i
+            self.init_types.append(t.data_type)
         self.value_info = {v.name: i for i, v in enumerate(g.value_info)}
         self.outputs = {o.name for o in g.output}
         self.inputs = {x.name for x in g.input}
@@ -125,8 +130,7 @@ class ProtoIndex:
         and one node input reads it, else None."""
         i = self.init.get(name)
         return i if i is not None and len(self.uses.get(name, ())) == 1 \
-            and name not in self.outputs \
-            and model.graph.initializer[i].data_type in _FLOAT else None
+            and name not in self.outputs and self.init_types[i] in _FLOAT else None
 
 
 def graph_reason(model: onnx.ModelProto, index: ProtoIndex) -> str | None:
@@ -190,6 +194,7 @@ class _Site:
     walked: list[str]  # the values from the layer's output to the site value
     sinks: list[tuple[int, int]]  # (node position, input) reading the site value
     consts: list[str]  # per-channel constants added on the way (bias Adds)
+    trans_b: list[int]  # transB of the layer, then of each sink (0 for MatMul and Conv)
 
 
 def _site(model: onnx.ModelProto, index: ProtoIndex, problem: Problem) -> _Site:
@@ -264,7 +269,9 @@ def _find_site(model: onnx.ModelProto, index: ProtoIndex, v: str) -> _Site:
             raise Refused(f"'{c.name}' ({c.op_type}) reads the units")
     if not sinks:
         raise Refused(f"nothing reads '{v}'")
-    return _Site(layer, walked, list(sinks), consts)
+    trans_b = [_int(g.node[i], "transB", 0) if g.node[i].op_type == "Gemm" else 0
+               for i in (layer, *(i for i, _ in sinks))]
+    return _Site(layer, walked, list(sinks), consts, trans_b)
 
 
 def site_reason(model: onnx.ModelProto, index: ProtoIndex, problem: Problem) -> str | None:
@@ -342,10 +349,12 @@ class _Tensors:
 
     def set(self, name: str, a: np.ndarray) -> None:
         t = self.model.graph.initializer[self.index.init[name]]
-        a = np.ascontiguousarray(a)
-        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        for f in ("float_data", "double_data", "int32_data", "raw_data"):
-            t.ClearField(f)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        raw = a.tobytes()  # (C order, whatever the array's layout)
+        if not t.HasField("raw_data"):
+            for f in ("float_data", "double_data", "int32_data"):
+                t.ClearField(f)
         del t.dims[:]
         t.dims.extend(a.shape)
         t.raw_data = raw
@@ -379,7 +388,7 @@ def excise(model: onnx.ModelProto, index: ProtoIndex, tensors: _Tensors, problem
     tb = 0
     rank: int | None
     if op == "Gemm":
-        tb = _int(layer, "transB", 0)
+        tb = s.trans_b[0]
         width = w.shape[0] if tb else w.shape[1]
         axis, rank = 1, 2
     elif op == "MatMul":
@@ -424,14 +433,13 @@ def excise(model: onnx.ModelProto, index: ProtoIndex, tensors: _Tensors, problem
             edits[name] = e
     # -- the sinks (excise_dead_units._use_gemm / _use_matmul / _use_conv)
     sinks: list[str] = []
-    for i, _ in s.sinks:
+    for (i, _), ctb in zip(s.sinks, s.trans_b[1:], strict=True):
         c = g.node[i]
         cw = tensors.get(c.input[1])
         cb = c.input[2] if len(c.input) > 2 and c.input[2] else None
         if c.op_type == "Gemm":
             if not _is_last(axis, 2):
                 raise Refused(f"Gemm '{c.name}' reads the units transposed")
-            ctb = _int(c, "transB", 0)
             edits[c.input[1]] = cw[:, keep] if ctb else cw[keep]
             sinks.append(f"Gemm '{c.name}'")
             if not nonzero:
