@@ -202,6 +202,14 @@ def test_apply_chain(benchmark, n_nodes: int) -> None:  # type: ignore[no-untype
     assert excised_sites(result) == n_nodes // 2 - 1
 
 
+@pytest.mark.parametrize("n_nodes", [1_000, 10_000])
+def test_apply_chain_general(benchmark, n_nodes: int) -> None:  # type: ignore[no-untyped-def]
+    """The same apply with the plain lane off: the onnx-ir path (the baseline of the run)."""
+    proto, diag = chain(n_nodes)
+    _, rewrites = benchmark.pedantic(lambda: time_apply(proto, diag, general=True), rounds=1)
+    assert rewrites == n_nodes // 2 - 1
+
+
 @pytest.mark.parametrize("n_nodes", [1_000, 10_000, 50_000])
 def test_load_save_chain(benchmark, tmp_path, n_nodes: int) -> None:  # type: ignore[no-untyped-def]
     proto, _ = chain(n_nodes)

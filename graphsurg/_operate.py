@@ -58,7 +58,9 @@ class SurgeryResult:
 
     Attributes:
         model: the operated (and healed) model -- a new object (``nn.Module`` for torch,
-            ``onnx_ir.Model`` for ONNX); the input is untouched.
+            ``onnx_ir.Model`` for ONNX, the ``onnx.ModelProto`` when ``graphsurg.onnx.apply``
+            edited a plain model on its protobuf: :mod:`graphsurg.passes.onnx.plain`); the
+            input is untouched.
         plan: the plan that was executed (``plan.untreated``: problems refused, with reasons).
         before / after: diagnoses of the input model and of the result (held-out batches;
             None when the result was not re-diagnosed).
