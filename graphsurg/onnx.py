@@ -364,7 +364,14 @@ def _apply_plain(model: Any, diagnosis: Diagnosis, names: list[str], cert: Certi
         _small,
         infer_and_check_proto,
     )
-    from graphsurg.passes.onnx.plain import ProtoIndex, custom_ops, parameters, plain_reason
+    from graphsurg.passes.onnx.plain import (
+        ProtoIndex,
+        custom_ops,
+        lift_constants,
+        needs_shapes,
+        parameters,
+        plain_reason,
+    )
     from graphsurg.passes.onnx.plain_adapter import PlainAdapter
 
     out_path = None
@@ -393,7 +400,15 @@ def _apply_plain(model: Any, diagnosis: Diagnosis, names: list[str], cert: Certi
         return None
     if work.graph.sparse_initializer:
         return None
+    lift_constants(work)  # as OnnxAdapter.open lifts them (counted after, as there)
     index = ProtoIndex(work)
+    if needs_shapes(work, index):  # as excise_site infers them (best effort, merged)
+        try:
+            work = onnx.shape_inference.infer_shapes(work, check_type=True, strict_mode=False,
+                                                     data_prop=True)
+        except Exception:  # the inference raises several types: not plain then
+            return None
+        index = ProtoIndex(work)
     if plain_reason(work, index, diagnosis.problems) is not None or not _small(work):
         return None
     adapter = PlainAdapter(work, index)

@@ -18,11 +18,14 @@ A site is *plain* when (:func:`site_reason` returns None):
   folds lands in a bias that exists (a MatMul's: the Add after it);
 
 and the graph is plain (:func:`graph_reason`): IR >= 4, no functions, subgraphs, Constant
-nodes, sparse or external initializers, no initializer listed as an input or described by a
-value info, topologically sorted, nothing unused. Everything else (residual joins, gates,
-depthwise groups, shared weights, Reshape/Flatten/Concat couplings...) is
-``excise_site``'s: :func:`graphsurg.onnx.apply` uses this module only when every site of the
-diagnosis is plain, so that the two never mix in one model.
+nodes (those holding tensors are lifted to initializers first, :func:`lift_constants`, as
+the general path lifts them), sparse or external initializers, no initializer listed as an
+input or described by a value info, topologically sorted, nothing unused (shapes are
+inferred first when a Flatten/Reshape/Concat lacks them, :func:`needs_shapes`, as
+``excise_site`` infers them). Everything else (residual joins, gates, depthwise groups,
+shared weights, Reshape/Flatten/Concat couplings...) is ``excise_site``'s:
+:func:`graphsurg.onnx.apply` uses this module only when every site of the diagnosis is
+plain, so that the two never mix in one model.
 """
 
 from __future__ import annotations
@@ -153,15 +156,22 @@ def graph_reason(model: onnx.ModelProto, index: ProtoIndex) -> str | None:
     live = {i for y, i in index.producer.items() if y in index.uses or y in index.outputs}
     if len(live) != len(index.ops):
         return "a node is unused"
+    if any(name not in index.uses and name not in index.outputs for name in index.init):
+        return "an initializer is unused"
+    return None
+
+
+def needs_shapes(model: onnx.ModelProto, index: ProtoIndex) -> bool:
+    """``excise_dead_units._needs_shapes`` on the proto: does a Flatten/Reshape (its data
+    input) or Concat (any input) lack a static shape?"""
+    g = model.graph
     for i in index.shaping:
         n = g.node[i]
         if n.domain in _ONNX:
             ins = n.input[:None if n.op_type == "Concat" else 1]
             if any(_dims(model, index, x) is None for x in ins if x):
-                return f"{n.op_type} node {i} lacks a static input shape"
-    if any(name not in index.uses and name not in index.outputs for name in index.init):
-        return "an initializer is unused"
-    return None
+                return True
+    return False
 
 
 def _dims(model: onnx.ModelProto, index: ProtoIndex, name: str) -> list[int] | None:
@@ -511,6 +521,55 @@ def excise(model: onnx.ModelProto, index: ProtoIndex, tensors: _Tensors, problem
     return Excision(site, producer, kept_units, width, width - len(units), sinks)
 
 
+def lift_constants(model: onnx.ModelProto) -> int:
+    """``_common.lift_constants`` on the proto's main graph: every ``Constant`` node holding a
+    tensor (``value``, ``value_float(s)``, ``value_int(s)``; Paddle2ONNX, tf2onnx and older
+    exporters keep weights so) becomes an initializer named as its output, appended in node
+    order, as the general path writes them. Constants that are graph outputs or hold strings
+    or sparse values stay (and keep the model from being plain); an IR < 4 model is left as
+    it is. Returns the number lifted."""
+    if model.ir_version < 4:
+        return 0
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    names = {t.name for t in g.initializer}
+    kept: list[onnx.NodeProto] = []
+    lifted: list[onnx.TensorProto] = []
+    for n in g.node:
+        t = _constant(n) if n.op_type == "Constant" and n.domain in _ONNX else None
+        out = n.output[0] if len(n.output) else ""
+        if t is None or not out or out in outputs or out in names:
+            kept.append(n)
+            continue
+        t.name = out
+        names.add(out)
+        lifted.append(t)
+    if lifted:
+        del g.node[:]
+        g.node.extend(kept)
+        g.initializer.extend(lifted)
+    return len(lifted)
+
+
+def _constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a ``Constant`` node (``_common.constant_tensor``'s attributes, in its
+    order), or None."""
+    a = {x.name: x for x in node.attribute}
+    if "value" in a:
+        t = onnx.TensorProto()
+        t.CopyFrom(a["value"].t)
+        return t
+    if "value_float" in a:
+        return numpy_helper.from_array(np.array(a["value_float"].f, dtype=np.float32))
+    if "value_floats" in a:
+        return numpy_helper.from_array(np.array(list(a["value_floats"].floats), np.float32))
+    if "value_int" in a:
+        return numpy_helper.from_array(np.array(a["value_int"].i, dtype=np.int64))
+    if "value_ints" in a:
+        return numpy_helper.from_array(np.array(list(a["value_ints"].ints), np.int64))
+    return None
+
+
 def parameters(model: onnx.ModelProto) -> int:
     """Elements of the floating-point initializers (a plain model has no Constant nodes or
     subgraphs): ``_common.parameter_count``'s figure."""
@@ -547,4 +606,5 @@ def plain_reason(model: onnx.ModelProto, index: ProtoIndex, problems: Sequence[P
     return None
 
 
-__all__ = ["ProtoIndex", "excise", "graph_reason", "parameters", "plain_reason", "site_reason"]
+__all__ = ["ProtoIndex", "excise", "graph_reason", "lift_constants", "needs_shapes",
+           "parameters", "plain_reason", "site_reason"]

@@ -174,6 +174,47 @@ def test_rec_excises_the_dead_squeeze_excite_units_exactly(tmp_path) -> None:
     assert sha_unchanged(rec)
 
 
+@pytest.mark.slow
+def test_rec_diagnosis_applied_on_the_protobuf(tmp_path, monkeypatch) -> None:
+    """The deployment flow on a real trained network: analyse once, then apply the diagnosis
+    without data. Both dead sites of the recogniser (the squeeze-excite ReLUs: a 1x1 Conv +
+    bias through ReLU into a 1x1 Conv) are plain once the Paddle2ONNX Constant weights are
+    lifted, so apply edits the protobuf (never reading the model into onnx-ir) and writes
+    the model the general path writes; the logits of held-out lines stay within 1e-5."""
+    import graphsurg.onnx as G
+    from graphsurg.passes.onnx import plain_adapter
+
+    rec = fetch(REC)
+    diag = gso.analyze(rec, [{"x": crops(i, w=320)} for i in range(6)])
+    made: list[int] = []
+    real_init = plain_adapter.PlainAdapter.__init__
+
+    def spy(self, *a, **k):  # type: ignore[no-untyped-def]
+        made.append(1)
+        real_init(self, *a, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(plain_adapter.PlainAdapter, "__init__", spy)
+        out, res = gso.apply(rec, diag, output=tmp_path / "plain.onnx")
+    assert made, "the plain lane was not taken"
+    with monkeypatch.context() as mp:
+        mp.setattr(G, "_apply_plain", lambda *a, **k: None)
+        ref, ref_res = gso.apply(rec, diag, output=tmp_path / "general.onnx")
+    kept = res.kept_at("excise_dead")
+    assert len(kept) == len(ref_res.kept_at("excise_dead")) == 2
+    assert res.size == ref_res.size and res.size["params_after"] < res.size["params_before"]
+    a, b = onnx.load(str(out)), onnx.load(str(ref))
+    wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys()
+    assert all(wa[k].shape == wb[k].shape and np.array_equal(wa[k], wb[k]) for k in wa)
+    assert [(n.op_type, list(n.input)) for n in a.graph.node] == \
+        [(n.op_type, list(n.input)) for n in b.graph.node]
+    full_check(out)
+    assert_same_outputs(rec, out, {"x": crops(300, n=4, w=320)}, EXACT_RTOL)
+    assert sha_unchanged(rec)
+
+
 # -- silero VAD (1.3 MB: recurrent state batched on axis 1, a scalar sample rate) -------------
 SILERO = WheelModel("silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx",
                     "7ed98ddbad84ccac")
