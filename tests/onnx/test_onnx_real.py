@@ -181,8 +181,9 @@ def test_rec_diagnosis_applied_on_the_protobuf(tmp_path, monkeypatch) -> None:
     bias through ReLU into a 1x1 Conv) are plain once the Paddle2ONNX Constant weights are
     lifted, so apply edits the protobuf (never reading the model into onnx-ir) and writes
     the model the general path writes; the logits of held-out lines stay within 1e-5."""
-    import graphsurg.onnx as G
     from graphsurg.passes.onnx import plain_adapter
+
+    import graphsurg.onnx as G
 
     rec = fetch(REC)
     diag = gso.analyze(rec, [{"x": crops(i, w=320)} for i in range(6)])
