@@ -378,6 +378,8 @@ def _apply_plain(model: Any, diagnosis: Diagnosis, names: list[str], cert: Certi
     if isinstance(model, onnx.ModelProto):
         where = "the ModelProto"
         _check_header(model, where)
+        if not _small(model):  # (no copy of a large model only to find it is not plain)
+            return None
         work = onnx.ModelProto()
         work.CopyFrom(model)
     elif isinstance(model, str | os.PathLike):
