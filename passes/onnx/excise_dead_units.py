@@ -401,13 +401,7 @@ def excise_site(model: ir.Model, problem: Problem,
     if seen_w is None and plan.inferred:
         raise Refused(f"the width after Reshape '{plan.inferred[0]}' is not known statically "
                       f"and the evidence at {site} does not say it ('width')")
-    if seen_w is not None and int(seen_w) != width:
-        raise Refused(f"the evidence measured {seen_w} units at '{v.name}' but its producer "
-                      f"{producer} has {width}")
-    dim = problem.evidence.get("channel_dim")
-    if dim is not None and rank is not None and int(dim) % rank != _pos(axis, rank):
-        raise Refused(f"the evidence measured units along axis {dim} of '{v.name}' but its "
-                      f"producer's units are along axis {axis}")
+    check_measured(problem, seen_w, width, axis, rank, producer)
     _execute(graph, plan)
     if excised is not None:
         done = {k: {int(r) for r in v} for k, v in plan.joined.items()}
@@ -455,6 +449,20 @@ def units_left(problem: Problem, excised: dict[str, set[int]] | None
                              "weight)"])
         return [_renumber(u, gone) for u, _ in left], [c for _, c in left], all_units, gone, w
     return units, list(consts), all_units, gone, None if seen_w is None else int(seen_w)
+
+
+def check_measured(problem: Problem, seen_w: int | None, width: int, axis: int,
+                   rank: int | None, producer: str) -> None:
+    """Refuse when the evidence measured another width (``seen_w``, after the units already
+    removed) or another unit axis (``channel_dim``) than the producer has."""
+    v = problem.site.node
+    if seen_w is not None and int(seen_w) != width:
+        raise Refused(f"the evidence measured {seen_w} units at '{v}' but its producer "
+                      f"{producer} has {width}")
+    dim = problem.evidence.get("channel_dim")
+    if dim is not None and rank is not None and int(dim) % rank != _pos(axis, rank):
+        raise Refused(f"the evidence measured units along axis {dim} of '{v}' but its "
+                      f"producer's units are along axis {axis}")
 
 
 def record_excised(excised: dict[str, set[int]], site: str, done: dict[str, set[int]],

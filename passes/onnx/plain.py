@@ -50,6 +50,7 @@ from .excise_dead_units import (
     _is_last,
     _per_channel_edit,
     _pos,
+    check_measured,
     record_excised,
     units_left,
 )
@@ -413,13 +414,7 @@ def excise(model: onnx.ModelProto, index: ProtoIndex, tensors: _Tensors, problem
     if len(rows) >= width:
         raise Refused(f"all {width} units are constant: removing the whole layer is a "
                       "module-scale edit, not done by this pass")
-    if seen_w is not None and int(seen_w) != width:
-        raise Refused(f"the evidence measured {seen_w} units at '{problem.site.node}' but its "
-                      f"producer {layer.name or op} has {width}")
-    dim = problem.evidence.get("channel_dim")
-    if dim is not None and rank is not None and int(dim) % rank != _pos(axis, rank):
-        raise Refused(f"the evidence measured units along axis {dim} of "
-                      f"'{problem.site.node}' but its producer's units are along axis {axis}")
+    check_measured(problem, seen_w, width, axis, rank, layer.name or op)
     keep = np.ones(width, bool)
     keep[rows] = False
     if op == "Gemm":
