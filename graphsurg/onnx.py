@@ -402,6 +402,8 @@ def _apply_plain(model: Any, diagnosis: Diagnosis, names: list[str], cert: Certi
         return None
     if work.graph.sparse_initializer:
         return None
+    if not full_check:  # no check of the result follows: the input's, as load_model does
+        _check_small_proto(work, where)
     lift_constants(work)  # as OnnxAdapter.open lifts them (counted after, as there)
     index = ProtoIndex(work)
     if needs_shapes(work, index):  # as excise_site infers them (best effort, merged)
@@ -426,8 +428,8 @@ def _apply_plain(model: Any, diagnosis: Diagnosis, names: list[str], cert: Certi
         out, more = infer_and_check_proto(out, "the result", full_check=full_check,
                                           check=onnx.checker.check_model)
     except OnnxInputError as e:
-        # the input is checked (as load_model checks it) only when the result fails: the
-        # plain edits keep a valid model valid, so a bad input is what fails here
+        # with full_check the input is checked (as load_model checks it) only when the
+        # result fails: the plain edits keep a valid model valid, so a bad input fails here
         if isinstance(model, onnx.ModelProto):
             _check_small_proto(model, where)
         else:

@@ -285,7 +285,8 @@ def test_a_residual_join_goes_the_general_way(monkeypatch) -> None:  # type: ign
     assert called and len(res.kept_at("excise_dead")) >= 1
 
 
-def test_a_bad_input_is_named_as_the_input() -> None:
+@pytest.mark.parametrize("full_check", [True, False])
+def test_a_bad_input_is_named_as_the_input(full_check: bool) -> None:
     """The plain lane checks the input only when the result fails the checker: a bad input
     still gets load_model's one-line error naming it."""
     from graphsurg import Problem, Site
@@ -296,7 +297,7 @@ def test_a_bad_input_is_named_as_the_input() -> None:
                 evidence={"width": 12, "constant": [1, 4, 7], "constant_values": [0.0] * 3,
                           "channel_dim": -1})
     with pytest.raises(gso.OnnxInputError, match="the ModelProto is not a valid ONNX model"):
-        gso.apply(m, gso.Diagnosis(problems=[p], capture="onnxruntime"))
+        gso.apply(m, gso.Diagnosis(problems=[p], capture="onnxruntime"), full_check=full_check)
 
 
 def test_a_model_file_and_the_cli_take_the_plain_lane(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
