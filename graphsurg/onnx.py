@@ -413,7 +413,7 @@ def _apply_plain(model: Any, diagnosis: Diagnosis, names: list[str], cert: Certi
         except Exception:  # the inference raises several types: not plain then
             return None
         index = ProtoIndex(work)
-    if plain_reason(work, index, diagnosis.problems) is not None or not _small(work):
+    if plain_reason(work, index, diagnosis.problems) is not None:
         return None
     adapter = PlainAdapter(work, index)
     nodes_before, params_before = len(work.graph.node), parameters(work)

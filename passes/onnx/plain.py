@@ -45,6 +45,7 @@ from graphsurg._problems import Problem
 
 from ._common import KNOWN_DOMAINS
 from .excise_dead_units import (
+    _SITE_OPS,
     Excision,
     _is_first,
     _is_last,
@@ -59,8 +60,8 @@ _ONNX = ("", "ai.onnx")
 #: element-wise single-input ops a plain site's units pass through on the way from the layer
 _PASS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Softplus", "Gelu",
                    "HardSigmoid", "Identity"})
-#: ops whose output is a diagnosis site (``excise_dead_units._SITE_OPS`` among ``_PASS``)
-_SITE = frozenset(_PASS - {"Identity"})
+#: ops whose output is a diagnosis site, among ``_PASS``
+_SITE = _PASS & _SITE_OPS
 #: weight types edited here (numpy holds them as they are stored)
 _FLOAT = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16})
 
@@ -129,7 +130,7 @@ class ProtoIndex:
         #: the plain coupling of each site value found so far (:func:`_site`)
         self.sites: dict[str, _Site] = {}
 
-    def initializer(self, model: onnx.ModelProto, name: str) -> int | None:
+    def initializer(self, name: str) -> int | None:
         """The position of initializer ``name`` when it is floating-point (numpy-editable)
         and one node input reads it, else None."""
         i = self.init.get(name)
@@ -232,7 +233,7 @@ def _find_site(model: onnx.ModelProto, index: ProtoIndex, v: str) -> _Site:
         if n.op_type in ("Gemm", "MatMul", "Conv"):
             break
         if n.op_type == "Add" and len(n.input) == 2 and all(n.input):
-            own = [index.initializer(model, x) is not None for x in n.input]
+            own = [index.initializer(x) is not None for x in n.input]
             if own.count(True) != 1 or any(x in index.init for x, o in zip(n.input, own,
                                                                             strict=True)
                                            if not o):
@@ -247,7 +248,7 @@ def _find_site(model: onnx.ModelProto, index: ProtoIndex, v: str) -> _Site:
             raise Refused(f"'{walked[-1]}' is read elsewhere")
     layer = p
     n = g.node[layer]
-    if len(n.input) < 2 or n.input[0] in index.init or index.initializer(model, n.input[1]) is None:
+    if len(n.input) < 2 or n.input[0] in index.init or index.initializer(n.input[1]) is None:
         raise Refused(f"'{n.name}' has no weight of its own")
     if n.op_type == "Gemm" and _int(n, "transA", 0):
         raise Refused(f"Gemm '{n.name}' has transA=1")
@@ -256,9 +257,7 @@ def _find_site(model: onnx.ModelProto, index: ProtoIndex, v: str) -> _Site:
         raise Refused(f"MatMul '{n.name}' weight is not 2-D")
     if n.op_type == "Conv" and _int(n, "group", 1) != 1:
         raise Refused(f"Conv '{n.name}' is grouped")
-    if w.data_type not in _FLOAT:
-        raise Refused(f"'{n.name}' weight is not floating-point")
-    if len(n.input) > 2 and n.input[2] and index.initializer(model, n.input[2]) is None:
+    if len(n.input) > 2 and n.input[2] and index.initializer(n.input[2]) is None:
         raise Refused(f"'{n.name}' bias is not its own initializer")
     if v in index.outputs:
         raise Refused(f"'{v}' is a graph output")
@@ -266,8 +265,7 @@ def _find_site(model: onnx.ModelProto, index: ProtoIndex, v: str) -> _Site:
     for i, j in sinks:
         c = g.node[i]
         ok = (j == 0 and c.domain in _ONNX and c.op_type in ("Gemm", "MatMul", "Conv")
-              and len(c.input) > 1 and index.initializer(model, c.input[1]) is not None
-              and g.initializer[index.init[c.input[1]]].data_type in _FLOAT)
+              and len(c.input) > 1 and index.initializer(c.input[1]) is not None)
         if ok and c.op_type == "Gemm":
             ok = not _int(c, "transA", 0) and n.op_type != "Conv"
         if ok and c.op_type == "MatMul":
@@ -275,7 +273,7 @@ def _find_site(model: onnx.ModelProto, index: ProtoIndex, v: str) -> _Site:
         if ok and c.op_type == "Conv":
             ok = _int(c, "group", 1) == 1 and n.op_type == "Conv"
         if ok and len(c.input) > 2 and c.input[2]:
-            ok = index.initializer(model, c.input[2]) is not None
+            ok = index.initializer(c.input[2]) is not None
         if not ok:
             raise Refused(f"'{c.name}' ({c.op_type}) reads the units")
     if not sinks:
@@ -292,13 +290,12 @@ def site_reason(model: onnx.ModelProto, index: ProtoIndex, problem: Problem) -> 
     except Refused as e:
         return str(e)
     consts = problem.evidence.get("constant_values") or []
-    nonzero = any(float(c) != 0.0 for c in consts)
+    if not any(float(c) != 0.0 for c in consts):
+        return None  # a zero constant folds into nothing
     g = model.graph
     for i, _ in s.sinks:
         c = g.node[i]
         has_bias = len(c.input) > 2 and bool(c.input[2])
-        if not nonzero:
-            continue
         if c.op_type == "Gemm" and not has_bias:
             return f"Gemm '{c.name}' has no bias to fold a constant into"
         if c.op_type == "Conv" and (not has_bias or _conv_padded(c)):
@@ -331,7 +328,7 @@ def _matmul_add(model: onnx.ModelProto, index: ProtoIndex, i: int) -> tuple[int,
     if add.op_type != "Add" or add.domain not in _ONNX or len(add.input) != 2:
         return None
     other = add.input[1 - ai]
-    return (a, 1 - ai) if index.initializer(model, other) is not None else None
+    return (a, 1 - ai) if index.initializer(other) is not None else None
 
 
 _NUMPY: dict[int, np.dtype[Any]] = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8"),
