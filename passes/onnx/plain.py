@@ -331,8 +331,10 @@ def _matmul_add(model: onnx.ModelProto, index: ProtoIndex, i: int) -> tuple[int,
     return (a, 1 - ai) if index.initializer(other) is not None else None
 
 
-_NUMPY: dict[int, np.dtype[Any]] = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8"),
-          onnx.TensorProto.FLOAT16: np.dtype("<f2")}
+#: the numpy types of ``_FLOAT``'s raw bytes
+_NUMPY: dict[int, np.dtype[Any]] = {onnx.TensorProto.FLOAT: np.dtype("<f4"),
+                                    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+                                    onnx.TensorProto.FLOAT16: np.dtype("<f2")}
 
 
 class _Tensors:
@@ -387,7 +389,9 @@ def excise(model: onnx.ModelProto, index: ProtoIndex, tensors: _Tensors, problem
     layer = g.node[s.layer]
     rows = np.asarray(sorted(units), dtype=np.int64)
     vals = np.asarray(consts, np.float64)[np.argsort(np.asarray(units))]
-    nonzero = bool(vals.any())  # a zero constant folds to nothing (finite weights)
+    # a zero constant folds to nothing: its fold is not computed (excise_site computes it,
+    # and with a non-finite weight column would fold NaN into the bias; here nothing)
+    nonzero = bool(vals.any())
     edits: dict[str, np.ndarray] = {}
     # -- the source: the layer's output rows (excise_dead_units._source_layer)
     w = tensors.get(layer.input[1])

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphsurg.passes.onnx.plain import ProtoIndex, plain_reason
+from graphsurg.passes.onnx.plain import ProtoIndex, lift_constants, plain_reason
 from onnx import TensorProto, helper, numpy_helper
 
 import graphsurg.onnx as G
@@ -162,7 +162,9 @@ def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
     vb = {v.name: v.type for v in (*b.graph.value_info, *b.graph.output)}
     for k in va.keys() & vb.keys():  # (the general path also describes the initializers)
         assert va[k] == vb[k], k
-    assert {n.name for n in a.graph.node if n.output[0] not in va} <= set()
+    # every value a node produces has its type and shape in the result (inferred)
+    missing = [n.output[0] for n in a.graph.node if n.output[0] not in va]
+    assert not missing, missing
 
 
 def _outputs(m: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -229,12 +231,12 @@ def _with(m: onnx.ModelProto, edit) -> onnx.ModelProto:  # type: ignore[no-untyp
 
 
 def _share_weight(m: onnx.ModelProto) -> None:
-    m.graph.node.append(helper.make_node("MatMul", ["x", "fc0_w"], ["extra"], name="extra"))
-    m.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
-    m.graph.node[0].attribute[0].i = 0  # (a shape the extra MatMul can read)
+    m.graph.node.append(helper.make_node("Identity", ["fc0_w"], ["extra"], name="extra"))
+    m.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [12, 6]))
 
 
 NOT_PLAIN = [
+    ("the layer's weight is read elsewhere too", _share_weight, "weight of its own"),
     ("the site value is also a graph output",
      lambda m: m.graph.output.append(helper.make_tensor_value_info("a0", TensorProto.FLOAT,
                                                                    None)),
@@ -243,9 +245,9 @@ NOT_PLAIN = [
      lambda m: m.graph.initializer.append(numpy_helper.from_array(np.zeros(2, np.float32),
                                                                   "spare")),
      "unused"),
-    ("a Constant node",
-     lambda m: m.graph.node.insert(0, helper.make_node(
-         "Constant", [], ["k"], value=numpy_helper.from_array(np.ones(1, np.float32)))),
+    ("a Constant that is not lifted (strings)",
+     lambda m: m.graph.node.insert(0, helper.make_node("Constant", [], ["k"],
+                                                       value_strings=["a"])),
      "Constant"),
     ("out of order",
      lambda m: m.graph.node.insert(0, m.graph.node.pop(1)), "not sorted"),
@@ -258,11 +260,47 @@ def test_what_is_not_plain_is_named(case) -> None:  # type: ignore[no-untyped-de
     from graphsurg import Problem, Site
 
     m = _with(_mlp("Gemm", "Relu"), case[1])
+    lift_constants(m)  # as apply does first
     p = Problem("DeadNeurons", Site("fc0", "a0", "relu", "onnx"), 0.25, (1,),
                 evidence={"width": 12, "constant": [1], "constant_values": [0.0],
                           "channel_dim": -1})
     why = plain_reason(m, ProtoIndex(m), [p])
     assert why is not None and case[2] in why, why
+
+
+def test_weights_in_constant_nodes_are_lifted_and_take_the_plain_lane(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """tf2onnx / Paddle2ONNX keep weights in Constant nodes: the lane lifts them to
+    initializers as the general path does, and both give the same model."""
+    m = _mlp("Gemm", "Sigmoid", const=-3.0)
+    diag = _diagnosis(m, "Sigmoid", -3.0)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer]
+    nodes = consts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.initializer[:]
+    (a, ra), (b, rb) = _both(m, diag, monkeypatch)
+    _same_model(a, b)
+    assert not [n for n in a.graph.node if n.op_type == "Constant"]
+    assert ra.size == rb.size and ra.size["nodes_before"] == len(nodes) - len(consts)
+    assert len(ra.kept_at("excise_dead")) == 2
+
+
+def test_the_plain_adapter_runs_and_saves(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PlainAdapter's run and save (through an onnx-ir copy) are the model's."""
+    from graphsurg.passes.onnx.plain_adapter import PlainAdapter
+
+    m = _mlp("Gemm", "Relu")
+    work = _with(m, lambda x: None)  # the adapter edits what it is given: a private copy
+    a = PlainAdapter(work, ProtoIndex(work))
+    feed = _data(m, 8)
+    np.testing.assert_array_equal(a.run([feed])[0], _outputs(m, feed).astype(np.float32))
+    snap = a.snapshot()
+    a.model.graph.initializer[0].raw_data = b"\0" * len(a.model.graph.initializer[0].raw_data)
+    a.restore(snap)
+    assert a.current.SerializeToString() == m.SerializeToString()
+    out = tmp_path / "m.onnx"
+    assert a.save(out) == [out]
+    np.testing.assert_array_equal(_outputs(onnx.load(str(out)), feed), _outputs(m, feed))
 
 
 def test_a_residual_join_goes_the_general_way(monkeypatch) -> None:  # type: ignore[no-untyped-def]
